@@ -1,0 +1,61 @@
+"""Checkpoints: written atomically, loaded with `weights_only=True`, checked before use.
+
+`last.pt` is written at the end of every epoch and is what a killed train stage resumes
+from; `best.pt` holds, for each replica, its weights from the epoch of its best val_acc.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import zipfile
+from pathlib import Path
+
+import torch
+
+from pipeline.errors import PipelineError
+from pipeline.fsio import atomic_write_bytes
+
+FORMAT = 1
+
+
+class CheckpointError(PipelineError):
+    pass
+
+
+def save(path: Path, state: dict) -> None:
+    buffer = io.BytesIO()
+    torch.save({"format": FORMAT, **state}, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def load(path: Path, map_location: str | torch.device = "cpu") -> dict:
+    """The checkpoint's state; a damaged file is a `CheckpointError` naming it."""
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such checkpoint") from None
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as error:
+        first_line = str(error).strip().split("\n")[0][:120]
+        raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({first_line})") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a checkpoint of this pipeline (format {FORMAT})")
+    return state
+
+
+def merge_replicas(best: object, current: object, improved: torch.Tensor) -> object:
+    """`best` with replica k taken from `current` where improved[k]; for nested state dicts.
+
+    Tensors whose leading dimension is the replica count are per-replica; anything else
+    (Adam's step count, hyperparameters) is the same for every replica and taken as is.
+    """
+    if isinstance(current, dict):
+        best = best if isinstance(best, dict) else {}
+        return {key: merge_replicas(best.get(key), current[key], improved) for key in current}
+    if isinstance(best, list) and isinstance(current, list):
+        return [merge_replicas(b, c, improved) for b, c in zip(best, current, strict=True)]
+    per_replica = isinstance(current, torch.Tensor) and current.dim() > 0 and current.shape[0] == len(improved)
+    if per_replica and isinstance(best, torch.Tensor):
+        mask = improved.to(current.device).view(-1, *([1] * (current.dim() - 1)))
+        return torch.where(mask, current, best)
+    return current.clone() if isinstance(current, torch.Tensor) else current

@@ -1,0 +1,28 @@
+"""The thin shell every stage's `main` runs in: one clear line and an exit code on failure."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from pipeline.errors import PipelineError
+from pipeline.params import Params, load_params
+
+PARAMS_FILE = Path("params.yaml")
+
+
+def run(stage: Callable[[], object]) -> None:
+    try:
+        stage()
+    except PipelineError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(error.exit_code)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+def run_with_params(stage: Callable[[Params], object], params_file: Path = PARAMS_FILE) -> None:
+    """Validate params.yaml before the stage does any work."""
+    run(lambda: stage(load_params(params_file)))

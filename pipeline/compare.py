@@ -1,0 +1,151 @@
+"""Stage `compare`: the variants against each other, with error bars over seeds.
+
+Writes to `data/compare/`: the lab's four plots (mean curve per variant with a ±1 std band),
+`test_acc_seeds.png`, and `summary.md` (mean, std and 95% CI of the test metrics per variant;
+each variant's difference from the reference with its 95% CI and Welch's t-test, said in one
+sentence). Its MLflow run groups this execution's variant runs as its children.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from scipy import stats
+
+from pipeline import cli, tracking
+from pipeline.errors import PipelineError
+from pipeline.fsio import atomic_write_bytes, atomic_write_json
+from pipeline.params import Params
+from pipeline.reports import comparison_plots, markdown_table, seed_dots_plot
+
+CONFIDENCE = 0.95
+
+
+@dataclass(frozen=True)
+class Interval:
+    mean: float
+    low: float
+    high: float
+
+
+def mean_interval(values: list[float]) -> Interval:
+    """Student-t confidence interval of the mean (a point when there is one seed)."""
+    mean = float(np.mean(values))
+    if len(values) < 2:
+        return Interval(mean, math.nan, math.nan)
+    half = stats.t.ppf((1 + CONFIDENCE) / 2, len(values) - 1) * stats.sem(values)
+    return Interval(mean, mean - half, mean + half)
+
+
+@dataclass(frozen=True)
+class Difference:
+    delta: Interval
+    p_value: float
+
+    @property
+    def significant(self) -> bool:
+        return self.p_value < 1 - CONFIDENCE
+
+
+def welch_difference(values: list[float], reference: list[float]) -> Difference:
+    """mean(values) - mean(reference), Welch's CI and two-sided Welch t-test."""
+    a, b = np.asarray(values), np.asarray(reference)
+    delta = float(a.mean() - b.mean())
+    if len(a) < 2 or len(b) < 2:
+        return Difference(Interval(delta, math.nan, math.nan), math.nan)
+    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
+    se = math.sqrt(va + vb)
+    if se == 0:
+        return Difference(Interval(delta, delta, delta), 0.0 if delta else 1.0)
+    dof = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
+    half = stats.t.ppf((1 + CONFIDENCE) / 2, dof) * se
+    p_value = float(stats.ttest_ind(a, b, equal_var=False).pvalue)
+    return Difference(Interval(delta, delta - half, delta + half), p_value)
+
+
+def pct(value: float) -> str:
+    return "n/a" if math.isnan(value) else f"{100 * value:.2f}%"
+
+
+def summary_markdown(test_acc: dict, test_loss: dict, reference: str) -> tuple[str, dict]:
+    rows, table = [], {}
+    for variant in test_acc:
+        acc, loss = mean_interval(test_acc[variant]), mean_interval(test_loss[variant])
+        std = float(np.std(test_acc[variant], ddof=1)) if len(test_acc[variant]) > 1 else 0.0
+        rows.append([variant, str(len(test_acc[variant])), pct(acc.mean), pct(std),
+                     f"[{pct(acc.low)}, {pct(acc.high)}]", f"{loss.mean:.4f}"])
+        table[variant] = {"test_acc_mean": acc.mean, "test_acc_std": std, "test_acc_ci95": [acc.low, acc.high],
+                          "test_loss_mean": loss.mean}
+    text = "# Test results\n\n" + markdown_table(
+        ["variant", "seeds", "test_acc mean", "std", "95% CI", "test_loss mean"], rows)
+    sentences = []
+    for variant in test_acc:
+        if variant == reference:
+            continue
+        diff = welch_difference(test_acc[variant], test_acc[reference])
+        verdict = ("significant at 95%" if diff.significant else "not significant at 95%") \
+            if not math.isnan(diff.p_value) else "untestable with one seed"
+        sentences.append(
+            f"- {variant} vs {reference}: test accuracy differs by {100 * diff.delta.mean:+.2f} points "
+            f"(95% CI [{100 * diff.delta.low:+.2f}, {100 * diff.delta.high:+.2f}]; Welch's t-test "
+            f"p = {diff.p_value:.2g}): {verdict}."
+        )
+        table[variant] |= {"diff_vs_reference": diff.delta.mean, "diff_ci95": [diff.delta.low, diff.delta.high],
+                           "p_value": diff.p_value, "significant": diff.significant}
+    if sentences:
+        text += f"\n## Against the reference ({reference})\n\n" + "\n".join(sentences) + "\n"
+    return text, table
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise PipelineError(f"{path}: unreadable ({error}); rerun its stage") from None
+
+
+def compare(params: Params, root: Path, runs: tracking.Tracking) -> dict:
+    data, out = root / "data", root / "data" / "compare"
+    variants = list(params.variants)
+    histories = {v: read_json(data / "train" / v / "history.json") for v in variants}
+    per_seed = {v: read_json(data / "evaluate" / v / "per_seed.json") for v in variants}
+    test_acc = {v: per_seed[v]["test_acc"] for v in variants}
+    test_loss = {v: per_seed[v]["test_loss"] for v in variants}
+
+    plots = comparison_plots(histories, out)
+    plots.append(seed_dots_plot(test_acc, out / "test_acc_seeds.png"))
+    text, table = summary_markdown(test_acc, test_loss, params.compare.reference)
+    atomic_write_bytes(out / "summary.md", text.encode())
+    atomic_write_json(out / "summary.json", table)
+
+    client, experiment_id = tracking.connect(runs)
+    group = client.create_run(experiment_id, run_name="compare", tags=tracking.run_tags(runs, root))
+    group_id = group.info.run_id
+    for variant in variants:
+        run_ids = read_json(data / "train" / variant / "run.json")["run_ids"]
+        # Adopting the variant's run (cached or fresh) makes the UI show this execution as a group.
+        client.set_tag(run_ids["variant"], tracking.PARENT_TAG, group_id)
+    tracking.log_metrics(client, group_id, {f"{v}.test_acc_mean": table[v]["test_acc_mean"] for v in variants}, 0)
+    for path in [*plots, out / "summary.md", out / "summary.json"]:
+        client.log_artifact(group_id, str(path), "comparison")
+    client.set_terminated(group_id, "FINISHED")
+    print(text)
+    return table
+
+
+def main(argv: list[str] | None = None) -> None:
+    argparse.ArgumentParser(description=__doc__.split("\n")[0]).parse_args(argv)
+
+    def stage(params: Params) -> None:
+        compare(params, Path.cwd(), tracking.Tracking.from_environment(params.mlflow.experiment_name))
+
+    cli.run_with_params(stage)
+
+
+if __name__ == "__main__":
+    main()

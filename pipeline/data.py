@@ -1,0 +1,88 @@
+"""MNIST on disk: IDX decoding and the prepared splits the training loop reads whole."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.errors import PipelineError
+
+SPLITS = ("train", "val", "test")
+RAW_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+IDX_DTYPES = {0x08: np.uint8}
+
+
+class DataError(PipelineError):
+    pass
+
+
+def decode_idx(content: bytes, source: str) -> torch.Tensor:
+    """An IDX file (uint8 payload, as MNIST's are) as a tensor of its declared shape."""
+    if len(content) < 4 or content[:2] != b"\0\0" or content[2] not in IDX_DTYPES:
+        raise DataError(f"{source}: not an IDX file of unsigned bytes")
+    ndim = content[3]
+    header = 4 + 4 * ndim
+    shape = tuple(int.from_bytes(content[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    if len(content) != header + int(np.prod(shape)):
+        raise DataError(f"{source}: size does not match its IDX header {shape}")
+    array = np.frombuffer(content, dtype=np.uint8, offset=header).reshape(shape)
+    return torch.from_numpy(array.copy())
+
+
+def read_raw_split(raw_dir: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    images_name, labels_name = RAW_FILES[split]
+    tensors = []
+    for name in (images_name, labels_name):
+        path = raw_dir / f"{name}.gz"
+        try:
+            tensors.append(decode_idx(gzip.decompress(path.read_bytes()), str(path)))
+        except OSError as error:
+            raise DataError(f"{path}: cannot read ({error}); run the download stage") from None
+    images, labels = tensors
+    if images.dim() != 3 or labels.dim() != 1 or len(images) != len(labels):
+        raise DataError(f"{raw_dir}: {split} images {tuple(images.shape)} and labels "
+                        f"{tuple(labels.shape)} do not match")
+    return images, labels.long()
+
+
+@dataclass(frozen=True)
+class Split:
+    """Images as float [N, 784] in [0, 1] (as the lab fed them), labels as int64 [N]."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def split_path(prepared_dir: Path, split: str) -> Path:
+    return prepared_dir / f"{split}.pt"
+
+
+def load_split(prepared_dir: Path, split: str, device: torch.device) -> Split:
+    path = split_path(prepared_dir, split)
+    try:
+        stored = torch.load(path, weights_only=True)
+    except FileNotFoundError:
+        raise DataError(f"{path}: not found; run the prepare stage") from None
+    except Exception as error:  # any unpickling failure means the file is damaged
+        raise DataError(f"{path}: unreadable ({type(error).__name__}); rerun prepare") from None
+    images = stored["images"].to(device).flatten(1).float().div_(255)
+    return Split(images=images, labels=stored["labels"].to(device))
+
+
+def read_manifest(prepared_dir: Path) -> dict:
+    path = prepared_dir / "manifest.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise DataError(f"{path}: unreadable ({error}); rerun prepare") from None

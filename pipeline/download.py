@@ -1,0 +1,213 @@
+"""Stage `download`: fetch MNIST's four IDX files into `data/raw`, verified by SHA-256.
+
+Sources are tried in order: `MNIST_MIRROR` (an http(s) URL prefix or a local folder) when
+set, then torchvision's mirror list. The check is on each file's *decompressed* content, so
+a mirror that recompressed a file is as good as the original. Nothing unverified is ever
+written under `data/raw`: a file lands there by an atomic rename after its digest matched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import http.client
+import os
+import socket
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline import cli
+from pipeline.errors import PipelineError
+from pipeline.fsio import atomic_write_bytes
+
+# SHA-256 of each file's decompressed content (the canonical MNIST release).
+MNIST_SHA256 = {
+    "train-images-idx3-ubyte": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
+    "train-labels-idx1-ubyte": "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
+    "t10k-images-idx3-ubyte": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
+    "t10k-labels-idx1-ubyte": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
+}
+
+
+class DownloadError(PipelineError):
+    pass
+
+
+class SourceFailed(Exception):
+    """One source could not deliver one file; `retry` says whether trying again may help."""
+
+    def __init__(self, reason: str, retry: bool = False) -> None:
+        super().__init__(reason)
+        self.retry = retry
+
+
+@dataclass(frozen=True)
+class Policy:
+    timeout_s: float = 20.0  # connect and per-read timeout
+    deadline_s: float = 300.0  # a whole file, so a server trickling bytes cannot hang us
+    attempts: int = 3
+    backoff_s: float = 1.0  # doubles after each failed attempt
+
+
+def torchvision_mirrors() -> list[str]:
+    from torchvision.datasets import MNIST
+
+    return list(MNIST.mirrors)
+
+
+def parse_sources(mirror_env: str | None, mirrors: list[str]) -> list[str]:
+    """The ordered sources; a bad `MNIST_MIRROR` is an error, not a silent fallback."""
+    if not mirror_env:
+        return mirrors
+    parsed = urllib.parse.urlparse(mirror_env)
+    if parsed.scheme in ("http", "https"):
+        if not parsed.netloc:
+            raise DownloadError(f"MNIST_MIRROR: {mirror_env!r} is not a valid URL (no host)")
+        return [mirror_env.rstrip("/") + "/", *mirrors]
+    if parsed.scheme not in ("", "file"):
+        raise DownloadError(
+            f"MNIST_MIRROR: {mirror_env!r} is neither an http(s) URL nor a local folder"
+        )
+    folder = Path(parsed.path if parsed.scheme == "file" else mirror_env)
+    if not folder.is_dir():
+        raise DownloadError(f"MNIST_MIRROR: folder {str(folder)!r} does not exist")
+    return [str(folder.resolve()), *mirrors]
+
+
+def verified_content(name: str, compressed: bytes, expected_sha256: str) -> None:
+    if not compressed.startswith(b"\x1f\x8b"):
+        head = compressed[:64].lstrip().lower()
+        kind = "an HTML page" if head.startswith((b"<!doctype", b"<html")) else "not gzip data"
+        raise SourceFailed(f"got {kind} instead of {name}.gz")
+    try:
+        content = gzip.decompress(compressed)
+    except (EOFError, OSError, zlib.error) as error:
+        raise SourceFailed(f"corrupt or truncated gzip ({error})", retry=True) from None
+    digest = hashlib.sha256(content).hexdigest()
+    if digest != expected_sha256:
+        raise SourceFailed(f"SHA-256 mismatch (got {digest[:12]}…, want {expected_sha256[:12]}…)")
+
+
+def fetch_url(url: str, policy: Policy) -> bytes:
+    started = time.monotonic()
+    request = urllib.request.Request(url, headers={"User-Agent": "mnist-bn-pipeline"})
+    try:
+        with urllib.request.urlopen(request, timeout=policy.timeout_s) as response:
+            declared = response.headers.get("Content-Length")
+            chunks = []
+            while chunk := response.read(1 << 20):
+                chunks.append(chunk)
+                if time.monotonic() - started > policy.deadline_s:
+                    raise SourceFailed(f"took longer than {policy.deadline_s:g} s", retry=True)
+    except urllib.error.HTTPError as error:
+        retry = error.code >= 500 or error.code == 429
+        raise SourceFailed(f"HTTP {error.code} {error.reason}", retry=retry) from None
+    except (TimeoutError, socket.timeout):
+        raise SourceFailed(f"timed out after {policy.timeout_s:g} s", retry=True) from None
+    except urllib.error.URLError as error:
+        raise SourceFailed(f"cannot connect ({error.reason})", retry=True) from None
+    except (ConnectionError, OSError, http.client.HTTPException) as error:
+        raise SourceFailed(f"connection failed ({error})", retry=True) from None
+    body = b"".join(chunks)
+    if declared is not None and declared.isdigit() and len(body) != int(declared):
+        raise SourceFailed(f"truncated body ({len(body)} of {declared} bytes)", retry=True)
+    return body
+
+
+def fetch(source: str, name: str, policy: Policy) -> bytes:
+    if source.startswith(("http://", "https://")):
+        return fetch_url(source + name + ".gz", policy)
+    path = Path(source) / f"{name}.gz"
+    if not path.is_file():
+        raise SourceFailed(f"{path} does not exist")
+    return path.read_bytes()
+
+
+def fetch_verified(name: str, sources: list[str], expected: str, policy: Policy) -> bytes:
+    failures = []
+    for source in sources:
+        delay = policy.backoff_s
+        for attempt in range(1, policy.attempts + 1):
+            try:
+                body = fetch(source, name, policy)
+                verified_content(name, body, expected)
+                return body
+            except SourceFailed as failure:
+                if not failure.retry or attempt == policy.attempts:
+                    tries = f" after {attempt} tries" if attempt > 1 else ""
+                    failures.append(f"{source}: {failure}{tries}")
+                    break
+                time.sleep(delay)
+                delay *= 2
+    raise DownloadError(f"{name}.gz: every source failed: " + "; ".join(failures))
+
+
+def is_verified(path: Path, name: str, expected: str) -> bool:
+    try:
+        verified_content(name, path.read_bytes(), expected)
+    except (OSError, SourceFailed):
+        return False
+    return True
+
+
+def download(
+    raw_dir: Path,
+    sources: list[str],
+    checksums: dict[str, str] = MNIST_SHA256,
+    policy: Policy = Policy(),
+) -> list[str]:
+    """Make `raw_dir` hold the four verified `.gz` files; returns the names it fetched."""
+    raw_dir.mkdir(parents=True, exist_ok=True)
+    fetched = []
+    for name, expected in checksums.items():
+        target = raw_dir / f"{name}.gz"
+        if target.exists() and is_verified(target, name, expected):
+            print(f"{target}: present and verified")
+            continue
+        body = fetch_verified(name, sources, expected, policy)
+        atomic_write_bytes(target, body)
+        print(f"{target}: fetched and verified ({len(body):,} bytes)")
+        fetched.append(name)
+    return fetched
+
+
+def read_checksums(path: Path) -> dict[str, str]:
+    """A `SHA256SUMS.decompressed` file: `<sha256>  <name>` per line."""
+    try:
+        lines = path.read_text().split("\n")
+    except OSError as error:
+        raise DownloadError(f"MNIST_CHECKSUMS: cannot read {path}: {error.strerror}") from None
+    checksums = {}
+    for line in filter(None, (line.strip() for line in lines)):
+        digest, _, name = line.partition("  ")
+        if len(digest) != 64 or name.removesuffix(".gz") not in MNIST_SHA256:
+            raise DownloadError(f"MNIST_CHECKSUMS: {path}: bad line {line!r}")
+        checksums[name.removesuffix(".gz")] = digest
+    if checksums.keys() != MNIST_SHA256.keys():
+        raise DownloadError(f"MNIST_CHECKSUMS: {path}: must list all of {', '.join(MNIST_SHA256)}")
+    return checksums
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("data/raw"))
+    args = parser.parse_args(argv)
+
+    def stage() -> None:
+        sources = parse_sources(os.environ.get("MNIST_MIRROR"), torchvision_mirrors())
+        # A different data set in MNIST's format (or the tests' tiny one) brings its own digests.
+        checksums_file = os.environ.get("MNIST_CHECKSUMS")
+        checksums = read_checksums(Path(checksums_file)) if checksums_file else MNIST_SHA256
+        download(args.out, sources, checksums)
+
+    cli.run(stage)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+"""Stage `evaluate@<variant>`: the final weights of every seed on the test split.
+
+Writes `data/evaluate/<variant>/metrics.json` (test_loss and test_acc, mean over seeds, and
+their std: what `dvc metrics show` lists), `per_seed.json`, `per_class.json` and a confusion
+matrix PNG, and logs the test metrics into the variant's MLflow runs made by train.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline import checkpoint, cli, tracking
+from pipeline.data import load_split
+from pipeline.fsio import atomic_write_json
+from pipeline.model import NUM_CLASSES, StackedMlp
+from pipeline.params import Params, VariantConfig
+from pipeline.reports import confusion_plot
+from pipeline.train import configure_runtime
+from pipeline.training import score
+
+
+@torch.inference_mode()
+def confusion_matrices(model: StackedMlp, images: torch.Tensor, labels: torch.Tensor, batch_size: int) -> np.ndarray:
+    """[K, 10, 10] counts: true class by row, predicted by column."""
+    model.eval()
+    counts = torch.zeros(model.replicas, NUM_CLASSES * NUM_CLASSES, dtype=torch.long)
+    for start in range(0, len(labels), batch_size):
+        predicted = model(images[start : start + batch_size]).argmax(-1).cpu()  # [K, n]
+        cells = labels[start : start + batch_size].cpu() * NUM_CLASSES + predicted
+        counts += torch.nn.functional.one_hot(cells, NUM_CLASSES * NUM_CLASSES).sum(1)
+    return counts.view(-1, NUM_CLASSES, NUM_CLASSES).numpy()
+
+
+def mean_and_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def evaluate(params: Params, variant: str, root: Path, runs: tracking.Tracking) -> dict:
+    device = configure_runtime(params.train.threads, params.train.device)
+    state = checkpoint.load(root / "data" / "checkpoints" / variant / "last.pt", device)
+    config = VariantConfig(**state["config"])
+    model = StackedMlp(config, config.seeds).to(device)
+    model.load_state_dict(state["model"])
+    test = load_split(root / "data" / "prepared", "test", device)
+
+    scores = score(model, test, params.train.eval_batch_size)
+    confusion = confusion_matrices(model, test.images, test.labels, params.train.eval_batch_size)
+    test_loss, test_acc = scores.loss.tolist(), scores.acc.tolist()
+    per_class = (confusion.diagonal(axis1=1, axis2=2) / confusion.sum(axis=2).clip(min=1))  # [K, 10]
+
+    out = root / "data" / "evaluate" / variant
+    loss_mean, loss_std = mean_and_std(test_loss)
+    acc_mean, acc_std = mean_and_std(test_acc)
+    metrics = {"test_loss": loss_mean, "test_acc": acc_mean, "test_loss_std": loss_std, "test_acc_std": acc_std}
+    atomic_write_json(out / "metrics.json", metrics)
+    atomic_write_json(out / "per_seed.json", {"seeds": config.seeds, "test_loss": test_loss, "test_acc": test_acc})
+    atomic_write_json(out / "per_class.json", {
+        "classes": list(range(NUM_CLASSES)),
+        "test_acc_mean": per_class.mean(0).round(6).tolist(),
+        "test_acc_per_seed": per_class.round(6).tolist(),
+    })
+    plot = confusion_plot(confusion.sum(0) / len(config.seeds),
+                          f"{variant}: test confusion (mean over {len(config.seeds)} seeds)",
+                          out / "confusion.png")
+
+    client, _ = tracking.connect(runs)
+    run_ids = json.loads((root / "data" / "train" / variant / "run.json").read_text())["run_ids"]
+    for replica, run_id in enumerate(run_ids["seeds"]):
+        tracking.log_metrics(client, run_id, {"test_loss": test_loss[replica], "test_acc": test_acc[replica]},
+                             step=config.epochs)
+    tracking.log_metrics(client, run_ids["variant"], metrics, step=config.epochs)
+    for path in (plot, out / "per_class.json", out / "per_seed.json"):
+        client.log_artifact(run_ids["variant"], str(path), "evaluation")
+    print(f"evaluate@{variant}: test_loss={loss_mean:.4f}±{loss_std:.4f} test_acc={acc_mean:.4f}±{acc_std:.4f}")
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--variant", required=True)
+    args = parser.parse_args(argv)
+
+    def stage(params: Params) -> None:
+        runs = tracking.Tracking.from_environment(params.mlflow.experiment_name)
+        evaluate(params, args.variant, Path.cwd(), runs)
+
+    cli.run_with_params(stage)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,163 @@
+"""The lab's MLP, as a stack of independent replicas trained as one model.
+
+Every parameter and buffer of `StackedMlp` has a leading replica dimension K; replica k is
+exactly the plain `nn.Sequential` that `plain_mlp` builds, initialised from seed k. At batch
+32 a step is dominated by fixed overhead, so K replicas cost little more than one.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from pipeline.params import VariantConfig
+
+IMAGE_PIXELS = 28 * 28
+NUM_CLASSES = 10
+
+ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "gelu": nn.GELU}
+
+
+def layer_sizes(config: VariantConfig) -> list[tuple[int, int]]:
+    sizes = [IMAGE_PIXELS, *config.hidden_sizes, NUM_CLASSES]
+    return list(zip(sizes[:-1], sizes[1:]))
+
+
+def glorot_uniform(fan_in: int, fan_out: int, generator: torch.Generator) -> torch.Tensor:
+    """TensorFlow's default kernel initialiser, drawn as [fan_in, fan_out] like a TF kernel."""
+    limit = math.sqrt(6.0 / (fan_in + fan_out))
+    return (torch.rand(fan_in, fan_out, generator=generator) * 2 - 1) * limit
+
+
+def initial_kernels(config: VariantConfig, seed: int) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return [glorot_uniform(fan_in, fan_out, generator) for fan_in, fan_out in layer_sizes(config)]
+
+
+class StackedLinear(nn.Module):
+    def __init__(self, kernels: torch.Tensor) -> None:
+        super().__init__()
+        replicas, _, fan_out = kernels.shape
+        self.weight = nn.Parameter(kernels.clone())  # [K, in, out]
+        self.bias = nn.Parameter(torch.zeros(replicas, 1, fan_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2:  # one input shared by every replica (evaluation)
+            return torch.matmul(x, self.weight) + self.bias
+        return torch.baddbmm(self.bias, x, self.weight)
+
+
+class StackedBatchNorm(nn.Module):
+    """BatchNorm1d per replica: statistics over each replica's own batch (dim 1)."""
+
+    def __init__(self, replicas: int, features: int, momentum: float, eps: float) -> None:
+        super().__init__()
+        self.momentum, self.eps = momentum, eps
+        self.weight = nn.Parameter(torch.ones(replicas, 1, features))
+        self.bias = nn.Parameter(torch.zeros(replicas, 1, features))
+        self.register_buffer("running_mean", torch.zeros(replicas, 1, features))
+        self.register_buffer("running_var", torch.ones(replicas, 1, features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            var, mean = torch.var_mean(x, dim=1, keepdim=True, correction=0)
+            with torch.no_grad():
+                batch = x.shape[1]
+                # PyTorch's convention: the running variance is the unbiased estimate.
+                unbiased = var * (batch / max(batch - 1, 1))
+                self.running_mean.lerp_(mean, self.momentum)
+                self.running_var.lerp_(unbiased, self.momentum)
+        else:
+            mean, var = self.running_mean, self.running_var
+        return (x - mean) * torch.rsqrt(var + self.eps) * self.weight + self.bias
+
+
+class StackedLayerNorm(nn.Module):
+    def __init__(self, replicas: int, features: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(replicas, 1, features))
+        self.bias = nn.Parameter(torch.zeros(replicas, 1, features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        var, mean = torch.var_mean(x, dim=-1, keepdim=True, correction=0)
+        return (x - mean) * torch.rsqrt(var + self.eps) * self.weight + self.bias
+
+
+def _layers(config: VariantConfig, linear, batch_norm, layer_norm) -> list[nn.Module]:
+    """Linear -> norm -> activation per hidden layer, then the output Linear."""
+    layers: list[nn.Module] = []
+    for depth, (fan_in, fan_out) in enumerate(layer_sizes(config)):
+        layers.append(linear(depth, fan_in, fan_out))
+        if depth == len(config.hidden_sizes):
+            return layers
+        if config.norm == "batch":
+            layers.append(batch_norm(fan_out))
+        elif config.norm == "layer":
+            layers.append(layer_norm(fan_out))
+        layers.append(ACTIVATIONS[config.activation]())
+    return layers
+
+
+class StackedMlp(nn.Module):
+    """Input [K, B, 784] (a batch per replica) or [N, 784] (shared); output [K, B, 10]."""
+
+    def __init__(self, config: VariantConfig, seeds: list[int]) -> None:
+        super().__init__()
+        kernels = [initial_kernels(config, seed) for seed in seeds]
+        replicas = len(seeds)
+        self.replicas = replicas
+        self.layers = nn.Sequential(
+            *_layers(
+                config,
+                linear=lambda depth, *_: StackedLinear(torch.stack([k[depth] for k in kernels])),
+                batch_norm=lambda size: StackedBatchNorm(
+                    replicas, size, config.bn_momentum, config.norm_eps
+                ),
+                layer_norm=lambda size: StackedLayerNorm(replicas, size, config.norm_eps),
+            )
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+def plain_mlp(config: VariantConfig, seed: int) -> nn.Sequential:
+    """The same network for one seed as an ordinary module: flattens [B, 28, 28] or [B, 784]."""
+    kernels = initial_kernels(config, seed)
+
+    def linear(depth: int, fan_in: int, fan_out: int) -> nn.Linear:
+        layer = nn.Linear(fan_in, fan_out)
+        with torch.no_grad():
+            layer.weight.copy_(kernels[depth].T)
+            layer.bias.zero_()
+        return layer
+
+    return nn.Sequential(
+        nn.Flatten(),
+        *_layers(
+            config,
+            linear=linear,
+            batch_norm=lambda size: nn.BatchNorm1d(size, eps=config.norm_eps, momentum=config.bn_momentum),
+            layer_norm=lambda size: nn.LayerNorm(size, eps=config.norm_eps),
+        ),
+    )
+
+
+def unstack(stacked: StackedMlp, config: VariantConfig, replica: int) -> nn.Sequential:
+    """Replica k of a stack as a plain module (for export, serving and the registry)."""
+    plain = plain_mlp(config, seed=0)
+    with torch.no_grad():
+        for stacked_layer, plain_layer in zip(stacked.layers, plain[1:], strict=True):
+            if isinstance(stacked_layer, StackedLinear):
+                plain_layer.weight.copy_(stacked_layer.weight[replica].T)
+                plain_layer.bias.copy_(stacked_layer.bias[replica, 0])
+            elif isinstance(stacked_layer, StackedBatchNorm | StackedLayerNorm):
+                plain_layer.weight.copy_(stacked_layer.weight[replica, 0])
+                plain_layer.bias.copy_(stacked_layer.bias[replica, 0])
+                if isinstance(stacked_layer, StackedBatchNorm):
+                    plain_layer.running_mean.copy_(stacked_layer.running_mean[replica, 0])
+                    plain_layer.running_var.copy_(stacked_layer.running_var[replica, 0])
+    return plain.eval()

@@ -1,0 +1,71 @@
+"""Stage `prepare`: a seeded train/validation split of MNIST's training images, test kept whole.
+
+Writes `data/prepared/{train,val,test}.pt` (uint8 images [N, 28, 28], int64 labels), ready to
+be loaded whole by the training loop, and `manifest.json` with sizes and a content digest
+that MLflow records as the runs' dataset lineage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+from pathlib import Path
+
+import torch
+
+from pipeline import cli
+from pipeline.data import DataError, read_raw_split, split_path
+from pipeline.fsio import atomic_write, atomic_write_json
+from pipeline.params import DataParams, Params
+
+
+def split_indices(total: int, val_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if not 0 < val_size < total:
+        raise DataError(f"data.val_size: {val_size} must be between 0 and {total} "
+                        f"(the number of training images)")
+    order = torch.randperm(total, generator=torch.Generator().manual_seed(seed))
+    return order[val_size:], order[:val_size]
+
+
+def tensor_digest(tensors: list[torch.Tensor]) -> str:
+    hasher = hashlib.sha256()
+    for tensor in tensors:
+        hasher.update(tensor.contiguous().numpy().tobytes())
+    return hasher.hexdigest()
+
+
+def prepare(data_params: DataParams, raw_dir: Path, prepared_dir: Path) -> dict:
+    train_images, train_labels = read_raw_split(raw_dir, "train")
+    test_images, test_labels = read_raw_split(raw_dir, "test")
+    train_idx, val_idx = split_indices(len(train_labels), data_params.val_size, data_params.split_seed)
+    splits = {
+        "train": (train_images[train_idx], train_labels[train_idx]),
+        "val": (train_images[val_idx], train_labels[val_idx]),
+        "test": (test_images, test_labels),
+    }
+    for split, (images, labels) in splits.items():
+        buffer = io.BytesIO()
+        torch.save({"images": images.contiguous(), "labels": labels.contiguous()}, buffer)
+        atomic_write(split_path(prepared_dir, split), lambda handle: handle.write(buffer.getvalue()))
+    manifest = {
+        "digest": tensor_digest([t for pair in splits.values() for t in pair])[:16],
+        "sizes": {split: len(labels) for split, (_, labels) in splits.items()},
+        "val_size": data_params.val_size,
+        "split_seed": data_params.split_seed,
+    }
+    atomic_write_json(prepared_dir / "manifest.json", manifest)
+    print(f"prepared {manifest['sizes']} digest {manifest['digest']}")
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--raw", type=Path, default=Path("data/raw"))
+    parser.add_argument("--out", type=Path, default=Path("data/prepared"))
+    args = parser.parse_args(argv)
+    cli.run_with_params(lambda params: prepare(params.data, args.raw, args.out))
+
+
+if __name__ == "__main__":
+    main()

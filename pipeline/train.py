@@ -1,0 +1,231 @@
+"""Stage `train@<variant>`: train every seed of one variant as one stacked model.
+
+After each epoch: loss and accuracy on the whole train split (eval mode, as the lab does)
+and on validation, logged to MLflow; `last.pt` (resumable) and `best.pt` (per replica, by
+val_acc) written atomically. A killed stage rerun resumes from the last completed epoch and
+continues the same MLflow runs; the result is bit-identical to an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pipeline import checkpoint, cli, tracking
+from pipeline.data import load_split, read_manifest
+from pipeline.errors import PipelineError
+from pipeline.fsio import atomic_write_json
+from pipeline.model import StackedMlp
+from pipeline.params import Params, VariantConfig
+from pipeline.reports import write_curves
+from pipeline.training import METRICS, epoch_metrics, make_optimizer, train_epoch
+
+
+@dataclass(frozen=True)
+class Paths:
+    prepared: Path
+    checkpoints: Path  # persists across DVC reruns: what resume reads
+    out: Path  # curves, history and run ids for the later stages
+
+    @classmethod
+    def for_variant(cls, root: Path, variant: str) -> Paths:
+        data = root / "data"
+        return cls(data / "prepared", data / "checkpoints" / variant, data / "train" / variant)
+
+
+def configure_runtime(threads: int, device: str) -> torch.device:
+    """Pinned threads and deterministic kernels: same inputs, same bits (on one device)."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise PipelineError("train.device: 'cuda' requested but no CUDA device is available")
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    return torch.device(device)
+
+
+def resumable_state(path: Path, config: VariantConfig) -> dict | None:
+    """The checkpoint to resume from, or None (with the reason said) to start fresh."""
+    if not path.exists():
+        return None
+    try:
+        state = checkpoint.load(path)
+    except checkpoint.CheckpointError as error:
+        print(f"warning: {error}; starting fresh", file=sys.stderr)
+        return None
+    if state["complete"]:
+        return None
+    if state["fingerprint"] != config.fingerprint():
+        print(f"{path}: params changed since this checkpoint; starting fresh", file=sys.stderr)
+        return state | {"stale": True}
+    print(f"{path}: resuming after epoch {state['epoch']}")
+    return state
+
+
+class Stop(Exception):
+    """SIGTERM, raised where the loop is so the runs can be closed as KILLED."""
+
+
+def _raise_stop(signum, frame):
+    raise Stop()
+
+
+def train(params: Params, variant: str, paths: Paths, runs: tracking.Tracking) -> dict:
+    config = params.variant(variant)
+    device = configure_runtime(params.train.threads, params.train.device)
+    client, experiment_id = tracking.connect(runs)  # fails fast when the server is down
+    train_split = load_split(paths.prepared, "train", device)
+    val_split = load_split(paths.prepared, "val", device)
+    if config.batch_size > len(train_split):
+        raise PipelineError(f"train.batch_size: {config.batch_size} exceeds the train split ({len(train_split)})")
+
+    model = StackedMlp(config, config.seeds).to(device)
+    optimizer = make_optimizer(model, config)
+    last_path, best_path = paths.checkpoints / "last.pt", paths.checkpoints / "best.pt"
+    state = resumable_state(last_path, config)
+    if state is not None and not state.get("stale"):
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        best, run_ids = checkpoint.load(best_path, device), state["run_ids"]
+        history, start_epoch = state["history"], state["epoch"]
+        tracking.set_status(client, run_ids, "RUNNING")
+    else:
+        if state is not None and tracking.run_exists(client, state["run_ids"]["variant"]):
+            tracking.set_status(client, state["run_ids"], "FAILED")  # never left dangling
+        run_ids = tracking.start_variant_runs(client, experiment_id, config, tracking.run_tags(runs, Path.cwd()))
+        log_dataset(run_ids, paths.prepared)
+        best = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "val_acc": torch.full((len(config.seeds),), -1.0), "epoch": [0] * len(config.seeds)}
+        history, start_epoch = {name: [] for name in METRICS}, 0
+
+    def save_last(epoch: int, complete: bool) -> None:
+        checkpoint.save(last_path, {
+            "fingerprint": config.fingerprint(), "config": config.model_dump(), "epoch": epoch,
+            "complete": complete, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "history": history, "run_ids": run_ids,
+        })
+
+    previous_handler = signal.signal(signal.SIGTERM, _raise_stop)
+    try:
+        for epoch in range(start_epoch + 1, config.epochs + 1):
+            started = time.perf_counter()
+            with progress_bar(len(train_split), config.batch_size, f"{variant} epoch {epoch}") as bar:
+                train_epoch(model, optimizer, train_split, config.seeds, epoch, config.batch_size,
+                            on_step=bar.update if bar else None)
+            metrics = epoch_metrics(model, train_split, val_split, config.eval_batch_size)
+            for name in METRICS:
+                history[name].append(metrics[name])
+            tracking.log_replica_metrics(client, run_ids, metrics, step=epoch)
+            improved = torch.tensor(metrics["val_acc"]) > best["val_acc"]
+            best = checkpoint.merge_replicas(
+                best, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                       "val_acc": torch.tensor(metrics["val_acc"]),
+                       "epoch": [epoch if up else e for up, e in zip(improved.tolist(), best["epoch"])]},
+                improved,
+            )
+            checkpoint.save(best_path, best)
+            save_last(epoch, complete=False)
+            print(epoch_line(variant, epoch, config.epochs, metrics, time.perf_counter() - started), flush=True)
+    except (KeyboardInterrupt, Stop):
+        tracking.set_status(client, run_ids, "KILLED")
+        raise PipelineError(f"train@{variant}: interrupted; `dvc repro` resumes after the last "
+                            f"completed epoch ({last_path})") from None
+    except BaseException:
+        tracking.set_status(client, run_ids, "FAILED")
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+
+    save_last(config.epochs, complete=True)
+    summary = finish(client, run_ids, config, model, val_split, history, paths, best)
+    tracking.set_status(client, run_ids, "FINISHED")
+    return summary
+
+
+def log_dataset(run_ids: dict, prepared: Path) -> None:
+    import mlflow
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.data.http_dataset_source import HTTPDatasetSource
+
+    manifest = read_manifest(prepared)
+    dataset = MetaDataset(HTTPDatasetSource("file://" + str(prepared.resolve())),
+                          name=f"mnist-{manifest['digest']}", digest=manifest["digest"])
+    for run_id in tracking.all_run_ids(run_ids):
+        with mlflow.start_run(run_id=run_id):
+            mlflow.log_input(dataset, context="training")
+
+
+def finish(client, run_ids, config, model, val_split, history, paths: Paths, best) -> dict:
+    """Outputs for the later stages, checkpoints as artifacts, the final model logged."""
+    import mlflow
+    from mlflow.models import infer_signature
+
+    from pipeline.model import unstack
+
+    write_curves(paths.out / "curves.csv", history)
+    atomic_write_json(paths.out / "history.json", {"seeds": config.seeds, "best_epoch": best["epoch"], **history})
+    atomic_write_json(paths.out / "run.json", {"variant": config.name, "run_ids": run_ids})
+    for run_id in tracking.all_run_ids(run_ids):
+        client.set_tag(run_id, "best_epoch", str(best["epoch"][run_ids["seeds"].index(run_id)])
+                       if run_id in run_ids["seeds"] else "see children")
+    for path in (paths.checkpoints / "last.pt", paths.checkpoints / "best.pt"):
+        client.log_artifact(run_ids["variant"], str(path), "checkpoints")
+
+    # The served model is the replica with the best final val_acc, as a plain nn.Module.
+    final_val_acc = history["val_acc"][-1]
+    replica = max(range(len(final_val_acc)), key=final_val_acc.__getitem__)
+    plain = unstack(model.cpu(), config, replica)
+    example = val_split.images[:2].cpu().numpy()
+    with torch.no_grad():
+        signature = infer_signature(example, plain(torch.from_numpy(example)).numpy())
+    with mlflow.start_run(run_id=run_ids["variant"]):
+        mlflow.set_tag("served_seed", str(config.seeds[replica]))
+        mlflow.pytorch.log_model(plain, name="model", signature=signature, input_example=example)
+    return {"run_ids": run_ids, "final": {name: history[name][-1] for name in METRICS}}
+
+
+class _NoBar:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def progress_bar(samples: int, batch_size: int, label: str):
+    """A tqdm bar per epoch on a terminal; nothing otherwise (the epoch line is printed)."""
+    if not sys.stderr.isatty():
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=-(-samples // batch_size), desc=label, unit="step", leave=False)
+
+
+def epoch_line(variant: str, epoch: int, epochs: int, metrics: dict[str, list[float]], seconds: float) -> str:
+    means = tracking.summarize(metrics)
+    values = " ".join(f"{name}={means[name]:.4f}" for name in METRICS)
+    return f"train@{variant} epoch {epoch}/{epochs} {values} ({seconds:.1f}s)"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--variant", required=True)
+    args = parser.parse_args(argv)
+
+    def stage(params: Params) -> None:
+        runs = tracking.Tracking.from_environment(params.mlflow.experiment_name)
+        train(params, args.variant, Paths.for_variant(Path.cwd(), args.variant), runs)
+
+    cli.run_with_params(stage)
+
+
+if __name__ == "__main__":
+    main()

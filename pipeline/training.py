@@ -1,0 +1,102 @@
+"""The training loop over whole tensors: one epoch of a replica stack, and its evaluation.
+
+No Dataset or DataLoader in the hot path: the split lives on the device as one tensor, each
+replica draws its own seeded permutation per epoch and batches are slices of it. The
+permutation of epoch e is derived from (seed, e) alone, so resuming at any epoch boundary
+needs no saved RNG state and replays exactly the batches an uninterrupted run would see.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.data import Split
+from pipeline.model import StackedMlp
+from pipeline.params import VariantConfig
+
+METRICS = ("train_loss", "train_acc", "val_loss", "val_acc")
+
+
+def epoch_permutations(seeds: list[int], epoch: int, size: int) -> torch.Tensor:
+    """[K, N]: the order replica k visits the train split in `epoch` (1-based)."""
+    return torch.stack([
+        torch.randperm(size, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        for seed in seeds
+    ])
+
+
+def make_optimizer(model: nn.Module, config: VariantConfig) -> torch.optim.Optimizer:
+    """Element-wise optimizers only: each replica's update depends on its own slice alone."""
+    decay = {} if config.weight_decay is None else {"weight_decay": config.weight_decay}
+    if config.optimizer == "sgd":
+        cls, kwargs = torch.optim.SGD, {"lr": config.lr, **decay}
+    else:
+        cls = torch.optim.Adam if config.optimizer == "adam" else torch.optim.AdamW
+        kwargs = {"lr": config.lr, "eps": config.adam_eps, **decay}
+    try:
+        return cls(model.parameters(), fused=True, **kwargs)
+    except RuntimeError:  # fused kernels are missing for some device/dtype combinations
+        return cls(model.parameters(), foreach=True, **kwargs)
+
+
+def train_epoch(
+    model: StackedMlp,
+    optimizer: torch.optim.Optimizer,
+    train: Split,
+    seeds: list[int],
+    epoch: int,
+    batch_size: int,
+    on_step=None,
+) -> None:
+    model.train()
+    order = epoch_permutations(seeds, epoch, len(train)).to(train.labels.device)
+    for start in range(0, len(train), batch_size):
+        batch = order[:, start : start + batch_size]  # [K, B]
+        logits = model(train.images[batch])  # [K, B, 10]
+        # Sum over replicas of each replica's mean loss: gradients stay independent.
+        loss = F.cross_entropy(logits.flatten(0, 1), train.labels[batch].flatten(), reduction="sum")
+        optimizer.zero_grad(set_to_none=True)
+        (loss / batch.shape[1]).backward()
+        optimizer.step()
+        if on_step is not None:
+            on_step()
+
+
+@dataclass(frozen=True)
+class Scores:
+    """Per-replica loss and accuracy, each a [K] tensor."""
+
+    loss: torch.Tensor
+    acc: torch.Tensor
+
+
+@torch.inference_mode()
+def score(model: nn.Module, split: Split, batch_size: int) -> Scores:
+    """Mean loss and accuracy of every replica on a whole split (eval mode, large batches)."""
+    model.eval()
+    loss_sum = correct = 0
+    for start in range(0, len(split), batch_size):
+        images = split.images[start : start + batch_size]
+        labels = split.labels[start : start + batch_size]
+        logits = model(images)  # [K, n, 10]
+        targets = labels.expand(logits.shape[0], -1)
+        loss_sum = loss_sum + F.cross_entropy(
+            logits.transpose(1, 2), targets, reduction="none"
+        ).double().sum(1)
+        correct = correct + (logits.argmax(-1) == targets).sum(1)
+    return Scores(loss=(loss_sum / len(split)).cpu(), acc=(correct.double() / len(split)).cpu())
+
+
+def epoch_metrics(model: StackedMlp, train: Split, val: Split, batch_size: int) -> dict[str, list[float]]:
+    """The lab's per-epoch measurements, a list of K values per metric name."""
+    on_train, on_val = score(model, train, batch_size), score(model, val, batch_size)
+    return {
+        "train_loss": on_train.loss.tolist(),
+        "train_acc": on_train.acc.tolist(),
+        "val_loss": on_val.loss.tolist(),
+        "val_acc": on_val.acc.tolist(),
+    }
