@@ -7,8 +7,6 @@ from; `best.pt` holds, for each replica, its weights from the epoch of its best 
 from __future__ import annotations
 
 import io
-import pickle
-import zipfile
 from pathlib import Path
 
 import torch
@@ -35,12 +33,21 @@ def load(path: Path, map_location: str | torch.device = "cpu") -> dict:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such checkpoint") from None
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as error:
-        first_line = str(error).strip().split("\n")[0][:120]
-        raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({first_line})") from None
+    except OSError as error:
+        raise CheckpointError(f"{path}: cannot read ({error.strerror})") from None
+    except Exception as error:  # on damaged bytes torch.load raises nearly anything: KeyError, IndexError...
+        raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({_reason(error)})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a checkpoint of this pipeline (format {FORMAT})")
     return state
+
+
+def _reason(error: Exception) -> str:
+    """torch.load's error in a few words (its weights-only errors are paragraphs of advice)."""
+    text = str(error).rpartition("WeightsUnpickler error:")[2]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    words = lines[0].split(". ")[0][:120] if lines else ""
+    return f"{type(error).__name__}: {words}" if words else type(error).__name__
 
 
 def merge_replicas(best: object, current: object, improved: torch.Tensor) -> object:

@@ -16,7 +16,8 @@ def run(stage: Callable[[], object]) -> None:
     try:
         stage()
     except PipelineError as error:
-        print(f"error: {error}", file=sys.stderr)
+        one_line = " ".join(str(error).splitlines())  # a value quoted in the message may hold newlines
+        print(f"error: {one_line}", file=sys.stderr)
         sys.exit(error.exit_code)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)

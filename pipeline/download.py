@@ -65,9 +65,13 @@ def parse_sources(mirror_env: str | None, mirrors: list[str]) -> list[str]:
     """The ordered sources; a bad `MNIST_MIRROR` is an error, not a silent fallback."""
     if not mirror_env:
         return mirrors
-    parsed = urllib.parse.urlparse(mirror_env)
+    try:
+        parsed = urllib.parse.urlparse(mirror_env)
+        parsed.port  # noqa: B018 -- raises ValueError for a port that is not a number in range
+    except ValueError as error:
+        raise DownloadError(f"MNIST_MIRROR: {mirror_env!r} is not a valid URL ({error})") from None
     if parsed.scheme in ("http", "https"):
-        if not parsed.netloc:
+        if not parsed.hostname:
             raise DownloadError(f"MNIST_MIRROR: {mirror_env!r} is not a valid URL (no host)")
         return [mirror_env.rstrip("/") + "/", *mirrors]
     if parsed.scheme not in ("", "file"):
@@ -101,7 +105,8 @@ def fetch_url(url: str, policy: Policy) -> bytes:
         with urllib.request.urlopen(request, timeout=policy.timeout_s) as response:
             declared = response.headers.get("Content-Length")
             chunks = []
-            while chunk := response.read(1 << 20):
+            # read1: at most one recv per chunk, so the deadline is checked while bytes trickle in
+            while chunk := response.read1(1 << 20):
                 chunks.append(chunk)
                 if time.monotonic() - started > policy.deadline_s:
                     raise SourceFailed(f"took longer than {policy.deadline_s:g} s", retry=True)

@@ -189,6 +189,8 @@ def load_params(path: Path | str = "params.yaml") -> Params:
         raise ParamsError(f"{path}: file not found (run from the project root)") from None
     except OSError as error:
         raise ParamsError(f"{path}: cannot read: {error.strerror}") from None
+    except UnicodeDecodeError as error:
+        raise ParamsError(f"{path}: cannot read: not UTF-8 text (byte {error.start})") from None
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as error:

@@ -1,0 +1,158 @@
+"""Fixtures that make data: tiny MNIST-format IDX files, and params for tiny runs."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.download import MNIST_SHA256
+from pipeline.params import Params, parse_params
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_MNIST = ROOT.parent / "shared" / "data" / "mnist"
+
+
+def encode_idx(array: np.ndarray) -> bytes:
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
+    return header + array.astype(np.uint8).tobytes()
+
+
+def tiny_mnist_arrays(train: int = 600, test: int = 200, seed: int = 0) -> dict[str, np.ndarray]:
+    """Learnable stand-in for MNIST: each class is a fixed random pattern plus noise."""
+    rng = np.random.default_rng(seed)
+    prototypes = rng.integers(0, 256, size=(10, 28, 28))
+
+    def draw(count: int) -> tuple[np.ndarray, np.ndarray]:
+        labels = np.arange(count) % 10
+        rng.shuffle(labels)
+        noise = rng.normal(0, 200, size=(count, 28, 28))
+        images = np.clip(prototypes[labels] + noise, 0, 255)
+        return images.astype(np.uint8), labels.astype(np.uint8)
+
+    train_images, train_labels = draw(train)
+    test_images, test_labels = draw(test)
+    return {
+        "train-images-idx3-ubyte": train_images,
+        "train-labels-idx1-ubyte": train_labels,
+        "t10k-images-idx3-ubyte": test_images,
+        "t10k-labels-idx1-ubyte": test_labels,
+    }
+
+
+def write_mirror(folder: Path, arrays: dict[str, np.ndarray]) -> dict[str, str]:
+    """The four `.gz` files and a SHA256SUMS.decompressed; returns the digests."""
+    folder.mkdir(parents=True, exist_ok=True)
+    digests = {}
+    lines = []
+    for name in MNIST_SHA256:
+        content = encode_idx(arrays[name])
+        (folder / f"{name}.gz").write_bytes(gzip.compress(content, mtime=0))
+        digests[name] = hashlib.sha256(content).hexdigest()
+        lines.append(f"{digests[name]}  {name}")
+    (folder / "SHA256SUMS.decompressed").write_text("\n".join(lines) + "\n")
+    return digests
+
+
+@pytest.fixture(scope="session")
+def tiny_mirror(tmp_path_factory) -> tuple[Path, dict[str, str]]:
+    """A local folder mirror of tiny MNIST, and its checksums (for MNIST_CHECKSUMS)."""
+    folder = tmp_path_factory.mktemp("tiny_mirror")
+    return folder, write_mirror(folder, tiny_mnist_arrays())
+
+
+def _tiny_params_dict() -> dict:
+    """The repository's params.yaml, shrunk: 2 seeds, 2 epochs, 100 validation images."""
+    import yaml
+
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["data"]["val_size"] = 100
+    raw["seeds"] = [0, 1]
+    raw["train"] |= {"epochs": 2, "eval_batch_size": 256}
+    raw["mlflow"]["experiment_name"] = "tiny"
+    return raw
+
+
+TINY_PARAMS = _tiny_params_dict()
+
+
+def tiny_params(**overrides) -> Params:
+    """Tiny params with whole sections (or their keys, for dict sections) replaced."""
+    raw = _tiny_params_dict()
+    for section, value in overrides.items():
+        raw[section] = raw[section] | value if isinstance(value, dict) and section in raw else value
+    return parse_params(raw)
+
+
+def stage_env(mirror: Path, digests_file: Path | None = None, **extra: str) -> dict[str, str]:
+    """The environment a real `dvc repro` of a test project runs with."""
+    import os
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "DVC_EXP_NAME")}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["MNIST_MIRROR"] = str(mirror)
+    env["MNIST_CHECKSUMS"] = str(digests_file or mirror / "SHA256SUMS.decompressed")
+    env["GIT_AUTHOR_NAME"] = env["GIT_COMMITTER_NAME"] = "tests"
+    env["GIT_AUTHOR_EMAIL"] = env["GIT_COMMITTER_EMAIL"] = "tests@example.invalid"
+    return env | extra
+
+
+def run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: float = 600, check: bool = True):
+    import subprocess
+
+    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {result.returncode}\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def make_project(path: Path, mirror: Path) -> tuple[Path, dict[str, str]]:
+    """A copy of this project in a fresh git + DVC repository, with tiny params.
+
+    Returns (path, env): run `dvc repro` there with `env` and it trains on tiny MNIST
+    from `mirror`, tracking into `<path>/mlflow.db`.
+    """
+    import shutil
+
+    import yaml
+
+    shutil.copytree(ROOT / "pipeline", path / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("dvc.yaml", ".gitignore"):
+        shutil.copy(ROOT / name, path / name)
+    (path / "params.yaml").write_text(yaml.safe_dump(TINY_PARAMS, sort_keys=False))
+    env = stage_env(mirror)
+    run(["git", "init", "-q", "-b", "main"], path, env)
+    run(["dvc", "init", "-q"], path, env)
+    run(["git", "add", "-A"], path, env)
+    run(["git", "commit", "-qm", "init"], path, env)
+    return path, env
+
+
+@pytest.fixture
+def project(tmp_path, tiny_mirror):
+    return make_project(tmp_path / "project", tiny_mirror[0])
+
+
+@pytest.fixture(scope="session")
+def http_mirror(tiny_mirror):
+    """The tiny mirror served over HTTP on 127.0.0.1 (an ephemeral port); yields its URL."""
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    folder, _ = tiny_mirror
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(folder)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/"
+    server.shutdown()
+    server.server_close()

@@ -1,0 +1,41 @@
+"""The stages' shell: one `error:` line and the error's exit code; bugs keep their traceback."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline import cli
+from pipeline.errors import ParamsError, PipelineError
+
+
+def fail_with(error: BaseException):
+    def stage():
+        raise error
+
+    return stage
+
+
+@pytest.mark.parametrize("error, code, line", [
+    (PipelineError("raw data missing"), 1, "error: raw data missing"),
+    (ParamsError("params.yaml: train.lr: bad"), 2, "error: params.yaml: train.lr: bad"),
+    (KeyboardInterrupt(), 130, "error: interrupted"),
+], ids=["pipeline-error", "params-error", "interrupt"])
+def test_failure_is_one_line_and_exit_code(capsys, error, code, line):
+    with pytest.raises(SystemExit) as caught:
+        cli.run(fail_with(error))
+    assert caught.value.code == code
+    assert capsys.readouterr().err == line + "\n"
+
+
+def test_newline_in_a_params_key_still_gives_one_line(tmp_path, capsys):
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text('variants: {no_norm: {}}\ntrain: {"learning\\nrate": 1}\n')
+    with pytest.raises(SystemExit) as caught:
+        cli.run_with_params(fail_with(AssertionError("stage must not run")), params_file)
+    assert caught.value.code == 2
+    assert capsys.readouterr().err == f"error: {params_file}: train.learning rate: unknown key\n"
+
+
+def test_a_bug_is_not_swallowed():
+    with pytest.raises(ZeroDivisionError):
+        cli.run(lambda: 1 / 0)
