@@ -37,15 +37,18 @@ def initial_kernels(config: VariantConfig, seed: int) -> list[torch.Tensor]:
 
 
 class StackedLinear(nn.Module):
-    def __init__(self, kernels: torch.Tensor) -> None:
+    def __init__(self, kernels: torch.Tensor, bias: bool) -> None:
         super().__init__()
         replicas, _, fan_out = kernels.shape
         self.weight = nn.Parameter(kernels.clone())  # [K, in, out]
-        self.bias = nn.Parameter(torch.zeros(replicas, 1, fan_out))
+        self.bias = nn.Parameter(torch.zeros(replicas, 1, fan_out)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 2:  # one input shared by every replica (evaluation)
-            return torch.matmul(x, self.weight) + self.bias
+            out = torch.matmul(x, self.weight)
+            return out if self.bias is None else out + self.bias
+        if self.bias is None:
+            return torch.bmm(x, self.weight)
         return torch.baddbmm(self.bias, x, self.weight)
 
 
@@ -87,10 +90,16 @@ class StackedLayerNorm(nn.Module):
 
 
 def _layers(config: VariantConfig, linear, batch_norm, layer_norm) -> list[nn.Module]:
-    """Linear -> norm -> activation per hidden layer, then the output Linear."""
+    """Linear -> norm -> activation per hidden layer, then the output Linear.
+
+    A Linear followed by batch norm has no bias: batch norm subtracts it again, so its
+    gradient is zero up to rounding, and Adam would scale that rounding noise into steps of
+    size lr, a random walk that the running mean then lags behind. BN's shift replaces it.
+    """
     layers: list[nn.Module] = []
     for depth, (fan_in, fan_out) in enumerate(layer_sizes(config)):
-        layers.append(linear(depth, fan_in, fan_out))
+        hidden = depth < len(config.hidden_sizes)
+        layers.append(linear(depth, fan_in, fan_out, bias=not (hidden and config.norm == "batch")))
         if depth == len(config.hidden_sizes):
             return layers
         if config.norm == "batch":
@@ -112,7 +121,7 @@ class StackedMlp(nn.Module):
         self.layers = nn.Sequential(
             *_layers(
                 config,
-                linear=lambda depth, *_: StackedLinear(torch.stack([k[depth] for k in kernels])),
+                linear=lambda depth, *_, bias: StackedLinear(torch.stack([k[depth] for k in kernels]), bias),
                 batch_norm=lambda size: StackedBatchNorm(
                     replicas, size, config.bn_momentum, config.norm_eps
                 ),
@@ -128,11 +137,12 @@ def plain_mlp(config: VariantConfig, seed: int) -> nn.Sequential:
     """The same network for one seed as an ordinary module: flattens [B, 28, 28] or [B, 784]."""
     kernels = initial_kernels(config, seed)
 
-    def linear(depth: int, fan_in: int, fan_out: int) -> nn.Linear:
-        layer = nn.Linear(fan_in, fan_out)
+    def linear(depth: int, fan_in: int, fan_out: int, bias: bool) -> nn.Linear:
+        layer = nn.Linear(fan_in, fan_out, bias=bias)
         with torch.no_grad():
             layer.weight.copy_(kernels[depth].T)
-            layer.bias.zero_()
+            if bias:
+                layer.bias.zero_()
         return layer
 
     return nn.Sequential(
@@ -153,7 +163,8 @@ def unstack(stacked: StackedMlp, config: VariantConfig, replica: int) -> nn.Sequ
         for stacked_layer, plain_layer in zip(stacked.layers, plain[1:], strict=True):
             if isinstance(stacked_layer, StackedLinear):
                 plain_layer.weight.copy_(stacked_layer.weight[replica].T)
-                plain_layer.bias.copy_(stacked_layer.bias[replica, 0])
+                if stacked_layer.bias is not None:
+                    plain_layer.bias.copy_(stacked_layer.bias[replica, 0])
             elif isinstance(stacked_layer, StackedBatchNorm | StackedLayerNorm):
                 plain_layer.weight.copy_(stacked_layer.weight[replica, 0])
                 plain_layer.bias.copy_(stacked_layer.bias[replica, 0])

@@ -202,3 +202,12 @@ def summarize(metrics: dict[str, list[float]]) -> dict[str, float]:
         if len(values) > 1:
             summary[f"{name}_std"] = statistics.stdev(values)
     return summary
+
+
+def backfill_metrics(client, run_ids: dict, history: dict[str, list[list[float]]]) -> None:
+    """Log the checkpointed epochs that a crash kept from reaching MLflow (at most the last)."""
+    logged = {m.step for m in client.get_metric_history(run_ids["variant"], "val_acc")}
+    for epoch in range(1, len(history["val_acc"]) + 1):
+        if epoch not in logged:
+            metrics = {name: values[epoch - 1] for name, values in history.items()}
+            log_replica_metrics(client, run_ids, metrics, step=epoch)

@@ -115,6 +115,7 @@ def train(params: Params, variant: str, paths: Paths, runs: tracking.Tracking) -
 
     previous_handler = signal.signal(signal.SIGTERM, _raise_stop)
     try:
+        tracking.backfill_metrics(client, run_ids, history)  # epochs a crash kept from MLflow
         for epoch in range(start_epoch + 1, config.epochs + 1):
             started = time.perf_counter()
             with progress_bar(len(train_split), config.batch_size, f"{variant} epoch {epoch}") as bar:
@@ -123,16 +124,11 @@ def train(params: Params, variant: str, paths: Paths, runs: tracking.Tracking) -
             metrics = epoch_metrics(model, train_split, val_split, config.eval_batch_size)
             for name in METRICS:
                 history[name].append(metrics[name])
-            tracking.log_replica_metrics(client, run_ids, metrics, step=epoch)
-            improved = torch.tensor(metrics["val_acc"]) > best["val_acc"]
-            best = checkpoint.merge_replicas(
-                best, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                       "val_acc": torch.tensor(metrics["val_acc"]),
-                       "epoch": [epoch if up else e for up, e in zip(improved.tolist(), best["epoch"])]},
-                improved,
-            )
+            best = update_best(best, model, optimizer, metrics["val_acc"], epoch)
             checkpoint.save(best_path, best)
             save_last(epoch, complete=False)
+            # Logged after the checkpoint: a crash in between is backfilled on resume.
+            tracking.log_replica_metrics(client, run_ids, metrics, step=epoch)
             print(epoch_line(variant, epoch, config.epochs, metrics, time.perf_counter() - started), flush=True)
     except (KeyboardInterrupt, Stop):
         tracking.set_status(client, run_ids, "KILLED")
@@ -148,6 +144,16 @@ def train(params: Params, variant: str, paths: Paths, runs: tracking.Tracking) -
     summary = finish(client, run_ids, config, model, val_split, history, paths, best)
     tracking.set_status(client, run_ids, "FINISHED")
     return summary
+
+
+def update_best(best: dict, model, optimizer, val_acc: list[float], epoch: int) -> dict:
+    """Replica k's weights and optimizer state from this epoch where its val_acc improved."""
+    current = torch.tensor(val_acc)
+    improved = current > best["val_acc"]
+    return checkpoint.merge_replicas(best, {
+        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "val_acc": current,
+        "epoch": [epoch if up else kept for up, kept in zip(improved.tolist(), best["epoch"])],
+    }, improved)
 
 
 def log_dataset(run_ids: dict, prepared: Path) -> None:
@@ -173,9 +179,8 @@ def finish(client, run_ids, config, model, val_split, history, paths: Paths, bes
     write_curves(paths.out / "curves.csv", history)
     atomic_write_json(paths.out / "history.json", {"seeds": config.seeds, "best_epoch": best["epoch"], **history})
     atomic_write_json(paths.out / "run.json", {"variant": config.name, "run_ids": run_ids})
-    for run_id in tracking.all_run_ids(run_ids):
-        client.set_tag(run_id, "best_epoch", str(best["epoch"][run_ids["seeds"].index(run_id)])
-                       if run_id in run_ids["seeds"] else "see children")
+    for run_id, best_epoch in zip(run_ids["seeds"], best["epoch"]):
+        client.set_tag(run_id, "best_epoch", str(best_epoch))
     for path in (paths.checkpoints / "last.pt", paths.checkpoints / "best.pt"):
         client.log_artifact(run_ids["variant"], str(path), "checkpoints")
 

@@ -87,15 +87,16 @@ def tiny_params(**overrides) -> Params:
     return parse_params(raw)
 
 
-def stage_env(mirror: Path, digests_file: Path | None = None, **extra: str) -> dict[str, str]:
+def stage_env(mirror: Path | str | None = None, **extra: str) -> dict[str, str]:
     """The environment a real `dvc repro` of a test project runs with."""
     import os
     import sys
 
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "DVC_EXP_NAME")}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env["MNIST_MIRROR"] = str(mirror)
-    env["MNIST_CHECKSUMS"] = str(digests_file or mirror / "SHA256SUMS.decompressed")
+    if mirror is not None:
+        env["MNIST_MIRROR"] = str(mirror)
+        env["MNIST_CHECKSUMS"] = str(Path(mirror) / "SHA256SUMS.decompressed")
     env["GIT_AUTHOR_NAME"] = env["GIT_COMMITTER_NAME"] = "tests"
     env["GIT_AUTHOR_EMAIL"] = env["GIT_COMMITTER_EMAIL"] = "tests@example.invalid"
     return env | extra

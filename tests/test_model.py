@@ -1,0 +1,91 @@
+"""The stacked model is an optimisation, not a different algorithm: replica k == seed k alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pipeline.data import Split
+from pipeline.model import StackedMlp, plain_mlp, unstack
+from pipeline.training import epoch_metrics, epoch_permutations, make_optimizer, score, train_epoch
+from tests.conftest import tiny_mnist_arrays, tiny_params
+
+SEEDS = [3, 7, 11]
+
+
+@pytest.fixture(scope="module")
+def splits() -> tuple[Split, Split]:
+    arrays = tiny_mnist_arrays(train=640, test=160)
+    images = torch.from_numpy(arrays["train-images-idx3-ubyte"]).flatten(1).float() / 255
+    labels = torch.from_numpy(arrays["train-labels-idx1-ubyte"]).long()
+    return Split(images[:512], labels[:512]), Split(images[512:], labels[512:])
+
+
+def train_alone(config, seed: int, train: Split, val: Split, epochs: int):
+    """The reference: an ordinary nn.Module and the textbook loop, for one seed."""
+    model = plain_mlp(config, seed)
+    optimizer = make_optimizer(model, config)
+    history = []
+    for epoch in range(1, epochs + 1):
+        model.train()
+        [order] = epoch_permutations([seed], epoch, len(train))
+        for start in range(0, len(train), config.batch_size):
+            batch = order[start : start + config.batch_size]
+            loss = F.cross_entropy(model(train.images[batch]), train.labels[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        history.append({name: value[0] for name, value in epoch_metrics(
+            _as_stack(model), train, val, batch_size=256).items()})
+    return model, history
+
+
+def _as_stack(model):
+    """A plain model's outputs with a leading replica dimension of 1, for `score`."""
+    return torch.nn.Sequential(model, torch.nn.Unflatten(0, (1, -1)))
+
+
+@pytest.mark.parametrize(("norm", "optimizer"), [("batch", "adam"), ("layer", "sgd"), ("none", "adamw")])
+def test_replica_in_a_stack_trains_like_the_seed_alone(splits, norm, optimizer):
+    train, val = splits
+    config = tiny_params(seeds=SEEDS, train={"norm": norm, "optimizer": optimizer, "epochs": 13}).variant("batchnorm")
+    config = config.model_copy(update={"norm": norm})
+    stack = StackedMlp(config, SEEDS)
+    stack_optimizer = make_optimizer(stack, config)
+    stack_history = []
+    for epoch in range(1, config.epochs + 1):  # 13 epochs x 16 steps = 208 steps
+        train_epoch(stack, stack_optimizer, train, SEEDS, epoch, config.batch_size)
+        stack_history.append(epoch_metrics(stack, train, val, batch_size=256))
+
+    replica = 1
+    alone, alone_history = train_alone(config, SEEDS[replica], train, val, config.epochs)
+    extracted = unstack(stack, config, replica)
+    extracted_state = extracted.state_dict()
+    for name, expected in alone.state_dict().items():
+        if name.endswith("num_batches_tracked"):  # a counter the stack has no use for
+            continue
+        torch.testing.assert_close(extracted_state[name], expected, rtol=1e-4, atol=1e-5, msg=name)
+    for epoch, (stacked, single) in enumerate(zip(stack_history, alone_history), start=1):
+        for name, value in single.items():
+            assert stacked[name][replica] == pytest.approx(value, rel=1e-4, abs=1e-5), (epoch, name)
+
+
+def test_unstacked_replica_predicts_like_the_stack(splits):
+    _, val = splits
+    config = tiny_params(seeds=SEEDS).variant("batchnorm")
+    stack = StackedMlp(config, SEEDS).eval()
+    with torch.no_grad():
+        stacked_logits = stack(val.images)
+        for replica in range(len(SEEDS)):
+            plain_logits = unstack(stack, config, replica)(val.images.view(-1, 28, 28))
+            torch.testing.assert_close(plain_logits, stacked_logits[replica])
+
+
+def test_replicas_differ_by_seed_and_score_per_replica(splits):
+    _, val = splits
+    config = tiny_params(seeds=SEEDS).variant("batchnorm")
+    stack = StackedMlp(config, SEEDS)
+    weights = stack.layers[0].weight
+    assert not torch.equal(weights[0], weights[1])
+    assert score(stack, val, batch_size=50).acc.shape == (len(SEEDS),)

@@ -1,0 +1,153 @@
+"""The train stage: determinism, kill-and-resume, SIGTERM, stale and damaged checkpoints."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from mlflow import MlflowClient
+
+from pipeline import checkpoint
+from pipeline.params import load_params
+from pipeline.prepare import prepare
+from pipeline.train import Paths, train
+from pipeline.tracking import Tracking
+from tests.conftest import TINY_PARAMS, stage_env, tiny_mnist_arrays, write_mirror
+
+EPOCHS = 4
+
+
+@pytest.fixture(scope="module")
+def slow_mirror(tmp_path_factory):
+    """Enough steps per epoch (batch 4) that a kill lands mid-run, not after it."""
+    folder = tmp_path_factory.mktemp("slow_mirror")
+    write_mirror(folder, tiny_mnist_arrays(train=2100, test=200))
+    return folder
+
+
+def make_prepared(path: Path, mirror: Path, **overrides) -> Path:
+    """A project folder with params.yaml and prepared data, ready for the train stage."""
+    from pipeline.download import download, read_checksums
+
+    raw = yaml.safe_load(yaml.safe_dump(TINY_PARAMS))
+    raw["train"] |= {"epochs": EPOCHS, "batch_size": 4} | overrides
+    (path / "data").mkdir(parents=True)
+    (path / "params.yaml").write_text(yaml.safe_dump(raw))
+    params = load_params(path / "params.yaml")
+    download(path / "data" / "raw", [str(mirror)], read_checksums(mirror / "SHA256SUMS.decompressed"))
+    prepare(params.data, path / "data" / "raw", path / "data" / "prepared")
+    return path
+
+
+TRAIN = [sys.executable, "-m", "pipeline.train", "--variant", "batchnorm"]
+
+
+def start_train(path: Path) -> subprocess.Popen:
+    return subprocess.Popen(TRAIN, cwd=path, env=stage_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def run_train(path: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(TRAIN, cwd=path, env=stage_env(), capture_output=True, text=True, timeout=300)
+
+
+def wait_for_epoch(process: subprocess.Popen, epoch: int, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if f"epoch {epoch}/" in line:
+            return
+        if not line and process.poll() is not None:
+            raise AssertionError(f"train exited {process.returncode}: {process.stderr.read()}")
+    raise AssertionError(f"no epoch {epoch} line within {timeout_s} s")
+
+
+def final_state(path: Path) -> dict:
+    return checkpoint.load(path / "data" / "checkpoints" / "batchnorm" / "last.pt")
+
+
+def variant_runs(path: Path) -> list:
+    client = MlflowClient(f"sqlite:///{path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("tiny")
+    return [r for r in client.search_runs([experiment.experiment_id]) if r.info.run_name == "batchnorm"]
+
+
+def assert_same_result(a: dict, b: dict) -> None:
+    assert a["history"] == b["history"]
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, slow_mirror):
+    path = make_prepared(tmp_path_factory.mktemp("uninterrupted"), slow_mirror)
+    assert run_train(path).returncode == 0
+    return final_state(path)
+
+
+def test_rerun_is_bit_identical(tmp_path, slow_mirror, uninterrupted):
+    path = make_prepared(tmp_path, slow_mirror)
+    train(load_params(path / "params.yaml"), "batchnorm", Paths.for_variant(path, "batchnorm"),
+          Tracking(f"sqlite:///{path / 'mlflow.db'}", path, "tiny"))
+    assert_same_result(final_state(path), uninterrupted)
+
+
+def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, slow_mirror, uninterrupted):
+    path = make_prepared(tmp_path, slow_mirror)
+    process = start_train(path)
+    wait_for_epoch(process, 1)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+    killed_at = final_state(path)["epoch"]
+    assert 1 <= killed_at < EPOCHS
+    [crashed] = variant_runs(path)
+    assert crashed.info.status == "RUNNING"
+
+    resumed = run_train(path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming after epoch {killed_at}" in resumed.stdout
+    assert_same_result(final_state(path), uninterrupted)
+    [run] = variant_runs(path)  # the same run continued, not a second one
+    assert run.info.run_id == crashed.info.run_id and run.info.status == "FINISHED"
+    client = MlflowClient(f"sqlite:///{path / 'mlflow.db'}")
+    steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "val_acc"))
+    assert steps == list(range(1, EPOCHS + 1))
+
+
+def test_sigterm_ends_run_killed_and_params_change_starts_fresh(tmp_path, slow_mirror):
+    path = make_prepared(tmp_path, slow_mirror)
+    process = start_train(path)
+    wait_for_epoch(process, 1)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode != 0
+    assert stderr.strip().splitlines()[-1].startswith("error: train@batchnorm: interrupted")
+    assert "Traceback" not in stderr
+    [killed] = variant_runs(path)
+    assert killed.info.status == "KILLED"
+
+    raw = yaml.safe_load((path / "params.yaml").read_text())
+    raw["train"]["lr"] = 0.005
+    (path / "params.yaml").write_text(yaml.safe_dump(raw))
+    fresh = run_train(path)
+    assert fresh.returncode == 0, fresh.stderr
+    assert "params changed since this checkpoint; starting fresh" in fresh.stderr
+    statuses = sorted(r.info.status for r in variant_runs(path))
+    assert statuses == ["FAILED", "FINISHED"]  # the interrupted run is closed, not left dangling
+
+
+def test_damaged_checkpoint_is_skipped_with_a_warning(tmp_path, slow_mirror):
+    path = make_prepared(tmp_path, slow_mirror, epochs=1)
+    last = path / "data" / "checkpoints" / "batchnorm" / "last.pt"
+    last.parent.mkdir(parents=True)
+    last.write_bytes(b"\x50\x4b\x03\x04 truncated")
+    result = run_train(path)
+    assert result.returncode == 0, result.stderr
+    assert f"warning: {last}: corrupt or truncated checkpoint" in result.stderr
+    assert final_state(path)["complete"]
