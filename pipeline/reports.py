@@ -71,7 +71,8 @@ def comparison_plots(histories: dict[str, dict], out_dir: Path) -> list[Path]:
         plot_metric(ax, metric, histories)
         paths.append(out_dir / f"{metric}.png")
         _save(fig, paths[-1])
-    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8), layout="constrained")
+    fig.suptitle("Mean over seeds, band: ±1 std")
     for ax, metric in zip(axes.flat, METRICS):
         plot_metric(ax, metric, histories)
     paths.append(out_dir / "curves.png")
