@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -27,3 +28,18 @@ def run(stage: Callable[[], object]) -> None:
 def run_with_params(stage: Callable[[Params], object], params_file: Path = PARAMS_FILE) -> None:
     """Validate params.yaml before the stage does any work."""
     run(lambda: stage(load_params(params_file)))
+
+
+def run_variant_stage(stage: Callable, description: str, argv: list[str] | None = None) -> None:
+    """`python -m pipeline.<stage> --variant NAME`: the stage runs in the project root (cwd)."""
+    from pipeline.tracking import Tracking
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--variant", required=True)
+    variant = parser.parse_args(argv).variant
+
+    def with_tracking(params: Params) -> object:
+        runs = Tracking.from_environment(params.mlflow.experiment_name)
+        return stage(params, variant, Path.cwd(), runs)
+
+    run_with_params(with_tracking)

@@ -7,7 +7,6 @@ matrix PNG, and logs the test metrics into the variant's MLflow runs made by tra
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 from pathlib import Path
@@ -82,15 +81,7 @@ def evaluate(params: Params, variant: str, root: Path, runs: tracking.Tracking) 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--variant", required=True)
-    args = parser.parse_args(argv)
-
-    def stage(params: Params) -> None:
-        runs = tracking.Tracking.from_environment(params.mlflow.experiment_name)
-        evaluate(params, args.variant, Path.cwd(), runs)
-
-    cli.run_with_params(stage)
+    cli.run_variant_stage(evaluate, __doc__.split("\n")[0], argv)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import torch
 from pipeline import cli
 from pipeline.data import DataError, read_raw_split, split_path
 from pipeline.fsio import atomic_write, atomic_write_json
-from pipeline.params import DataParams, Params
+from pipeline.params import DataParams
 
 
 def split_indices(total: int, val_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,7 +8,6 @@ continues the same MLflow runs; the result is bit-identical to an uninterrupted 
 
 from __future__ import annotations
 
-import argparse
 import os
 import signal
 import sys
@@ -78,8 +77,9 @@ def _raise_stop(signum, frame):
     raise Stop()
 
 
-def train(params: Params, variant: str, paths: Paths, runs: tracking.Tracking) -> dict:
+def train(params: Params, variant: str, root: Path, runs: tracking.Tracking) -> dict:
     config = params.variant(variant)
+    paths = Paths.for_variant(root, variant)
     device = configure_runtime(params.train.threads, params.train.device)
     client, experiment_id = tracking.connect(runs)  # fails fast when the server is down
     train_split = load_split(paths.prepared, "train", device)
@@ -158,8 +158,8 @@ def update_best(best: dict, model, optimizer, val_acc: list[float], epoch: int) 
 
 def log_dataset(run_ids: dict, prepared: Path) -> None:
     import mlflow
-    from mlflow.data.meta_dataset import MetaDataset
     from mlflow.data.http_dataset_source import HTTPDatasetSource
+    from mlflow.data.meta_dataset import MetaDataset
 
     manifest = read_manifest(prepared)
     dataset = MetaDataset(HTTPDatasetSource("file://" + str(prepared.resolve())),
@@ -221,15 +221,7 @@ def epoch_line(variant: str, epoch: int, epochs: int, metrics: dict[str, list[fl
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--variant", required=True)
-    args = parser.parse_args(argv)
-
-    def stage(params: Params) -> None:
-        runs = tracking.Tracking.from_environment(params.mlflow.experiment_name)
-        train(params, args.variant, Paths.for_variant(Path.cwd(), args.variant), runs)
-
-    cli.run_with_params(stage)
+    cli.run_variant_stage(train, __doc__.split("\n")[0], argv)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SHARED_MNIST
 from pipeline.download import (
     MNIST_SHA256,
     DownloadError,
@@ -24,6 +23,7 @@ from pipeline.download import (
     fetch_verified,
     parse_sources,
 )
+from tests.conftest import SHARED_MNIST
 
 POLICY = Policy(timeout_s=1, deadline_s=5, attempts=2, backoff_s=0.01)
 FIRST = next(iter(MNIST_SHA256))  # the file `download` fetches first

@@ -8,7 +8,13 @@ import torch.nn.functional as F
 
 from pipeline.data import Split
 from pipeline.model import StackedMlp, plain_mlp, unstack
-from pipeline.training import epoch_metrics, epoch_permutations, make_optimizer, score, train_epoch
+from pipeline.training import (
+    epoch_metrics,
+    epoch_permutations,
+    make_optimizer,
+    score,
+    train_epoch,
+)
 from tests.conftest import tiny_mnist_arrays, tiny_params
 
 SEEDS = [3, 7, 11]

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT, TINY_PARAMS, tiny_params
 from pipeline.errors import ParamsError
 from pipeline.params import load_params, parse_params
+from tests.conftest import ROOT, TINY_PARAMS, tiny_params
 
 
 def with_value(dotted: str, value: object) -> dict:

@@ -16,8 +16,8 @@ from mlflow import MlflowClient
 from pipeline import checkpoint
 from pipeline.params import load_params
 from pipeline.prepare import prepare
-from pipeline.train import Paths, train
 from pipeline.tracking import Tracking
+from pipeline.train import train
 from tests.conftest import TINY_PARAMS, stage_env, tiny_mnist_arrays, write_mirror
 
 EPOCHS = 4
@@ -93,7 +93,7 @@ def uninterrupted(tmp_path_factory, slow_mirror):
 
 def test_rerun_is_bit_identical(tmp_path, slow_mirror, uninterrupted):
     path = make_prepared(tmp_path, slow_mirror)
-    train(load_params(path / "params.yaml"), "batchnorm", Paths.for_variant(path, "batchnorm"),
+    train(load_params(path / "params.yaml"), "batchnorm", path,
           Tracking(f"sqlite:///{path / 'mlflow.db'}", path, "tiny"))
     assert_same_result(final_state(path), uninterrupted)
 
