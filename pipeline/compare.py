@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
-from pipeline import cli, tracking
+from pipeline import cli, registry, tracking
 from pipeline.errors import PipelineError
 from pipeline.fsio import atomic_write_bytes, atomic_write_json
 from pipeline.params import Params
@@ -133,8 +133,14 @@ def compare(params: Params, root: Path, runs: tracking.Tracking) -> dict:
     tracking.log_metrics(client, group_id, {f"{v}.test_acc_mean": table[v]["test_acc_mean"] for v in variants}, 0)
     for path in [*plots, out / "summary.md", out / "summary.json"]:
         client.log_artifact(group_id, str(path), "comparison")
+    choice = registry.select_best(params, histories, test_acc)
+    best_run_id = read_json(data / "train" / choice.variant / "run.json")["run_ids"]["variant"]
+    registered = registry.register_best(client, experiment_id, params, choice, best_run_id, group_id)
+    client.set_tag(group_id, "registered_model", f"{registered['name']}/{registered['version']}")
     client.set_terminated(group_id, "FINISHED")
     print(text)
+    print(f"registered {choice.variant} ({choice.metric} {choice.score:.4f}) as {registered['name']} "
+          f"version {registered['version']}, alias @{registered['alias']}")
     return table
 
 

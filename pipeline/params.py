@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pipeline.errors import ParamsError
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -23,6 +22,8 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+
+from pipeline.errors import ParamsError
 
 MNIST_TRAIN_SIZE = 60_000
 VARIANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
@@ -75,6 +76,9 @@ class TrainParams(_Strict):
 
 class CompareParams(_Strict):
     reference: str = "no_norm"
+    registered_model: str = Field("mnist-mlp", min_length=1)  # the Model Registry name
+    alias: str = Field("champion", min_length=1)  # moved to each new version
+    select_by: Literal["val_acc", "test_acc"] = "val_acc"  # last-epoch val_acc, or test_acc
 
 
 class MlflowParams(_Strict):

@@ -1,0 +1,120 @@
+"""Parallel experiments: three `dvc exp run --queue` runs executed two at a time.
+
+Each queued experiment runs in its own copy under `.dvc/tmp/exps/`, but every stage tracks
+into the one SQLite store at the project root (`mlflow.db`), tagged with the experiment's
+name (DVC_EXP_NAME). Slow for a unit test (about 1.5 minutes on 2 cores after the shared
+tiny repro): each experiment changes one variant's lr, so it reruns 3 of the 7 stages.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+
+import psutil
+import pytest
+from mlflow import MlflowClient
+
+from tests.conftest import run
+from tests.shared_project import reproduced_project
+
+pytestmark = pytest.mark.timeout(900)  # the shared repro (when first) and the queue, bounded
+
+# name -> (the variant it retrains, with this lr); two retrain the same variant at once.
+EXPERIMENTS = {"q-nonorm-lr": ("no_norm", 0.005), "q-bn-lr": ("batchnorm", 0.005), "q-nonorm-lr2": ("no_norm", 0.002)}
+SEEDS = (0, 1)
+
+
+def stop_workers(path, env) -> None:
+    """`dvc queue stop`, then end any worker of this project's queue that is still there.
+
+    A dvc-task worker that asked itself to shut down while another still ran can miss the
+    request and idle forever; its pid is in `.dvc/tmp/exps/celery/dvc-exp-worker-<n>.pid`.
+    """
+    run(["dvc", "queue", "stop"], path, env, timeout=60, check=False)
+    for pid_file in (path / ".dvc" / "tmp" / "exps" / "celery").glob("dvc-exp-worker-*.pid"):
+        try:
+            worker = psutil.Process(int(pid_file.read_text().strip()))
+            if "queue-worker" not in worker.cmdline() or worker.cwd() != str(path):
+                continue
+            worker.wait(timeout=12)  # an idle worker stops itself after 10 s
+        except (ValueError, psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        except psutil.TimeoutExpired:
+            worker.send_signal(signal.SIGTERM)
+            try:
+                worker.wait(timeout=15)
+            except psutil.TimeoutExpired:
+                worker.kill()
+
+
+@pytest.fixture(scope="module")
+def queued(tmp_path_factory, tiny_mirror):
+    path, env = reproduced_project(tmp_path_factory, tiny_mirror[0])
+    for name, (variant, lr) in EXPERIMENTS.items():
+        # `+`: the variant sets no lr of its own in params.yaml, so the key is added.
+        run(["dvc", "exp", "run", "--queue", "-n", name, "-S", f"+variants.{variant}.lr={lr}"], path, env, timeout=60)
+    started = time.monotonic()
+    try:
+        # Blocking: starts 2 queue workers and follows every queued experiment to its end.
+        result = run(["dvc", "exp", "run", "--run-all", "-j", "2"], path, env, timeout=480, check=False)
+    finally:
+        stop_workers(path, env)
+    print(f"3 queued experiments ran in {time.monotonic() - started:.0f}s")
+    return path, env, result
+
+
+def test_every_queued_experiment_succeeded(queued):
+    path, env, result = queued
+    assert result.returncode == 0, result.stdout + result.stderr
+    status = run(["dvc", "queue", "status"], path, env, timeout=60).stdout
+    for name in EXPERIMENTS:
+        assert any(line.split()[1:2] == [name] and line.split()[-1] == "Success" for line in status.splitlines()), status
+    for name in EXPERIMENTS:
+        logs = run(["dvc", "queue", "logs", name], path, env, timeout=60).stdout
+        assert "database is locked" not in logs and "Traceback" not in logs, logs
+
+
+def test_exp_show_lists_each_with_params_and_metrics(queued):
+    path, env, _ = queued
+    shown = json.loads(run(["dvc", "exp", "show", "--json"], path, env, timeout=120).stdout)
+    baseline = next(entry for entry in shown if entry["rev"] != "workspace")
+    experiments = {exp["name"]: exp["revs"][0] for exp in baseline["experiments"] or []}
+    assert set(EXPERIMENTS) <= set(experiments)
+    for name, (retrained, lr) in EXPERIMENTS.items():
+        rev = experiments[name]
+        assert rev.get("error") is None, rev["error"]
+        params = rev["data"]["params"]["params.yaml"]["data"]
+        assert tuple(params["seeds"]) == SEEDS
+        lrs = {v: params["variants"][v].get("lr") for v in ("batchnorm", "no_norm")}
+        assert lrs == {v: lr if v == retrained else None for v in lrs}
+        for variant in ("batchnorm", "no_norm"):
+            metrics = rev["data"]["metrics"][f"data/evaluate/{variant}/metrics.json"]["data"]
+            assert 0.1 < metrics["test_acc"] <= 1.0
+
+
+def test_mlflow_recorded_every_run_of_every_experiment_at_the_project_root(queued):
+    path, _, _ = queued
+    assert sorted(path.rglob("mlflow.db")) == [path / "mlflow.db"], "one store, at the project root"
+    client = MlflowClient(f"sqlite:///{path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("tiny")
+    for name, (variant, lr) in EXPERIMENTS.items():
+        runs = client.search_runs([experiment.experiment_id], f"tags.dvc_exp_name = '{name}'")
+        expected = ["compare", variant, *(f"{variant}-seed{seed}" for seed in SEEDS)]
+        assert sorted(r.info.run_name for r in runs) == sorted(expected), name
+        by_name = {r.info.run_name: r for r in runs}
+        assert all(r.info.status == "FINISHED" for r in runs)
+        variant_run = by_name[variant]
+        assert variant_run.data.params["lr"] == str(lr)
+        assert variant_run.data.tags["mlflow.parentRunId"] == by_name["compare"].info.run_id
+        assert [m.step for m in client.get_metric_history(variant_run.info.run_id, "val_acc")] == [1, 2]
+        assert "test_acc" in variant_run.data.metrics
+        assert {a.path for a in client.list_artifacts(variant_run.info.run_id, "checkpoints")} == {
+            "checkpoints/last.pt", "checkpoints/best.pt"}
+        for seed in SEEDS:
+            child = by_name[f"{variant}-seed{seed}"]
+            assert child.data.tags["mlflow.parentRunId"] == variant_run.info.run_id
+            assert len(client.get_metric_history(child.info.run_id, "val_acc")) == 2
+        # Every queued compare registered its pick.
+        assert by_name["compare"].data.tags["registered_model"].startswith("mnist-mlp/")

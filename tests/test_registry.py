@@ -1,0 +1,100 @@
+"""The compare stage registers the best variant's model; `models:/mnist-mlp@champion` serves it."""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from pipeline import checkpoint
+from pipeline.data import load_split
+from pipeline.errors import ParamsError
+from pipeline.model import StackedMlp
+from pipeline.params import VariantConfig
+from pipeline.registry import select_best
+from tests.conftest import run, tiny_params
+from tests.shared_project import reproduced_project
+
+NAME, ALIAS = "mnist-mlp", "champion"
+
+pytestmark = pytest.mark.timeout(600)
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, tiny_mirror):
+    path, env = reproduced_project(tmp_path_factory, tiny_mirror[0])
+    return path, env, MlflowClient(f"sqlite:///{path / 'mlflow.db'}")
+
+
+@pytest.fixture(scope="module")
+def recompared(project):
+    """The versions before and after a second `compare` of the same (reproduced) workspace."""
+    path, env, client = project
+    before = client.search_model_versions(f"name = '{NAME}'")
+    run(["dvc", "repro", "--force", "--single-item", "compare"], path, env, timeout=180)
+    return before, client.search_model_versions(f"name = '{NAME}'")
+
+
+def test_repro_registered_a_version_and_a_second_compare_moves_the_alias(project, recompared):
+    _, _, client = project
+    before, after = recompared
+    assert before, "the first dvc repro registered the model"
+    assert len(after) == len(before) + 1
+    newest = max(after, key=lambda v: int(v.version))
+    assert client.get_model_version_by_alias(NAME, ALIAS).version == newest.version
+    assert set(client.get_registered_model(NAME).aliases) == {ALIAS}
+
+
+def test_champion_is_the_best_variant_and_predicts_like_its_stacked_replica(project, recompared):
+    path, _, client = project
+    champion = client.get_model_version_by_alias(NAME, ALIAS)
+
+    histories = {v: json.loads((path / "data" / "train" / v / "history.json").read_text())
+                 for v in ("batchnorm", "no_norm")}
+    best = max(histories, key=lambda v: statistics.fmean(histories[v]["val_acc"][-1]))
+    assert champion.tags["variant"] == best
+    assert champion.tags["select_by"] == "val_acc"
+    assert float(champion.tags["val_acc"]) == pytest.approx(statistics.fmean(histories[best]["val_acc"][-1]))
+    run_ids = json.loads((path / "data" / "train" / best / "run.json").read_text())["run_ids"]
+    assert champion.run_id == run_ids["variant"]
+
+    mlflow.set_tracking_uri(f"sqlite:///{path / 'mlflow.db'}")
+    try:
+        served = mlflow.pyfunc.load_model(f"models:/{NAME}@{ALIAS}")
+    finally:
+        mlflow.set_tracking_uri(None)
+    test = load_split(path / "data" / "prepared", "test", torch.device("cpu"))
+    logits = np.asarray(served.predict(test.images.numpy()))
+    assert logits.shape == (len(test), 10)
+    predicted = logits.argmax(1)
+    assert (predicted == test.labels.numpy()).mean() > 0.3  # chance is 0.1
+
+    state = checkpoint.load(path / "data" / "checkpoints" / best / "last.pt")
+    config = VariantConfig(**state["config"])
+    stacked = StackedMlp(config, config.seeds)
+    stacked.load_state_dict(state["model"])
+    stacked.eval()
+    replica = config.seeds.index(int(client.get_run(champion.run_id).data.tags["served_seed"]))
+    with torch.no_grad():
+        expected = stacked(test.images)[replica].numpy()
+    np.testing.assert_array_equal(predicted, expected.argmax(1))
+    np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_select_by_test_acc_picks_the_best_test_accuracy():
+    histories = {"batchnorm": {"val_acc": [[0.1, 0.1], [0.9, 0.8]]}, "no_norm": {"val_acc": [[0.1, 0.1], [0.5, 0.6]]}}
+    test_acc = {"batchnorm": [0.5, 0.6], "no_norm": [0.7, 0.7]}
+    by_val = select_best(tiny_params(), histories, test_acc)
+    assert (by_val.variant, by_val.metric, by_val.score) == ("batchnorm", "val_acc", pytest.approx(0.85))
+    by_test = select_best(tiny_params(compare={"select_by": "test_acc"}), histories, test_acc)
+    assert (by_test.variant, by_test.metric, by_test.score) == ("no_norm", "test_acc", pytest.approx(0.7))
+
+
+def test_unknown_select_by_is_refused():
+    with pytest.raises(ParamsError, match="compare.select_by"):
+        tiny_params(compare={"select_by": "train_acc"})
