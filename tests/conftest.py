@@ -94,6 +94,7 @@ def stage_env(mirror: Path | str | None = None, **extra: str) -> dict[str, str]:
 
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "DVC_EXP_NAME")}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["DVC_NO_ANALYTICS"] = "1"
     if mirror is not None:
         env["MNIST_MIRROR"] = str(mirror)
         env["MNIST_CHECKSUMS"] = str(Path(mirror) / "SHA256SUMS.decompressed")
