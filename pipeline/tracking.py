@@ -146,14 +146,16 @@ def log_params(client, run_id: str, params: dict[str, str]) -> None:
         client.log_batch(run_id, params=items[start : start + 100])
 
 
-def run_exists(client, run_id: str) -> bool:
+def close_dangling(client, run_ids: dict) -> None:
+    """Mark FAILED the runs a crash left RUNNING (and that this store still has)."""
     from mlflow.exceptions import MlflowException
 
-    try:
-        client.get_run(run_id)
-    except MlflowException:
-        return False
-    return True
+    for run_id in all_run_ids(run_ids):
+        try:
+            if client.get_run(run_id).info.status == "RUNNING":
+                client.set_terminated(run_id, status="FAILED")
+        except MlflowException:  # gone, or recorded in another store
+            pass
 
 
 def start_variant_runs(client, experiment_id: str, config, tags: dict[str, str]) -> dict:

@@ -23,7 +23,7 @@ from pipeline.data import load_split, read_manifest
 from pipeline.errors import PipelineError
 from pipeline.fsio import atomic_write_json
 from pipeline.model import StackedMlp
-from pipeline.params import Params, VariantConfig
+from pipeline.params import Params
 from pipeline.reports import write_curves
 from pipeline.training import METRICS, epoch_metrics, make_optimizer, train_epoch
 
@@ -55,8 +55,8 @@ def configure_runtime(threads: int, device: str) -> torch.device:
     return torch.device(device)
 
 
-def resumable_state(path: Path, config: VariantConfig) -> dict | None:
-    """The checkpoint to resume from, or None (with the reason said) to start fresh."""
+def unfinished_checkpoint(path: Path) -> dict | None:
+    """The state of a run that did not complete, if one left a readable `last.pt`."""
     if not path.exists():
         return None
     try:
@@ -64,13 +64,7 @@ def resumable_state(path: Path, config: VariantConfig) -> dict | None:
     except checkpoint.CheckpointError as error:
         print(f"warning: {error}; starting fresh", file=sys.stderr)
         return None
-    if state["complete"]:
-        return None
-    if state["fingerprint"] != config.fingerprint():
-        print(f"{path}: params changed since this checkpoint; starting fresh", file=sys.stderr)
-        return state | {"stale": True}
-    print(f"{path}: resuming after epoch {state['epoch']}")
-    return state
+    return None if state["complete"] else state
 
 
 class Stop(Exception):
@@ -94,17 +88,19 @@ def train(params: Params, variant: str, root: Path, runs: tracking.Tracking) -> 
     model = StackedMlp(config, config.seeds).to(device)
     optimizer = make_optimizer(model, config)
     last_path, best_path = paths.checkpoints / "last.pt", paths.checkpoints / "best.pt"
-    state = resumable_state(last_path, config)
-    if state is not None and not state.get("stale"):
+    state = unfinished_checkpoint(last_path)
+    if state is not None and state["fingerprint"] == config.fingerprint():
+        print(f"{last_path}: resuming after epoch {state['epoch']}")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         best, run_ids = checkpoint.load(best_path, device), state["run_ids"]
         history, start_epoch = state["history"], state["epoch"]
         tracking.set_status(client, run_ids, "RUNNING")
     else:
-        if state is not None and tracking.run_exists(client, state["run_ids"]["variant"]):
-            tracking.set_status(client, state["run_ids"], "FAILED")  # never left dangling
-        run_ids = tracking.start_variant_runs(client, experiment_id, config, tracking.run_tags(runs, Path.cwd()))
+        if state is not None:
+            print(f"{last_path}: params changed since this checkpoint; starting fresh", file=sys.stderr)
+            tracking.close_dangling(client, state["run_ids"])
+        run_ids = tracking.start_variant_runs(client, experiment_id, config, tracking.run_tags(runs, root))
         log_dataset(client, run_ids, paths.prepared)
         best = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "val_acc": torch.full((len(config.seeds),), -1.0), "epoch": [0] * len(config.seeds)}
