@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from pipeline.params import VariantConfig
@@ -44,8 +45,10 @@ class StackedLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(replicas, 1, fan_out)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 2:  # one input shared by every replica (evaluation)
-            out = torch.matmul(x, self.weight)
+        if x.dim() == 2:  # one input shared by every replica (evaluation): one wide GEMM
+            replicas, fan_in, fan_out = self.weight.shape
+            wide = x @ self.weight.transpose(0, 1).reshape(fan_in, replicas * fan_out)
+            out = wide.view(len(x), replicas, fan_out).transpose(0, 1)
             return out if self.bias is None else out + self.bias
         if self.bias is None:
             return torch.bmm(x, self.weight)
@@ -53,7 +56,11 @@ class StackedLinear(nn.Module):
 
 
 class StackedBatchNorm(nn.Module):
-    """BatchNorm1d per replica: statistics over each replica's own batch (dim 1)."""
+    """BatchNorm1d per replica: statistics over each replica's own batch.
+
+    The K replicas' F features are laid side by side as K*F channels of one `batch_norm`
+    call: the same kernel as `nn.BatchNorm1d` (running statistics included), in one op.
+    """
 
     def __init__(self, replicas: int, features: int, momentum: float, eps: float) -> None:
         super().__init__()
@@ -64,17 +71,13 @@ class StackedBatchNorm(nn.Module):
         self.register_buffer("running_var", torch.ones(replicas, 1, features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training:
-            var, mean = torch.var_mean(x, dim=1, keepdim=True, correction=0)
-            with torch.no_grad():
-                batch = x.shape[1]
-                # PyTorch's convention: the running variance is the unbiased estimate.
-                unbiased = var * (batch / max(batch - 1, 1))
-                self.running_mean.lerp_(mean, self.momentum)
-                self.running_var.lerp_(unbiased, self.momentum)
-        else:
-            mean, var = self.running_mean, self.running_var
-        return (x - mean) * torch.rsqrt(var + self.eps) * self.weight + self.bias
+        replicas, batch, features = x.shape
+        channels = x.transpose(0, 1).reshape(batch, replicas * features)
+        out = F.batch_norm(
+            channels, self.running_mean.view(-1), self.running_var.view(-1),
+            self.weight.view(-1), self.bias.view(-1), self.training, self.momentum, self.eps,
+        )
+        return out.view(batch, replicas, features).transpose(0, 1)
 
 
 class StackedLayerNorm(nn.Module):

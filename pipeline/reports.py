@@ -9,7 +9,9 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.fsio import atomic_write_bytes
-from pipeline.training import METRICS
+
+# The lab's per-epoch measurements, in the order they are plotted and written.
+METRICS = ("train_loss", "train_acc", "val_loss", "val_acc")
 
 TITLES = {
     "train_loss": "Training loss",

@@ -24,8 +24,8 @@ from pipeline.errors import PipelineError
 from pipeline.fsio import atomic_write_json
 from pipeline.model import StackedMlp
 from pipeline.params import Params
-from pipeline.reports import write_curves
-from pipeline.training import METRICS, epoch_metrics, make_optimizer, train_epoch
+from pipeline.reports import METRICS, write_curves
+from pipeline.training import epoch_metrics, make_optimizer, train_epoch
 
 
 @dataclass(frozen=True)

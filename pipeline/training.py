@@ -23,8 +23,6 @@ from pipeline.data import Split
 from pipeline.model import StackedMlp
 from pipeline.params import VariantConfig
 
-METRICS = ("train_loss", "train_acc", "val_loss", "val_acc")
-
 
 def epoch_permutations(seeds: list[int], epoch: int, size: int) -> torch.Tensor:
     """[K, N]: the order replica k visits the train split in `epoch` (1-based)."""
