@@ -377,13 +377,13 @@ def run_part(name: str, args) -> dict:
            "--steps", str(args.steps), "--threads", str(args.threads)]
     if args.keep_temp:
         cmd.append("--keep-temp")
-    t0 = time.perf_counter()
+    t0, load = time.perf_counter(), os.getloadavg()[0]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
-    wall = time.perf_counter() - t0
+    ran = {"part_wall_s": time.perf_counter() - t0, "loadavg_1min_before_after": [load, os.getloadavg()[0]]}
     try:
         if proc.returncode != 0:
-            return {"error": (proc.stderr or proc.stdout).strip().splitlines()[-5:], "part_wall_s": wall}
-        return json.loads(out.read_text()) | {"part_wall_s": wall}
+            return {"error": (proc.stderr or proc.stdout).strip().splitlines()[-5:], **ran}
+        return json.loads(out.read_text()) | ran
     finally:
         out.unlink(missing_ok=True)
 
@@ -405,13 +405,14 @@ def summary(results: dict) -> dict:
         "stacked_replica_steps_per_s": stack.get("stacked_replica_steps_per_s"),
         "sequential_replica_steps_per_s": stack.get("sequential_replica_steps_per_s"),
         "stacked_vs_sequential": stack.get("ratio"),
-        "full_lab_repro_s": pipe.get("full", {}).get("wall_s"),
-        "noop_repro_s": pipe.get("noop", {}).get("wall_s"),
+        "full_lab_repro_s": repro_s(pipe, "full"),
+        "noop_repro_s": repro_s(pipe, "noop"),
         "overhead_fraction": over.get("overhead_fraction"),
         "per_epoch_logging_checkpoint_fraction": over.get("per_epoch_logging_checkpoint_fraction"),
         "project_ms_per_step_k1": proj.get("ms_per_step"),
         "stacked_ms_per_step_k5": stack.get("stacked_ms_per_step"),
-        "peak_rss_mb": {name: part.get("peak_rss_mb") for name, part in results.items() if name != "machine"},
+        "peak_rss_mb": {name: part.get("peak_rss_largest_stage_mb", part.get("peak_rss_mb"))
+                        for name, part in results.items() if name in PARTS},
     }
     targets = {"project_vs_baseline": 3.0, "stacked_vs_sequential": 2.5}
     figures["targets_met"] = {
@@ -420,6 +421,12 @@ def summary(results: dict) -> dict:
            for k in ("overhead_fraction", "per_epoch_logging_checkpoint_fraction")},
     }
     return figures
+
+
+def repro_s(pipe: dict, name: str) -> float | None:
+    """A `dvc repro` wall time, or None where it failed (its log tail is in the JSON)."""
+    run = pipe.get(name, {})
+    return run.get("wall_s") if run.get("returncode") == 0 else None
 
 
 def fmt(value, spec: str = ".1f") -> str:
@@ -452,9 +459,9 @@ def print_table(results: dict, figures: dict) -> None:
         ("    overhead fraction  [target <= 0.05]", fmt(over.get("overhead_fraction"), ".3f"),
          "in-loop " + fmt(over.get("per_epoch_logging_checkpoint_fraction"), ".3f"), ""),
         ("    import pipeline.train", fmt(over.get("import_pipeline_train_s"), ".2f") + " s", "", ""),
-        ("dvc repro, full lab (prepared data given)", fmt(pipe.get("full", {}).get("wall_s")) + " s", "",
+        ("dvc repro, full lab (prepared data given)", fmt(figures["full_lab_repro_s"]) + " s", "",
          fmt(pipe.get("peak_rss_largest_stage_mb"), ".0f")),
-        ("dvc repro, no-op", fmt(pipe.get("noop", {}).get("wall_s"), ".2f") + " s", "", ""),
+        ("dvc repro, no-op", fmt(figures["noop_repro_s"], ".2f") + " s", "", ""),
     ]
     width = max(len(r[0]) for r in rows)
     print(f"{'':{width}}  {'throughput':>28}  {'':>18}  peak RSS MB")
@@ -468,6 +475,20 @@ def print_table(results: dict, figures: dict) -> None:
     for name, part in results.items():
         if "error" in part:
             print(f"!! part {name} failed: {' | '.join(part['error'])}")
+    for name in ("full", "noop"):
+        if pipe.get(name, {}).get("returncode"):
+            print(f"!! dvc repro ({name}) failed: {pipe[name]['log_tail'][-2].strip()}")
+
+
+def code_state() -> dict:
+    """Which code was measured: the commit, and the files changed since it."""
+    def git(*cmd: str) -> str:
+        result = subprocess.run(["git", *cmd], cwd=ROOT, capture_output=True, text=True, check=False)
+        return result.stdout.rstrip()  # not strip(): porcelain lines may start with a space
+
+    changed = [line[3:] for line in git("status", "--porcelain", "--", "pipeline", "dvc.yaml",
+                                        "params.yaml").splitlines()]
+    return {"commit": git("rev-parse", "HEAD").strip() or None, "uncommitted": changed}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -492,7 +513,8 @@ def main(argv: list[str] | None = None) -> None:
     parts = [p for p in args.parts.split(",") if p and (p != "pipeline" or args.pipeline)]
     results = {"machine": {"cpus": os.cpu_count(), "cpu": platform.processor() or platform.machine(),
                            "torch": torch.__version__, "threads": args.threads,
-                           "loadavg_start": os.getloadavg()}}
+                           "loadavg_start": os.getloadavg()},
+               "code": code_state()}
     for name in parts:
         print(f"running {name} ...", file=sys.stderr, flush=True)
         results[name] = run_part(name, args)

@@ -71,7 +71,7 @@ class TrainParams(_Strict):
     weight_decay: float | None = Field(None, ge=0)
     device: Device = "auto"
     threads: int = Field(1, ge=1)
-    eval_batch_size: int = Field(10_000, ge=1)
+    eval_batch_size: int = Field(2_000, ge=1)
 
 
 class CompareParams(_Strict):

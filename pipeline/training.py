@@ -50,13 +50,14 @@ def step_rows(order: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
     """Each step's train rows, [K * B] (replica-major), from the [K, N] permutations.
 
     One copy lays the full batches out step-major so every step's index is contiguous;
-    the partial last batch, if any, comes last.
+    the partial last batch, if any, comes last, unless it is a single image: batch
+    statistics of one sample are undefined, so that image waits for the next epoch.
     """
     replicas, size = order.shape
     full = size // batch_size
     head = order[:, : full * batch_size].reshape(replicas, full, batch_size).transpose(0, 1)
     steps = list(head.reshape(full, replicas * batch_size).unbind(0))
-    if size > full * batch_size:
+    if size - full * batch_size > 1:
         steps.append(order[:, full * batch_size :].reshape(-1))
     return steps
 

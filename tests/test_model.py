@@ -95,3 +95,12 @@ def test_replicas_differ_by_seed_and_score_per_replica(splits):
     weights = stack.layers[0].weight
     assert not torch.equal(weights[0], weights[1])
     assert score(stack, val, batch_size=50).acc.shape == (len(SEEDS),)
+
+
+def test_a_trailing_batch_of_one_image_is_skipped_not_a_crash(splits):
+    train, _ = splits
+    config = tiny_params(seeds=SEEDS, train={"norm": "batch", "batch_size": 3}).variant("batchnorm")
+    stack = StackedMlp(config, SEEDS)
+    before = stack.layers[0].weight.detach().clone()
+    train_epoch(stack, make_optimizer(stack, config), Split(train.images[:7], train.labels[:7]), SEEDS, 1, 3)
+    assert not torch.equal(stack.layers[0].weight, before)  # the two full batches trained
