@@ -57,6 +57,13 @@ def browser(tmp_path):
 
 
 def test_runs_grouped_under_compare_and_a_val_acc_chart(ui, browser, tmp_path):
+    from selenium.common.exceptions import (
+        ElementClickInterceptedException,
+        NoSuchElementException,
+        StaleElementReferenceException,
+        TimeoutException,
+        WebDriverException,
+    )
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as EC
     from selenium.webdriver.support.ui import WebDriverWait
@@ -69,18 +76,47 @@ def test_runs_grouped_under_compare_and_a_val_acc_chart(ui, browser, tmp_path):
     experiment_id = client.get_experiment_by_name("tiny").experiment_id
     group_id = client.get_run(variant_ids["batchnorm"]["variant"]).data.tags["mlflow.parentRunId"]
 
+    def click(element_or_locator) -> None:
+        """Click once nothing covers the target (the UI animates panels in after loading)."""
+        def attempt(driver):
+            try:
+                target = (driver.find_element(*element_or_locator)
+                          if isinstance(element_or_locator, tuple) else element_or_locator)
+                target.click()
+            except (ElementClickInterceptedException, NoSuchElementException, StaleElementReferenceException):
+                return False
+            return True
+        wait.until(attempt)
+
     def row(run_id: str):
         return wait.until(EC.visibility_of_element_located((By.CSS_SELECTOR, f"[role='row'][row-id='{run_id}']")))
 
     def expand(run_id: str, name: str) -> None:
         cell = row(run_id).find_element(By.XPATH, f".//*[@role='gridcell'][.//a[normalize-space(.)='{name}']]")
-        cell.find_element(By.TAG_NAME, "button").click()
+        click(cell.find_element(By.TAG_NAME, "button"))
 
     # A person opens the UI, picks the experiment, and switches to the model-training view.
     browser.get(uri + "/")
-    wait.until(EC.element_to_be_clickable((By.LINK_TEXT, "tiny"))).click()
-    wait.until(EC.element_to_be_clickable((By.XPATH, "//*[normalize-space(text())='Model training']"))).click()
-    wait.until(EC.url_contains(f"/experiments/{experiment_id}/runs"))
+    click((By.LINK_TEXT, "tiny"))
+
+    def in_training_runs_view(driver) -> bool:
+        if f"/experiments/{experiment_id}/runs" in driver.current_url:
+            return True
+        # A person first dismisses the GenAI tour popover ("Got it") that may cover the page.
+        buttons = "//button[normalize-space(.)='Got it']"
+        toggles = "//*[normalize-space(text())='Model training' or normalize-space(text())='Training runs']"
+        for toggle in driver.find_elements(By.XPATH, buttons) + driver.find_elements(By.XPATH, toggles):
+            try:
+                toggle.click()
+            except WebDriverException:  # covered while the page settles: try again
+                pass
+        return False
+
+    try:
+        wait.until(in_training_runs_view)
+    except TimeoutException:
+        browser.save_screenshot(str(tmp_path / "experiment.png"))
+        raise
 
     # The comparison is a parent run; unfolded, it holds both variants, and each its seeds.
     assert row(group_id).find_element(By.TAG_NAME, "a").text == "compare"
@@ -93,13 +129,13 @@ def test_runs_grouped_under_compare_and_a_val_acc_chart(ui, browser, tmp_path):
     browser.save_screenshot(str(tmp_path / "runs.png"))
 
     # The variant's page: its place in the group, then its per-epoch val_acc curve.
-    row(variant_ids["batchnorm"]["variant"]).find_element(By.LINK_TEXT, "batchnorm").click()
+    click(row(variant_ids["batchnorm"]["variant"]).find_element(By.LINK_TEXT, "batchnorm"))
     wait.until(EC.url_contains(f"/runs/{variant_ids['batchnorm']['variant']}"))
     wait.until(EC.text_to_be_present_in_element((By.TAG_NAME, "body"), "Child runs"))
     page = browser.find_element(By.TAG_NAME, "body").text
     assert "Parent run\ncompare" in page
     assert "batchnorm-seed0" in page and "batchnorm-seed1" in page
-    wait.until(EC.element_to_be_clickable((By.XPATH, "//*[@role='tab'][normalize-space(.)='Model metrics']"))).click()
+    click((By.XPATH, "//*[@role='tab'][normalize-space(.)='Model metrics']"))
     wait.until(EC.presence_of_element_located((By.XPATH, "//input[@placeholder='Search metric charts']"))).send_keys("val_acc")
     card = wait.until(EC.visibility_of_element_located((By.XPATH,
         "//*[normalize-space(text())='val_acc']/ancestor::*[.//*[contains(@class,'js-plotly-plot')]][1]")))
