@@ -124,7 +124,7 @@ def compare(params: Params, root: Path, runs: tracking.Tracking) -> dict:
     atomic_write_json(out / "summary.json", table)
 
     client, experiment_id = tracking.connect(runs)
-    group = client.create_run(experiment_id, run_name="compare", tags=tracking.run_tags(runs, root))
+    group = client.create_run(experiment_id, run_name="compare", tags=tracking.run_tags(runs, root, "compare"))
     group_id = group.info.run_id
     for variant in variants:
         run_ids = read_json(data / "train" / variant / "run.json")["run_ids"]

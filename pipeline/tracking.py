@@ -110,8 +110,9 @@ def git_commit(root: Path) -> str | None:
     return result.stdout.strip() if result.returncode == 0 else None
 
 
-def run_tags(tracking: Tracking, cwd: Path) -> dict[str, str]:
-    tags = {}
+def run_tags(tracking: Tracking, cwd: Path, stage: str) -> dict[str, str]:
+    """Where a run came from: the stage (the UI's Source column), git commit, DVC experiment."""
+    tags = {"mlflow.source.name": f"dvc stage {stage}", "mlflow.source.type": "LOCAL"}
     commit = git_commit(cwd)
     if commit:
         tags["mlflow.source.git.commit"] = commit

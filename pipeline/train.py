@@ -100,7 +100,7 @@ def train(params: Params, variant: str, root: Path, runs: tracking.Tracking) -> 
         if state is not None:
             print(f"{last_path}: params changed since this checkpoint; starting fresh", file=sys.stderr)
             tracking.close_dangling(client, state["run_ids"])
-        run_ids = tracking.start_variant_runs(client, experiment_id, config, tracking.run_tags(runs, root))
+        run_ids = tracking.start_variant_runs(client, experiment_id, config, tracking.run_tags(runs, root, f"train@{variant}"))
         log_dataset(client, run_ids, paths.prepared)
         best = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "val_acc": torch.full((len(config.seeds),), -1.0), "epoch": [0] * len(config.seeds)}

@@ -65,6 +65,7 @@ def test_mlflow_holds_variant_runs_grouped_under_compare(reproduced):
         assert sorted(c.data.params["seed"] for c in children) == ["0", "1"]
         assert all(len(client.get_metric_history(c.info.run_id, "val_acc")) == 2 for c in children)
         assert run_info.data.tags["mlflow.source.git.commit"]
+        assert run_info.data.tags["mlflow.source.name"] == f"dvc stage train@{variant}"
         assert run_info.inputs.dataset_inputs, "dataset lineage is recorded"
     assert (path / "mlartifacts").is_dir(), "artifacts live beside the database, at the project root"
 
