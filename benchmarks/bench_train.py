@@ -145,17 +145,23 @@ def part_baseline(args) -> dict:
             "median_steps_per_s": args.steps / timing["median_s"], "timing": timing}
 
 
-def part_project(args) -> dict:
+def lab_splits(args):
+    """The lab's params, batchnorm config and prepared train/val splits, as the stage loads them."""
     import torch
 
     from pipeline.data import load_split
-    from pipeline.training import epoch_metrics
 
     params, config = setup(args.threads)
-    torch.use_deterministic_algorithms(True, warn_only=True)
     prepared = ROOT / "data" / "prepared"
     train = load_split(prepared, "train", torch.device("cpu"))
     val = load_split(prepared, "val", torch.device("cpu"))
+    return params, config, train, val
+
+
+def part_project(args) -> dict:
+    from pipeline.training import epoch_metrics
+
+    params, config, train, val = lab_splits(args)
     seeds = params.seeds[:1]
     project_steps(seeds, config, train, 50)  # warm-up
     models = []
@@ -171,16 +177,9 @@ def part_project(args) -> dict:
 
 
 def part_stacked(args) -> dict:
-    import torch
-
-    from pipeline.data import load_split
     from pipeline.training import epoch_metrics
 
-    params, config = setup(args.threads)
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    prepared = ROOT / "data" / "prepared"
-    train = load_split(prepared, "train", torch.device("cpu"))
-    val = load_split(prepared, "val", torch.device("cpu"))
+    params, config, train, val = lab_splits(args)
     seeds = params.seeds
     project_steps(seeds, config, train, 50)  # warm-up
     stacked, sequential, models = [], [], []
@@ -203,14 +202,9 @@ def part_stacked(args) -> dict:
 def part_threads(args) -> dict:
     import torch
 
-    from pipeline.data import load_split
     from pipeline.training import epoch_metrics
 
-    params, config = setup(1)
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    prepared = ROOT / "data" / "prepared"
-    train = load_split(prepared, "train", torch.device("cpu"))
-    val = load_split(prepared, "val", torch.device("cpu"))
+    params, config, train, val = lab_splits(argparse.Namespace(threads=1))
     steps, result = min(args.steps, 500), {}
     for threads in (1, 2, 1, 2):
         torch.set_num_threads(threads)
@@ -256,7 +250,7 @@ def part_overhead(args) -> dict:
         setattr(owner, name, timed_call)
 
     for owner, name, label in [
-        (stage, "configure_runtime", "configure_runtime (use_deterministic_algorithms imports inductor config)"),
+        (stage, "configure_runtime", "configure_runtime (threads; deterministic mode on CUDA only)"),
         (tracking, "connect", "mlflow connect (import + fresh sqlite schema)"),
         (stage, "load_split", "load prepared splits"),
         (tracking, "start_variant_runs", "mlflow create runs + params"),
