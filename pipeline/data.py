@@ -12,7 +12,6 @@ import torch
 
 from pipeline.errors import PipelineError
 
-SPLITS = ("train", "val", "test")
 RAW_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
