@@ -8,7 +8,6 @@ matrix PNG, and logs the test metrics into the variant's MLflow runs made by tra
 from __future__ import annotations
 
 import json
-import statistics
 from pathlib import Path
 
 import numpy as np
@@ -36,10 +35,6 @@ def confusion_matrices(model: StackedMlp, images: torch.Tensor, labels: torch.Te
     return counts.view(-1, NUM_CLASSES, NUM_CLASSES).numpy()
 
 
-def mean_and_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-
-
 def evaluate(params: Params, variant: str, root: Path, runs: tracking.Tracking) -> dict:
     device = configure_runtime(params.train.threads, params.train.device)
     state = checkpoint.load(root / "data" / "checkpoints" / variant / "last.pt", device)
@@ -54,9 +49,8 @@ def evaluate(params: Params, variant: str, root: Path, runs: tracking.Tracking) 
     per_class = (confusion.diagonal(axis1=1, axis2=2) / confusion.sum(axis=2).clip(min=1))  # [K, 10]
 
     out = root / "data" / "evaluate" / variant
-    loss_mean, loss_std = mean_and_std(test_loss)
-    acc_mean, acc_std = mean_and_std(test_acc)
-    metrics = {"test_loss": loss_mean, "test_acc": acc_mean, "test_loss_std": loss_std, "test_acc_std": acc_std}
+    per_seed = {"test_loss": test_loss, "test_acc": test_acc}
+    metrics = tracking.summarize(per_seed)
     atomic_write_json(out / "metrics.json", metrics)
     atomic_write_json(out / "per_seed.json", {"seeds": config.seeds, "test_loss": test_loss, "test_acc": test_acc})
     atomic_write_json(out / "per_class.json", {
@@ -70,13 +64,11 @@ def evaluate(params: Params, variant: str, root: Path, runs: tracking.Tracking) 
 
     client, _ = tracking.connect(runs)
     run_ids = json.loads((root / "data" / "train" / variant / "run.json").read_text())["run_ids"]
-    for replica, run_id in enumerate(run_ids["seeds"]):
-        tracking.log_metrics(client, run_id, {"test_loss": test_loss[replica], "test_acc": test_acc[replica]},
-                             step=config.epochs)
-    tracking.log_metrics(client, run_ids["variant"], metrics, step=config.epochs)
+    tracking.log_replica_metrics(client, run_ids, per_seed, step=config.epochs)
     for path in (plot, out / "per_class.json", out / "per_seed.json"):
         client.log_artifact(run_ids["variant"], str(path), "evaluation")
-    print(f"evaluate@{variant}: test_loss={loss_mean:.4f}±{loss_std:.4f} test_acc={acc_mean:.4f}±{acc_std:.4f}")
+    print(f"evaluate@{variant}: test_loss={metrics['test_loss']:.4f}±{metrics['test_loss_std']:.4f} "
+          f"test_acc={metrics['test_acc']:.4f}±{metrics['test_acc_std']:.4f}")
     return metrics
 
 

@@ -197,13 +197,13 @@ def log_replica_metrics(client, run_ids: dict, metrics: dict[str, list[float]], 
 
 
 def summarize(metrics: dict[str, list[float]]) -> dict[str, float]:
+    """Mean over seeds of each metric, and its sample std (0 for a single seed)."""
     import statistics
 
     summary = {}
     for name, values in metrics.items():
         summary[name] = statistics.fmean(values)
-        if len(values) > 1:
-            summary[f"{name}_std"] = statistics.stdev(values)
+        summary[f"{name}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
     return summary
 
 

@@ -22,7 +22,7 @@ from pipeline import checkpoint, cli, tracking
 from pipeline.data import load_split, read_manifest
 from pipeline.errors import PipelineError
 from pipeline.fsio import atomic_write_json
-from pipeline.model import StackedMlp
+from pipeline.model import StackedMlp, unstack
 from pipeline.params import Params
 from pipeline.reports import METRICS, write_curves
 from pipeline.training import epoch_metrics, make_optimizer, train_epoch
@@ -176,8 +176,6 @@ def finish(client, run_ids, config, model, val_split, history, paths: Paths, bes
     """Outputs for the later stages, checkpoints as artifacts, the final model logged."""
     import mlflow
     from mlflow.models import infer_signature
-
-    from pipeline.model import unstack
 
     write_curves(paths.out / "curves.csv", history)
     atomic_write_json(paths.out / "history.json", {"seeds": config.seeds, "best_epoch": best["epoch"], **history})
