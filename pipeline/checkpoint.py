@@ -14,7 +14,7 @@ import torch
 from pipeline.errors import PipelineError
 from pipeline.fsio import atomic_write_bytes
 
-FORMAT = 1
+FORMAT = 2  # 2: the optimizer state of pipeline.optimizer
 
 
 class CheckpointError(PipelineError):

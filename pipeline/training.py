@@ -7,8 +7,9 @@ needs no saved RNG state and replays exactly the batches an uninterrupted run wo
 
 At batch 32 a step costs well under a millisecond, so per-step overhead is what counts
 (benchmarks/README.md): each step's rows of every replica are one contiguous index vector,
-gathered with a single `index_select`, and the 1/B of the mean loss is the gradient seeded
-into `backward` rather than a division node; both give the same bits as the plain form.
+gathered with a single `index_select`; the 1/B of the mean loss is the gradient seeded
+into `autograd.grad` rather than a division node (the same bits as the plain form), and the
+gradients go straight to the fused optimizer (pipeline/optimizer.py).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from torch import nn
 
 from pipeline.data import Split
 from pipeline.model import StackedMlp
+from pipeline.optimizer import FusedOptimizer
 from pipeline.params import VariantConfig
 
 
@@ -32,18 +34,8 @@ def epoch_permutations(seeds: list[int], epoch: int, size: int) -> torch.Tensor:
     ])
 
 
-def make_optimizer(model: nn.Module, config: VariantConfig) -> torch.optim.Optimizer:
-    """Element-wise optimizers only: each replica's update depends on its own slice alone."""
-    decay = {} if config.weight_decay is None else {"weight_decay": config.weight_decay}
-    if config.optimizer == "sgd":
-        cls, kwargs = torch.optim.SGD, {"lr": config.lr, **decay}
-    else:
-        cls = torch.optim.Adam if config.optimizer == "adam" else torch.optim.AdamW
-        kwargs = {"lr": config.lr, "eps": config.adam_eps, **decay}
-    try:  # fused: on CPU about half the step time of foreach for these small tensors
-        return cls(model.parameters(), fused=True, **kwargs)
-    except RuntimeError:  # fused kernels are missing for some device/dtype combinations
-        return cls(model.parameters(), foreach=True, **kwargs)
+def make_optimizer(model: nn.Module, config: VariantConfig) -> FusedOptimizer:
+    return FusedOptimizer(list(model.parameters()), config)
 
 
 def step_rows(order: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
@@ -64,7 +56,7 @@ def step_rows(order: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
 
 def train_epoch(
     model: StackedMlp,
-    optimizer: torch.optim.Optimizer,
+    optimizer: FusedOptimizer,
     train: Split,
     seeds: list[int],
     epoch: int,
@@ -80,9 +72,8 @@ def train_epoch(
         logits = model(train.images.index_select(0, rows).view(replicas, batch, -1))  # [K, B, 10]
         # Sum over replicas of each replica's mean loss: gradients stay independent.
         loss = F.cross_entropy(logits.flatten(0, 1), train.labels.index_select(0, rows), reduction="sum")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward(one / batch)  # the gradient of loss / B, as (loss / B).backward() seeds it
-        optimizer.step()
+        # The gradient of loss / B, seeded as (loss / B).backward() would; no .grad to zero.
+        optimizer.step(torch.autograd.grad(loss, optimizer.params, one / batch))
         if on_step is not None:
             on_step()
 

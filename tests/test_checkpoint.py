@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.checkpoint import CheckpointError, load, merge_replicas, save
+from pipeline.checkpoint import FORMAT, CheckpointError, load, merge_replicas, save
 from pipeline.fsio import atomic_write, atomic_write_bytes
 
 STATE = {"epoch": 3, "model": {"w": torch.arange(6.0).view(3, 2)}, "run_ids": ["a", "b", "c"]}
@@ -31,7 +31,7 @@ def torch_bytes(obj: object) -> bytes:
 
 def test_save_load_roundtrip_leaves_no_temp_files(saved):
     state = load(saved)
-    assert state["epoch"] == 3 and state["run_ids"] == ["a", "b", "c"] and state["format"] == 1
+    assert state["epoch"] == 3 and state["run_ids"] == ["a", "b", "c"] and state["format"] == FORMAT
     assert torch.equal(state["model"]["w"], STATE["model"]["w"])
     assert [path.name for path in saved.parent.iterdir()] == ["last.pt"]
 

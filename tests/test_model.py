@@ -15,7 +15,7 @@ from pipeline.training import (
     score,
     train_epoch,
 )
-from tests.conftest import tiny_mnist_arrays, tiny_params
+from tests.conftest import tiny_mnist_arrays, tiny_params, torch_optimizer
 
 SEEDS = [3, 7, 11]
 
@@ -31,7 +31,7 @@ def splits() -> tuple[Split, Split]:
 def train_alone(config, seed: int, train: Split, val: Split, epochs: int):
     """The reference: an ordinary nn.Module and the textbook loop, for one seed."""
     model = plain_mlp(config, seed)
-    optimizer = make_optimizer(model, config)
+    optimizer = torch_optimizer(model.parameters(), config)
     history = []
     for epoch in range(1, epochs + 1):
         model.train()

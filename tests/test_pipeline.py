@@ -58,12 +58,15 @@ def test_mlflow_holds_variant_runs_grouped_under_compare(reproduced):
         for metric in ("train_loss", "train_acc", "val_loss", "val_acc"):
             steps = [m.step for m in client.get_metric_history(run_info.info.run_id, metric)]
             assert steps == [1, 2]
-        assert "test_acc" in run_info.data.metrics
+        assert "test_acc" in run_info.data.metrics  # published by compare from evaluate's files
+        assert {a.path for a in client.list_artifacts(run_info.info.run_id, "evaluation")} == {
+            "evaluation/confusion.png", "evaluation/per_class.json", "evaluation/per_seed.json"}
         artifacts = {a.path for a in client.list_artifacts(run_info.info.run_id, "checkpoints")}
         assert artifacts == {"checkpoints/last.pt", "checkpoints/best.pt"}
         children = [r for r in runs.values() if r.data.tags.get("mlflow.parentRunId") == run_info.info.run_id]
         assert sorted(c.data.params["seed"] for c in children) == ["0", "1"]
         assert all(len(client.get_metric_history(c.info.run_id, "val_acc")) == 2 for c in children)
+        assert all("test_acc" in c.data.metrics for c in children)
         assert run_info.data.tags["mlflow.source.git.commit"]
         assert run_info.data.tags["mlflow.source.name"] == f"dvc stage train@{variant}"
         assert run_info.inputs.dataset_inputs, "dataset lineage is recorded"
@@ -100,6 +103,8 @@ def test_editing_one_variant_reruns_only_that_variant(reproduced):
     # the cached batchnorm run (train@batchnorm did not rerun) is grouped under it too
     cached = json.loads((path / "data" / "train" / "batchnorm" / "run.json").read_text())["run_ids"]["variant"]
     assert client.get_run(cached).data.tags["mlflow.parentRunId"] == newest
+    # ... and its unchanged test metrics are not logged a second time
+    assert len(client.get_metric_history(cached, "test_acc")) == 1
 
 
 def test_misspelled_exp_run_override_is_refused(reproduced):

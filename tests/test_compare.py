@@ -1,0 +1,40 @@
+"""The compare stage's statistics agree with scipy.stats, and say what they found in words."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from scipy import stats
+
+from pipeline.compare import mean_interval, summary_markdown, welch_difference
+
+BATCHNORM = [0.9703, 0.9712, 0.9690, 0.9715, 0.9695]
+NO_NORM = [0.9530, 0.9600, 0.9450, 0.9580, 0.9510]
+
+
+def test_mean_interval_is_students_t_interval():
+    interval = mean_interval(BATCHNORM)
+    low, high = stats.t.interval(0.95, len(BATCHNORM) - 1, loc=sum(BATCHNORM) / 5, scale=stats.sem(BATCHNORM))
+    assert (interval.low, interval.high) == pytest.approx((low, high), rel=1e-12)
+
+
+def test_welch_difference_matches_scipy_ttest():
+    diff = welch_difference(BATCHNORM, NO_NORM)
+    assert diff.p_value == pytest.approx(stats.ttest_ind(BATCHNORM, NO_NORM, equal_var=False).pvalue, rel=1e-9)
+    assert diff.delta.low < diff.delta.mean < diff.delta.high and diff.significant
+
+
+def test_one_seed_gives_no_interval_and_says_so():
+    assert math.isnan(mean_interval([0.97]).low)
+    text, table = summary_markdown({"batchnorm": [0.97], "no_norm": [0.95]},
+                                   {"batchnorm": [0.1], "no_norm": [0.2]}, reference="no_norm")
+    assert "untestable with one seed" in text and table["batchnorm"]["test_acc_std"] == 0.0
+
+
+def test_summary_states_the_difference_in_one_sentence():
+    text, table = summary_markdown({"batchnorm": BATCHNORM, "no_norm": NO_NORM},
+                                   {"batchnorm": [0.1] * 5, "no_norm": [0.2] * 5}, reference="no_norm")
+    [sentence] = [line for line in text.splitlines() if line.startswith("- batchnorm vs no_norm")]
+    assert "+1.69 points" in sentence and sentence.endswith("significant at 95%.")
+    assert table["batchnorm"]["significant"] is True
