@@ -50,6 +50,15 @@ def _reason(error: Exception) -> str:
     return f"{type(error).__name__}: {words}" if words else type(error).__name__
 
 
+def copied(state: object) -> object:
+    """A nested state with every tensor cloned."""
+    if isinstance(state, dict):
+        return {key: copied(value) for key, value in state.items()}
+    if isinstance(state, list):
+        return [copied(value) for value in state]
+    return state.clone() if isinstance(state, torch.Tensor) else state
+
+
 def merge_replicas(best: object, current: object, improved: torch.Tensor) -> object:
     """`best` with replica k taken from `current` where improved[k]; for nested state dicts.
 

@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,34 +103,52 @@ def train(params: Params, variant: str, root: Path, runs: tracking.Tracking) -> 
             tracking.close_dangling(client, state["run_ids"])
         run_ids = tracking.start_variant_runs(client, experiment_id, config, tracking.run_tags(runs, root, f"train@{variant}"))
         log_dataset(client, run_ids, paths.prepared)
-        best = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "val_acc": torch.full((len(config.seeds),), -1.0), "epoch": [0] * len(config.seeds)}
+        best = {**trained_state(model, optimizer), "val_acc": torch.full((len(config.seeds),), -1.0),
+                "epoch": [0] * len(config.seeds)}
         history, start_epoch = {name: [] for name in METRICS}, 0
 
-    def save_last(epoch: int, complete: bool) -> None:
+    def save_last(epoch: int, trained: dict, complete: bool) -> None:
         checkpoint.save(last_path, {
             "fingerprint": config.fingerprint(), "config": config.model_dump(), "epoch": epoch,
-            "complete": complete, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "history": history, "run_ids": run_ids,
+            "complete": complete, **trained, "history": history, "run_ids": run_ids,
         })
+
+    evaluated = StackedMlp(config, config.seeds).to(device)  # the evaluation thread's copy
+
+    def record(epoch: int, trained: dict, train_seconds: float) -> None:
+        """Evaluate the weights `epoch` ended with, then checkpoint and log them.
+
+        Runs on a second thread while the next epoch trains: with one torch thread each,
+        the lab's whole-split evaluation (~0.3 s an epoch for 5 seeds) takes the other core.
+        """
+        nonlocal best
+        evaluated.load_state_dict(trained["model"])
+        metrics = epoch_metrics(evaluated, train_split, val_split, config.eval_batch_size)
+        for name in METRICS:
+            history[name].append(metrics[name])
+        best = update_best(best, trained, metrics["val_acc"], epoch)
+        checkpoint.save(best_path, best)
+        save_last(epoch, trained, complete=False)
+        # Logged after the checkpoint: a crash in between is backfilled on resume.
+        tracking.log_replica_metrics(client, run_ids, metrics, step=epoch)
+        print(epoch_line(variant, epoch, config.epochs, metrics, train_seconds), flush=True)
 
     previous_handler = signal.signal(signal.SIGTERM, _raise_stop)
     try:
         tracking.backfill_metrics(client, run_ids, history)  # epochs a crash kept from MLflow
-        for epoch in range(start_epoch + 1, config.epochs + 1):
-            started = time.perf_counter()
-            with progress_bar(len(train_split), config.batch_size, f"{variant} epoch {epoch}") as bar:
-                train_epoch(model, optimizer, train_split, config.seeds, epoch, config.batch_size,
-                            on_step=bar.update if bar else None)
-            metrics = epoch_metrics(model, train_split, val_split, config.eval_batch_size)
-            for name in METRICS:
-                history[name].append(metrics[name])
-            best = update_best(best, model, optimizer, metrics["val_acc"], epoch)
-            checkpoint.save(best_path, best)
-            save_last(epoch, complete=False)
-            # Logged after the checkpoint: a crash in between is backfilled on resume.
-            tracking.log_replica_metrics(client, run_ids, metrics, step=epoch)
-            print(epoch_line(variant, epoch, config.epochs, metrics, time.perf_counter() - started), flush=True)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="evaluate") as evaluator:
+            recorded = None
+            for epoch in range(start_epoch + 1, config.epochs + 1):
+                started = time.perf_counter()
+                with progress_bar(len(train_split), config.batch_size, f"{variant} epoch {epoch}") as bar:
+                    train_epoch(model, optimizer, train_split, config.seeds, epoch, config.batch_size,
+                                on_step=bar.update if bar else None)
+                trained = trained_state(model, optimizer)
+                if recorded is not None:
+                    recorded.result()  # the previous epoch's record, and any error it raised
+                recorded = evaluator.submit(record, epoch, trained, time.perf_counter() - started)
+            if recorded is not None:
+                recorded.result()
     except (KeyboardInterrupt, Stop):
         tracking.set_status(client, run_ids, "KILLED")
         raise PipelineError(f"train@{variant}: interrupted; `dvc repro` resumes after the last "
@@ -140,18 +159,23 @@ def train(params: Params, variant: str, root: Path, runs: tracking.Tracking) -> 
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
 
-    save_last(config.epochs, complete=True)
+    save_last(config.epochs, trained_state(model, optimizer), complete=True)
     summary = finish(client, run_ids, config, model, val_split, history, paths, best)
     tracking.set_status(client, run_ids, "FINISHED")
     return summary
 
 
-def update_best(best: dict, model, optimizer, val_acc: list[float], epoch: int) -> dict:
+def trained_state(model, optimizer) -> dict:
+    """A copy of the weights and optimizer state, which training goes on changing."""
+    return checkpoint.copied({"model": model.state_dict(), "optimizer": optimizer.state_dict()})
+
+
+def update_best(best: dict, trained: dict, val_acc: list[float], epoch: int) -> dict:
     """Replica k's weights and optimizer state from this epoch where its val_acc improved."""
     current = torch.tensor(val_acc)
     improved = current > best["val_acc"]
     return checkpoint.merge_replicas(best, {
-        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "val_acc": current,
+        **trained, "val_acc": current,
         "epoch": [epoch if up else kept for up, kept in zip(improved.tolist(), best["epoch"])],
     }, improved)
 
@@ -195,7 +219,10 @@ def finish(client, run_ids, config, model, val_split, history, paths: Paths, bes
     with mlflow.start_run(run_id=run_ids["variant"]):
         mlflow.set_tag("served_seed", str(config.seeds[replica]))
         # Explicit requirements: inferring them imports the model in a subprocess (~6 s).
+        # Pickle, not MLflow's default pt2: torch.export costs ~2.3 s here (importing
+        # torch._dynamo, tracing), and the model is a plain nn.Sequential of torch.nn layers.
         mlflow.pytorch.log_model(plain, name="model", signature=signature, input_example=example,
+                                 serialization_format="pickle",
                                  pip_requirements=mlflow.pytorch.get_default_pip_requirements())
     return {"run_ids": run_ids, "final": {name: history[name][-1] for name in METRICS}}
 
