@@ -66,10 +66,10 @@ def timed(fn, repeats: int) -> dict:
 def project_steps(seeds: list[int], config, train, steps: int):
     """A fresh stack trained for exactly `steps` steps with the project's loop; returns it."""
     from pipeline.model import StackedMlp
-    from pipeline.training import make_optimizer, train_epoch
+    from pipeline.training import TrainingStep, make_optimizer, train_epoch
 
     model = StackedMlp(config, seeds)
-    optimizer = make_optimizer(model, config)
+    step = TrainingStep(model, make_optimizer(model, config), train, seeds, config.batch_size)
     done = 0
 
     def count():
@@ -80,7 +80,7 @@ def project_steps(seeds: list[int], config, train, steps: int):
 
     try:
         for epoch in range(1, steps + 1):
-            train_epoch(model, optimizer, train, seeds, epoch, config.batch_size, on_step=count)
+            train_epoch(step, epoch, on_step=count)
     except _Enough:
         pass
     return model
@@ -282,15 +282,15 @@ def part_overhead(args) -> dict:
 
     # The same epochs bare: no tracking, no checkpoints (same process, data already loaded).
     from pipeline.model import StackedMlp
-    from pipeline.training import epoch_metrics, make_optimizer, train_epoch
+    from pipeline.training import TrainingStep, epoch_metrics, make_optimizer, train_epoch
 
     prepared = ROOT / "data" / "prepared"
     train, val = load_split(prepared, "train", torch.device("cpu")), load_split(prepared, "val", torch.device("cpu"))
     model = StackedMlp(config, config.seeds)
-    optimizer = make_optimizer(model, config)
+    step = TrainingStep(model, make_optimizer(model, config), train, config.seeds, config.batch_size)
     t0 = time.perf_counter()
     for epoch in range(1, config.epochs + 1):
-        train_epoch(model, optimizer, train, config.seeds, epoch, config.batch_size)
+        train_epoch(step, epoch)
         epoch_metrics(model, train, val, config.eval_batch_size)
     bare_s = time.perf_counter() - t0
 

@@ -26,7 +26,7 @@ from pipeline.fsio import atomic_write_json
 from pipeline.model import StackedMlp, unstack
 from pipeline.params import Params
 from pipeline.reports import METRICS, write_curves
-from pipeline.training import epoch_metrics, make_optimizer, train_epoch
+from pipeline.training import TrainingStep, epoch_metrics, make_optimizer, train_epoch
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,9 @@ def configure_runtime(threads: int, device: str) -> torch.device:
         # (tests check bit-identical reruns); the switch would only cost a second of imports.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
+        # Deterministic mode also fills every new tensor with NaN, a kernel per allocation;
+        # no kernel here reads memory it has not written.
+        torch.utils.deterministic.fill_uninitialized_memory = False
     return torch.device(device)
 
 
@@ -133,6 +136,7 @@ def train(params: Params, variant: str, root: Path, runs: tracking.Tracking) -> 
         tracking.log_replica_metrics(client, run_ids, metrics, step=epoch)
         print(epoch_line(variant, epoch, config.epochs, metrics, train_seconds), flush=True)
 
+    step = TrainingStep(model, optimizer, train_split, config.seeds, config.batch_size)
     previous_handler = signal.signal(signal.SIGTERM, _raise_stop)
     try:
         tracking.backfill_metrics(client, run_ids, history)  # epochs a crash kept from MLflow
@@ -141,8 +145,7 @@ def train(params: Params, variant: str, root: Path, runs: tracking.Tracking) -> 
             for epoch in range(start_epoch + 1, config.epochs + 1):
                 started = time.perf_counter()
                 with progress_bar(len(train_split), config.batch_size, f"{variant} epoch {epoch}") as bar:
-                    train_epoch(model, optimizer, train_split, config.seeds, epoch, config.batch_size,
-                                on_step=bar.update if bar else None)
+                    train_epoch(step, epoch, on_step=bar.update if bar else None)
                 trained = trained_state(model, optimizer)
                 if recorded is not None:
                     recorded.result()  # the previous epoch's record, and any error it raised

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from pipeline.data import Split
 from pipeline.model import StackedMlp, plain_mlp, unstack
 from pipeline.training import (
+    TrainingStep,
     epoch_metrics,
     epoch_permutations,
     make_optimizer,
@@ -58,10 +59,10 @@ def test_replica_in_a_stack_trains_like_the_seed_alone(splits, norm, optimizer):
     config = tiny_params(seeds=SEEDS, train={"norm": norm, "optimizer": optimizer, "epochs": 13}).variant("batchnorm")
     config = config.model_copy(update={"norm": norm})
     stack = StackedMlp(config, SEEDS)
-    stack_optimizer = make_optimizer(stack, config)
+    step = TrainingStep(stack, make_optimizer(stack, config), train, SEEDS, config.batch_size)
     stack_history = []
     for epoch in range(1, config.epochs + 1):  # 13 epochs x 16 steps = 208 steps
-        train_epoch(stack, stack_optimizer, train, SEEDS, epoch, config.batch_size)
+        train_epoch(step, epoch)
         stack_history.append(epoch_metrics(stack, train, val, batch_size=256))
 
     replica = 1
@@ -102,5 +103,6 @@ def test_a_trailing_batch_of_one_image_is_skipped_not_a_crash(splits):
     config = tiny_params(seeds=SEEDS, train={"norm": "batch", "batch_size": 3}).variant("batchnorm")
     stack = StackedMlp(config, SEEDS)
     before = stack.layers[0].weight.detach().clone()
-    train_epoch(stack, make_optimizer(stack, config), Split(train.images[:7], train.labels[:7]), SEEDS, 1, 3)
+    seven = Split(train.images[:7], train.labels[:7])
+    train_epoch(TrainingStep(stack, make_optimizer(stack, config), seven, SEEDS, batch_size=3), epoch=1)
     assert not torch.equal(stack.layers[0].weight, before)  # the two full batches trained
