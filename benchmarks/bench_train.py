@@ -21,6 +21,7 @@ import inspect
 import json
 import os
 import platform
+import re
 import resource
 import shutil
 import statistics
@@ -261,7 +262,6 @@ def part_overhead(args) -> dict:
         (checkpoint, "save", "per epoch: checkpoint save (best.pt, last.pt)"),
         (stage, "finish", "finish (outputs, artifacts, log_model)"),
         (mlflow.models, "infer_pip_requirements", "finish: log_model pip requirement inference"),
-        (torch.export, "export", "finish: log_model torch.export (pt2)"),
     ]:
         wrap(owner, name, label)
 
@@ -282,7 +282,12 @@ def part_overhead(args) -> dict:
 
     # The same epochs bare: no tracking, no checkpoints (same process, data already loaded).
     from pipeline.model import StackedMlp
-    from pipeline.training import TrainingStep, epoch_metrics, make_optimizer, train_epoch
+    from pipeline.training import (
+        TrainingStep,
+        epoch_metrics,
+        make_optimizer,
+        train_epoch,
+    )
 
     prepared = ROOT / "data" / "prepared"
     train, val = load_split(prepared, "train", torch.device("cpu")), load_split(prepared, "val", torch.device("cpu"))
@@ -300,8 +305,9 @@ def part_overhead(args) -> dict:
             "import_pipeline_train_s": import_s,
             "stage_in_process_s": stage_s, "bare_epochs_s": bare_s,
             "epochs_inside_stage_s": epochs_in_stage,
-            "overhead_fraction": (stage_s - epochs_in_stage) / stage_s,
-            "overhead_fraction_vs_bare_run": (stage_s - bare_s) / stage_s,
+            # The epochs' evaluation runs on a second thread beside the next epoch's training,
+            # so the itemised epoch times overlap: the stage is measured against a bare run.
+            "overhead_fraction": (stage_s - bare_s) / stage_s,
             "per_epoch_logging_checkpoint_fraction": per_epoch / stage_s,
             "stage_process_estimate_s": import_s + stage_s,
             "breakdown_s": spent}
@@ -314,7 +320,7 @@ def part_pipeline(args) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("DVC_EXP_NAME", "MLFLOW_TRACKING_URI")}
     env |= {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
             "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}",
-            "MNIST_MIRROR": "/work/shared/data/mnist", "DVC_NO_ANALYTICS": "1",
+            "MNIST_MIRROR": str(ROOT.parent / "shared" / "data" / "mnist"), "DVC_NO_ANALYTICS": "1",
             "PYTHONUNBUFFERED": "1"}
 
     def sh(*cmd: str) -> None:
@@ -353,10 +359,14 @@ def part_pipeline(args) -> dict:
         sh("dvc", "commit", "-f", "-q", "download", "prepare")  # data given: download excluded
         full = repro("repro_full.log")
         noop = repro("repro_noop.log")
+        # The lab as published: one run per variant (params.yaml's default is 5 seeds).
+        params_file = tmp / "params.yaml"
+        params_file.write_text(re.sub(r"(?m)^seeds: .*$", "seeds: [0]", params_file.read_text()))
+        one_seed = repro("repro_one_seed.log")
     finally:
         if not keep:
             shutil.rmtree(tmp, ignore_errors=True)
-    return {"full": full, "noop": noop, "temp_dir": str(tmp) if keep else None,
+    return {"full": full, "noop": noop, "one_seed": one_seed, "temp_dir": str(tmp) if keep else None,
             "peak_rss_largest_stage_mb": peak_rss_mb(resource.RUSAGE_CHILDREN)}
 
 
@@ -400,6 +410,7 @@ def summary(results: dict) -> dict:
         "sequential_replica_steps_per_s": stack.get("sequential_replica_steps_per_s"),
         "stacked_vs_sequential": stack.get("ratio"),
         "full_lab_repro_s": repro_s(pipe, "full"),
+        "one_seed_lab_repro_s": repro_s(pipe, "one_seed"),
         "noop_repro_s": repro_s(pipe, "noop"),
         "overhead_fraction": over.get("overhead_fraction"),
         "per_epoch_logging_checkpoint_fraction": over.get("per_epoch_logging_checkpoint_fraction"),
@@ -408,11 +419,12 @@ def summary(results: dict) -> dict:
         "peak_rss_mb": {name: part.get("peak_rss_largest_stage_mb", part.get("peak_rss_mb"))
                         for name, part in results.items() if name in PARTS},
     }
-    targets = {"project_vs_baseline": 3.0, "stacked_vs_sequential": 2.5}
+    at_least = {"project_vs_baseline": 3.0, "stacked_vs_sequential": 2.5}
+    at_most = {"overhead_fraction": 0.05, "per_epoch_logging_checkpoint_fraction": 0.05,
+               "full_lab_repro_s": 60.0, "one_seed_lab_repro_s": 30.0, "noop_repro_s": 3.0}
     figures["targets_met"] = {
-        **{k: figures[k] is not None and figures[k] >= v for k, v in targets.items()},
-        **{k: figures[k] is not None and figures[k] <= 0.05
-           for k in ("overhead_fraction", "per_epoch_logging_checkpoint_fraction")},
+        **{k: figures[k] is not None and figures[k] >= v for k, v in at_least.items()},
+        **{k: figures[k] is not None and figures[k] <= v for k, v in at_most.items()},
     }
     return figures
 
@@ -450,11 +462,12 @@ def print_table(results: dict, figures: dict) -> None:
     rows += [
         ("train stage in-process / its epochs", f"{fmt(over.get('stage_in_process_s'))} / "
          + f"{fmt(over.get('epochs_inside_stage_s'))} s", "", fmt(over.get("peak_rss_mb"), ".0f")),
-        ("    overhead fraction  [target <= 0.05]", fmt(over.get("overhead_fraction"), ".3f"),
+        ("    overhead vs bare epochs  [target <= 0.05]", fmt(over.get("overhead_fraction"), ".3f"),
          "in-loop " + fmt(over.get("per_epoch_logging_checkpoint_fraction"), ".3f"), ""),
         ("    import pipeline.train", fmt(over.get("import_pipeline_train_s"), ".2f") + " s", "", ""),
-        ("dvc repro, full lab (prepared data given)", fmt(figures["full_lab_repro_s"]) + " s", "",
+        ("dvc repro, full lab, 5 seeds  [target <= 60 s]", fmt(figures["full_lab_repro_s"]) + " s", "",
          fmt(pipe.get("peak_rss_largest_stage_mb"), ".0f")),
+        ("dvc repro, full lab, 1 seed  [target <= 30 s]", fmt(figures["one_seed_lab_repro_s"]) + " s", "", ""),
         ("dvc repro, no-op", fmt(figures["noop_repro_s"], ".2f") + " s", "", ""),
     ]
     width = max(len(r[0]) for r in rows)
@@ -463,13 +476,13 @@ def print_table(results: dict, figures: dict) -> None:
         print(f"{label:{width}}  {a:>28}  {b:>18}  {c:>6}")
     for label, seconds in sorted(over.get("breakdown_s", {}).items(), key=lambda kv: -kv[1]):
         print(f"    {label:70} {seconds:7.2f} s")
-    for name in ("full", "noop"):
+    for name in ("full", "noop", "one_seed"):
         for stage_name, seconds in pipe.get(name, {}).get("stages_s", {}).items():
             print(f"    dvc {name}: {stage_name:30} {seconds:7.2f} s")
     for name, part in results.items():
         if "error" in part:
             print(f"!! part {name} failed: {' | '.join(part['error'])}")
-    for name in ("full", "noop"):
+    for name in ("full", "noop", "one_seed"):
         if pipe.get(name, {}).get("returncode"):
             print(f"!! dvc repro ({name}) failed: {pipe[name]['log_tail'][-2].strip()}")
 
