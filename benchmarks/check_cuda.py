@@ -15,17 +15,17 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 import warnings
 from functools import partial
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from pipeline.checkpoint import copied
 from pipeline.data import Split, load_split
-from pipeline.model import StackedMlp, plain_mlp, unstack
+from pipeline.model import StackedMlp, unstack
 from pipeline.params import load_params
 from pipeline.prepare import prepare
 from pipeline.train import configure_runtime
@@ -93,21 +93,17 @@ def equal(a: dict, b: dict) -> bool:
 
 
 def stack_matches_alone(config, train: Split, steps: int) -> dict:
-    """Replica 1 of a stack of 3 against its seed alone (plain module, torch.optim, fused)."""
+    """Replica 1 of a stack of 3 against its seed alone (plain module, torch.optim's fused Adam)."""
+    sys.path.insert(0, str(ROOT))
+    from tests.test_model import (
+        train_alone,  # the CPU equivalence test's reference loop
+    )
+
     seeds = config.seeds[:3]
     part = Split(train.images[: steps * config.batch_size], train.labels[: steps * config.batch_size])
     stack = StackedMlp(config, seeds).cuda()
     train_epoch(TrainingStep(stack, make_optimizer(stack, config), part, seeds, config.batch_size), 1)
-    alone = plain_mlp(config, seeds[1]).cuda()
-    reference = torch.optim.Adam(alone.parameters(), lr=config.lr, eps=config.adam_eps, fused=True)
-    [order] = epoch_permutations([seeds[1]], 1, len(part))
-    order = order.cuda()
-    for start in range(0, len(part), config.batch_size):
-        rows = order[start : start + config.batch_size]
-        loss = F.cross_entropy(alone(part.images[rows]), part.labels[rows])
-        reference.zero_grad()
-        loss.backward()
-        reference.step()
+    alone, _ = train_alone(config, seeds[1], part, part, epochs=1)
     extracted = unstack(stack.cpu(), config, 1).state_dict()
     close, worst = True, 0.0
     for name, expected in alone.cpu().state_dict().items():

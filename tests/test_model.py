@@ -30,13 +30,13 @@ def splits() -> tuple[Split, Split]:
 
 
 def train_alone(config, seed: int, train: Split, val: Split, epochs: int):
-    """The reference: an ordinary nn.Module and the textbook loop, for one seed."""
-    model = plain_mlp(config, seed)
+    """The reference: an ordinary nn.Module and the textbook loop, for one seed (on train's device)."""
+    model = plain_mlp(config, seed).to(train.images.device)
     optimizer = torch_optimizer(model.parameters(), config)
     history = []
     for epoch in range(1, epochs + 1):
         model.train()
-        [order] = epoch_permutations([seed], epoch, len(train))
+        [order] = epoch_permutations([seed], epoch, len(train)).to(train.images.device)
         for start in range(0, len(train), config.batch_size):
             batch = order[start : start + config.batch_size]
             loss = F.cross_entropy(model(train.images[batch]), train.labels[batch])
