@@ -23,7 +23,6 @@ from pathlib import Path
 
 import torch
 
-from pipeline.checkpoint import copied
 from pipeline.data import Split, load_split
 from pipeline.model import StackedMlp, unstack
 from pipeline.params import load_params
@@ -37,6 +36,7 @@ from pipeline.training import (
     score,
     step_rows,
     train_epoch,
+    trained_state,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,7 +78,7 @@ def final_weights(config, train: Split, epochs: int, graphed: bool = True, resum
     step = TrainingStep(model, make_optimizer(model, config), train, config.seeds, config.batch_size)
     for epoch in range(1, epochs + 1):
         if epoch - 1 == resume_after:  # as a rerun after a kill: fresh objects from the saved state
-            saved = copied({"model": model.state_dict(), "optimizer": step.optimizer.state_dict()})
+            saved = trained_state(model, step.optimizer)
             model = StackedMlp(config, config.seeds).cuda()
             model.load_state_dict(saved["model"])
             optimizer = make_optimizer(model, config)

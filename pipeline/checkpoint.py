@@ -74,4 +74,4 @@ def merge_replicas(best: object, current: object, improved: torch.Tensor) -> obj
     if per_replica and isinstance(best, torch.Tensor):
         mask = improved.to(current.device).view(-1, *([1] * (current.dim() - 1)))
         return torch.where(mask, current, best)
-    return current.clone() if isinstance(current, torch.Tensor) else current
+    return copied(current)

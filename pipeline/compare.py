@@ -83,7 +83,7 @@ def summary_markdown(test_acc: dict, test_loss: dict, reference: str) -> tuple[s
     rows, table = [], {}
     for variant in test_acc:
         acc, loss = mean_interval(test_acc[variant]), mean_interval(test_loss[variant])
-        std = float(np.std(test_acc[variant], ddof=1)) if len(test_acc[variant]) > 1 else 0.0
+        std = tracking.summarize({"test_acc": test_acc[variant]})["test_acc_std"]
         rows.append([variant, str(len(test_acc[variant])), pct(acc.mean), pct(std),
                      f"[{pct(acc.low)}, {pct(acc.high)}]", f"{loss.mean:.4f}"])
         table[variant] = {"test_acc_mean": acc.mean, "test_acc_std": std, "test_acc_ci95": [acc.low, acc.high],

@@ -26,7 +26,13 @@ from pipeline.fsio import atomic_write_json
 from pipeline.model import StackedMlp, unstack
 from pipeline.params import Params
 from pipeline.reports import METRICS, write_curves
-from pipeline.training import TrainingStep, epoch_metrics, make_optimizer, train_epoch
+from pipeline.training import (
+    TrainingStep,
+    epoch_metrics,
+    make_optimizer,
+    train_epoch,
+    trained_state,
+)
 
 
 @dataclass(frozen=True)
@@ -166,11 +172,6 @@ def train(params: Params, variant: str, root: Path, runs: tracking.Tracking) -> 
     summary = finish(client, run_ids, config, model, val_split, history, paths, best)
     tracking.set_status(client, run_ids, "FINISHED")
     return summary
-
-
-def trained_state(model, optimizer) -> dict:
-    """A copy of the weights and optimizer state, which training goes on changing."""
-    return checkpoint.copied({"model": model.state_dict(), "optimizer": optimizer.state_dict()})
 
 
 def update_best(best: dict, trained: dict, val_acc: list[float], epoch: int) -> dict:

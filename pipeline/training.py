@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.data import Split
 from pipeline.checkpoint import copied
+from pipeline.data import Split
 from pipeline.model import StackedMlp
 from pipeline.optimizer import FusedOptimizer
 from pipeline.params import VariantConfig
@@ -37,6 +37,11 @@ def epoch_permutations(seeds: list[int], epoch: int, size: int) -> torch.Tensor:
 
 def make_optimizer(model: nn.Module, config: VariantConfig) -> FusedOptimizer:
     return FusedOptimizer(list(model.parameters()), config)
+
+
+def trained_state(model: nn.Module, optimizer: FusedOptimizer) -> dict:
+    """A copy of the weights and optimizer state, which training goes on changing."""
+    return copied({"model": model.state_dict(), "optimizer": optimizer.state_dict()})
 
 
 def step_rows(order: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
@@ -70,6 +75,7 @@ class TrainingStep:
         self.model, self.optimizer, self.train = model, optimizer, train
         self.seeds, self.batch_size = seeds, batch_size
         self.one = torch.ones((), dtype=train.images.dtype, device=train.images.device)
+        self.graphed_rows = len(seeds) * batch_size if train.images.is_cuda else None  # full batches
         self.graph = None
         self.static_rows = None
 
@@ -83,7 +89,7 @@ class TrainingStep:
         self.optimizer.step(torch.autograd.grad(loss, self.optimizer.params, self.one / batch))
 
     def __call__(self, rows: torch.Tensor) -> None:
-        if rows.device.type != "cuda" or rows.shape[0] != len(self.seeds) * self.batch_size:
+        if rows.shape[0] != self.graphed_rows:
             self.eager(rows)
             return
         if self.graph is None:
@@ -92,7 +98,7 @@ class TrainingStep:
         self.graph.replay()
 
     def capture(self, rows: torch.Tensor) -> None:
-        saved = copied({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()})
+        saved = trained_state(self.model, self.optimizer)
         self.static_rows = rows.clone()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
