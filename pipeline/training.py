@@ -8,8 +8,8 @@ needs no saved RNG state and replays exactly the batches an uninterrupted run wo
 At batch 32 a step costs well under a millisecond, so per-step overhead is what counts
 (benchmarks/README.md): each step's rows of every replica are one contiguous index vector,
 gathered with a single `index_select`; the 1/B of the mean loss is the gradient seeded
-into `autograd.grad` rather than a division node (the same bits as the plain form), and the
-gradients go straight to the fused optimizer (pipeline/optimizer.py).
+into the backward pass rather than a division node (the same bits as the plain form), and
+the gradients go straight to the fused optimizer (pipeline/optimizer.py).
 """
 
 from __future__ import annotations
@@ -25,6 +25,16 @@ from pipeline.data import Split
 from pipeline.model import StackedMlp
 from pipeline.optimizer import FusedOptimizer
 from pipeline.params import VariantConfig
+
+
+# `torch.autograd.grad` ends in this call after ~40 us of argument checks a step, and its first
+# use imports sympy (~0.4 s); the result is the same tensors, bit for bit (tests/test_training.py).
+_ENGINE = torch.autograd.Variable._execution_engine
+
+
+def gradients(loss: torch.Tensor, inputs: tuple[torch.Tensor, ...], seed: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """d(seed * loss)/d(inputs), as `torch.autograd.grad(loss, inputs, seed)` returns them."""
+    return _ENGINE.run_backward((loss,), (seed,), False, False, inputs, False, False)
 
 
 def epoch_permutations(seeds: list[int], epoch: int, size: int) -> torch.Tensor:
@@ -75,6 +85,7 @@ class TrainingStep:
         self.model, self.optimizer, self.train = model, optimizer, train
         self.seeds, self.batch_size = seeds, batch_size
         self.one = torch.ones((), dtype=train.images.dtype, device=train.images.device)
+        self.params = tuple(optimizer.params)
         self.graphed_rows = len(seeds) * batch_size if train.images.is_cuda else None  # full batches
         self.graph = None
         self.static_rows = None
@@ -86,7 +97,7 @@ class TrainingStep:
         # Sum over replicas of each replica's mean loss: gradients stay independent.
         loss = F.cross_entropy(logits.flatten(0, 1), self.train.labels.index_select(0, rows), reduction="sum")
         # The gradient of loss / B, seeded as (loss / B).backward() would; no .grad to zero.
-        self.optimizer.step(torch.autograd.grad(loss, self.optimizer.params, self.one / batch))
+        self.optimizer.step(gradients(loss, self.params, self.one / batch))
 
     def __call__(self, rows: torch.Tensor) -> None:
         if rows.shape[0] != self.graphed_rows:
