@@ -23,6 +23,7 @@ from pipeline.errors import PipelineError
 from pipeline.fsio import atomic_write_bytes, atomic_write_json
 from pipeline.params import Params
 from pipeline.reports import comparison_plots, markdown_table, seed_dots_plot
+from pipeline.tracking_process import TrackingProcess
 
 CONFIDENCE = 0.95
 
@@ -128,40 +129,52 @@ def publish_evaluation(client, run_ids: dict, per_seed: dict, evaluate_dir: Path
 
 
 def compare(params: Params, root: Path, runs: tracking.Tracking) -> dict:
-    data, out = root / "data", root / "data" / "compare"
-    variants = list(params.variants)
-    histories = {v: read_json(data / "train" / v / "history.json") for v in variants}
-    per_seed = {v: read_json(data / "evaluate" / v / "per_seed.json") for v in variants}
-    test_acc = {v: per_seed[v]["test_acc"] for v in variants}
-    test_loss = {v: per_seed[v]["test_loss"] for v in variants}
+    with TrackingProcess(runs) as tracker:  # opens MLflow there while the plots are drawn here
+        data, out = root / "data", root / "data" / "compare"
+        variants = list(params.variants)
+        histories = {v: read_json(data / "train" / v / "history.json") for v in variants}
+        per_seed = {v: read_json(data / "evaluate" / v / "per_seed.json") for v in variants}
+        run_ids = {v: read_json(data / "train" / v / "run.json")["run_ids"] for v in variants}
+        test_acc = {v: per_seed[v]["test_acc"] for v in variants}
+        test_loss = {v: per_seed[v]["test_loss"] for v in variants}
 
-    plots = comparison_plots(histories, out)
-    plots.append(seed_dots_plot(test_acc, out / "test_acc_seeds.png"))
-    text, table = summary_markdown(test_acc, test_loss, params.compare.reference)
-    atomic_write_bytes(out / "summary.md", text.encode())
-    atomic_write_json(out / "summary.json", table)
+        plots = comparison_plots(histories, out)
+        plots.append(seed_dots_plot(test_acc, out / "test_acc_seeds.png"))
+        text, table = summary_markdown(test_acc, test_loss, params.compare.reference)
+        atomic_write_bytes(out / "summary.md", text.encode())
+        atomic_write_json(out / "summary.json", table)
+        choice = registry.select_best(params, histories, test_acc)
 
-    client, experiment_id = tracking.connect(runs)
-    group = client.create_run(experiment_id, run_name="compare", tags=tracking.run_tags(runs, root, "compare"))
-    group_id = group.info.run_id
-    for variant in variants:
-        run_ids = read_json(data / "train" / variant / "run.json")["run_ids"]
-        # Adopting the variant's run (cached or fresh) makes the UI show this execution as a group.
-        client.set_tag(run_ids["variant"], tracking.PARENT_TAG, group_id)
-        publish_evaluation(client, run_ids, per_seed[variant], data / "evaluate" / variant,
-                           step=len(histories[variant]["val_acc"]))
-    tracking.log_metrics(client, group_id, {f"{v}.test_acc_mean": table[v]["test_acc_mean"] for v in variants}, 0)
-    for path in [*plots, out / "summary.md", out / "summary.json"]:
-        client.log_artifact(group_id, str(path), "comparison")
-    choice = registry.select_best(params, histories, test_acc)
-    best_run_id = read_json(data / "train" / choice.variant / "run.json")["run_ids"]["variant"]
-    registered = registry.register_best(client, experiment_id, params, choice, best_run_id, group_id)
-    client.set_tag(group_id, "registered_model", f"{registered['name']}/{registered['version']}")
-    client.set_terminated(group_id, "FINISHED")
+        registered = tracker.call(
+            publish_comparison, params, tracking.run_tags(runs, root, "compare"), run_ids,
+            {v: (per_seed[v], data / "evaluate" / v, len(histories[v]["val_acc"])) for v in variants},
+            {f"{v}.test_acc_mean": table[v]["test_acc_mean"] for v in variants},
+            [*plots, out / "summary.md", out / "summary.json"], choice,
+        )
     print(text)
     print(f"registered {choice.variant} ({choice.metric} {choice.score:.4f}) as {registered['name']} "
           f"version {registered['version']}, alias @{registered['alias']}")
     return table
+
+
+def publish_comparison(client, params: Params, tags: dict[str, str], run_ids: dict[str, dict],
+                       evaluations: dict[str, tuple[dict, Path, int]], metrics: dict[str, float],
+                       files: list[Path], choice: registry.Choice) -> dict:
+    """The comparison's MLflow run, grouping the variant runs; their evaluation; the registry."""
+    experiment_id = tracking.experiment_id(client, params.mlflow.experiment_name)
+    group_id = client.create_run(experiment_id, run_name="compare", tags=tags).info.run_id
+    for variant, (per_seed, evaluate_dir, epochs) in evaluations.items():
+        # Adopting the variant's run (cached or fresh) makes the UI show this execution as a group.
+        client.set_tag(run_ids[variant]["variant"], tracking.PARENT_TAG, group_id)
+        publish_evaluation(client, run_ids[variant], per_seed, evaluate_dir, step=epochs)
+    tracking.log_metrics(client, group_id, metrics, 0)
+    for path in files:
+        client.log_artifact(group_id, str(path), "comparison")
+    registered = registry.register_best(client, experiment_id, params, choice, run_ids[choice.variant]["variant"],
+                                        group_id)
+    client.set_tag(group_id, "registered_model", f"{registered['name']}/{registered['version']}")
+    client.set_terminated(group_id, "FINISHED")
+    return registered
 
 
 def main(argv: list[str] | None = None) -> None:

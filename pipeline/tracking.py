@@ -8,6 +8,7 @@ so a resumed stage continues the very runs its checkpoint names.
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import subprocess
 import time
@@ -159,21 +160,91 @@ def close_dangling(client, run_ids: dict) -> None:
             pass
 
 
-def start_variant_runs(client, experiment_id: str, config, tags: dict[str, str]) -> dict:
-    """The variant's run and one nested child run per seed; returns their ids."""
+def experiment_id(client, name: str) -> str:
+    """The id of an experiment that `connect` made sure of."""
+    return client.get_experiment_by_name(name).experiment_id
+
+
+def start_variant_runs(client, experiment_name: str, config, tags: dict[str, str], dataset: dict,
+                       replaces: dict | None = None) -> dict:
+    """The variant's run and one nested child run per seed; returns their ids.
+
+    `replaces`: the runs of a checkpoint this training does not resume (marked FAILED).
+    """
+    if replaces is not None:
+        close_dangling(client, replaces)
+    experiment = experiment_id(client, experiment_name)
     params = flatten("", config.model_dump(exclude={"name"}))
-    variant = client.create_run(experiment_id, run_name=config.name, tags={**tags, "variant": config.name})
+    variant = client.create_run(experiment, run_name=config.name, tags={**tags, "variant": config.name})
     log_params(client, variant.info.run_id, params | {"replicas": str(len(config.seeds))})
     seed_run_ids = []
     for seed in config.seeds:
         child = client.create_run(
-            experiment_id,
+            experiment,
             run_name=f"{config.name}-seed{seed}",
             tags={**tags, "variant": config.name, PARENT_TAG: variant.info.run_id},
         )
         log_params(client, child.info.run_id, params | {"seed": str(seed)})
         seed_run_ids.append(child.info.run_id)
-    return {"variant": variant.info.run_id, "seeds": seed_run_ids}
+    run_ids = {"variant": variant.info.run_id, "seeds": seed_run_ids}
+    log_dataset(client, run_ids, dataset)
+    return run_ids
+
+
+def resume_variant_runs(client, run_ids: dict, history: dict[str, list[list[float]]]) -> dict:
+    """The runs a checkpoint names, RUNNING again, with the epochs a crash kept from them."""
+    set_status(client, run_ids, "RUNNING")
+    backfill_metrics(client, run_ids, history)
+    return run_ids
+
+
+def log_dataset(client, run_ids: dict, dataset: dict) -> None:
+    """Dataset lineage: the prepared splits' digest and where they are, on every run of the variant.
+
+    Through the client, not `mlflow.start_run`: leaving that context would end the run.
+    """
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    entity = Dataset(name=f"mnist-{dataset['digest']}", digest=dataset["digest"], source_type="local",
+                     source=json.dumps({"uri": dataset["uri"]}), profile=json.dumps(dataset["sizes"]))
+    lineage = DatasetInput(entity, [InputTag("mlflow.data.context", "training")])
+    for run_id in all_run_ids(run_ids):
+        client.log_inputs(run_id, datasets=[lineage])
+
+
+def prepare_model_logging(client) -> None:
+    """Pay `log_model`'s one-off costs early: the flavor's import and MLflow's map of installed
+    packages to modules (~1 s), which it builds on first use to check the requirements."""
+    import mlflow.pytorch  # noqa: F401
+    from mlflow.utils import requirements_utils
+
+    build_map = getattr(requirements_utils, "_init_packages_to_modules_map", None)
+    if build_map is not None:  # private: if it goes away, the first log_model pays as before
+        build_map()
+
+
+def log_trained_model(client, run_ids: dict, model, example, served_seed: int, best_epochs: list[int],
+                      checkpoints: list[Path]) -> None:
+    """A finished variant: each seed's best epoch, the checkpoints, and the served model
+    (a plain nn.Module) with its signature, in the variant's run."""
+    import mlflow
+    import torch
+    from mlflow.models import infer_signature
+
+    for run_id, best_epoch in zip(run_ids["seeds"], best_epochs, strict=True):
+        client.set_tag(run_id, "best_epoch", str(best_epoch))
+    for path in checkpoints:
+        client.log_artifact(run_ids["variant"], str(path), "checkpoints")
+    with torch.no_grad():
+        signature = infer_signature(example, model(torch.from_numpy(example)).numpy())
+    with mlflow.start_run(run_id=run_ids["variant"]):
+        mlflow.set_tag("served_seed", str(served_seed))
+        # Explicit requirements: inferring them imports the model in a subprocess (~6 s).
+        # Pickle, not MLflow's default pt2: torch.export costs ~2.3 s here (importing
+        # torch._dynamo, tracing), and the model is a plain nn.Sequential of torch.nn layers.
+        mlflow.pytorch.log_model(model, name="model", signature=signature, input_example=example,
+                                 serialization_format="pickle",
+                                 pip_requirements=mlflow.pytorch.get_default_pip_requirements())
 
 
 def all_run_ids(run_ids: dict) -> list[str]:

@@ -8,7 +8,7 @@ continues the same MLflow runs; the result is bit-identical to an uninterrupted 
 
 from __future__ import annotations
 
-import json
+import copy
 import os
 import signal
 import sys
@@ -24,7 +24,7 @@ from pipeline.data import load_split, read_manifest
 from pipeline.errors import PipelineError
 from pipeline.fsio import atomic_write_json
 from pipeline.model import StackedMlp, unstack
-from pipeline.params import Params
+from pipeline.params import Params, VariantConfig
 from pipeline.reports import METRICS, write_curves
 from pipeline.training import (
     TrainingStep,
@@ -33,6 +33,7 @@ from pipeline.training import (
     train_epoch,
     trained_state,
 )
+from pipeline.tracking_process import TrackingProcess
 
 
 @dataclass(frozen=True)
@@ -86,10 +87,15 @@ def _raise_stop(signum, frame):
 
 
 def train(params: Params, variant: str, root: Path, runs: tracking.Tracking) -> dict:
-    config = params.variant(variant)
-    paths = Paths.for_variant(root, variant)
     device = configure_runtime(params.train.threads, params.train.device)
-    client, experiment_id = tracking.connect(runs)  # fails fast when the server is down
+    with TrackingProcess(runs) as tracker:  # opens MLflow there while this process loads data
+        return train_variant(params.variant(variant), Paths.for_variant(root, variant), device, tracker,
+                             tracking.run_tags(runs, root, f"train@{variant}"))
+
+
+def train_variant(config: VariantConfig, paths: Paths, device: torch.device, tracker: TrackingProcess,
+                  tags: dict[str, str]) -> dict:
+    variant = config.name
     train_split = load_split(paths.prepared, "train", device)
     val_split = load_split(paths.prepared, "val", device)
     if config.batch_size > len(train_split):
@@ -103,26 +109,28 @@ def train(params: Params, variant: str, root: Path, runs: tracking.Tracking) -> 
         print(f"{last_path}: resuming after epoch {state['epoch']}")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        best, run_ids = checkpoint.load(best_path, device), state["run_ids"]
-        history, start_epoch = state["history"], state["epoch"]
-        tracking.set_status(client, run_ids, "RUNNING")
+        best, history, start_epoch = checkpoint.load(best_path, device), state["history"], state["epoch"]
+        run_ids = tracker.submit(tracking.resume_variant_runs, state["run_ids"], copy.deepcopy(history))
     else:
+        replaces = None
         if state is not None:
             print(f"{last_path}: params changed since this checkpoint; starting fresh", file=sys.stderr)
-            tracking.close_dangling(client, state["run_ids"])
-        run_ids = tracking.start_variant_runs(client, experiment_id, config, tracking.run_tags(runs, root, f"train@{variant}"))
-        log_dataset(client, run_ids, paths.prepared)
+            replaces = state["run_ids"]
+        run_ids = tracker.submit(tracking.start_variant_runs, tracker.tracking.experiment_name, config, tags,
+                                 dataset_lineage(paths.prepared), replaces)
         best = {**trained_state(model, optimizer), "val_acc": torch.full((len(config.seeds),), -1.0),
                 "epoch": [0] * len(config.seeds)}
         history, start_epoch = {name: [] for name in METRICS}, 0
+    tracker.submit(tracking.prepare_model_logging)
 
     def save_last(epoch: int, trained: dict, complete: bool) -> None:
         checkpoint.save(last_path, {
             "fingerprint": config.fingerprint(), "config": config.model_dump(), "epoch": epoch,
-            "complete": complete, **trained, "history": history, "run_ids": run_ids,
+            "complete": complete, **trained, "history": history, "run_ids": run_ids.result(),
         })
 
     evaluated = StackedMlp(config, config.seeds).to(device)  # the evaluation thread's copy
+    logged = []  # the MLflow calls of each epoch's metrics
 
     def record(epoch: int, trained: dict, train_seconds: float) -> None:
         """Evaluate the weights `epoch` ended with, then checkpoint and log them.
@@ -139,13 +147,16 @@ def train(params: Params, variant: str, root: Path, runs: tracking.Tracking) -> 
         checkpoint.save(best_path, best)
         save_last(epoch, trained, complete=False)
         # Logged after the checkpoint: a crash in between is backfilled on resume.
-        tracking.log_replica_metrics(client, run_ids, metrics, step=epoch)
+        logged.append(tracker.submit(tracking.log_replica_metrics, run_ids.result(), metrics, epoch))
         print(epoch_line(variant, epoch, config.epochs, metrics, train_seconds), flush=True)
+
+    def close_runs(status: str) -> None:
+        if run_ids.exception() is None:  # waits for the runs to exist
+            tracker.call(tracking.set_status, run_ids.result(), status)
 
     step = TrainingStep(model, optimizer, train_split, config.seeds, config.batch_size)
     previous_handler = signal.signal(signal.SIGTERM, _raise_stop)
     try:
-        tracking.backfill_metrics(client, run_ids, history)  # epochs a crash kept from MLflow
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="evaluate") as evaluator:
             recorded = None
             for epoch in range(start_epoch + 1, config.epochs + 1):
@@ -158,19 +169,22 @@ def train(params: Params, variant: str, root: Path, runs: tracking.Tracking) -> 
                 recorded = evaluator.submit(record, epoch, trained, time.perf_counter() - started)
             if recorded is not None:
                 recorded.result()
+        run_ids.result()  # an MLflow error, even where no epoch was left to train
+        for call in logged:
+            call.result()
     except (KeyboardInterrupt, Stop):
-        tracking.set_status(client, run_ids, "KILLED")
+        close_runs("KILLED")
         raise PipelineError(f"train@{variant}: interrupted; `dvc repro` resumes after the last "
                             f"completed epoch ({last_path})") from None
     except BaseException:
-        tracking.set_status(client, run_ids, "FAILED")
+        close_runs("FAILED")
         raise
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
 
     save_last(config.epochs, trained_state(model, optimizer), complete=True)
-    summary = finish(client, run_ids, config, model, val_split, history, paths, best)
-    tracking.set_status(client, run_ids, "FINISHED")
+    summary = finish(tracker, run_ids.result(), config, model, val_split, history, paths, best)
+    tracker.call(tracking.set_status, run_ids.result(), "FINISHED")
     return summary
 
 
@@ -184,50 +198,25 @@ def update_best(best: dict, trained: dict, val_acc: list[float], epoch: int) -> 
     }, improved)
 
 
-def log_dataset(client, run_ids: dict, prepared: Path) -> None:
-    """Dataset lineage: the prepared splits' digest, on every run of the variant.
-
-    Through the client, not `mlflow.start_run`: leaving that context would end the run.
-    """
-    from mlflow.entities import Dataset, DatasetInput, InputTag
-
+def dataset_lineage(prepared: Path) -> dict:
+    """What MLflow records of the prepared splits: their digest, sizes and location."""
     manifest = read_manifest(prepared)
-    dataset = Dataset(name=f"mnist-{manifest['digest']}", digest=manifest["digest"], source_type="local",
-                      source=json.dumps({"uri": prepared.resolve().as_uri()}),
-                      profile=json.dumps(manifest["sizes"]))
-    lineage = DatasetInput(dataset, [InputTag("mlflow.data.context", "training")])
-    for run_id in tracking.all_run_ids(run_ids):
-        client.log_inputs(run_id, datasets=[lineage])
+    return {"digest": manifest["digest"], "sizes": manifest["sizes"], "uri": prepared.resolve().as_uri()}
 
 
-def finish(client, run_ids, config, model, val_split, history, paths: Paths, best) -> dict:
-    """Outputs for the later stages, checkpoints as artifacts, the final model logged."""
-    import mlflow
-    from mlflow.models import infer_signature
-
+def finish(tracker: TrackingProcess, run_ids: dict, config: VariantConfig, model: StackedMlp, val_split,
+           history: dict, paths: Paths, best: dict) -> dict:
+    """Outputs for the later stages; the checkpoints and the final model into MLflow."""
     write_curves(paths.out / "curves.csv", history)
     atomic_write_json(paths.out / "history.json", {"seeds": config.seeds, "best_epoch": best["epoch"], **history})
     atomic_write_json(paths.out / "run.json", {"variant": config.name, "run_ids": run_ids})
-    for run_id, best_epoch in zip(run_ids["seeds"], best["epoch"]):
-        client.set_tag(run_id, "best_epoch", str(best_epoch))
-    for path in (paths.checkpoints / "last.pt", paths.checkpoints / "best.pt"):
-        client.log_artifact(run_ids["variant"], str(path), "checkpoints")
 
     # The served model is the replica with the best final val_acc, as a plain nn.Module.
     final_val_acc = history["val_acc"][-1]
     replica = max(range(len(final_val_acc)), key=final_val_acc.__getitem__)
-    plain = unstack(model.cpu(), config, replica)
-    example = val_split.images[:2].cpu().numpy()
-    with torch.no_grad():
-        signature = infer_signature(example, plain(torch.from_numpy(example)).numpy())
-    with mlflow.start_run(run_id=run_ids["variant"]):
-        mlflow.set_tag("served_seed", str(config.seeds[replica]))
-        # Explicit requirements: inferring them imports the model in a subprocess (~6 s).
-        # Pickle, not MLflow's default pt2: torch.export costs ~2.3 s here (importing
-        # torch._dynamo, tracing), and the model is a plain nn.Sequential of torch.nn layers.
-        mlflow.pytorch.log_model(plain, name="model", signature=signature, input_example=example,
-                                 serialization_format="pickle",
-                                 pip_requirements=mlflow.pytorch.get_default_pip_requirements())
+    tracker.call(tracking.log_trained_model, run_ids, unstack(model.cpu(), config, replica),
+                 val_split.images[:2].cpu().numpy(), config.seeds[replica], best["epoch"],
+                 [paths.checkpoints / "last.pt", paths.checkpoints / "best.pt"])
     return {"run_ids": run_ids, "final": {name: history[name][-1] for name in METRICS}}
 
 

@@ -1,0 +1,73 @@
+"""MLflow in a second process, so that a stage's own work never waits for it.
+
+A stage computes on one torch thread and leaves the machine's other core mostly idle, while
+MLflow costs it seconds of pure Python: the import (~1.4 s), opening the store (~0.3 s) and
+the first `log_model` (~1.3 s, most of it mapping every installed package to its modules).
+In a thread that work would hold the GIL the training loop needs between kernels; in a
+process of its own it runs beside the stage. One worker, so calls run in the order they are
+submitted; each returns a Future, and an exception comes back as raised there (a
+`PipelineError` still ends the stage with its one line).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import signal
+import sys
+from collections.abc import Callable
+from concurrent.futures import Future, ProcessPoolExecutor
+
+from pipeline.tracking import Tracking, check_server, connect
+
+_clients: dict[Tracking, object] = {}  # in the worker: its open store
+
+
+def _client(tracking: Tracking):
+    if tracking not in _clients:  # a failure is not kept: the next call tries again and raises
+        _clients[tracking] = connect(tracking)[0]
+    return _clients[tracking]
+
+
+def _call(tracking: Tracking, fn: Callable, args: tuple):
+    return fn(_client(tracking), *args)
+
+
+def _ignore_interrupts() -> None:
+    # Ctrl-C reaches the whole process group; the stage decides what its runs become (KILLED)
+    # and says so through this process, which ends when the stage closes it or exits.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def _opened(client) -> None:
+    return None
+
+
+class TrackingProcess:
+    """`submit(fn, *args)` runs `fn(client, *args)` in the worker, with its `MlflowClient`.
+
+    Arguments are pickled when the call is sent, which can be later than `submit`: pass
+    values that nothing changes afterwards. Fork (Linux) gives the worker this process's
+    imports for free, torch included; elsewhere it is spawned.
+    """
+
+    def __init__(self, tracking: Tracking) -> None:
+        if not tracking.is_local:
+            check_server(tracking.uri)  # in seconds, before the stage does any work
+        method = "fork" if sys.platform == "linux" else "spawn"
+        self.tracking = tracking
+        sys.stdout.flush()  # a forked copy of unwritten output would be printed twice
+        self._pool = ProcessPoolExecutor(1, multiprocessing.get_context(method), initializer=_ignore_interrupts)
+        self.submit(_opened)  # starts the worker now: MLflow is imported while the stage goes on
+
+    def submit(self, fn: Callable, *args) -> Future:
+        return self._pool.submit(_call, self.tracking, fn, args)
+
+    def call(self, fn: Callable, *args):
+        return self.submit(fn, *args).result()
+
+    def __enter__(self) -> TrackingProcess:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._pool.shutdown(wait=True)
