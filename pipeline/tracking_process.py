@@ -12,8 +12,11 @@ submitted; each returns a Future, and an exception comes back as raised there (a
 from __future__ import annotations
 
 import multiprocessing
+import os
 import signal
 import sys
+import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
 
@@ -32,11 +35,19 @@ def _call(tracking: Tracking, fn: Callable, args: tuple):
     return fn(_client(tracking), *args)
 
 
-def _ignore_interrupts() -> None:
+def _start_worker(stage_pid: int) -> None:
     # Ctrl-C reaches the whole process group; the stage decides what its runs become (KILLED)
-    # and says so through this process, which ends when the stage closes it or exits.
+    # and says so through this process, which ends when the stage closes it or is gone.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    threading.Thread(target=_exit_with, args=(stage_pid,), daemon=True).start()
+
+
+def _exit_with(stage_pid: int) -> None:
+    """A SIGKILLed stage cannot close its worker, and a forked one never reads end-of-file."""
+    while os.getppid() == stage_pid:
+        time.sleep(0.5)
+    os._exit(1)
 
 
 def _opened(client) -> None:
@@ -57,7 +68,8 @@ class TrackingProcess:
         method = "fork" if sys.platform == "linux" else "spawn"
         self.tracking = tracking
         sys.stdout.flush()  # a forked copy of unwritten output would be printed twice
-        self._pool = ProcessPoolExecutor(1, multiprocessing.get_context(method), initializer=_ignore_interrupts)
+        self._pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context(method),
+                                         initializer=_start_worker, initargs=(os.getpid(),))
         self.submit(_opened)  # starts the worker now: MLflow is imported while the stage goes on
 
     def submit(self, fn: Callable, *args) -> Future:

@@ -78,6 +78,23 @@ def variant_runs(path: Path) -> list:
     return [r for r in client.search_runs([experiment.experiment_id]) if r.info.run_name == "batchnorm"]
 
 
+def assert_no_process_left_in(path: Path, timeout_s: float = 10) -> None:
+    def working_there() -> list[int]:
+        pids = []
+        for proc in Path("/proc").glob("[0-9]*"):
+            try:
+                if proc.joinpath("cwd").resolve() == path.resolve():
+                    pids.append(int(proc.name))
+            except OSError:  # gone meanwhile, or not ours to look at
+                pass
+        return pids
+
+    deadline = time.monotonic() + timeout_s
+    while working_there() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not working_there(), f"still running in {path}: {working_there()}"
+
+
 def assert_same_result(a: dict, b: dict) -> None:
     assert a["history"] == b["history"]
     for name, tensor in a["model"].items():
@@ -104,6 +121,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, slow_mirror, un
     wait_for_epoch(process, 1)
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=30)
+    assert_no_process_left_in(path)  # the stage's MLflow process goes with it
     killed_at = final_state(path)["epoch"]
     assert 1 <= killed_at < EPOCHS
     [crashed] = variant_runs(path)
