@@ -2,7 +2,8 @@
 
 A variant's run is named after it and holds the mean over seeds of every metric; each seed
 has a nested child run with its own curves. Runs are addressed by id through `MlflowClient`,
-so a resumed stage continues the very runs its checkpoint names.
+so a resumed stage continues the very runs its checkpoint names. The stages call these
+functions through their tracking process (pipeline/tracking_process.py), which supplies the client.
 """
 
 from __future__ import annotations

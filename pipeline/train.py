@@ -4,6 +4,7 @@ After each epoch: loss and accuracy on the whole train split (eval mode, as the 
 and on validation, logged to MLflow; `last.pt` (resumable) and `best.pt` (per replica, by
 val_acc) written atomically. A killed stage rerun resumes from the last completed epoch and
 continues the same MLflow runs; the result is bit-identical to an uninterrupted run.
+MLflow's calls run in the stage's tracking process (pipeline/tracking_process.py).
 """
 
 from __future__ import annotations
