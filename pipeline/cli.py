@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +17,9 @@ PARAMS_FILE = Path("params.yaml")
 def run(stage: Callable[[], object]) -> None:
     try:
         stage()
+        # The process ends next. Python's last garbage collections would walk every object
+        # torch and MLflow made (~0.4 s, a sixth of a short stage); the OS frees them anyway.
+        gc.freeze()
     except PipelineError as error:
         one_line = " ".join(str(error).splitlines())  # a value quoted in the message may hold newlines
         print(f"error: {one_line}", file=sys.stderr)
