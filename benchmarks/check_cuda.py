@@ -100,7 +100,7 @@ def stack_matches_alone(config, train: Split, steps: int) -> dict:
     )
 
     seeds = config.seeds[:3]
-    part = Split(train.images[: steps * config.batch_size], train.labels[: steps * config.batch_size])
+    part = Split(train.pixels[: steps * config.batch_size], train.labels[: steps * config.batch_size])
     stack = StackedMlp(config, seeds).cuda()
     train_epoch(TrainingStep(stack, make_optimizer(stack, config), part, seeds, config.batch_size), 1)
     alone, _ = train_alone(config, seeds[1], part, part, epochs=1)

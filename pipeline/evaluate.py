@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from pipeline import checkpoint, cli
-from pipeline.data import load_split
+from pipeline.data import Split, as_images, load_split
 from pipeline.fsio import atomic_write_json
 from pipeline.model import NUM_CLASSES, StackedMlp
 from pipeline.params import Params, VariantConfig
@@ -25,13 +25,13 @@ from pipeline.training import score
 
 
 @torch.inference_mode()
-def confusion_matrices(model: StackedMlp, images: torch.Tensor, labels: torch.Tensor, batch_size: int) -> np.ndarray:
+def confusion_matrices(model: StackedMlp, split: Split, batch_size: int) -> np.ndarray:
     """[K, 10, 10] counts: true class by row, predicted by column."""
     model.eval()
     counts = torch.zeros(model.replicas, NUM_CLASSES * NUM_CLASSES, dtype=torch.long)
-    for start in range(0, len(labels), batch_size):
-        predicted = model(images[start : start + batch_size]).argmax(-1).cpu()  # [K, n]
-        cells = labels[start : start + batch_size].cpu() * NUM_CLASSES + predicted
+    for start in range(0, len(split), batch_size):
+        predicted = model(as_images(split.pixels[start : start + batch_size])).argmax(-1).cpu()  # [K, n]
+        cells = split.labels[start : start + batch_size].cpu() * NUM_CLASSES + predicted
         counts += torch.nn.functional.one_hot(cells, NUM_CLASSES * NUM_CLASSES).sum(1)
     return counts.view(-1, NUM_CLASSES, NUM_CLASSES).numpy()
 
@@ -45,7 +45,7 @@ def evaluate(params: Params, variant: str, root: Path) -> dict:
     test = load_split(root / "data" / "prepared", "test", device)
 
     scores = score(model, test, params.train.eval_batch_size)
-    confusion = confusion_matrices(model, test.images, test.labels, params.train.eval_batch_size)
+    confusion = confusion_matrices(model, test, params.train.eval_batch_size)
     test_loss, test_acc = scores.loss.tolist(), scores.acc.tolist()
     per_class = (confusion.diagonal(axis1=1, axis2=2) / confusion.sum(axis=2).clip(min=1))  # [K, 10]
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from pipeline import checkpoint, cli, tracking
-from pipeline.data import load_split, read_manifest
+from pipeline.data import as_images, load_split, read_manifest
 from pipeline.errors import PipelineError
 from pipeline.fsio import atomic_write_json
 from pipeline.model import StackedMlp, unstack
@@ -216,7 +216,7 @@ def finish(tracker: TrackingProcess, run_ids: dict, config: VariantConfig, model
     final_val_acc = history["val_acc"][-1]
     replica = max(range(len(final_val_acc)), key=final_val_acc.__getitem__)
     tracker.call(tracking.log_trained_model, run_ids, unstack(model.cpu(), config, replica),
-                 val_split.images[:2].cpu().numpy(), config.seeds[replica], best["epoch"],
+                 as_images(val_split.pixels[:2]).cpu().numpy(), config.seeds[replica], best["epoch"],
                  [paths.checkpoints / "last.pt", paths.checkpoints / "best.pt"])
     return {"run_ids": run_ids, "final": {name: history[name][-1] for name in METRICS}}
 

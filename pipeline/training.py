@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.checkpoint import copied
-from pipeline.data import Split
+from pipeline.data import Split, as_images
 from pipeline.model import StackedMlp
 from pipeline.optimizer import FusedOptimizer
 from pipeline.params import VariantConfig
@@ -84,16 +84,17 @@ class TrainingStep:
                  batch_size: int) -> None:
         self.model, self.optimizer, self.train = model, optimizer, train
         self.seeds, self.batch_size = seeds, batch_size
-        self.one = torch.ones((), dtype=train.images.dtype, device=train.images.device)
+        self.one = torch.ones((), device=train.labels.device)
         self.params = tuple(optimizer.params)
-        self.graphed_rows = len(seeds) * batch_size if train.images.is_cuda else None  # full batches
+        self.graphed_rows = len(seeds) * batch_size if train.labels.is_cuda else None  # full batches
         self.graph = None
         self.static_rows = None
 
     def eager(self, rows: torch.Tensor) -> None:
         replicas = len(self.seeds)
         batch = rows.shape[0] // replicas
-        logits = self.model(self.train.images.index_select(0, rows).view(replicas, batch, -1))  # [K, B, 10]
+        images = as_images(self.train.pixels.index_select(0, rows))
+        logits = self.model(images.view(replicas, batch, -1))  # [K, B, 10]
         # Sum over replicas of each replica's mean loss: gradients stay independent.
         loss = F.cross_entropy(logits.flatten(0, 1), self.train.labels.index_select(0, rows), reduction="sum")
         # The gradient of loss / B, seeded as (loss / B).backward() would; no .grad to zero.
@@ -147,7 +148,7 @@ def score(model: nn.Module, split: Split, batch_size: int) -> Scores:
     model.eval()
     loss_sum = correct = 0
     for start in range(0, len(split), batch_size):
-        images = split.images[start : start + batch_size]
+        images = as_images(split.pixels[start : start + batch_size])
         labels = split.labels[start : start + batch_size]
         logits = model(images)  # [K, n, 10]
         targets = labels.expand(logits.shape[0], -1)

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.data import Split
+from pipeline.data import Split, as_images
 from pipeline.model import StackedMlp, plain_mlp, unstack
 from pipeline.training import (
     TrainingStep,
@@ -24,22 +24,22 @@ SEEDS = [3, 7, 11]
 @pytest.fixture(scope="module")
 def splits() -> tuple[Split, Split]:
     arrays = tiny_mnist_arrays(train=640, test=160)
-    images = torch.from_numpy(arrays["train-images-idx3-ubyte"]).flatten(1).float() / 255
+    pixels = torch.from_numpy(arrays["train-images-idx3-ubyte"]).flatten(1)
     labels = torch.from_numpy(arrays["train-labels-idx1-ubyte"]).long()
-    return Split(images[:512], labels[:512]), Split(images[512:], labels[512:])
+    return Split(pixels[:512], labels[:512]), Split(pixels[512:], labels[512:])
 
 
 def train_alone(config, seed: int, train: Split, val: Split, epochs: int):
     """The reference: an ordinary nn.Module and the textbook loop, for one seed (on train's device)."""
-    model = plain_mlp(config, seed).to(train.images.device)
+    model = plain_mlp(config, seed).to(train.pixels.device)
     optimizer = torch_optimizer(model.parameters(), config)
     history = []
     for epoch in range(1, epochs + 1):
         model.train()
-        [order] = epoch_permutations([seed], epoch, len(train)).to(train.images.device)
+        [order] = epoch_permutations([seed], epoch, len(train)).to(train.pixels.device)
         for start in range(0, len(train), config.batch_size):
             batch = order[start : start + config.batch_size]
-            loss = F.cross_entropy(model(train.images[batch]), train.labels[batch])
+            loss = F.cross_entropy(model(as_images(train.pixels[batch])), train.labels[batch])
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -83,9 +83,10 @@ def test_unstacked_replica_predicts_like_the_stack(splits):
     config = tiny_params(seeds=SEEDS).variant("batchnorm")
     stack = StackedMlp(config, SEEDS).eval()
     with torch.no_grad():
-        stacked_logits = stack(val.images)
+        images = as_images(val.pixels)
+        stacked_logits = stack(images)
         for replica in range(len(SEEDS)):
-            plain_logits = unstack(stack, config, replica)(val.images.view(-1, 28, 28))
+            plain_logits = unstack(stack, config, replica)(images.view(-1, 28, 28))
             torch.testing.assert_close(plain_logits, stacked_logits[replica])
 
 
@@ -103,6 +104,6 @@ def test_a_trailing_batch_of_one_image_is_skipped_not_a_crash(splits):
     config = tiny_params(seeds=SEEDS, train={"norm": "batch", "batch_size": 3}).variant("batchnorm")
     stack = StackedMlp(config, SEEDS)
     before = stack.layers[0].weight.detach().clone()
-    seven = Split(train.images[:7], train.labels[:7])
+    seven = Split(train.pixels[:7], train.labels[:7])
     train_epoch(TrainingStep(stack, make_optimizer(stack, config), seven, SEEDS, batch_size=3), epoch=1)
     assert not torch.equal(stack.layers[0].weight, before)  # the two full batches trained

@@ -12,7 +12,7 @@ import torch
 from mlflow import MlflowClient
 
 from pipeline import checkpoint
-from pipeline.data import load_split
+from pipeline.data import as_images, load_split
 from pipeline.errors import ParamsError
 from pipeline.model import StackedMlp
 from pipeline.params import VariantConfig
@@ -69,7 +69,8 @@ def test_champion_is_the_best_variant_and_predicts_like_its_stacked_replica(proj
     finally:
         mlflow.set_tracking_uri(None)
     test = load_split(path / "data" / "prepared", "test", torch.device("cpu"))
-    logits = np.asarray(served.predict(test.images.numpy()))
+    images = as_images(test.pixels)
+    logits = np.asarray(served.predict(images.numpy()))
     assert logits.shape == (len(test), 10)
     predicted = logits.argmax(1)
     assert (predicted == test.labels.numpy()).mean() > 0.3  # chance is 0.1
@@ -81,7 +82,7 @@ def test_champion_is_the_best_variant_and_predicts_like_its_stacked_replica(proj
     stacked.eval()
     replica = config.seeds.index(int(client.get_run(champion.run_id).data.tags["served_seed"]))
     with torch.no_grad():
-        expected = stacked(test.images)[replica].numpy()
+        expected = stacked(images)[replica].numpy()
     np.testing.assert_array_equal(predicted, expected.argmax(1))
     np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4)
 
