@@ -129,15 +129,15 @@ def publish_evaluation(client, run_ids: dict, per_seed: dict, evaluate_dir: Path
 
 
 def compare(params: Params, root: Path, runs: tracking.Tracking) -> dict:
-    with TrackingProcess(runs) as tracker:  # opens MLflow there while the plots are drawn here
-        data, out = root / "data", root / "data" / "compare"
-        variants = list(params.variants)
-        histories = {v: read_json(data / "train" / v / "history.json") for v in variants}
-        per_seed = {v: read_json(data / "evaluate" / v / "per_seed.json") for v in variants}
-        run_ids = {v: read_json(data / "train" / v / "run.json")["run_ids"] for v in variants}
-        test_acc = {v: per_seed[v]["test_acc"] for v in variants}
-        test_loss = {v: per_seed[v]["test_loss"] for v in variants}
+    data, out = root / "data", root / "data" / "compare"
+    variants = list(params.variants)
+    histories = {v: read_json(data / "train" / v / "history.json") for v in variants}
+    per_seed = {v: read_json(data / "evaluate" / v / "per_seed.json") for v in variants}
+    run_ids = {v: read_json(data / "train" / v / "run.json")["run_ids"] for v in variants}
+    test_acc = {v: per_seed[v]["test_acc"] for v in variants}
+    test_loss = {v: per_seed[v]["test_loss"] for v in variants}
 
+    with TrackingProcess(runs) as tracker:  # opens MLflow there while the plots are drawn here
         plots = comparison_plots(histories, out)
         plots.append(seed_dots_plot(test_acc, out / "test_acc_seeds.png"))
         text, table = summary_markdown(test_acc, test_loss, params.compare.reference)
