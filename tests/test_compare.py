@@ -1,13 +1,17 @@
-"""The compare stage's statistics agree with scipy.stats, and say what they found in words."""
+"""The compare stage: statistics that agree with scipy.stats, said in words; missing inputs refused."""
 
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import pytest
+import yaml
 from scipy import stats
 
 from pipeline.compare import mean_interval, summary_markdown, welch_difference
+from tests.conftest import TINY_PARAMS, stage_env
 
 BATCHNORM = [0.9703, 0.9712, 0.9690, 0.9715, 0.9695]
 NO_NORM = [0.9530, 0.9600, 0.9450, 0.9580, 0.9510]
@@ -38,3 +42,14 @@ def test_summary_states_the_difference_in_one_sentence():
     [sentence] = [line for line in text.splitlines() if line.startswith("- batchnorm vs no_norm")]
     assert "+1.69 points" in sentence and sentence.endswith("significant at 95%.")
     assert table["batchnorm"]["significant"] is True
+
+
+def test_a_missing_input_is_one_line_and_touches_no_store(tmp_path):
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(TINY_PARAMS))
+    result = subprocess.run([sys.executable, "-m", "pipeline.compare"], cwd=tmp_path, env=stage_env(),
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    history = tmp_path / "data" / "train" / "batchnorm" / "history.json"
+    assert result.stderr.splitlines() == [f"error: {history}: unreadable ([Errno 2] No such file or directory: "
+                                          f"'{history}'); rerun its stage"]
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "data" / "compare").exists()
