@@ -14,14 +14,14 @@ import numpy as np
 import torch
 
 from pipeline import checkpoint, cli
-from pipeline.data import Split, as_images, load_split
+from pipeline.data import Split, load_split
 from pipeline.fsio import atomic_write_json
 from pipeline.model import NUM_CLASSES, StackedMlp
 from pipeline.params import Params, VariantConfig
 from pipeline.reports import confusion_plot
 from pipeline.tracking import summarize
 from pipeline.train import configure_runtime
-from pipeline.training import score
+from pipeline.training import in_batches, score
 
 
 @torch.inference_mode()
@@ -29,9 +29,9 @@ def confusion_matrices(model: StackedMlp, split: Split, batch_size: int) -> np.n
     """[K, 10, 10] counts: true class by row, predicted by column."""
     model.eval()
     counts = torch.zeros(model.replicas, NUM_CLASSES * NUM_CLASSES, dtype=torch.long)
-    for start in range(0, len(split), batch_size):
-        predicted = model(as_images(split.pixels[start : start + batch_size])).argmax(-1).cpu()  # [K, n]
-        cells = split.labels[start : start + batch_size].cpu() * NUM_CLASSES + predicted
+    for images, labels in in_batches(split, batch_size):
+        predicted = model(images).argmax(-1).cpu()  # [K, n]
+        cells = labels.cpu() * NUM_CLASSES + predicted
         counts += torch.nn.functional.one_hot(cells, NUM_CLASSES * NUM_CLASSES).sum(1)
     return counts.view(-1, NUM_CLASSES, NUM_CLASSES).numpy()
 
@@ -53,7 +53,7 @@ def evaluate(params: Params, variant: str, root: Path) -> dict:
     per_seed = {"test_loss": test_loss, "test_acc": test_acc}
     metrics = summarize(per_seed)
     atomic_write_json(out / "metrics.json", metrics)
-    atomic_write_json(out / "per_seed.json", {"seeds": config.seeds, "test_loss": test_loss, "test_acc": test_acc})
+    atomic_write_json(out / "per_seed.json", {"seeds": config.seeds, **per_seed})
     atomic_write_json(out / "per_class.json", {
         "classes": list(range(NUM_CLASSES)),
         "test_acc_mean": per_class.mean(0).round(6).tolist(),

@@ -23,7 +23,7 @@ class FusedOptimizer:
     """`step(grads)` updates `params` in place; `state_dict()` is what a checkpoint keeps."""
 
     def __init__(self, params: list[torch.Tensor], config: VariantConfig) -> None:
-        self.params = params
+        self.params = tuple(params)
         self.kind, self.lr, self.eps = config.optimizer, config.lr, config.adam_eps
         wd = config.weight_decay
         self.weight_decay = DEFAULT_WEIGHT_DECAY[self.kind] if wd is None else wd

@@ -73,8 +73,8 @@ def step_rows(order: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
 class TrainingStep:
     """One optimizer step of every replica on its rows ([K * B], replica-major).
 
-    On the CPU the step runs eagerly. On CUDA a full batch's step (forward, `autograd.grad`,
-    the fused update) is captured once as a CUDA graph and replayed: at batch 32 an eager
+    On the CPU the step runs eagerly. On CUDA a full batch's step (forward, backward, the
+    fused update) is captured once as a CUDA graph and replayed: at batch 32 an eager
     step is ~2 ms of kernel launches for ~0.2 ms of GPU work. The capture's warm-up runs on
     the real tensors and is then undone, so every full batch, first or resumed, goes through
     the same graph; the partial last batch has another shape and runs eagerly.
@@ -85,7 +85,6 @@ class TrainingStep:
         self.model, self.optimizer, self.train = model, optimizer, train
         self.seeds, self.batch_size = seeds, batch_size
         self.one = torch.ones((), device=train.labels.device)
-        self.params = tuple(optimizer.params)
         self.graphed_rows = len(seeds) * batch_size if train.labels.is_cuda else None  # full batches
         self.graph = None
         self.static_rows = None
@@ -98,7 +97,7 @@ class TrainingStep:
         # Sum over replicas of each replica's mean loss: gradients stay independent.
         loss = F.cross_entropy(logits.flatten(0, 1), self.train.labels.index_select(0, rows), reduction="sum")
         # The gradient of loss / B, seeded as (loss / B).backward() would; no .grad to zero.
-        self.optimizer.step(gradients(loss, self.params, self.one / batch))
+        self.optimizer.step(gradients(loss, self.optimizer.params, self.one / batch))
 
     def __call__(self, rows: torch.Tensor) -> None:
         if rows.shape[0] != self.graphed_rows:
@@ -142,14 +141,18 @@ class Scores:
     acc: torch.Tensor
 
 
+def in_batches(split: Split, batch_size: int):
+    """(images, labels) of a whole split in order, `batch_size` at a time (for evaluation)."""
+    for start in range(0, len(split), batch_size):
+        yield as_images(split.pixels[start : start + batch_size]), split.labels[start : start + batch_size]
+
+
 @torch.inference_mode()
 def score(model: nn.Module, split: Split, batch_size: int) -> Scores:
     """Mean loss and accuracy of every replica on a whole split (eval mode, large batches)."""
     model.eval()
     loss_sum = correct = 0
-    for start in range(0, len(split), batch_size):
-        images = as_images(split.pixels[start : start + batch_size])
-        labels = split.labels[start : start + batch_size]
+    for images, labels in in_batches(split, batch_size):
         logits = model(images)  # [K, n, 10]
         targets = labels.expand(logits.shape[0], -1)
         loss_sum = loss_sum + F.cross_entropy(
