@@ -1,0 +1,1 @@
+"""The batch-norm MNIST lab as DVC stages (check, download, prepare, train, evaluate, compare) and their library."""

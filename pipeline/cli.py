@@ -34,21 +34,10 @@ def run_with_params(stage: Callable[[Params], object], params_file: Path = PARAM
     run(lambda: stage(load_params(params_file)))
 
 
-def run_variant_stage(stage: Callable, description: str, argv: list[str] | None = None,
-                      tracked: bool = True) -> None:
-    """`python -m pipeline.<stage> --variant NAME`: the stage runs in the project root (cwd).
-
-    A tracked stage gets the MLflow `Tracking` of this environment as its last argument.
-    """
-    from pipeline.tracking import Tracking
-
+def run_variant_stage(stage: Callable[[Params, str, Path], object], description: str,
+                      argv: list[str] | None = None) -> None:
+    """`python -m pipeline.<stage> --variant NAME`: `stage(params, NAME, root)`, run in the project root (cwd)."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--variant", required=True)
     variant = parser.parse_args(argv).variant
-
-    def call(params: Params) -> object:
-        if not tracked:
-            return stage(params, variant, Path.cwd())
-        return stage(params, variant, Path.cwd(), Tracking.from_environment(params.mlflow.experiment_name))
-
-    run_with_params(call)
+    run_with_params(lambda params: stage(params, variant, Path.cwd()))

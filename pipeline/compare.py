@@ -12,69 +12,15 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-from scipy import special  # scipy.stats would add ~0.5 s of imports for two formulas
-
-from pipeline import cli, registry, tracking
+from pipeline import cli, provenance, registry, tracking
 from pipeline.errors import PipelineError
 from pipeline.fsio import atomic_write_bytes, atomic_write_json
 from pipeline.params import Params
 from pipeline.reports import comparison_plots, markdown_table, seed_dots_plot
+from pipeline.stats import mean_interval, summarize, welch_difference
 from pipeline.tracking_process import TrackingProcess
-
-CONFIDENCE = 0.95
-
-
-@dataclass(frozen=True)
-class Interval:
-    mean: float
-    low: float
-    high: float
-
-
-def mean_interval(values: list[float]) -> Interval:
-    """Student-t confidence interval of the mean (a point when there is one seed)."""
-    mean = float(np.mean(values))
-    if len(values) < 2:
-        return Interval(mean, math.nan, math.nan)
-    sem = float(np.std(values, ddof=1)) / math.sqrt(len(values))
-    half = t_quantile(len(values) - 1) * sem
-    return Interval(mean, mean - half, mean + half)
-
-
-def t_quantile(dof: float) -> float:
-    """The two-sided CONFIDENCE quantile of Student's t (scipy.stats.t.ppf)."""
-    return float(special.stdtrit(dof, (1 + CONFIDENCE) / 2))
-
-
-@dataclass(frozen=True)
-class Difference:
-    delta: Interval
-    p_value: float
-
-    @property
-    def significant(self) -> bool:
-        return self.p_value < 1 - CONFIDENCE
-
-
-def welch_difference(values: list[float], reference: list[float]) -> Difference:
-    """mean(values) - mean(reference), Welch's CI and two-sided Welch t-test."""
-    a, b = np.asarray(values), np.asarray(reference)
-    delta = float(a.mean() - b.mean())
-    if len(a) < 2 or len(b) < 2:
-        return Difference(Interval(delta, math.nan, math.nan), math.nan)
-    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
-    se = math.sqrt(va + vb)
-    if se == 0:
-        return Difference(Interval(delta, delta, delta), 0.0 if delta else 1.0)
-    dof = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
-    half = t_quantile(dof) * se
-    p_value = float(2 * special.stdtr(dof, -abs(delta) / se))  # scipy.stats.ttest_ind(equal_var=False)
-    return Difference(Interval(delta, delta - half, delta + half), p_value)
-
 
 def pct(value: float) -> str:
     return "n/a" if math.isnan(value) else f"{100 * value:.2f}%"
@@ -84,7 +30,7 @@ def summary_markdown(test_acc: dict, test_loss: dict, reference: str) -> tuple[s
     rows, table = [], {}
     for variant in test_acc:
         acc, loss = mean_interval(test_acc[variant]), mean_interval(test_loss[variant])
-        std = tracking.summarize({"test_acc": test_acc[variant]})["test_acc_std"]
+        std = summarize({"test_acc": test_acc[variant]})["test_acc_std"]
         rows.append([variant, str(len(test_acc[variant])), pct(acc.mean), pct(std),
                      f"[{pct(acc.low)}, {pct(acc.high)}]", f"{loss.mean:.4f}"])
         table[variant] = {"test_acc_mean": acc.mean, "test_acc_std": std, "test_acc_ci95": [acc.low, acc.high],
@@ -121,29 +67,36 @@ def publish_evaluation(client, run_ids: dict, per_seed: dict, evaluate_dir: Path
     """The evaluate stage's results into the variant's runs, unless they already hold them."""
     metrics = {name: per_seed[name] for name in ("test_loss", "test_acc")}
     logged = client.get_run(run_ids["variant"]).data.metrics
-    if all(logged.get(name) == value for name, value in tracking.summarize(metrics).items()):
+    if all(logged.get(name) == value for name, value in summarize(metrics).items()):
         return
     tracking.log_replica_metrics(client, run_ids, metrics, step)
     for name in ("confusion.png", "per_class.json", "per_seed.json"):
         client.log_artifact(run_ids["variant"], str(evaluate_dir / name), "evaluation")
 
 
-def compare(params: Params, root: Path, runs: tracking.Tracking) -> dict:
+def compare(params: Params, root: Path, runs: tracking.Tracking | None = None) -> dict:
+    runs = runs or tracking.Tracking.from_environment(params.mlflow.experiment_name, root)
     data, out = root / "data", root / "data" / "compare"
     variants = list(params.variants)
     histories = {v: read_json(data / "train" / v / "history.json") for v in variants}
     per_seed = {v: read_json(data / "evaluate" / v / "per_seed.json") for v in variants}
-    run_ids = {v: read_json(data / "train" / v / "run.json")["run_ids"] for v in variants}
+    lineage = {v: read_json(data / "train" / v / "run.json") for v in variants}
     test_acc = {v: per_seed[v]["test_acc"] for v in variants}
     test_loss = {v: per_seed[v]["test_loss"] for v in variants}
 
     with TrackingProcess(runs) as tracker:  # opens MLflow there while the plots are drawn here
+        found = tracker.submit(tracking.find_variant_runs, params.mlflow.experiment_name,
+                               {v: lineage[v]["inputs_digest"] for v in variants}, params.seeds)
         plots = comparison_plots(histories, out)
         plots.append(seed_dots_plot(test_acc, out / "test_acc_seeds.png"))
         text, table = summary_markdown(test_acc, test_loss, params.compare.reference)
         atomic_write_bytes(out / "summary.md", text.encode())
         atomic_write_json(out / "summary.json", table)
         choice = registry.select_best(params, histories, test_acc)
+        run_ids = found.result()
+        for variant in [v for v in variants if run_ids[v] is None]:
+            run_ids[variant] = restore_variant_runs(tracker, params, runs, root, variant, histories[variant],
+                                                    lineage[variant])
 
         registered = tracker.call(
             publish_comparison, params, tracking.run_tags(runs, root, "compare"), run_ids,
@@ -155,6 +108,24 @@ def compare(params: Params, root: Path, runs: tracking.Tracking) -> dict:
     print(f"registered {choice.variant} ({choice.metric} {choice.score:.4f}) as {registered['name']} "
           f"version {registered['version']}, alias @{registered['alias']}")
     return table
+
+
+def restore_variant_runs(tracker: TrackingProcess, params: Params, runs: tracking.Tracking, root: Path,
+                         variant: str, history: dict, lineage: dict) -> dict:
+    """Runs for a variant whose train stage DVC restored from a run-cache this store never saw."""
+    from pipeline.checkpoint import load
+    from pipeline.model import served_model
+
+    print(f"{variant}: no run in {runs.uri} computed from inputs {lineage['inputs_digest']}; "
+          "rebuilding it from the train stage's outputs")
+    checkpoints = root / "data" / "checkpoints" / variant
+    model, seed = served_model(load(checkpoints / "last.pt"), history["val_acc"][-1])
+    tags = tracking.run_tags(runs, root, f"train@{variant}") | {tracking.INPUTS_TAG: lineage["inputs_digest"]}
+    dataset = lineage["dataset"] | {"uri": (root / "data" / "prepared").resolve().as_uri()}
+    environment = read_json(root / provenance.ENVIRONMENT_FILE)
+    return tracker.call(tracking.restore_variant_runs, params.mlflow.experiment_name, params.variant(variant),
+                        tags, dataset, environment, history, model, seed,
+                        [checkpoints / "last.pt", checkpoints / "best.pt"])
 
 
 def publish_comparison(client, params: Params, tags: dict[str, str], run_ids: dict[str, dict],
@@ -180,10 +151,7 @@ def publish_comparison(client, params: Params, tags: dict[str, str], run_ids: di
 def main(argv: list[str] | None = None) -> None:
     argparse.ArgumentParser(description=__doc__.split("\n")[0]).parse_args(argv)
 
-    def stage(params: Params) -> None:
-        compare(params, Path.cwd(), tracking.Tracking.from_environment(params.mlflow.experiment_name))
-
-    cli.run_with_params(stage)
+    cli.run_with_params(lambda params: compare(params, Path.cwd()))
 
 
 if __name__ == "__main__":

@@ -19,9 +19,8 @@ from pipeline.fsio import atomic_write_json
 from pipeline.model import NUM_CLASSES, StackedMlp
 from pipeline.params import Params, VariantConfig
 from pipeline.reports import confusion_plot
-from pipeline.tracking import summarize
-from pipeline.train import configure_runtime
-from pipeline.training import in_batches, score
+from pipeline.stats import summarize
+from pipeline.training import configure_runtime, in_batches, score
 
 
 @torch.inference_mode()
@@ -67,7 +66,7 @@ def evaluate(params: Params, variant: str, root: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    cli.run_variant_stage(evaluate, __doc__.split("\n")[0], argv, tracked=False)
+    cli.run_variant_stage(evaluate, __doc__.split("\n")[0], argv)
 
 
 if __name__ == "__main__":

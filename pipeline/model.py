@@ -175,3 +175,17 @@ def unstack(stacked: StackedMlp, config: VariantConfig, replica: int) -> nn.Sequ
                     plain_layer.running_mean.copy_(stacked_layer.running_mean[replica, 0])
                     plain_layer.running_var.copy_(stacked_layer.running_var[replica, 0])
     return plain.eval()
+
+
+def served_replica(final_val_acc: list[float]) -> int:
+    """The replica served as a variant's model: the best final val_acc, the first on a tie."""
+    return max(range(len(final_val_acc)), key=final_val_acc.__getitem__)
+
+
+def served_model(state: dict, final_val_acc: list[float]) -> tuple[nn.Sequential, int]:
+    """(the served replica as a plain module, its seed) from a final checkpoint's state."""
+    config = VariantConfig(**state["config"])
+    stacked = StackedMlp(config, config.seeds)
+    stacked.load_state_dict(state["model"])
+    replica = served_replica(final_val_acc)
+    return unstack(stacked, config, replica), config.seeds[replica]

@@ -20,8 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.errors import PipelineError
+from pipeline.reports import METRICS
+from pipeline.stats import summarize
 
 PARENT_TAG = "mlflow.parentRunId"
+INPUTS_TAG = "inputs_digest"  # provenance.inputs_digest of what a variant's run computed from
+RESTORED_TAG = "restored_from"  # on a run rebuilt from DVC outputs that this store never saw
 
 
 class TrackingError(PipelineError):
@@ -167,15 +171,17 @@ def experiment_id(client, name: str) -> str:
 
 
 def start_variant_runs(client, experiment_name: str, config, tags: dict[str, str], dataset: dict,
-                       replaces: dict | None = None) -> dict:
+                       environment: dict, replaces: dict | None = None) -> dict:
     """The variant's run and one nested child run per seed; returns their ids.
 
+    Params: the variant's config and the environment it ran in (`env.python`, `env.<package>`).
     `replaces`: the runs of a checkpoint this training does not resume (marked FAILED).
     """
     if replaces is not None:
         close_dangling(client, replaces)
     experiment = experiment_id(client, experiment_name)
-    params = flatten("", config.model_dump(exclude={"name"}))
+    params = flatten("", config.model_dump(exclude={"name"})) | flatten("env", {
+        "python": environment["python"], **environment["packages"]})
     variant = client.create_run(experiment, run_name=config.name, tags={**tags, "variant": config.name})
     log_params(client, variant.info.run_id, params | {"replicas": str(len(config.seeds))})
     seed_run_ids = []
@@ -248,6 +254,38 @@ def log_trained_model(client, run_ids: dict, model, example, served_seed: int, b
                                  pip_requirements=mlflow.pytorch.get_default_pip_requirements())
 
 
+def find_variant_runs(client, experiment_name: str, digests: dict[str, str], seeds: list[int]) -> dict:
+    """{variant: run ids} of the newest finished run of each variant computed from these inputs
+    (its `inputs_digest` tag), with a child run for every seed; None where the store has none."""
+    experiment = experiment_id(client, experiment_name)
+    found = {}
+    for variant, digest in digests.items():
+        runs = client.search_runs([experiment], f"tags.{INPUTS_TAG} = '{digest}' AND attributes.run_name = "
+                                  f"'{variant}' AND attributes.status = 'FINISHED'",
+                                  order_by=["attributes.start_time DESC"], max_results=1)
+        children = client.search_runs([experiment], f"tags.`{PARENT_TAG}` = '{runs[0].info.run_id}'") if runs else []
+        by_seed = {child.data.params.get("seed"): child.info.run_id for child in children}
+        complete = runs and all(str(seed) in by_seed for seed in seeds)
+        found[variant] = {"variant": runs[0].info.run_id, "seeds": [by_seed[str(s)] for s in seeds]} if complete else None
+    return found
+
+
+def restore_variant_runs(client, experiment_name: str, config, tags: dict[str, str], dataset: dict,
+                         environment: dict, history: dict, model, served_seed: int, checkpoints: list[Path]) -> dict:
+    """A variant's runs rebuilt from its train stage's outputs, for a store that never saw the runs
+    that made them (DVC restored the outputs from another machine's run-cache): params, per-epoch
+    metrics, checkpoints and model, tagged `restored_from`. Returns their ids."""
+    import numpy as np
+
+    run_ids = start_variant_runs(client, experiment_name, config, tags | {RESTORED_TAG: "dvc-outputs"}, dataset,
+                                 environment)
+    backfill_metrics(client, run_ids, {name: history[name] for name in METRICS})
+    example = np.zeros((2, model[1].in_features), dtype=np.float32)  # the images are not an input of compare
+    log_trained_model(client, run_ids, model, example, served_seed, history["best_epoch"], checkpoints)
+    set_status(client, run_ids, "FINISHED")
+    return run_ids
+
+
 def all_run_ids(run_ids: dict) -> list[str]:
     return [run_ids["variant"], *run_ids["seeds"]]
 
@@ -266,17 +304,6 @@ def log_replica_metrics(client, run_ids: dict, metrics: dict[str, list[float]], 
     for replica, run_id in enumerate(run_ids["seeds"]):
         log_metrics(client, run_id, {name: values[replica] for name, values in metrics.items()}, step)
     log_metrics(client, run_ids["variant"], summarize(metrics), step)
-
-
-def summarize(metrics: dict[str, list[float]]) -> dict[str, float]:
-    """Mean over seeds of each metric, and its sample std (0 for a single seed)."""
-    import statistics
-
-    summary = {}
-    for name, values in metrics.items():
-        summary[name] = statistics.fmean(values)
-        summary[f"{name}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
-    return summary
 
 
 def backfill_metrics(client, run_ids: dict, history: dict[str, list[list[float]]]) -> None:

@@ -1,16 +1,21 @@
 """Stage `train@<variant>`: train every seed of one variant as one stacked model.
 
 After each epoch: loss and accuracy on the whole train split (eval mode, as the lab does)
-and on validation, logged to MLflow; `last.pt` (resumable) and `best.pt` (per replica, by
-val_acc) written atomically. A killed stage rerun resumes from the last completed epoch and
-continues the same MLflow runs; the result is bit-identical to an uninterrupted run.
-MLflow's calls run in the stage's tracking process (pipeline/tracking_process.py).
+and on validation, logged to MLflow; the resumable state written atomically to the variant's
+scratch folder, `.dvc/tmp/train/<variant>/`, outside DVC's outputs. A killed stage rerun
+resumes from the last completed epoch and continues the same MLflow runs; the result is
+bit-identical to an uninterrupted run. At the end the outputs are written once: final and
+best checkpoints, curves, history and `run.json`, all a function of the stage's inputs alone
+(no run ids, times or paths), so DVC's run-cache can restore them. MLflow's calls run in the
+stage's tracking process (pipeline/tracking_process.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
-import os
+import json
+import shutil
 import signal
 import sys
 import time
@@ -20,15 +25,17 @@ from pathlib import Path
 
 import torch
 
-from pipeline import checkpoint, cli, tracking
+from pipeline import checkpoint, cli, provenance, tracking
 from pipeline.data import as_images, load_split, read_manifest
 from pipeline.errors import PipelineError
 from pipeline.fsio import atomic_write_json
-from pipeline.model import StackedMlp, unstack
+from pipeline.model import StackedMlp, served_replica, unstack
 from pipeline.params import Params, VariantConfig
 from pipeline.reports import METRICS, write_curves
+from pipeline.stats import summarize
 from pipeline.training import (
     TrainingStep,
+    configure_runtime,
     epoch_metrics,
     make_optimizer,
     train_epoch,
@@ -40,43 +47,26 @@ from pipeline.tracking_process import TrackingProcess
 @dataclass(frozen=True)
 class Paths:
     prepared: Path
-    checkpoints: Path  # persists across DVC reruns: what resume reads
-    out: Path  # curves, history and run ids for the later stages
+    scratch: Path  # what a killed run resumes from; DVC neither hashes nor deletes it
+    checkpoints: Path  # the final and best checkpoints (DVC output)
+    out: Path  # curves, history and run.json for the later stages (DVC outputs)
 
     @classmethod
     def for_variant(cls, root: Path, variant: str) -> Paths:
         data = root / "data"
-        return cls(data / "prepared", data / "checkpoints" / variant, data / "train" / variant)
-
-
-def configure_runtime(threads: int, device: str) -> torch.device:
-    """Pinned threads and deterministic kernels: same inputs, same bits (on one device)."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise PipelineError("train.device: 'cuda' requested but no CUDA device is available")
-    torch.set_num_threads(threads)
-    if device == "cuda":
-        # On the CPU every kernel this model uses is deterministic for a fixed thread count
-        # (tests check bit-identical reruns); the switch would only cost a second of imports.
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        # Deterministic mode also fills every new tensor with NaN, a kernel per allocation;
-        # no kernel here reads memory it has not written.
-        torch.utils.deterministic.fill_uninitialized_memory = False
-    return torch.device(device)
+        return cls(data / "prepared", root / ".dvc" / "tmp" / "train" / variant, data / "checkpoints" / variant,
+                   data / "train" / variant)
 
 
 def unfinished_checkpoint(path: Path) -> dict | None:
-    """The state of a run that did not complete, if one left a readable `last.pt`."""
+    """The state a killed run left in its scratch folder, if it is readable."""
     if not path.exists():
         return None
     try:
-        state = checkpoint.load(path)
+        return checkpoint.load(path)
     except checkpoint.CheckpointError as error:
         print(f"warning: {error}; starting fresh", file=sys.stderr)
         return None
-    return None if state["complete"] else state
 
 
 class Stop(Exception):
@@ -87,15 +77,44 @@ def _raise_stop(signum, frame):
     raise Stop()
 
 
-def train(params: Params, variant: str, root: Path, runs: tracking.Tracking) -> dict:
+@dataclass(frozen=True)
+class Inputs:
+    """What the run computes from besides its config: data lineage, environment, their digest."""
+
+    dataset: dict  # the prepared splits' digest and sizes
+    environment: dict  # environment.json, the check stage's record
+    digest: str  # provenance.inputs_digest: MLflow's tag, the resume key, in run.json
+
+    @classmethod
+    def of(cls, config: VariantConfig, root: Path, prepared: Path) -> Inputs:
+        manifest = read_manifest(prepared)
+        environment = read_environment(root)
+        dataset = {"digest": manifest["digest"], "sizes": manifest["sizes"]}
+        return cls(dataset, environment,
+                   provenance.inputs_digest(config.model_dump(), dataset["digest"], environment, "train"))
+
+
+def read_environment(root: Path) -> dict:
+    path = root / provenance.ENVIRONMENT_FILE
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise PipelineError(f"{path}: unreadable ({error}); run the check stage (dvc repro check)") from None
+
+
+def train(params: Params, variant: str, root: Path, runs: tracking.Tracking | None = None) -> dict:
+    """The stage; `runs` is where MLflow records it (default: this environment's tracking store)."""
+    runs = runs or tracking.Tracking.from_environment(params.mlflow.experiment_name, root)
     device = configure_runtime(params.train.threads, params.train.device)
+    config, paths = params.variant(variant), Paths.for_variant(root, variant)
+    inputs = Inputs.of(config, root, paths.prepared)
     with TrackingProcess(runs) as tracker:  # opens MLflow there while this process loads data
-        return train_variant(params.variant(variant), Paths.for_variant(root, variant), device, tracker,
-                             tracking.run_tags(runs, root, f"train@{variant}"))
+        return train_variant(config, paths, device, tracker, tracking.run_tags(runs, root, f"train@{variant}"),
+                             inputs)
 
 
 def train_variant(config: VariantConfig, paths: Paths, device: torch.device, tracker: TrackingProcess,
-                  tags: dict[str, str]) -> dict:
+                  tags: dict[str, str], inputs: Inputs) -> dict:
     variant = config.name
     train_split = load_split(paths.prepared, "train", device)
     val_split = load_split(paths.prepared, "val", device)
@@ -104,9 +123,9 @@ def train_variant(config: VariantConfig, paths: Paths, device: torch.device, tra
 
     model = StackedMlp(config, config.seeds).to(device)
     optimizer = make_optimizer(model, config)
-    last_path, best_path = paths.checkpoints / "last.pt", paths.checkpoints / "best.pt"
+    last_path, best_path = paths.scratch / "last.pt", paths.scratch / "best.pt"
     state = unfinished_checkpoint(last_path)
-    if state is not None and state["fingerprint"] == config.fingerprint():
+    if state is not None and state["inputs_digest"] == inputs.digest:
         print(f"{last_path}: resuming after epoch {state['epoch']}")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -115,20 +134,21 @@ def train_variant(config: VariantConfig, paths: Paths, device: torch.device, tra
     else:
         replaces = None
         if state is not None:
-            print(f"{last_path}: params changed since this checkpoint; starting fresh", file=sys.stderr)
+            print(f"{last_path}: params, data, code or environment changed since this checkpoint; "
+                  "starting fresh", file=sys.stderr)
             replaces = state["run_ids"]
-        run_ids = tracker.submit(tracking.start_variant_runs, tracker.tracking.experiment_name, config, tags,
-                                 dataset_lineage(paths.prepared), replaces)
+        run_ids = tracker.submit(tracking.start_variant_runs, tracker.tracking.experiment_name, config,
+                                 tags | {tracking.INPUTS_TAG: inputs.digest},
+                                 inputs.dataset | {"uri": paths.prepared.resolve().as_uri()}, inputs.environment,
+                                 replaces)
         best = {**trained_state(model, optimizer), "val_acc": torch.full((len(config.seeds),), -1.0),
                 "epoch": [0] * len(config.seeds)}
         history, start_epoch = {name: [] for name in METRICS}, 0
     tracker.submit(tracking.prepare_model_logging)
 
-    def save_last(epoch: int, trained: dict, complete: bool) -> None:
-        checkpoint.save(last_path, {
-            "fingerprint": config.fingerprint(), "config": config.model_dump(), "epoch": epoch,
-            "complete": complete, **trained, "history": history, "run_ids": run_ids.result(),
-        })
+    def save_last(epoch: int, trained: dict) -> None:
+        checkpoint.save(last_path, {"inputs_digest": inputs.digest, "epoch": epoch, **trained, "history": history,
+                                    "run_ids": run_ids.result()})
 
     evaluated = StackedMlp(config, config.seeds).to(device)  # the evaluation thread's copy
     logged = []  # the MLflow calls of each epoch's metrics
@@ -146,7 +166,7 @@ def train_variant(config: VariantConfig, paths: Paths, device: torch.device, tra
             history[name].append(metrics[name])
         best = update_best(best, trained, metrics["val_acc"], epoch)
         checkpoint.save(best_path, best)
-        save_last(epoch, trained, complete=False)
+        save_last(epoch, trained)
         # Logged after the checkpoint: a crash in between is backfilled on resume.
         logged.append(tracker.submit(tracking.log_replica_metrics, run_ids.result(), metrics, epoch))
         print(epoch_line(variant, epoch, config.epochs, metrics, train_seconds), flush=True)
@@ -183,9 +203,9 @@ def train_variant(config: VariantConfig, paths: Paths, device: torch.device, tra
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
 
-    save_last(config.epochs, trained_state(model, optimizer), complete=True)
-    summary = finish(tracker, run_ids.result(), config, model, val_split, history, paths, best)
+    summary = finish(tracker, run_ids.result(), config, model, optimizer, val_split, history, paths, best, inputs)
     tracker.call(tracking.set_status, run_ids.result(), "FINISHED")
+    shutil.rmtree(paths.scratch)  # the run is complete and recorded: nothing left to resume
     return summary
 
 
@@ -199,47 +219,41 @@ def update_best(best: dict, trained: dict, val_acc: list[float], epoch: int) -> 
     }, improved)
 
 
-def dataset_lineage(prepared: Path) -> dict:
-    """What MLflow records of the prepared splits: their digest, sizes and location."""
-    manifest = read_manifest(prepared)
-    return {"digest": manifest["digest"], "sizes": manifest["sizes"], "uri": prepared.resolve().as_uri()}
-
-
-def finish(tracker: TrackingProcess, run_ids: dict, config: VariantConfig, model: StackedMlp, val_split,
-           history: dict, paths: Paths, best: dict) -> dict:
-    """Outputs for the later stages; the checkpoints and the final model into MLflow."""
-    write_curves(paths.out / "curves.csv", history)
-    atomic_write_json(paths.out / "history.json", {"seeds": config.seeds, "best_epoch": best["epoch"], **history})
-    atomic_write_json(paths.out / "run.json", {"variant": config.name, "run_ids": run_ids})
-
-    # The served model is the replica with the best final val_acc, as a plain nn.Module.
-    final_val_acc = history["val_acc"][-1]
-    replica = max(range(len(final_val_acc)), key=final_val_acc.__getitem__)
+def finish(tracker: TrackingProcess, run_ids: dict, config: VariantConfig, model: StackedMlp,
+           optimizer, val_split, history: dict, paths: Paths, best: dict, inputs: Inputs) -> dict:
+    """The stage's outputs, a function of its inputs alone; the checkpoints and the model into MLflow."""
+    checkpoints = write_outputs(paths, config, trained_state(model, optimizer), best, history, inputs)
+    replica = served_replica(history["val_acc"][-1])
     tracker.call(tracking.log_trained_model, run_ids, unstack(model.cpu(), config, replica),
-                 as_images(val_split.pixels[:2]).cpu().numpy(), config.seeds[replica], best["epoch"],
-                 [paths.checkpoints / "last.pt", paths.checkpoints / "best.pt"])
+                 as_images(val_split.pixels[:2]).cpu().numpy(), config.seeds[replica], best["epoch"], checkpoints)
     return {"run_ids": run_ids, "final": {name: history[name][-1] for name in METRICS}}
 
 
-class _NoBar:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
+def write_outputs(paths: Paths, config: VariantConfig, trained: dict, best: dict, history: dict,
+                  inputs: Inputs) -> list[Path]:
+    """Checkpoints, curves, history and run.json; returns the checkpoint files."""
+    checkpoints = [paths.checkpoints / "last.pt", paths.checkpoints / "best.pt"]
+    checkpoint.save(checkpoints[0], {"config": config.model_dump(), "epoch": config.epochs, **trained})
+    checkpoint.save(checkpoints[1], best)
+    write_curves(paths.out / "curves.csv", history)
+    atomic_write_json(paths.out / "history.json", {"seeds": config.seeds, "best_epoch": best["epoch"], **history})
+    # How compare finds this variant's MLflow runs (by tag), or rebuilds them where a store never saw them.
+    atomic_write_json(paths.out / "run.json", {"variant": config.name, "inputs_digest": inputs.digest,
+                                               "dataset": inputs.dataset})
+    return checkpoints
 
 
 def progress_bar(samples: int, batch_size: int, label: str):
     """A tqdm bar per epoch on a terminal; nothing otherwise (the epoch line is printed)."""
     if not sys.stderr.isatty():
-        return _NoBar()
+        return contextlib.nullcontext()
     from tqdm import tqdm
 
     return tqdm(total=-(-samples // batch_size), desc=label, unit="step", leave=False)
 
 
 def epoch_line(variant: str, epoch: int, epochs: int, metrics: dict[str, list[float]], seconds: float) -> str:
-    means = tracking.summarize(metrics)
+    means = summarize(metrics)
     values = " ".join(f"{name}={means[name]:.4f}" for name in METRICS)
     return f"train@{variant} epoch {epoch}/{epochs} {values} ({seconds:.1f}s)"
 

@@ -14,6 +14,7 @@ the gradients go straight to the fused optimizer (pipeline/optimizer.py).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +23,7 @@ from torch import nn
 
 from pipeline.checkpoint import copied
 from pipeline.data import Split, as_images
+from pipeline.errors import PipelineError
 from pipeline.model import StackedMlp
 from pipeline.optimizer import FusedOptimizer
 from pipeline.params import VariantConfig
@@ -35,6 +37,24 @@ _ENGINE = torch.autograd.Variable._execution_engine
 def gradients(loss: torch.Tensor, inputs: tuple[torch.Tensor, ...], seed: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """d(seed * loss)/d(inputs), as `torch.autograd.grad(loss, inputs, seed)` returns them."""
     return _ENGINE.run_backward((loss,), (seed,), False, False, inputs, False, False)
+
+
+def configure_runtime(threads: int, device: str) -> torch.device:
+    """Pinned threads and deterministic kernels: same inputs, same bits (on one device)."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise PipelineError("train.device: 'cuda' requested but no CUDA device is available")
+    torch.set_num_threads(threads)
+    if device == "cuda":
+        # On the CPU every kernel this model uses is deterministic for a fixed thread count
+        # (tests check bit-identical reruns); the switch would only cost a second of imports.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        # Deterministic mode also fills every new tensor with NaN, a kernel per allocation;
+        # no kernel here reads memory it has not written.
+        torch.utils.deterministic.fill_uninitialized_memory = False
+    return torch.device(device)
 
 
 def epoch_permutations(seeds: list[int], epoch: int, size: int) -> torch.Tensor:

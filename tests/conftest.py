@@ -133,7 +133,7 @@ def make_project(path: Path, mirror: Path) -> tuple[Path, dict[str, str]]:
     import yaml
 
     shutil.copytree(ROOT / "pipeline", path / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("dvc.yaml", ".gitignore"):
+    for name in ("dvc.yaml", ".gitignore", "requirements.lock"):
         shutil.copy(ROOT / name, path / name)
     (path / "params.yaml").write_text(yaml.safe_dump(TINY_PARAMS, sort_keys=False))
     env = stage_env(mirror)

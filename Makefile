@@ -1,0 +1,34 @@
+# Two commands on a fresh machine: `make repro` runs the pipeline, `make test` the tests.
+# Each first makes .venv from requirements.lock when it is missing or older than the lock:
+# every package pinned, with its hashes, installed by pip, which also looks in the pip
+# configuration's local wheel folders (uv and poetry do not). Extra arguments: ARGS, e.g.
+# `make repro ARGS=--force`, `make test ARGS="-m 'not slow'"`.
+
+PYTHON ?= python3
+VENV := .venv
+INSTALLED := $(VENV)/.installed-from-lock
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+
+.PHONY: repro test env lock
+
+repro: $(INSTALLED)
+	dvc repro $(ARGS)
+
+test: $(INSTALLED)
+	python -m pytest $(ARGS)
+
+env: $(INSTALLED)
+
+$(INSTALLED): requirements.lock
+	rm -rf $(VENV)
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --require-hashes --no-deps -r requirements.lock
+	touch $@
+
+# After changing pyproject.toml's dependencies: pin everything again, with hashes (pip-tools
+# runs from a venv of its own, so .venv stays exactly what the lock pins).
+lock:
+	$(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/pip install --quiet pip-tools
+	.venv-lock/bin/pip-compile --quiet --generate-hashes --extra test --strip-extras --allow-unsafe \
+		--no-emit-index-url --no-emit-find-links -o requirements.lock pyproject.toml

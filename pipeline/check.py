@@ -1,0 +1,79 @@
+"""Stage `check`: the whole params.yaml validated, and the environment recorded, before any other stage.
+
+DVC deletes a stage's outputs before it runs the command, so a stage cannot protect its own
+outputs from a bad value. This stage sits at the root of the DAG: it depends on the whole
+`params.yaml` (and on `requirements.lock`), so any edit, a `dvc exp run -S` too, runs it first;
+every computing stage depends on its output, `environment.json`, so nothing else runs when it
+fails. A valid edit rewrites `environment.json` with the same bytes, and DVC reruns just the
+stages whose own params changed. On top of the params' own rules it checks what depends on
+this machine: a CUDA device where one is asked for, and memory for the largest model.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from pipeline import cli, provenance
+from pipeline.errors import ParamsError
+from pipeline.fsio import atomic_write_json
+from pipeline.params import Params, VariantConfig
+
+FLOAT_BYTES = 4
+# Copies of a replica stack's parameters alive at once: weights, gradients, Adam's two moments,
+# the evaluation thread's weights, the best epoch's and the checkpoint's copies (3 tensors each).
+STATE_COPIES = 11
+SPLIT_BYTES = 70_000 * 28 * 28  # MNIST as uint8 pixels, held whole
+
+
+def parameter_count(config: VariantConfig) -> int:
+    sizes = [28 * 28, *config.hidden_sizes, 10]
+    weights = sum(fan_in * fan_out + fan_out for fan_in, fan_out in zip(sizes[:-1], sizes[1:]))
+    norms = 0 if config.norm == "none" else 4 * sum(config.hidden_sizes)  # scale, shift, running stats
+    return weights + norms
+
+
+def estimated_bytes(config: VariantConfig) -> int:
+    """A generous estimate of a variant's peak memory in its train stage."""
+    replicas = len(config.seeds)
+    state = STATE_COPIES * parameter_count(config) * replicas * FLOAT_BYTES
+    # Evaluation: a batch of images and each layer's activations for every replica, twice over.
+    activations = 2 * config.eval_batch_size * (28 * 28 + replicas * (sum(config.hidden_sizes) + 10)) * FLOAT_BYTES
+    return state + activations + SPLIT_BYTES
+
+
+def check_machine(params: Params) -> None:
+    """What the params ask of this machine: one line naming the key if it cannot run them."""
+    if params.train.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ParamsError("params.yaml: train.device: 'cuda' but this machine has no CUDA device "
+                              "(use auto or cpu)")
+    import psutil
+
+    total = psutil.virtual_memory().total
+    for name in params.variants:
+        needed = estimated_bytes(params.variant(name))
+        if needed > total:
+            raise ParamsError(f"params.yaml: variants.{name}: needs about {needed / 2**30:.1f} GiB "
+                              f"(hidden_sizes x {len(params.seeds)} seeds), this machine has "
+                              f"{total / 2**30:.1f} GiB")
+
+
+def check(params: Params, root: Path) -> dict:
+    check_machine(params)
+    environment = provenance.environment(root / provenance.LOCK_FILE)
+    atomic_write_json(root / provenance.ENVIRONMENT_FILE, environment)
+    print(f"params.yaml valid; environment: Python {environment['python']}, "
+          f"{len(environment['packages'])} packages as {provenance.LOCK_FILE} pins them")
+    return environment
+
+
+def main(argv: list[str] | None = None) -> None:
+    argparse.ArgumentParser(description=__doc__.split("\n")[0]).parse_args(argv)
+    cli.run_with_params(lambda params: check(params, Path.cwd()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,153 @@
+"""What a stage's outputs are a function of: its code, its environment, its inputs.
+
+- `import_closure`: the `pipeline/` files a stage module imports, directly or transitively,
+  read from the code (`ast`, function-level imports too). `dvc.yaml` lists exactly these as
+  the stage's code deps; tests/test_provenance.py fails when the two disagree.
+- `environment`: the Python version and the installed versions of every distribution the
+  stage code can import (its third-party imports and what they require), checked against
+  `requirements.lock`. The check stage writes it to `environment.json`, on which every
+  computing stage depends: a new torch or numpy reruns them, a new pytest does not.
+- `inputs_digest`: one fingerprint of a variant's config, data, environment and code. The
+  train stage tags its MLflow runs with it, so compare finds them without run ids in any
+  DVC output (run ids differ on every run; DVC's outputs must not).
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import re
+import sys
+from importlib import metadata
+from pathlib import Path
+
+from pipeline.errors import PipelineError
+
+PACKAGE = "pipeline"
+PACKAGE_DIR = Path(__file__).resolve().parent
+STAGES = ("check", "download", "prepare", "train", "evaluate", "compare")  # dvc.yaml's stage modules
+# MLflow records what the stages compute; no DVC output depends on its version (or on its
+# ~100 requirements), so upgrading it reruns nothing.
+RECORDERS = {"mlflow"}
+LOCK_FILE = "requirements.lock"
+ENVIRONMENT_FILE = "environment.json"  # the check stage's output, at the repository root
+
+
+class LockError(PipelineError):
+    pass
+
+
+def _imported_names(path: Path) -> set[str]:
+    """Every module name an `import` statement in the file names, at any depth."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)  # `from pipeline import x`
+    return names
+
+
+def _module_file(name: str) -> Path | None:
+    package, *parts = name.split(".")
+    if package != PACKAGE:
+        return None
+    base = PACKAGE_DIR.joinpath(*parts)
+    candidates = [base.with_suffix(".py"), base / "__init__.py"] if parts else [base / "__init__.py"]
+    return next((candidate for candidate in candidates if candidate.is_file()), None)
+
+
+def import_closure(module: str) -> list[Path]:
+    """The package files `module` (e.g. `pipeline.train`) runs, itself and `__init__` included."""
+    files, pending = set(), [f"{PACKAGE}.{module}" if not module.startswith(PACKAGE) else module, PACKAGE]
+    while pending:
+        path = _module_file(pending.pop())
+        if path is None or path in files:
+            continue
+        files.add(path)
+        pending.extend(_imported_names(path))
+    return sorted(files)
+
+
+def third_party_imports(files: list[Path]) -> set[str]:
+    """Top-level names of the modules outside the standard library and this package."""
+    tops = {name.split(".")[0] for path in files for name in _imported_names(path)}
+    return {top for top in tops if top != PACKAGE and top not in sys.stdlib_module_names}
+
+
+def _canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _required_distributions(roots: set[str]) -> set[str]:
+    """The distributions in `roots` and, transitively, those they require (extras left out)."""
+    from packaging.requirements import Requirement
+
+    found, pending = set(), list(roots)
+    while pending:
+        name = _canonical(pending.pop())
+        if name in found:
+            continue
+        try:
+            requires = metadata.requires(name) or []
+        except metadata.PackageNotFoundError:
+            continue  # an optional requirement that is not installed
+        found.add(name)
+        for line in requires:
+            requirement = Requirement(line)
+            if requirement.marker is None or requirement.marker.evaluate({"extra": ""}):
+                pending.append(requirement.name)
+    return found
+
+
+def stage_distributions() -> set[str]:
+    """The installed distributions whose code the stages can run, recorders left out."""
+    modules = third_party_imports([path for stage in STAGES for path in import_closure(stage)])
+    providers = metadata.packages_distributions()
+    roots = {dist for module in modules - RECORDERS for dist in providers.get(module, [module])}
+    return _required_distributions(roots)
+
+
+def read_lock(path: Path) -> tuple[str | None, dict[str, str]]:
+    """(the Python `major.minor` it was compiled for, {canonical name: pinned version})."""
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise LockError(f"{path}: cannot read ({error.strerror}); the lock file pins the environment")
+    python = re.search(r"autogenerated by pip-compile with Python (\d+\.\d+)", text)
+    pins = dict(re.findall(r"^([A-Za-z0-9][A-Za-z0-9._-]*)(?:\[[^\]]*\])?==([^\s\\;]+)", text, re.MULTILINE))
+    return (python.group(1) if python else None), {_canonical(name): version for name, version in pins.items()}
+
+
+def environment(lock_path: Path) -> dict:
+    """The versions that can change the stages' numbers, as installed; one line if they are
+    not what the lock file pins (then the record would not be a function of the lock)."""
+    locked_python, pins = read_lock(lock_path)
+    python = f"{sys.version_info.major}.{sys.version_info.minor}"
+    if locked_python and locked_python != python:
+        raise LockError(f"{lock_path}: compiled for Python {locked_python}, running {python}; "
+                                "recreate the environment (make env)")
+    packages = {}
+    for name in sorted(stage_distributions()):
+        installed = metadata.version(name)
+        if pins.get(name) != installed:
+            pinned = f"pins {pins[name]}" if name in pins else "does not pin it"
+            raise LockError(f"{lock_path}: {name} {installed} is installed but the lock {pinned}; "
+                                    "recreate the environment (make env) or update the lock (make lock)")
+        packages[name] = installed
+    return {"python": python, "packages": packages}
+
+
+def file_digest(paths: list[Path], root: Path) -> dict[str, str]:
+    return {str(path.relative_to(root)): hashlib.sha256(path.read_bytes()).hexdigest() for path in paths}
+
+
+def inputs_digest(config: dict, data_digest: str, environment_record: dict, stage: str) -> str:
+    """What a stage's run computed from: config, prepared data, environment and its code."""
+    blob = json.dumps({
+        "config": config, "data": data_digest, "environment": environment_record,
+        "code": file_digest(import_closure(stage), PACKAGE_DIR.parent),
+    }, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:32]
