@@ -11,8 +11,6 @@ that consumes the value can run (seeds fit torch's generator, names are what MLf
 
 from __future__ import annotations
 
-import hashlib
-import json
 import re
 from pathlib import Path
 from typing import Annotated, Literal
@@ -141,11 +139,6 @@ class VariantConfig(_Strict):
     adam_eps: float
     weight_decay: float | None
     eval_batch_size: int
-
-    def fingerprint(self) -> str:
-        """Digest of every field that changes the numbers (device and threads excluded)."""
-        blob = json.dumps(self.model_dump(), sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
 
 
 class Params(_Strict):

@@ -86,12 +86,14 @@ class Inputs:
     digest: str  # provenance.inputs_digest: MLflow's tag, the resume key, in run.json
 
     @classmethod
-    def of(cls, config: VariantConfig, root: Path, prepared: Path) -> Inputs:
+    def of(cls, config: VariantConfig, device: torch.device, threads: int, root: Path, prepared: Path) -> Inputs:
         manifest = read_manifest(prepared)
         environment = read_environment(root)
         dataset = {"digest": manifest["digest"], "sizes": manifest["sizes"]}
+        # The device and the thread count change the last bits of the results: part of the inputs.
+        computed_with = config.model_dump() | {"device": device.type, "threads": threads}
         return cls(dataset, environment,
-                   provenance.inputs_digest(config.model_dump(), dataset["digest"], environment, "train"))
+                   provenance.inputs_digest(computed_with, dataset["digest"], environment, "train"))
 
 
 def read_environment(root: Path) -> dict:
@@ -107,7 +109,7 @@ def train(params: Params, variant: str, root: Path, runs: tracking.Tracking | No
     runs = runs or tracking.Tracking.from_environment(params.mlflow.experiment_name, root)
     device = configure_runtime(params.train.threads, params.train.device)
     config, paths = params.variant(variant), Paths.for_variant(root, variant)
-    inputs = Inputs.of(config, root, paths.prepared)
+    inputs = Inputs.of(config, device, params.train.threads, root, paths.prepared)
     with TrackingProcess(runs) as tracker:  # opens MLflow there while this process loads data
         return train_variant(config, paths, device, tracker, tracking.run_tags(runs, root, f"train@{variant}"),
                              inputs)

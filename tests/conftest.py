@@ -122,6 +122,16 @@ def run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: float = 600, ch
     return result
 
 
+def write_environment(root: Path) -> dict:
+    """What the check stage leaves in `root`: environment.json, from a copy of the lock file."""
+    import shutil
+
+    from pipeline.check import check
+
+    shutil.copy(ROOT / "requirements.lock", root / "requirements.lock")
+    return check(tiny_params(), root)
+
+
 def make_project(path: Path, mirror: Path) -> tuple[Path, dict[str, str]]:
     """A copy of this project in a fresh git + DVC repository, with tiny params.
 

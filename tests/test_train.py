@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -17,8 +18,8 @@ from pipeline import checkpoint
 from pipeline.params import load_params
 from pipeline.prepare import prepare
 from pipeline.tracking import Tracking
-from pipeline.train import train
-from tests.conftest import TINY_PARAMS, stage_env, tiny_mnist_arrays, write_mirror
+from pipeline.train import Paths, train
+from tests.conftest import TINY_PARAMS, stage_env, tiny_mnist_arrays, write_environment, write_mirror
 
 EPOCHS = 4
 
@@ -42,6 +43,7 @@ def make_prepared(path: Path, mirror: Path, **overrides) -> Path:
     params = load_params(path / "params.yaml")
     download(path / "data" / "raw", [str(mirror)], read_checksums(mirror / "SHA256SUMS.decompressed"))
     prepare(params.data, path / "data" / "raw", path / "data" / "prepared")
+    write_environment(path)
     return path
 
 
@@ -69,7 +71,14 @@ def wait_for_epoch(process: subprocess.Popen, epoch: int, timeout_s: float = 120
 
 
 def final_state(path: Path) -> dict:
-    return checkpoint.load(path / "data" / "checkpoints" / "batchnorm" / "last.pt")
+    """The stage's final checkpoint with its history (outputs of a finished run)."""
+    history = json.loads((path / "data" / "train" / "batchnorm" / "history.json").read_text())
+    return checkpoint.load(path / "data" / "checkpoints" / "batchnorm" / "last.pt") | {"history": history}
+
+
+def scratch_state(path: Path) -> dict:
+    """What a killed run left to resume from."""
+    return checkpoint.load(Paths.for_variant(path, "batchnorm").scratch / "last.pt")
 
 
 def variant_runs(path: Path) -> list:
@@ -122,8 +131,9 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, slow_mirror, un
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=30)
     assert_no_process_left_in(path)  # the stage's MLflow process goes with it
-    killed_at = final_state(path)["epoch"]
+    killed_at = scratch_state(path)["epoch"]
     assert 1 <= killed_at < EPOCHS
+    assert not (path / "data" / "checkpoints" / "batchnorm").exists(), "outputs are written at the end only"
     [crashed] = variant_runs(path)
     assert crashed.info.status == "RUNNING"
 
@@ -131,6 +141,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, slow_mirror, un
     assert resumed.returncode == 0, resumed.stderr
     assert f"resuming after epoch {killed_at}" in resumed.stdout
     assert_same_result(final_state(path), uninterrupted)
+    assert not Paths.for_variant(path, "batchnorm").scratch.exists(), "a finished run leaves no scratch state"
     [run] = variant_runs(path)  # the same run continued, not a second one
     assert run.info.run_id == crashed.info.run_id and run.info.status == "FINISHED"
     client = MlflowClient(f"sqlite:///{path / 'mlflow.db'}")
@@ -155,17 +166,17 @@ def test_sigterm_ends_run_killed_and_params_change_starts_fresh(tmp_path, slow_m
     (path / "params.yaml").write_text(yaml.safe_dump(raw))
     fresh = run_train(path)
     assert fresh.returncode == 0, fresh.stderr
-    assert "params changed since this checkpoint; starting fresh" in fresh.stderr
+    assert "params, data, code or environment changed since this checkpoint; starting fresh" in fresh.stderr
     statuses = sorted(r.info.status for r in variant_runs(path))
     assert statuses == ["FINISHED", "KILLED"]  # a new run; the interrupted one stays closed
 
 
 def test_damaged_checkpoint_is_skipped_with_a_warning(tmp_path, slow_mirror):
     path = make_prepared(tmp_path, slow_mirror, epochs=1)
-    last = path / "data" / "checkpoints" / "batchnorm" / "last.pt"
+    last = Paths.for_variant(path, "batchnorm").scratch / "last.pt"
     last.parent.mkdir(parents=True)
     last.write_bytes(b"\x50\x4b\x03\x04 truncated")
     result = run_train(path)
     assert result.returncode == 0, result.stderr
     assert f"warning: {last}: corrupt or truncated checkpoint" in result.stderr
-    assert final_state(path)["complete"]
+    assert final_state(path)["epoch"] == 1
