@@ -122,6 +122,20 @@ def run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: float = 600, ch
     return result
 
 
+def variant_run_ids(client, path: Path, variant: str, experiment: str = "tiny") -> dict:
+    """{"variant": id, "seeds": [ids]} of the newest finished runs that computed `variant`'s outputs
+    in the project at `path`, found as the compare stage finds them: by their inputs digest."""
+    import json
+
+    from pipeline.tracking import find_variant_runs
+
+    digest = json.loads((path / "data" / "train" / variant / "run.json").read_text())["inputs_digest"]
+    seeds = json.loads((path / "data" / "train" / variant / "history.json").read_text())["seeds"]
+    found = find_variant_runs(client, experiment, {variant: digest}, seeds)[variant]
+    assert found is not None, f"no finished run of {variant} with inputs {digest}"
+    return found
+
+
 def write_environment(root: Path) -> dict:
     """What the check stage leaves in `root`: environment.json, from a copy of the lock file."""
     import shutil

@@ -6,7 +6,6 @@ import math
 import subprocess
 import sys
 
-import pytest
 import yaml
 
 from pipeline.compare import summary_markdown

@@ -2,19 +2,29 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import time
+from importlib import metadata
 
 import pytest
 import yaml
 from mlflow import MlflowClient
 
-from tests.conftest import make_project, run
+from pipeline.tracking import INPUTS_TAG, RESTORED_TAG
+from tests.conftest import make_project, run, variant_run_ids
 
 VARIANTS = ("batchnorm", "no_norm")
 
 
-def stages_run(output: str) -> list[str]:
-    return [line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage")]
+def outputs_digest(path) -> dict[str, str]:
+    """Every file under data/ that DVC tracks, by content."""
+    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted((path / "data").rglob("*")) if p.is_file() and p.name != ".gitignore"}
+
+
+def variant_run(client: MlflowClient, path, variant: str):
+    return client.get_run(variant_run_ids(client, path, variant)["variant"])
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +39,7 @@ def reproduced(tmp_path_factory, tiny_mirror, http_mirror):
 def test_repro_runs_every_stage_and_records_metrics(reproduced):
     path, env, result = reproduced
     assert stages_run(result.stdout) == [
-        "download", "prepare", "train@batchnorm", "train@no_norm",
+        "check", "download", "prepare", "train@batchnorm", "train@no_norm",
         "evaluate@batchnorm", "evaluate@no_norm", "compare",
     ]
     metrics = json.loads(run(["dvc", "metrics", "show", "--json"], path, env).stdout)
@@ -55,6 +65,9 @@ def test_mlflow_holds_variant_runs_grouped_under_compare(reproduced):
         assert run_info.info.status == "FINISHED"
         assert run_info.data.tags["mlflow.parentRunId"] == group.info.run_id
         assert run_info.data.params["norm"] == ("batch" if variant == "batchnorm" else "none")
+        assert run_info.data.params["env.torch"] == metadata.version("torch")  # the environment it ran in
+        assert run_info.data.params["env.numpy"] == metadata.version("numpy")
+        assert run_info.data.tags[INPUTS_TAG] == variant_run(client, path, variant).data.tags[INPUTS_TAG]
         for metric in ("train_loss", "train_acc", "val_loss", "val_acc"):
             steps = [m.step for m in client.get_metric_history(run_info.info.run_id, metric)]
             assert steps == [1, 2]
@@ -78,14 +91,13 @@ def test_second_repro_runs_nothing(reproduced):
     assert stages_run(run(["dvc", "repro"], path, env).stdout) == []
 
 
-def test_forced_rerun_gives_bit_identical_outputs(reproduced):
+def test_forced_repro_leaves_every_output_and_dvc_lock_byte_identical(reproduced):
     path, env, _ = reproduced
-    outputs = ["data/evaluate/batchnorm/metrics.json", "data/train/batchnorm/history.json",
-               "data/train/batchnorm/curves.csv", "data/checkpoints/batchnorm/best.pt"]
-    before = {name: (path / name).read_bytes() for name in outputs}
-    result = run(["dvc", "repro", "--force", "evaluate@batchnorm"], path, env)
-    assert "train@batchnorm" in stages_run(result.stdout)
-    assert {name: (path / name).read_bytes() for name in outputs} == before
+    lock, before = (path / "dvc.lock").read_bytes(), outputs_digest(path)
+    result = run(["dvc", "repro", "--force"], path, env)
+    assert len(stages_run(result.stdout)) == 8
+    assert (path / "dvc.lock").read_bytes() == lock
+    assert outputs_digest(path) == before
 
 
 def test_editing_one_variant_reruns_only_that_variant(reproduced):
@@ -94,24 +106,48 @@ def test_editing_one_variant_reruns_only_that_variant(reproduced):
     params["variants"]["no_norm"]["lr"] = 0.005
     (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     assert stages_run(run(["dvc", "repro"], path, env).stdout) == [
-        "train@no_norm", "evaluate@no_norm", "compare"]
+        "check", "train@no_norm", "evaluate@no_norm", "compare"]
     client = MlflowClient(f"sqlite:///{path / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("tiny")
     groups = client.search_runs([experiment.experiment_id], "attributes.run_name = 'compare'",
                                 order_by=["attributes.start_time DESC"])
     newest = groups[0].info.run_id
     # the cached batchnorm run (train@batchnorm did not rerun) is grouped under it too
-    cached = json.loads((path / "data" / "train" / "batchnorm" / "run.json").read_text())["run_ids"]["variant"]
+    cached = variant_run(client, path, "batchnorm").info.run_id
     assert client.get_run(cached).data.tags["mlflow.parentRunId"] == newest
     # ... and its unchanged test metrics are not logged a second time
     assert len(client.get_metric_history(cached, "test_acc")) == 1
 
 
-def test_misspelled_exp_run_override_is_refused(reproduced):
-    """DVC appends an unknown key given as `+key=value` without a word; the pipeline refuses it."""
+def test_reverting_a_param_restores_every_stage_from_the_run_cache(reproduced):
     path, env, _ = reproduced
-    before = (path / "data" / "evaluate" / "batchnorm" / "metrics.json").read_bytes()
-    result = run(["dvc", "exp", "run", "-S", "+variants.batchnorm.learning_rate=0.1"], path, env, check=False)
-    assert result.returncode != 0
-    assert "variants.batchnorm.learning_rate: unknown key" in result.stdout + result.stderr
-    assert (path / "data" / "evaluate" / "batchnorm" / "metrics.json").read_bytes() == before
+    edited = outputs_digest(path)
+    run(["git", "checkout", "params.yaml"], path, env)  # as committed by make_project
+    started = time.monotonic()
+    result = run(["dvc", "repro"], path, env)
+    seconds = time.monotonic() - started
+    assert stages_run(result.stdout) == [], result.stdout  # no stage command ran
+    for stage in ("check", "train@no_norm", "evaluate@no_norm", "compare"):
+        assert f"Stage '{stage}' is cached - skipping run, checking out outputs" in result.stdout
+    assert outputs_digest(path) != edited
+    client = MlflowClient(f"sqlite:///{path / 'mlflow.db'}")
+    original = variant_run(client, path, "no_norm")  # the run that computed the restored outputs
+    assert original.info.status == "FINISHED" and RESTORED_TAG not in original.data.tags
+    print(f"revert restored from the run-cache in {seconds:.1f} s")
+
+
+def test_a_store_that_never_saw_the_runs_gets_them_rebuilt(reproduced, tmp_path):
+    path, env, _ = reproduced
+    uri = f"sqlite:///{tmp_path / 'other.db'}"
+    run(["dvc", "repro", "--force", "--single-item", "compare"], path, env | {"MLFLOW_TRACKING_URI": uri})
+    client = MlflowClient(uri)
+    for variant in VARIANTS:
+        rebuilt = variant_run(client, path, variant)
+        assert rebuilt.data.tags[RESTORED_TAG] == "dvc-outputs" and rebuilt.info.status == "FINISHED"
+        history = json.loads((path / "data" / "train" / variant / "history.json").read_text())
+        assert [m.value for m in client.get_metric_history(rebuilt.info.run_id, "val_acc")] == pytest.approx(
+            [sum(epoch) / len(epoch) for epoch in history["val_acc"]])
+        assert "test_acc" in rebuilt.data.metrics
+        assert rebuilt.data.tags["mlflow.parentRunId"]  # grouped under this compare
+    assert client.get_model_version_by_alias("mnist-mlp", "champion").run_id in {
+        variant_run(client, path, v).info.run_id for v in VARIANTS}

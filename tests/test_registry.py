@@ -17,7 +17,7 @@ from pipeline.errors import ParamsError
 from pipeline.model import StackedMlp
 from pipeline.params import VariantConfig
 from pipeline.registry import select_best
-from tests.conftest import run, tiny_params
+from tests.conftest import run, tiny_params, variant_run_ids
 from tests.shared_project import reproduced_project
 
 NAME, ALIAS = "mnist-mlp", "champion"
@@ -60,8 +60,7 @@ def test_champion_is_the_best_variant_and_predicts_like_its_stacked_replica(proj
     assert champion.tags["variant"] == best
     assert champion.tags["select_by"] == "val_acc"
     assert float(champion.tags["val_acc"]) == pytest.approx(statistics.fmean(histories[best]["val_acc"][-1]))
-    run_ids = json.loads((path / "data" / "train" / best / "run.json").read_text())["run_ids"]
-    assert champion.run_id == run_ids["variant"]
+    assert champion.run_id == variant_run_ids(client, path, best)["variant"]
 
     mlflow.set_tracking_uri(f"sqlite:///{path / 'mlflow.db'}")
     try:

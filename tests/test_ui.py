@@ -6,13 +6,13 @@ skipped without them. Screenshots land in the test's tmp folder (runs.png, val_a
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
 
+from tests.conftest import variant_run_ids
 from tests.mlflow_server import start_server, stop
 from tests.shared_project import reproduced_project
 
@@ -70,9 +70,8 @@ def test_runs_grouped_under_compare_and_a_val_acc_chart(ui, browser, tmp_path):
 
     uri, path = ui
     wait = WebDriverWait(browser, WAIT_S)
-    variant_ids = {v: json.loads((path / "data" / "train" / v / "run.json").read_text())["run_ids"]
-                   for v in ("batchnorm", "no_norm")}
     client = MlflowClient(f"sqlite:///{path / 'mlflow.db'}")
+    variant_ids = {v: variant_run_ids(client, path, v) for v in ("batchnorm", "no_norm")}
     experiment_id = client.get_experiment_by_name("tiny").experiment_id
     group_id = client.get_run(variant_ids["batchnorm"]["variant"]).data.tags["mlflow.parentRunId"]
 
