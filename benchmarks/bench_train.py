@@ -266,6 +266,7 @@ def part_overhead(args) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench-stage-") as tmp:
         tmp = Path(tmp)
         shutil.copytree(ROOT / "data" / "prepared", tmp / "data" / "prepared")
+        shutil.copy(ROOT / "environment.json", tmp / "environment.json")  # the check stage's record
         runs = tracking.Tracking(f"sqlite:///{tmp / 'mlflow.db'}", tmp, "bench-overhead")
         # train(params, variant, root, runs), or the older train(params, variant, paths, runs)
         where = tmp if "root" in inspect.signature(stage.train).parameters else stage.Paths.for_variant(tmp, VARIANT)

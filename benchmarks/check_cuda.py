@@ -27,9 +27,9 @@ from pipeline.data import Split, load_split
 from pipeline.model import StackedMlp, unstack
 from pipeline.params import load_params
 from pipeline.prepare import prepare
-from pipeline.train import configure_runtime
 from pipeline.training import (
     TrainingStep,
+    configure_runtime,
     epoch_metrics,
     epoch_permutations,
     make_optimizer,

@@ -72,7 +72,7 @@ def check(params: Params, root: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     argparse.ArgumentParser(description=__doc__.split("\n")[0]).parse_args(argv)
-    cli.run_with_params(lambda params: check(params, Path.cwd()))
+    cli.run_with_params(lambda params: check(params, Path()))  # relative paths in messages
 
 
 if __name__ == "__main__":
