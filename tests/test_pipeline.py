@@ -23,6 +23,10 @@ def outputs_digest(path) -> dict[str, str]:
             for p in sorted((path / "data").rglob("*")) if p.is_file() and p.name != ".gitignore"}
 
 
+def stages_run(output: str) -> list[str]:
+    return [line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage")]
+
+
 def variant_run(client: MlflowClient, path, variant: str):
     return client.get_run(variant_run_ids(client, path, variant)["variant"])
 

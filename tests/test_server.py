@@ -8,7 +8,6 @@ the stage in seconds, before any training.
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from tests.conftest import make_project, run
+from tests.conftest import make_project, run, variant_run_ids
 from tests.mlflow_server import free_port, start_server, stop
 
 VARIANTS = ("batchnorm", "no_norm")
@@ -83,7 +82,7 @@ def test_repro_tracks_everything_on_the_server(reproduced, tracking_server):
     for variant in VARIANTS:
         variant_run = runs[variant]
         run_id = variant_run.info.run_id
-        assert run_id == json.loads((path / "data" / "train" / variant / "run.json").read_text())["run_ids"]["variant"]
+        assert run_id == variant_run_ids(client, path, variant)["variant"]
         assert variant_run.info.status == "FINISHED"
         assert variant_run.data.tags["mlflow.parentRunId"] == group.info.run_id
         for metric in ("train_loss", "train_acc", "val_loss", "val_acc"):
