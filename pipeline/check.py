@@ -23,7 +23,8 @@ FLOAT_BYTES = 4
 # Copies of a replica stack's parameters alive at once: weights, gradients, Adam's two moments,
 # the evaluation thread's weights, the best epoch's and the checkpoint's copies (3 tensors each).
 STATE_COPIES = 11
-SPLIT_BYTES = 70_000 * 28 * 28  # MNIST as uint8 pixels, held whole
+MNIST_IMAGES = 70_000
+SPLIT_BYTES = MNIST_IMAGES * 28 * 28  # MNIST as uint8 pixels, held whole
 
 
 def parameter_count(config: VariantConfig) -> int:
@@ -37,8 +38,10 @@ def estimated_bytes(config: VariantConfig) -> int:
     """A generous estimate of a variant's peak memory in its train stage."""
     replicas = len(config.seeds)
     state = STATE_COPIES * parameter_count(config) * replicas * FLOAT_BYTES
-    # Evaluation: a batch of images and each layer's activations for every replica, twice over.
-    activations = 2 * config.eval_batch_size * (28 * 28 + replicas * (sum(config.hidden_sizes) + 10)) * FLOAT_BYTES
+    # Evaluation: a batch of images (no larger than a split) and each layer's activations for
+    # every replica, twice over.
+    batch = min(config.eval_batch_size, MNIST_IMAGES)
+    activations = 2 * batch * (28 * 28 + replicas * (sum(config.hidden_sizes) + 10)) * FLOAT_BYTES
     return state + activations + SPLIT_BYTES
 
 

@@ -19,7 +19,7 @@ from pipeline.errors import PipelineError
 from pipeline.fsio import atomic_write_bytes, atomic_write_json
 from pipeline.params import Params
 from pipeline.reports import comparison_plots, markdown_table, seed_dots_plot
-from pipeline.stats import mean_interval, summarize, welch_difference
+from pipeline.stats import finite, mean_interval, mean_std, summarize, welch_difference
 from pipeline.tracking_process import TrackingProcess
 
 def pct(value: float) -> str:
@@ -27,16 +27,22 @@ def pct(value: float) -> str:
 
 
 def summary_markdown(test_acc: dict, test_loss: dict, reference: str) -> tuple[str, dict]:
-    rows, table = [], {}
+    rows, table, notes = [], {}, []
     for variant in test_acc:
         acc, loss = mean_interval(test_acc[variant]), mean_interval(test_loss[variant])
-        std = summarize({"test_acc": test_acc[variant]})["test_acc_std"]
+        std = mean_std(test_acc[variant])[1]
+        diverged = len(test_loss[variant]) - len(finite(test_loss[variant]))
+        if diverged:
+            notes.append(f"- {variant}: {diverged} of {len(test_loss[variant])} seeds diverged (non-finite loss); "
+                         "their losses are left out of the means, their accuracies count.")
         rows.append([variant, str(len(test_acc[variant])), pct(acc.mean), pct(std),
                      f"[{pct(acc.low)}, {pct(acc.high)}]", f"{loss.mean:.4f}"])
         table[variant] = {"test_acc_mean": acc.mean, "test_acc_std": std, "test_acc_ci95": [acc.low, acc.high],
-                          "test_loss_mean": loss.mean}
+                          "test_loss_mean": loss.mean, "diverged_seeds": diverged}
     text = "# Test results\n\n" + markdown_table(
         ["variant", "seeds", "test_acc mean", "std", "95% CI", "test_loss mean"], rows)
+    if notes:
+        text += "\n" + "\n".join(notes) + "\n"
     sentences = []
     for variant in test_acc:
         if variant == reference:
@@ -67,7 +73,8 @@ def publish_evaluation(client, run_ids: dict, per_seed: dict, evaluate_dir: Path
     """The evaluate stage's results into the variant's runs, unless they already hold them."""
     metrics = {name: per_seed[name] for name in ("test_loss", "test_acc")}
     logged = client.get_run(run_ids["variant"]).data.metrics
-    if all(logged.get(name) == value for name, value in summarize(metrics).items()):
+    if all(logged.get(name) == value or math.isnan(value) and math.isnan(logged.get(name, 0.0))
+           for name, value in summarize(metrics).items()):
         return
     tracking.log_replica_metrics(client, run_ids, metrics, step)
     for name in ("confusion.png", "per_class.json", "per_seed.json"):
@@ -105,8 +112,11 @@ def compare(params: Params, root: Path, runs: tracking.Tracking | None = None) -
             [*plots, out / "summary.md", out / "summary.json"], choice,
         )
     print(text)
-    print(f"registered {choice.variant} ({choice.metric} {choice.score:.4f}) as {registered['name']} "
-          f"version {registered['version']}, alias @{registered['alias']}")
+    if registered is None:
+        print("registered nothing: no variant has a seed that trained without diverging")
+    else:
+        print(f"registered {choice.variant} ({choice.metric} {choice.score:.4f}) as {registered['name']} "
+              f"version {registered['version']}, alias @{registered['alias']}")
     return table
 
 
@@ -119,18 +129,17 @@ def restore_variant_runs(tracker: TrackingProcess, params: Params, runs: trackin
     print(f"{variant}: no run in {runs.uri} computed from inputs {lineage['inputs_digest']}; "
           "rebuilding it from the train stage's outputs")
     checkpoints = root / "data" / "checkpoints" / variant
-    model, seed = served_model(load(checkpoints / "last.pt"), history["val_acc"][-1])
+    served = served_model(load(checkpoints / "last.pt"), history)
     tags = tracking.run_tags(runs, root, f"train@{variant}") | {tracking.INPUTS_TAG: lineage["inputs_digest"]}
     dataset = lineage["dataset"] | {"uri": (root / "data" / "prepared").resolve().as_uri()}
     environment = read_json(root / provenance.ENVIRONMENT_FILE)
     return tracker.call(tracking.restore_variant_runs, params.mlflow.experiment_name, params.variant(variant),
-                        tags, dataset, environment, history, model, seed,
-                        [checkpoints / "last.pt", checkpoints / "best.pt"])
+                        tags, dataset, environment, history, served, [checkpoints / "last.pt", checkpoints / "best.pt"])
 
 
 def publish_comparison(client, params: Params, tags: dict[str, str], run_ids: dict[str, dict],
                        evaluations: dict[str, tuple[dict, Path, int]], metrics: dict[str, float],
-                       files: list[Path], choice: registry.Choice) -> dict:
+                       files: list[Path], choice: registry.Choice | None) -> dict | None:
     """The comparison's MLflow run, grouping the variant runs; their evaluation; the registry."""
     experiment_id = tracking.experiment_id(client, params.mlflow.experiment_name)
     group_id = client.create_run(experiment_id, run_name="compare", tags=tags).info.run_id
@@ -141,9 +150,11 @@ def publish_comparison(client, params: Params, tags: dict[str, str], run_ids: di
     tracking.log_metrics(client, group_id, metrics, 0)
     for path in files:
         client.log_artifact(group_id, str(path), "comparison")
-    registered = registry.register_best(client, experiment_id, params, choice, run_ids[choice.variant]["variant"],
-                                        group_id)
-    client.set_tag(group_id, "registered_model", f"{registered['name']}/{registered['version']}")
+    registered = None
+    if choice is not None:
+        registered = registry.register_best(client, experiment_id, params, choice,
+                                            run_ids[choice.variant]["variant"], group_id)
+        client.set_tag(group_id, "registered_model", f"{registered['name']}/{registered['version']}")
     client.set_terminated(group_id, "FINISHED")
     return registered
 

@@ -8,6 +8,7 @@ opening MLflow here would triple this stage's time (~3 s of imports and store st
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -50,7 +51,7 @@ def evaluate(params: Params, variant: str, root: Path) -> dict:
 
     out = root / "data" / "evaluate" / variant
     per_seed = {"test_loss": test_loss, "test_acc": test_acc}
-    metrics = summarize(per_seed)
+    metrics = summarize(per_seed) | {"diverged_seeds": sum(not math.isfinite(loss) for loss in test_loss)}
     atomic_write_json(out / "metrics.json", metrics)
     atomic_write_json(out / "per_seed.json", {"seeds": config.seeds, **per_seed})
     atomic_write_json(out / "per_class.json", {

@@ -177,15 +177,20 @@ def unstack(stacked: StackedMlp, config: VariantConfig, replica: int) -> nn.Sequ
     return plain.eval()
 
 
-def served_replica(final_val_acc: list[float]) -> int:
-    """The replica served as a variant's model: the best final val_acc, the first on a tie."""
-    return max(range(len(final_val_acc)), key=final_val_acc.__getitem__)
+def served_replica(final_val_acc: list[float], diverged_epoch: list[int | None]) -> int | None:
+    """The replica served as a variant's model: the best final val_acc of those that never
+    diverged, the first on a tie; None when every replica diverged (nothing is served)."""
+    candidates = [k for k, epoch in enumerate(diverged_epoch) if epoch is None]
+    return max(candidates, key=final_val_acc.__getitem__) if candidates else None
 
 
-def served_model(state: dict, final_val_acc: list[float]) -> tuple[nn.Sequential, int]:
-    """(the served replica as a plain module, its seed) from a final checkpoint's state."""
+def served_model(state: dict, history: dict) -> tuple[nn.Sequential, int] | None:
+    """(the served replica as a plain module, its seed) from a final checkpoint's state and
+    the variant's history.json; None when every replica diverged."""
+    replica = served_replica(history["val_acc"][-1], history["diverged_epoch"])
+    if replica is None:
+        return None
     config = VariantConfig(**state["config"])
     stacked = StackedMlp(config, config.seeds)
     stacked.load_state_dict(state["model"])
-    replica = served_replica(final_val_acc)
     return unstack(stacked, config, replica), config.seeds[replica]

@@ -10,11 +10,12 @@ and its score, and `compare.alias` (default `champion`) moves to it, so
 
 from __future__ import annotations
 
-import statistics
+import math
 from dataclasses import dataclass
 
 from pipeline.errors import PipelineError
 from pipeline.params import Params
+from pipeline.stats import mean_std
 
 LOGGED_MODEL_NAME = "model"  # what train.finish passes to mlflow.pytorch.log_model
 
@@ -26,14 +27,22 @@ class Choice:
     score: float  # mean over seeds
 
 
-def select_best(params: Params, histories: dict[str, dict], test_acc: dict[str, list[float]]) -> Choice:
-    """The variant with the highest mean score; ties go to the one listed first in params."""
+def select_best(params: Params, histories: dict[str, dict], test_acc: dict[str, list[float]]) -> Choice | None:
+    """The variant with the highest mean score; ties go to the one listed first in params.
+
+    Only variants with a served model (a seed that never diverged) and a finite score are
+    candidates; None when there is none (nothing is registered).
+    """
     metric = params.compare.select_by
     if metric == "val_acc":
-        scores = {v: statistics.fmean(histories[v]["val_acc"][-1]) for v in params.variants}
+        scores = {v: mean_std(histories[v]["val_acc"][-1])[0] for v in params.variants}
     else:
-        scores = {v: statistics.fmean(test_acc[v]) for v in params.variants}
-    best = max(scores, key=scores.__getitem__)
+        scores = {v: mean_std(test_acc[v])[0] for v in params.variants}
+    candidates = [v for v in params.variants if math.isfinite(scores[v])
+                  and any(epoch is None for epoch in histories[v]["diverged_epoch"])]
+    if not candidates:
+        return None
+    best = max(candidates, key=scores.__getitem__)
     return Choice(best, metric, scores[best])
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.fsio import atomic_write_bytes
+from pipeline.stats import mean_std
 
 # The lab's per-epoch measurements, in the order they are plotted and written.
 METRICS = ("train_loss", "train_acc", "val_loss", "val_acc")
@@ -27,7 +28,7 @@ def write_curves(path: Path, history: dict[str, list[list[float]]]) -> None:
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["epoch", *METRICS])
     for epoch, row in enumerate(zip(*(history[name] for name in METRICS)), start=1):
-        writer.writerow([epoch, *(f"{np.mean(values):.6f}" for values in row)])
+        writer.writerow([epoch, *(f"{mean_std(values)[0]:.6f}" for values in row)])
     atomic_write_bytes(path, buffer.getvalue().encode())
 
 
@@ -50,12 +51,10 @@ def _save(fig, path: Path) -> None:
 def plot_metric(ax, metric: str, histories: dict[str, dict]) -> None:
     """Mean over seeds per variant, with a band of ±1 std where there are several seeds."""
     for variant, history in histories.items():
-        values = np.asarray(history[metric])  # [epochs, seeds]
-        epochs = np.arange(1, len(values) + 1)
-        mean = values.mean(axis=1)
+        mean, std = np.array([mean_std(values) for values in history[metric]]).T  # per epoch, over seeds
+        epochs = np.arange(1, len(mean) + 1)
         (line,) = ax.plot(epochs, mean, marker="o", markersize=3, label=variant)
-        if values.shape[1] > 1:
-            std = values.std(axis=1, ddof=1)
+        if len(history[metric][0]) > 1:
             ax.fill_between(epochs, mean - std, mean + std, color=line.get_color(), alpha=0.2)
     ax.set_title(TITLES[metric])
     ax.set_xlabel("epoch")

@@ -230,18 +230,25 @@ def prepare_model_logging(client) -> None:
         build_map()
 
 
-def log_trained_model(client, run_ids: dict, model, example, served_seed: int, best_epochs: list[int],
-                      checkpoints: list[Path]) -> None:
-    """A finished variant: each seed's best epoch, the checkpoints, and the served model
-    (a plain nn.Module) with its signature, in the variant's run."""
+def log_trained_model(client, run_ids: dict, served: tuple | None, best_epochs: list[int],
+                      diverged_epochs: list[int | None], checkpoints: list[Path]) -> None:
+    """A finished variant: each seed's best epoch and divergence, the checkpoints, and the
+    served model (`served`: a plain nn.Module, an input example, its seed; None when every
+    seed diverged) with its signature, in the variant's run."""
     import mlflow
     import torch
     from mlflow.models import infer_signature
 
-    for run_id, best_epoch in zip(run_ids["seeds"], best_epochs, strict=True):
+    for run_id, best_epoch, diverged in zip(run_ids["seeds"], best_epochs, diverged_epochs, strict=True):
         client.set_tag(run_id, "best_epoch", str(best_epoch))
+        client.set_tag(run_id, "diverged", "false" if diverged is None else f"true (epoch {diverged})")
+    count = sum(epoch is not None for epoch in diverged_epochs)
+    client.set_tag(run_ids["variant"], "diverged_seeds", f"{count} of {len(diverged_epochs)}")
     for path in checkpoints:
         client.log_artifact(run_ids["variant"], str(path), "checkpoints")
+    if served is None:
+        return
+    model, example, served_seed = served
     with torch.no_grad():
         signature = infer_signature(example, model(torch.from_numpy(example)).numpy())
     with mlflow.start_run(run_id=run_ids["variant"]):
@@ -271,7 +278,7 @@ def find_variant_runs(client, experiment_name: str, digests: dict[str, str], see
 
 
 def restore_variant_runs(client, experiment_name: str, config, tags: dict[str, str], dataset: dict,
-                         environment: dict, history: dict, model, served_seed: int, checkpoints: list[Path]) -> dict:
+                         environment: dict, history: dict, served: tuple | None, checkpoints: list[Path]) -> dict:
     """A variant's runs rebuilt from its train stage's outputs, for a store that never saw the runs
     that made them (DVC restored the outputs from another machine's run-cache): params, per-epoch
     metrics, checkpoints and model, tagged `restored_from`. Returns their ids."""
@@ -280,8 +287,10 @@ def restore_variant_runs(client, experiment_name: str, config, tags: dict[str, s
     run_ids = start_variant_runs(client, experiment_name, config, tags | {RESTORED_TAG: "dvc-outputs"}, dataset,
                                  environment)
     backfill_metrics(client, run_ids, {name: history[name] for name in METRICS})
-    example = np.zeros((2, model[1].in_features), dtype=np.float32)  # the images are not an input of compare
-    log_trained_model(client, run_ids, model, example, served_seed, history["best_epoch"], checkpoints)
+    if served is not None:  # the images are not an input of compare: two blank ones as the example
+        model, seed = served
+        served = (model, np.zeros((2, model[1].in_features), dtype=np.float32), seed)
+    log_trained_model(client, run_ids, served, history["best_epoch"], history["diverged_epoch"], checkpoints)
     set_status(client, run_ids, "FINISHED")
     return run_ids
 

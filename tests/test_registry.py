@@ -87,12 +87,21 @@ def test_champion_is_the_best_variant_and_predicts_like_its_stacked_replica(proj
 
 
 def test_select_by_test_acc_picks_the_best_test_accuracy():
-    histories = {"batchnorm": {"val_acc": [[0.1, 0.1], [0.9, 0.8]]}, "no_norm": {"val_acc": [[0.1, 0.1], [0.5, 0.6]]}}
+    histories = {"batchnorm": {"val_acc": [[0.1, 0.1], [0.9, 0.8]], "diverged_epoch": [None, None]},
+                 "no_norm": {"val_acc": [[0.1, 0.1], [0.5, 0.6]], "diverged_epoch": [None, None]}}
     test_acc = {"batchnorm": [0.5, 0.6], "no_norm": [0.7, 0.7]}
     by_val = select_best(tiny_params(), histories, test_acc)
     assert (by_val.variant, by_val.metric, by_val.score) == ("batchnorm", "val_acc", pytest.approx(0.85))
     by_test = select_best(tiny_params(compare={"select_by": "test_acc"}), histories, test_acc)
     assert (by_test.variant, by_test.metric, by_test.score) == ("no_norm", "test_acc", pytest.approx(0.7))
+
+
+def test_a_variant_whose_every_seed_diverged_is_never_picked():
+    histories = {"batchnorm": {"val_acc": [[0.1, 0.1], [0.98, 0.98]], "diverged_epoch": [1, 2]},
+                 "no_norm": {"val_acc": [[0.1, 0.1], [0.5, 0.6]], "diverged_epoch": [None, 1]}}
+    assert select_best(tiny_params(), histories, {"batchnorm": [0.1, 0.1], "no_norm": [0.5, 0.1]}).variant == "no_norm"
+    histories["no_norm"]["diverged_epoch"] = [1, 1]
+    assert select_best(tiny_params(), histories, {}) is None
 
 
 def test_unknown_select_by_is_refused():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import signal
 import subprocess
 import sys
@@ -180,3 +181,15 @@ def test_damaged_checkpoint_is_skipped_with_a_warning(tmp_path, slow_mirror):
     assert result.returncode == 0, result.stderr
     assert f"warning: {last}: corrupt or truncated checkpoint" in result.stderr
     assert final_state(path)["epoch"] == 1
+
+
+def test_a_diverging_seed_is_recorded_and_the_stage_succeeds(tmp_path, slow_mirror):
+    path = make_prepared(tmp_path, slow_mirror, epochs=1, lr=1e30)
+    summary = train(load_params(path / "params.yaml"), "batchnorm", path,
+                    Tracking(f"sqlite:///{path / 'mlflow.db'}", path, "tiny"))
+    history = final_state(path)["history"]
+    assert history["diverged_epoch"] == [1, 1]
+    assert all(math.isnan(loss) for loss in summary["final"]["train_loss"])
+    [run] = variant_runs(path)
+    assert run.info.status == "FINISHED" and run.data.tags["diverged_seeds"] == "2 of 2"
+    assert "served_seed" not in run.data.tags  # no model is served from a diverged seed
