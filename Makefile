@@ -22,8 +22,8 @@ env: $(INSTALLED)
 $(INSTALLED): requirements.lock pyproject.toml
 	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet --require-hashes --no-deps -r requirements.lock
-	$(VENV)/bin/pip install --quiet --no-deps --no-build-isolation --editable .
+	$(VENV)/bin/pip install --quiet --quiet --require-hashes --no-deps -r requirements.lock
+	$(VENV)/bin/pip install --quiet --quiet --no-deps --no-build-isolation --editable .
 	touch $@
 
 # After changing pyproject.toml's dependencies: pin everything again, with hashes (pip-tools

@@ -122,3 +122,15 @@ def test_installed_versions_that_differ_from_the_lock_are_refused(project, tmp_p
     assert re.search(r"error: requirements\.lock: numpy 0\.1\.0 is installed but the lock pins \S+; recreate "
                      r"the environment \(make env\)", result.stderr), result.stderr
     run(["git", "checkout", "requirements.lock"], path, env)
+
+
+def test_editing_a_library_file_names_exactly_the_stages_that_import_it(project):
+    path, env = project
+    stats = path / "pipeline" / "stats.py"
+    original = stats.read_text()
+    stats.write_text(original + "\n# an edit\n")
+    try:
+        named = stages_named(run(["dvc", "status"], path, env).stdout)
+    finally:
+        stats.write_text(original)
+    assert named == {"train@batchnorm", "train@no_norm", "evaluate@batchnorm", "evaluate@no_norm", "compare"}
