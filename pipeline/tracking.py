@@ -26,6 +26,13 @@ from pipeline.stats import summarize
 PARENT_TAG = "mlflow.parentRunId"
 INPUTS_TAG = "inputs_digest"  # provenance.inputs_digest of what a variant's run computed from
 RESTORED_TAG = "restored_from"  # on a run rebuilt from DVC outputs that this store never saw
+# MLflow 3's UI opens an experiment on the page its kind names: the training runs, not the
+# GenAI overview it shows an experiment without one.
+EXPERIMENT_TAGS = {
+    "mlflow.experimentKind": "custom_model_development",
+    "mlflow.note.content": "The batch-norm MNIST lab: one run per variant (mean over seeds), a child "
+                           "run per seed, grouped under each `compare` run. Made by `dvc repro`.",
+}
 
 
 class TrackingError(PipelineError):
@@ -100,10 +107,14 @@ def connect(tracking: Tracking):
         client = MlflowClient(tracking.uri)
         experiment = client.get_experiment_by_name(tracking.experiment_name)
         if experiment is not None:
+            for key, value in EXPERIMENT_TAGS.items():
+                if key not in experiment.tags:  # an experiment made before these tags existed
+                    client.set_experiment_tag(experiment.experiment_id, key, value)
             return client, experiment.experiment_id
         # The embedded store keeps artifacts beside the database, not under the cwd.
         location = (tracking.root / "mlartifacts").as_uri() if tracking.is_local else None
-        return client, client.create_experiment(tracking.experiment_name, artifact_location=location)
+        return client, client.create_experiment(tracking.experiment_name, artifact_location=location,
+                                                tags=EXPERIMENT_TAGS)
 
 
 def git_commit(root: Path) -> str | None:

@@ -95,6 +95,9 @@ def test_runs_grouped_under_compare_and_a_val_acc_chart(ui, browser, tmp_path):
         click(cell.find_element(By.TAG_NAME, "button"))
 
     # A person opens the UI, picks the experiment, and switches to the model-training view.
+    # (The experiment says it is a training one; MLflow 3.17's UI still opens on the global
+    # workflow type, GenAI by default, whatever the experiment's kind.)
+    assert client.get_experiment(experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
     browser.get(uri + "/")
     click((By.LINK_TEXT, "tiny"))
 
