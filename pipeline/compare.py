@@ -110,6 +110,7 @@ def compare(params: Params, root: Path, runs: tracking.Tracking | None = None) -
             {v: (per_seed[v], data / "evaluate" / v, len(histories[v]["val_acc"])) for v in variants},
             {f"{v}.test_acc_mean": table[v]["test_acc_mean"] for v in variants},
             [*plots, out / "summary.md", out / "summary.json"], choice,
+            lineage[choice.variant]["dataset"]["digest"] if choice else None,
         )
     print(text)
     if registered is None:
@@ -139,7 +140,7 @@ def restore_variant_runs(tracker: TrackingProcess, params: Params, runs: trackin
 
 def publish_comparison(client, params: Params, tags: dict[str, str], run_ids: dict[str, dict],
                        evaluations: dict[str, tuple[dict, Path, int]], metrics: dict[str, float],
-                       files: list[Path], choice: registry.Choice | None) -> dict | None:
+                       files: list[Path], choice: registry.Choice | None, data_digest: str) -> dict | None:
     """The comparison's MLflow run, grouping the variant runs; their evaluation; the registry."""
     experiment_id = tracking.experiment_id(client, params.mlflow.experiment_name)
     group_id = client.create_run(experiment_id, run_name="compare", tags=tags).info.run_id
@@ -153,7 +154,8 @@ def publish_comparison(client, params: Params, tags: dict[str, str], run_ids: di
     registered = None
     if choice is not None:
         registered = registry.register_best(client, experiment_id, params, choice,
-                                            run_ids[choice.variant]["variant"], group_id)
+                                            run_ids[choice.variant]["variant"], group_id, data_digest,
+                                            tags.get("dvc_exp_name"))
         client.set_tag(group_id, "registered_model", f"{registered['name']}/{registered['version']}")
     client.set_terminated(group_id, "FINISHED")
     return registered

@@ -89,7 +89,8 @@ class TrainParams(_Strict):
 class CompareParams(_Strict):
     reference: str = "no_norm"
     registered_model: str = Field("mnist-mlp", min_length=1, max_length=255)  # the Model Registry name
-    alias: str = "champion"  # moved to each new version
+    alias: str = "champion"  # moved to a new version only when it beats the current champion
+    challenger_alias: str = "challenger"  # a new version that does not
     select_by: Literal["val_acc", "test_acc"] = "val_acc"  # last-epoch val_acc, or test_acc
 
     @field_validator("registered_model")
@@ -101,7 +102,7 @@ class CompareParams(_Strict):
                              "(not blank, no '/' or ':', not '.' or starting with '..')")
         return name
 
-    @field_validator("alias")
+    @field_validator("alias", "challenger_alias")
     @classmethod
     def _alias(cls, alias: str) -> str:
         if not MLFLOW_ALIAS.match(alias):
@@ -184,6 +185,8 @@ class Params(_Strict):
             if config.norm == "batch" and config.batch_size < 2:
                 raise ValueError(f"variants.{name}: batch norm needs train.batch_size >= 2 "
                                  "(the statistics of one image are undefined)")
+        if self.compare.alias == self.compare.challenger_alias:
+            raise ValueError(f"compare.challenger_alias: {self.compare.alias!r} is compare.alias already")
         if self.compare.reference not in self.variants:
             raise ValueError(
                 f"compare.reference: {self.compare.reference!r} is not a variant "

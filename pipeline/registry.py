@@ -3,9 +3,13 @@
 The best variant has the highest mean over seeds of `val_acc` at the last epoch (from
 `data/train/<variant>/history.json`), or of `test_acc` when `compare.select_by: test_acc`.
 The model that train logged in that variant's run (`name="model"`: its best seed as a plain
-`nn.Sequential`) becomes a new version of `compare.registered_model`, tagged with the variant
-and its score, and `compare.alias` (default `champion`) moves to it, so
-`models:/<registered_model>@<alias>` is always the latest comparison's pick.
+`nn.Sequential`) becomes a new version of `compare.registered_model`, tagged with the variant,
+the metric and its score, the data digest, the DVC experiment and the compare run.
+
+`compare.alias` (default `champion`) moves to the new version only when it beats the current
+champion on the same metric over the same data; otherwise the new version gets
+`compare.challenger_alias`. After every registration the champion is settled again over all
+comparable versions, so comparisons finishing in any order (a DVC queue) leave it on the best.
 """
 
 from __future__ import annotations
@@ -63,11 +67,11 @@ def logged_model_id(client, experiment_id: str, run_id: str) -> str:
 
 
 def register_best(client, experiment_id: str, params: Params, choice: Choice, run_id: str,
-                  compare_run_id: str) -> dict:
-    """A new version of the registered model from `run_id`'s logged model; the alias moves to it."""
+                  compare_run_id: str, data_digest: str, dvc_exp_name: str | None) -> dict:
+    """A new version of the registered model from `run_id`'s logged model, champion or challenger."""
     from mlflow.exceptions import MlflowException
 
-    name, alias = params.compare.registered_model, params.compare.alias
+    name = params.compare.registered_model
     model_id = logged_model_id(client, experiment_id, run_id)
     try:
         client.create_registered_model(
@@ -80,11 +84,55 @@ def register_best(client, experiment_id: str, params: Params, choice: Choice, ru
         source=f"models:/{model_id}",
         run_id=run_id,
         model_id=model_id,
-        tags={"variant": choice.variant, "select_by": choice.metric, choice.metric: f"{choice.score:.6f}",
-              "compare_run_id": compare_run_id},
+        tags={"variant": choice.variant, "select_by": choice.metric, "score": repr(choice.score),
+              choice.metric: f"{choice.score:.6f}", "data_digest": data_digest,
+              "dvc_exp_name": dvc_exp_name or "", "compare_run_id": compare_run_id},
         description=f"{choice.variant}: mean {choice.metric} over seeds {choice.score:.4f}",
     )
-    client.set_registered_model_alias(name, alias, version.version)
+    alias = settle_aliases(client, name, params.compare.alias, params.compare.challenger_alias, version.version)
     return {"name": name, "version": int(version.version), "alias": alias, "variant": choice.variant,
             "select_by": choice.metric, "score": choice.score, "run_id": run_id, "model_id": model_id,
             "model_uri": f"models:/{name}@{alias}"}
+
+
+def _score(version) -> float:
+    try:
+        return float(version.tags.get("score", "nan"))
+    except ValueError:
+        return math.nan
+
+
+def _comparable(version, reference) -> bool:
+    """Scored on the same metric over the same data, with a finite score."""
+    return (math.isfinite(_score(version)) and "data_digest" in version.tags
+            and all(version.tags.get(key) == reference.tags.get(key) for key in ("select_by", "data_digest")))
+
+
+def settle_aliases(client, name: str, champion: str, challenger: str, new_version: str | int) -> str:
+    """Put `champion` on the best version comparable with the current champion (the new one
+    where there is none, or it is not comparable with anything newer scoring); `challenger` on
+    the new version where it is not the champion. Returns the alias the new version got.
+
+    Read, decide, write, then read again: a comparison registering at the same time is seen
+    on the next pass, so concurrent compares end on the same, best, champion.
+    """
+    from mlflow.exceptions import MlflowException
+
+    new_version, seen = str(new_version), set()
+    for _ in range(10):
+        versions = {str(v.version): v for v in client.search_model_versions(f"name = '{name}'")}
+        if set(versions) == seen:
+            break
+        seen = set(versions)
+        try:
+            current = versions.get(str(client.get_model_version_by_alias(name, champion).version))
+        except MlflowException:  # no champion yet
+            current = None
+        reference = current if current is not None and _comparable(current, current) else versions[new_version]
+        candidates = [v for v in versions.values() if _comparable(v, reference)] or [versions[new_version]]
+        best = max(candidates, key=lambda v: (_score(v), -int(v.version)))  # a tie keeps the earlier version
+        client.set_registered_model_alias(name, champion, best.version)
+    if str(best.version) == new_version:
+        return champion
+    client.set_registered_model_alias(name, challenger, new_version)
+    return challenger

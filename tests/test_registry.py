@@ -16,7 +16,7 @@ from pipeline.data import as_images, load_split
 from pipeline.errors import ParamsError
 from pipeline.model import StackedMlp
 from pipeline.params import VariantConfig
-from pipeline.registry import select_best
+from pipeline.registry import select_best, settle_aliases
 from tests.conftest import run, tiny_params, variant_run_ids
 from tests.shared_project import reproduced_project
 
@@ -40,14 +40,15 @@ def recompared(project):
     return before, client.search_model_versions(f"name = '{NAME}'")
 
 
-def test_repro_registered_a_version_and_a_second_compare_moves_the_alias(project, recompared):
+def test_a_second_compare_of_the_same_results_is_a_challenger(project, recompared):
     _, _, client = project
     before, after = recompared
     assert before, "the first dvc repro registered the model"
     assert len(after) == len(before) + 1
-    newest = max(after, key=lambda v: int(v.version))
-    assert client.get_model_version_by_alias(NAME, ALIAS).version == newest.version
-    assert set(client.get_registered_model(NAME).aliases) == {ALIAS}
+    first, newest = min(after, key=lambda v: int(v.version)), max(after, key=lambda v: int(v.version))
+    assert newest.tags["score"] == first.tags["score"] and newest.tags["data_digest"] == first.tags["data_digest"]
+    assert client.get_model_version_by_alias(NAME, ALIAS).version == first.version  # a tie does not beat it
+    assert client.get_model_version_by_alias(NAME, "challenger").version == newest.version
 
 
 def test_champion_is_the_best_variant_and_predicts_like_its_stacked_replica(project, recompared):
@@ -107,3 +108,41 @@ def test_a_variant_whose_every_seed_diverged_is_never_picked():
 def test_unknown_select_by_is_refused():
     with pytest.raises(ParamsError, match="compare.select_by"):
         tiny_params(compare={"select_by": "train_acc"})
+
+
+@pytest.fixture
+def registry_client(tmp_path):
+    client = MlflowClient(f"sqlite:///{tmp_path / 'registry.db'}")
+    client.create_registered_model("m")
+    return client
+
+
+def add_version(client, score: float, data: str = "d1", metric: str = "val_acc") -> str:
+    source = "file:///nowhere/model"
+    tags = {"score": repr(score), "select_by": metric, "data_digest": data}
+    return client.create_model_version("m", source=source, tags=tags).version
+
+
+@pytest.mark.parametrize("order", [(0, 1, 2), (2, 1, 0), (1, 2, 0), (2, 0, 1)])
+def test_champion_ends_on_the_best_whatever_the_order(registry_client, order):
+    scores = [0.95, 0.97, 0.96]
+    given = {}
+    for index in order:
+        version = add_version(registry_client, scores[index])
+        given[index] = settle_aliases(registry_client, "m", "champion", "challenger", version)
+    champion = registry_client.get_model_version_by_alias("m", "champion")
+    assert float(champion.tags["score"]) == 0.97
+    best_so_far = float("-inf")
+    for index in order:  # each new version is champion exactly when it beats every earlier one
+        assert given[index] == ("champion" if scores[index] > best_so_far else "challenger")
+        best_so_far = max(best_so_far, scores[index])
+
+
+def test_only_a_better_score_on_the_same_data_and_metric_takes_the_alias(registry_client):
+    settle_aliases(registry_client, "m", "champion", "challenger", add_version(registry_client, 0.95))
+    for other in (add_version(registry_client, 0.99, data="d2"), add_version(registry_client, 0.99, metric="test_acc"),
+                  add_version(registry_client, 0.95), add_version(registry_client, float("nan"))):
+        assert settle_aliases(registry_client, "m", "champion", "challenger", other) == "challenger"
+        assert str(registry_client.get_model_version_by_alias("m", "champion").version) == "1"
+    better = add_version(registry_client, 0.96)
+    assert settle_aliases(registry_client, "m", "champion", "challenger", better) == "champion"
