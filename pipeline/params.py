@@ -65,6 +65,14 @@ class ModelChoices(_Strict):
     optimizer: Optimizer | None = None
     lr: float | None = Field(None, gt=0)
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_explicit_null(cls, value: object) -> object:
+        # `norm: null` reads as "no norm" but would mean "inherit train.norm": refuse the doubt.
+        if value is None:
+            raise ValueError("null is not a value here; leave the key out to use the train: default")
+        return value
+
 
 class TrainParams(_Strict):
     """Shared training settings; the model and optimizer fields are every variant's defaults."""

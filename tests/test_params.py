@@ -75,6 +75,7 @@ BAD_VALUES = [  # key path, value, what the one-line message says (after "params
     ("compare.alias", "latest", "compare.alias: 'latest' is reserved by MLflow"),
     ("compare.alias", "v2", "compare.alias: 'v2' is reserved by MLflow"),
     ("compare.alias", "the best", "compare.alias: 'the best': an alias is 1-255 letters, digits"),
+    ("variants.batchnorm.norm", None, "variants.batchnorm.norm: null is not a value here; leave the key out"),
     ("compare.challenger_alias", "champion", "compare.challenger_alias: 'champion' is compare.alias already"),
     ("compare.registered_model", "team/mnist", "compare.registered_model: 'team/mnist' is not a registered model name"),
     ("compare.registered_model", "   ", "compare.registered_model: '   ' is not a registered model name"),
