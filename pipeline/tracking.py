@@ -8,6 +8,7 @@ functions through their tracking process (pipeline/tracking_process.py), which s
 
 from __future__ import annotations
 
+import base64
 import fcntl
 import json
 import os
@@ -69,15 +70,52 @@ class Tracking:
 
 
 def check_server(uri: str, timeout_s: float = 3.0) -> None:
-    """Fail in seconds, before any training, when a tracking server is not there."""
+    """Fail in seconds, before any training, when a tracking server is not there or refuses
+    this environment's credentials (MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD)."""
+    base = uri.rstrip("/")
     try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as response:
+        with urllib.request.urlopen(base + "/health", timeout=timeout_s) as response:
             response.read()
     except urllib.error.HTTPError as error:
         raise TrackingError(f"MLFLOW_TRACKING_URI: {uri} answered HTTP {error.code} on /health") from None
     except (urllib.error.URLError, OSError) as error:
         reason = getattr(error, "reason", error)
         raise TrackingError(f"MLFLOW_TRACKING_URI: cannot reach {uri} ({reason})") from None
+    request = urllib.request.Request(base + "/api/2.0/mlflow/experiments/search?max_results=1",
+                                     headers=_basic_auth_header())
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            response.read()
+    except urllib.error.HTTPError as error:
+        if error.code == 401:
+            if "MLFLOW_TRACKING_USERNAME" not in os.environ:
+                raise TrackingError(f"MLFLOW_TRACKING_URI: {uri} requires a login; set MLFLOW_TRACKING_USERNAME "
+                                    "and MLFLOW_TRACKING_PASSWORD") from None
+            raise TrackingError(f"MLFLOW_TRACKING_USERNAME: {uri} refused the credentials of user "
+                                f"{os.environ['MLFLOW_TRACKING_USERNAME']!r} (HTTP 401)") from None
+        raise TrackingError(f"MLFLOW_TRACKING_URI: {uri} answered HTTP {error.code} to a search") from None
+    except (urllib.error.URLError, OSError) as error:
+        raise TrackingError(f"MLFLOW_TRACKING_URI: {uri} did not answer a search "
+                            f"({getattr(error, 'reason', error)})") from None
+
+
+def _basic_auth_header() -> dict[str, str]:
+    """HTTP basic auth from MLflow's own variables (the password never leaves this process)."""
+    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    if not user:
+        return {}
+    token = base64.b64encode(f"{user}:{password or ''}".encode()).decode()
+    return {"Authorization": f"Basic {token}"}
+
+
+def refused(error: Exception) -> TrackingError | None:
+    """MLflow's refusal of an action (no permission, no login) as one line; None for other errors."""
+    code = getattr(error, "error_code", "")
+    if code in ("PERMISSION_DENIED", "UNAUTHENTICATED"):
+        user = os.environ.get("MLFLOW_TRACKING_USERNAME", "(no user)")
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else code
+        return TrackingError(f"MLflow refused user {user!r}: {code} ({first_line[:200]})")
+    return None
 
 
 @contextmanager

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
 
-from pipeline.tracking import Tracking, check_server, connect
+from pipeline.tracking import Tracking, check_server, connect, refused
 
 _clients: dict[Tracking, object] = {}  # in the worker: its open store
 
@@ -32,7 +32,10 @@ def _client(tracking: Tracking):
 
 
 def _call(tracking: Tracking, fn: Callable, args: tuple):
-    return fn(_client(tracking), *args)
+    try:
+        return fn(_client(tracking), *args)
+    except Exception as error:  # a refusal (a READ-only user, say) is one line, not a traceback
+        raise refused(error) or error
 
 
 def _start_worker(stage_pid: int) -> None:

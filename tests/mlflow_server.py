@@ -49,7 +49,7 @@ def stop(process: subprocess.Popen) -> None:
         process.wait(timeout=15)
 
 
-def start_server(folder: Path, backend_store_uri: str, *extra: str):
+def start_server(folder: Path, backend_store_uri: str, *extra: str, env: dict[str, str] | None = None):
     """`mlflow server` on a free loopback port; returns (process, uri) once /health answers."""
     port = free_port()
     log = folder / f"server-{port}.log"
@@ -60,7 +60,8 @@ def start_server(folder: Path, backend_store_uri: str, *extra: str):
             cwd=folder, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
             # No background job runner (GenAI jobs: several worker processes) on 2 shared cores,
             # and no usage telemetry.
-            env=os.environ | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"},
+            env=os.environ | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
+            | (env or {}),
         )
     uri = f"http://127.0.0.1:{port}"
     try:

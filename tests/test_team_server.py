@@ -1,0 +1,156 @@
+"""The pipeline against a team's server: MLflow on PostgreSQL, artifacts in S3, basic-auth logins."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+from tests.conftest import make_project, run, variant_run_ids
+from tests.mlflow_server import stop
+from tests.team_server import (
+    ADMIN,
+    create_user,
+    postgres_bin,
+    s3_keys,
+    start_postgres,
+    start_s3,
+    start_team_server,
+)
+
+pytestmark = [
+    pytest.mark.timeout(900),
+    pytest.mark.skipif(postgres_bin("initdb") is None or shutil.which("runuser") is None,
+                       reason="needs Debian's postgresql (initdb, pg_ctl) and runuser"),
+]
+VARIANTS = ("batchnorm", "no_norm")
+
+
+@pytest.fixture(scope="module")
+def team(tmp_path_factory):
+    """(server uri, admin password, S3 endpoint, alice's password) of a running stack."""
+    folder = tmp_path_factory.mktemp("team")
+    postgres = start_postgres()
+    s3, endpoint = start_s3()
+    try:
+        process, uri, admin_password = start_team_server(folder, postgres, endpoint)
+        try:
+            yield uri, admin_password, endpoint, create_user(uri, admin_password, "alice")
+        finally:
+            stop(process)
+    finally:
+        s3.stop()
+        postgres.stop()
+
+
+def login(user: str, password: str) -> dict[str, str]:
+    return {"MLFLOW_TRACKING_USERNAME": user, "MLFLOW_TRACKING_PASSWORD": password}
+
+
+def client_as(uri: str, user: str, password: str) -> MlflowClient:
+    os.environ |= login(user, password)  # MlflowClient reads the login from the environment
+    return MlflowClient(uri)
+
+
+@pytest.fixture(scope="module")
+def reproduced(team, tmp_path_factory, tiny_mirror):
+    uri, _, _, alice = team
+    path, env = make_project(tmp_path_factory.mktemp("team_repro") / "project", tiny_mirror[0])
+    env = env | {"MLFLOW_TRACKING_URI": uri} | login("alice", alice)
+    result = run(["dvc", "repro"], path, env, timeout=600)
+    yield path, env, result
+    for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        os.environ.pop(key, None)
+
+
+def test_everything_is_recorded_in_postgres_and_s3(team, reproduced):
+    uri, _, endpoint, alice = team
+    path, _, _ = reproduced
+    client = client_as(uri, "alice", alice)
+    experiment = client.get_experiment_by_name("tiny")
+    assert experiment.artifact_location.startswith("mlflow-artifacts:"), "artifacts go through the server"
+    for variant in VARIANTS:
+        ids = variant_run_ids(client, path, variant)
+        run_info = client.get_run(ids["variant"])
+        assert run_info.info.status == "FINISHED" and run_info.data.params["env.torch"]
+        assert [m.step for m in client.get_metric_history(ids["variant"], "val_acc")] == [1, 2]
+        assert "test_acc" in run_info.data.metrics
+        assert {a.path for a in client.list_artifacts(ids["variant"], "checkpoints")} == {
+            "checkpoints/last.pt", "checkpoints/best.pt"}
+    keys = s3_keys(endpoint)
+    assert any(key.endswith("checkpoints/last.pt") for key in keys)
+    assert any(key.endswith("comparison/summary.md") for key in keys)
+    assert any(key.endswith("MLmodel") for key in keys), "the logged models are in S3"
+    champion = client.get_model_version_by_alias("mnist-mlp", "champion")
+    assert champion.tags["data_digest"]
+
+
+def test_a_read_only_user_cannot_log_or_delete(team, reproduced):
+    uri, admin_password, _, alice = team
+    path, _, _ = reproduced
+    bob = create_user(uri, admin_password, "bob")  # default permission: READ
+    client = client_as(uri, "bob", bob)
+    experiment = client.get_experiment_by_name("tiny")
+    run_id = variant_run_ids(client, path, "batchnorm")["variant"]
+    assert client.get_run(run_id).data.metrics  # reading is allowed
+    for attempt in (lambda: client.log_metric(run_id, "val_acc", 0.0),
+                    lambda: client.delete_run(run_id),
+                    lambda: client.create_run(experiment.experiment_id)):
+        with pytest.raises(MlflowException) as refused:
+            attempt()
+        assert refused.value.error_code == "PERMISSION_DENIED"
+    assert client_as(uri, "alice", alice).get_run(run_id).info.lifecycle_stage == "active"
+
+
+def test_a_read_only_user_running_the_stage_gets_one_line(team, reproduced):
+    uri, admin_password, _, _ = team
+    path, env, _ = reproduced
+    carol = create_user(uri, admin_password, "carol")
+    result = subprocess.run([sys.executable, "-m", "pipeline.compare"], cwd=path, capture_output=True, text=True,
+                            env=env | login("carol", carol), timeout=300)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith("error: MLflow refused user 'carol': PERMISSION_DENIED")
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("credentials, message", [
+    ({"MLFLOW_TRACKING_USERNAME": "alice", "MLFLOW_TRACKING_PASSWORD": "wrong"},
+     "error: MLFLOW_TRACKING_USERNAME: {uri} refused the credentials of user 'alice' (HTTP 401)"),
+    ({}, "error: MLFLOW_TRACKING_URI: {uri} requires a login; set MLFLOW_TRACKING_USERNAME and "
+         "MLFLOW_TRACKING_PASSWORD"),
+], ids=["wrong-password", "no-login"])
+def test_bad_credentials_fail_the_stage_in_seconds_before_training(team, reproduced, credentials, message):
+    uri, _, _, _ = team
+    path, env, _ = reproduced
+    env = {k: v for k, v in env.items() if not k.startswith("MLFLOW_TRACKING_") or k == "MLFLOW_TRACKING_URI"}
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "pipeline.train", "--variant", "batchnorm"], cwd=path,
+                            capture_output=True, text=True, env=env | credentials, timeout=120)
+    seconds = time.monotonic() - started
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [message.format(uri=uri)]
+    assert "epoch" not in result.stdout  # nothing trained
+    print(f"refused in {seconds:.1f} s")
+
+
+def test_no_secret_lands_in_outputs_params_or_logs(team, reproduced):
+    uri, admin_password, _, alice = team
+    path, _, result = reproduced
+    secrets = [alice, admin_password]
+    logs = result.stdout + result.stderr
+    assert not any(secret in logs for secret in secrets)
+    for file in [*path.rglob("*")]:
+        if file.is_file() and ".git" not in file.parts and file.stat().st_size < 50_000_000:
+            content = file.read_bytes()
+            assert not any(secret.encode() in content for secret in secrets), file
+    client = client_as(uri, ADMIN, admin_password)
+    experiment = client.get_experiment_by_name("tiny")
+    for found in client.search_runs([experiment.experiment_id]):
+        recorded = " ".join([*found.data.params.values(), *found.data.tags.values()])
+        assert not any(secret in recorded for secret in secrets), found.info.run_name
