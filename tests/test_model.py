@@ -53,12 +53,17 @@ def _as_stack(model):
     return torch.nn.Sequential(model, torch.nn.Unflatten(0, (1, -1)))
 
 
-@pytest.mark.parametrize(("norm", "optimizer"), [("batch", "adam"), ("layer", "sgd"), ("none", "adamw")])
-def test_replica_in_a_stack_trains_like_the_seed_alone(splits, norm, optimizer):
+@pytest.mark.parametrize(("norm", "optimizer", "bias_before_bn"), [
+    ("batch", "adam", False), ("batch", "adam", True), ("layer", "sgd", False), ("none", "adamw", False),
+])
+def test_replica_in_a_stack_trains_like_the_seed_alone(splits, norm, optimizer, bias_before_bn):
     train, val = splits
-    config = tiny_params(seeds=SEEDS, train={"norm": norm, "optimizer": optimizer, "epochs": 13}).variant("batchnorm")
+    config = tiny_params(seeds=SEEDS, train={"norm": norm, "optimizer": optimizer, "epochs": 13,
+                                             "bias_before_bn": bias_before_bn}).variant("batchnorm")
     config = config.model_copy(update={"norm": norm})
     stack = StackedMlp(config, SEEDS)
+    # The first Linear has a bias unless batch norm follows it and the port's layout is asked for.
+    assert (stack.layers[0].bias is not None) == (norm != "batch" or bias_before_bn)
     step = TrainingStep(stack, make_optimizer(stack, config), train, SEEDS, config.batch_size)
     stack_history = []
     for epoch in range(1, config.epochs + 1):  # 13 epochs x 16 steps = 208 steps
