@@ -84,7 +84,11 @@ def load_split(prepared_dir: Path, split: str, device: torch.device) -> Split:
 
 
 def as_images(pixels: torch.Tensor) -> torch.Tensor:
-    """uint8 pixels as float images in [0, 1], as the lab fed them (x / 255, exactly)."""
+    """uint8 pixels as float images in [0, 1]: x / 255, correctly rounded.
+
+    TF1's reader multiplied by float32(1/255) instead, off in the last bit for some bytes;
+    that moves no result (benchmarks/fidelity/README.md).
+    """
     return pixels.float().div_(255)
 
 
