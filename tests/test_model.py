@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.data import Split, as_images
-from pipeline.model import StackedMlp, plain_mlp, unstack
+from pipeline.model import StackedLinear, StackedMlp, plain_mlp, unstack
 from pipeline.training import (
     TrainingStep,
     epoch_metrics,
@@ -53,17 +53,12 @@ def _as_stack(model):
     return torch.nn.Sequential(model, torch.nn.Unflatten(0, (1, -1)))
 
 
-@pytest.mark.parametrize(("norm", "optimizer", "bias_before_bn"), [
-    ("batch", "adam", False), ("batch", "adam", True), ("layer", "sgd", False), ("none", "adamw", False),
-])
-def test_replica_in_a_stack_trains_like_the_seed_alone(splits, norm, optimizer, bias_before_bn):
+@pytest.mark.parametrize(("norm", "optimizer"), [("batch", "adam"), ("layer", "sgd"), ("none", "adamw")])
+def test_replica_in_a_stack_trains_like_the_seed_alone(splits, norm, optimizer):
     train, val = splits
-    config = tiny_params(seeds=SEEDS, train={"norm": norm, "optimizer": optimizer, "epochs": 13,
-                                             "bias_before_bn": bias_before_bn}).variant("batchnorm")
+    config = tiny_params(seeds=SEEDS, train={"norm": norm, "optimizer": optimizer, "epochs": 13}).variant("batchnorm")
     config = config.model_copy(update={"norm": norm})
     stack = StackedMlp(config, SEEDS)
-    # The first Linear has a bias unless batch norm follows it and the port's layout is asked for.
-    assert (stack.layers[0].bias is not None) == (norm != "batch" or bias_before_bn)
     step = TrainingStep(stack, make_optimizer(stack, config), train, SEEDS, config.batch_size)
     stack_history = []
     for epoch in range(1, config.epochs + 1):  # 13 epochs x 16 steps = 208 steps
@@ -93,6 +88,22 @@ def test_unstacked_replica_predicts_like_the_stack(splits):
         for replica in range(len(SEEDS)):
             plain_logits = unstack(stack, config, replica)(images.view(-1, 28, 28))
             torch.testing.assert_close(plain_logits, stacked_logits[replica])
+
+
+@pytest.mark.parametrize("bias_before_bn", [False, True])
+def test_bias_before_batch_norm_only_on_request(splits, bias_before_bn):
+    """The port drops the Linear bias that batch norm cancels; `bias_before_bn` keeps TF1's."""
+    train, val = splits
+    config = tiny_params(seeds=SEEDS, train={"norm": "batch", "bias_before_bn": bias_before_bn}).variant("batchnorm")
+    stack = StackedMlp(config, SEEDS)
+    train_epoch(TrainingStep(stack, make_optimizer(stack, config), train, SEEDS, config.batch_size), epoch=1)
+    first, second, output = [layer for layer in stack.layers if isinstance(layer, StackedLinear)]
+    assert (first.bias is not None, second.bias is not None, output.bias is not None) == (bias_before_bn,) * 2 + (True,)
+    if bias_before_bn:  # its gradient is rounding noise, which Adam still turns into steps
+        assert first.bias.abs().max() > 0
+    images = as_images(val.pixels)
+    with torch.no_grad():
+        torch.testing.assert_close(unstack(stack, config, 1)(images.view(-1, 28, 28)), stack.eval()(images)[1])
 
 
 def test_replicas_differ_by_seed_and_score_per_replica(splits):

@@ -14,7 +14,8 @@ pipeline for this process only (none changed the numbers, so none is a param; se
   multiply_scale   pixels x * float32(1/255), as TF1's reader scaled them, not x / 255
 
 Appends the per-seed test figures to `--out` (JSON lines) and prints mean ± sample sd with
-Welch's p against every seed of the variant in the reference files.
+Welch's p against every seed of the variant in the reference files. `--table` prints instead
+the markdown table of everything in `--out`, each row against the reference's same seeds.
 """
 
 from __future__ import annotations
@@ -83,18 +84,53 @@ def multiply_scale() -> None:
 
 
 CHANGES = {change.__name__: change for change in (tf1_adam_eps, carry, first_val, multiply_scale)}
+REFERENCES = [bench_fidelity.HERE / "reference.json", bench_fidelity.HERE / "reference_no_norm_seeds20-99.json"]
+
+
+def print_table(results: Path, references: list[Path]) -> None:
+    """A row per run, then each pooled where one change was run on several seed ranges.
+
+    Each row is tested against the reference's runs of the same seeds.
+    """
+    reference: dict[str, dict] = {}
+    for path in references:
+        for variant, runs in json.loads(path.read_text())["variants"].items():
+            reference.setdefault(variant, {}).update(runs)
+    rows, pooled = [], {}
+    for line in results.read_text().splitlines():
+        run = json.loads(line)
+        key = (run["variant"], " + ".join(run["changes"] + run["overrides"]) or "port as is")
+        rows.append((key, run))
+        pooled.setdefault(key, []).append(run)
+    rows += [(key, {name: sum((run[name] for run in runs), []) for name in ("seeds", "test_acc", "test_loss")})
+             for key, runs in pooled.items() if len(runs) > 1]
+    print("| variant | port with | seeds | port test_acc | port test_loss | reference test_acc | Welch p |")
+    print("|---|---|---|---|---|---|---|")
+    for (variant, label), run in rows:
+        ref = [reference[variant][str(seed)]["test_acc"] for seed in run["seeds"]]
+        p = stats.ttest_ind(run["test_acc"], ref, equal_var=False).pvalue
+        acc, loss = run["test_acc"], run["test_loss"]
+        print(f"| {variant} | {label} | {min(run['seeds'])}-{max(run['seeds'])} | {100 * statistics.mean(acc):.2f} ± "
+              f"{100 * statistics.stdev(acc):.2f} | {statistics.mean(loss):.3f} | {100 * statistics.mean(ref):.2f} ± "
+              f"{100 * statistics.stdev(ref):.2f} | {p:.3f} |")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--mnist", type=Path, required=True)
+    parser.add_argument("--mnist", type=Path)
     parser.add_argument("--variant", default="no_norm")
     parser.add_argument("--change", action="append", default=[], choices=sorted(CHANGES))
     parser.add_argument("--first-seed", type=int, default=0)
     parser.add_argument("--seeds", type=int, default=20)
-    parser.add_argument("--reference", type=Path, nargs="+", default=[bench_fidelity.HERE / "reference.json"])
+    parser.add_argument("--reference", type=Path, nargs="+", default=REFERENCES)
     parser.add_argument("--out", type=Path, default=bench_fidelity.HERE / "ablation.jsonl")
+    parser.add_argument("--table", action="store_true")
     args = parser.parse_args()
+    if args.table:
+        print_table(args.out, args.reference)
+        return
+    if args.mnist is None:
+        parser.error("--mnist is required to train")
 
     for change in args.change:
         CHANGES[change]()
@@ -111,7 +147,8 @@ def main() -> None:
     ref = [run["test_acc"] for run in reference.values()]
     p = stats.ttest_ind(port["test_acc"], ref, equal_var=False).pvalue
     with args.out.open("a") as out:
-        out.write(json.dumps({"variant": args.variant, "changes": sorted(args.change), "seeds": seeds, **port}) + "\n")
+        out.write(json.dumps({"variant": args.variant, "changes": sorted(args.change), "overrides": [],
+                                "seeds": seeds, **port}) + "\n")
     acc, loss = port["test_acc"], port["test_loss"]
     print(f"{args.variant} {'+'.join(sorted(args.change)) or 'port as is'}: test_acc "
           f"{100 * statistics.mean(acc):.2f} ± {100 * statistics.stdev(acc):.2f} (n={len(acc)}), "
