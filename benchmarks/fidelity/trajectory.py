@@ -32,8 +32,11 @@ def trace_tf(mnist: Path, out: Path, seed: int) -> None:
     data = reference.read_data_sets(mnist)
     train = data["train"]
     np.random.seed(seed)
-    order = np.arange(train.num_examples)  # next_batch over row numbers: the same shuffles
-    saved, rows, index, first = {}, [], 0, True
+    # The reader's own next_batch over row numbers: the same shuffles, the rows it fed.
+    numbers = reference.DataSet.__new__(reference.DataSet)
+    numbers.__dict__.update(train.__dict__, _images=np.arange(train.num_examples),
+                            _labels=np.arange(train.num_examples))
+    saved, rows = {}, []
     graph = tf1.Graph()
     with graph.as_default():
         tf1.set_random_seed(seed)
@@ -44,17 +47,7 @@ def trace_tf(mnist: Path, out: Path, seed: int) -> None:
             sess.run(tf1.global_variables_initializer())
             saved["init"] = sess.run(weights)
             for step in range(1, SAVED_STEPS[-1] + 1):
-                if first:
-                    np.random.shuffle(perm := np.arange(len(order)))
-                    order, first = order[perm], False
-                if index + reference.BATCH_SIZE > len(order):
-                    rest = order[index:]
-                    np.random.shuffle(perm := np.arange(len(order)))
-                    order = order[perm]
-                    index = reference.BATCH_SIZE - len(rest)
-                    batch = np.concatenate((rest, order[:index]))
-                else:
-                    batch, index = order[index : index + reference.BATCH_SIZE], index + reference.BATCH_SIZE
+                batch, _ = numbers.next_batch(reference.BATCH_SIZE)
                 rows.append(batch)
                 sess.run(train_op, {x: train.images[batch], y: train.labels[batch], training: True})
                 if step in SAVED_STEPS:
