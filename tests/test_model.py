@@ -97,10 +97,10 @@ def test_bias_before_batch_norm_only_on_request(splits, bias_before_bn):
     config = tiny_params(seeds=SEEDS, train={"norm": "batch", "bias_before_bn": bias_before_bn}).variant("batchnorm")
     stack = StackedMlp(config, SEEDS)
     train_epoch(TrainingStep(stack, make_optimizer(stack, config), train, SEEDS, config.batch_size), epoch=1)
-    first, second, output = [layer for layer in stack.layers if isinstance(layer, StackedLinear)]
-    assert (first.bias is not None, second.bias is not None, output.bias is not None) == (bias_before_bn,) * 2 + (True,)
+    linears = [layer for layer in stack.layers if isinstance(layer, StackedLinear)]
+    assert [layer.bias is not None for layer in linears] == [bias_before_bn, bias_before_bn, True]
     if bias_before_bn:  # its gradient is rounding noise, which Adam still turns into steps
-        assert first.bias.abs().max() > 0
+        assert linears[0].bias.abs().max() > 0
     images = as_images(val.pixels)
     with torch.no_grad():
         torch.testing.assert_close(unstack(stack, config, 1)(images.view(-1, 28, 28)), stack.eval()(images)[1])
