@@ -98,7 +98,8 @@ def _layers(config: VariantConfig, linear, batch_norm, layer_norm) -> list[nn.Mo
     A Linear followed by batch norm has no bias unless `bias_before_bn` (TF1's layout): batch
     norm subtracts it again, so its gradient is zero up to rounding, and Adam would scale that
     rounding noise into steps of size lr, a random walk that the running mean then lags behind.
-    BN's shift replaces it.
+    BN's shift replaces it. At 10 epochs either is the lab's result (test accuracy over 20
+    seeds: 97.09% ± 0.16 without, 97.05% ± 0.13 with, 97.12% ± 0.26 for TF1's own code).
     """
     layers: list[nn.Module] = []
     for depth, (fan_in, fan_out) in enumerate(layer_sizes(config)):

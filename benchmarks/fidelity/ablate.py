@@ -84,7 +84,7 @@ def multiply_scale() -> None:
 
 
 CHANGES = {change.__name__: change for change in (tf1_adam_eps, carry, first_val, multiply_scale)}
-REFERENCES = [bench_fidelity.HERE / "reference.json", bench_fidelity.HERE / "reference_no_norm_seeds20-99.json"]
+REFERENCES = [bench_fidelity.HERE / "reference.json", bench_fidelity.HERE / "reference_no_norm_seeds20-199.json"]
 
 
 def print_table(results: Path, references: list[Path]) -> None:
