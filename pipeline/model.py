@@ -95,14 +95,16 @@ class StackedLayerNorm(nn.Module):
 def _layers(config: VariantConfig, linear, batch_norm, layer_norm) -> list[nn.Module]:
     """Linear -> norm -> activation per hidden layer, then the output Linear.
 
-    A Linear followed by batch norm has no bias: batch norm subtracts it again, so its
-    gradient is zero up to rounding, and Adam would scale that rounding noise into steps of
-    size lr, a random walk that the running mean then lags behind. BN's shift replaces it.
+    A Linear followed by batch norm has no bias unless `bias_before_bn` (TF1's layout): batch
+    norm subtracts it again, so its gradient is zero up to rounding, and Adam would scale that
+    rounding noise into steps of size lr, a random walk that the running mean then lags behind.
+    BN's shift replaces it. At 10 epochs either is the lab's result (test accuracy over 20
+    seeds: 97.09% ± 0.16 without, 97.05% ± 0.13 with, 97.12% ± 0.26 for TF1's own code).
     """
     layers: list[nn.Module] = []
     for depth, (fan_in, fan_out) in enumerate(layer_sizes(config)):
-        hidden = depth < len(config.hidden_sizes)
-        layers.append(linear(depth, fan_in, fan_out, bias=not (hidden and config.norm == "batch")))
+        before_bn = depth < len(config.hidden_sizes) and config.norm == "batch"
+        layers.append(linear(depth, fan_in, fan_out, bias=config.bias_before_bn or not before_bn))
         if depth == len(config.hidden_sizes):
             return layers
         if config.norm == "batch":

@@ -88,6 +88,8 @@ class TrainParams(_Strict):
     bn_momentum: float = Field(0.01, gt=0, lt=1)
     norm_eps: float = Field(1e-3, gt=0)
     adam_eps: float = Field(1e-8, gt=0)
+    # TF1's dense layer kept its bias before batch norm; the port drops it (pipeline/model.py).
+    bias_before_bn: bool = False
     weight_decay: float | None = Field(None, ge=0)
     device: Device = "auto"
     threads: int = Field(1, ge=1, le=MAX_THREADS)
@@ -146,6 +148,7 @@ class VariantConfig(_Strict):
     bn_momentum: float
     norm_eps: float
     adam_eps: float
+    bias_before_bn: bool
     weight_decay: float | None
     eval_batch_size: int
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.data import Split, as_images
-from pipeline.model import StackedMlp, plain_mlp, unstack
+from pipeline.model import StackedLinear, StackedMlp, plain_mlp, unstack
 from pipeline.training import (
     TrainingStep,
     epoch_metrics,
@@ -88,6 +88,22 @@ def test_unstacked_replica_predicts_like_the_stack(splits):
         for replica in range(len(SEEDS)):
             plain_logits = unstack(stack, config, replica)(images.view(-1, 28, 28))
             torch.testing.assert_close(plain_logits, stacked_logits[replica])
+
+
+@pytest.mark.parametrize("bias_before_bn", [False, True])
+def test_bias_before_batch_norm_only_on_request(splits, bias_before_bn):
+    """The port drops the Linear bias that batch norm cancels; `bias_before_bn` keeps TF1's."""
+    train, val = splits
+    config = tiny_params(seeds=SEEDS, train={"norm": "batch", "bias_before_bn": bias_before_bn}).variant("batchnorm")
+    stack = StackedMlp(config, SEEDS)
+    train_epoch(TrainingStep(stack, make_optimizer(stack, config), train, SEEDS, config.batch_size), epoch=1)
+    linears = [layer for layer in stack.layers if isinstance(layer, StackedLinear)]
+    assert [layer.bias is not None for layer in linears] == [bias_before_bn, bias_before_bn, True]
+    if bias_before_bn:  # its gradient is rounding noise, which Adam still turns into steps
+        assert linears[0].bias.abs().max() > 0
+    images = as_images(val.pixels)
+    with torch.no_grad():
+        torch.testing.assert_close(unstack(stack, config, 1)(images.view(-1, 28, 28)), stack.eval()(images)[1])
 
 
 def test_replicas_differ_by_seed_and_score_per_replica(splits):

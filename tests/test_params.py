@@ -47,6 +47,7 @@ BAD_VALUES = [  # key path, value, what the one-line message says (after "params
     ("variants.batchnorm.norm", "group", "variants.batchnorm.norm: Input should be 'batch', 'layer' or 'none'"),
     ("train.activation", "swish", "train.activation: Input should be 'relu', 'tanh', 'sigmoid' or 'gelu'"),
     ("train.optimizer", "lbfgs", "train.optimizer: Input should be 'adam', 'sgd' or 'adamw'"),
+    ("train.bias_before_bn", "sometimes", "train.bias_before_bn: Input should be a valid boolean"),
     ("variants", {"a/b": {}, "no_norm": {}}, "variants: variant name 'a/b' must be letters"),
     ("variants", {"a b": {}, "no_norm": {}}, "variants: variant name 'a b' must be letters"),
     ("variants", {"..": {}, "no_norm": {}}, "variants: variant name '..' must be letters"),
