@@ -51,3 +51,58 @@ def test_nothing_to_rerun_after_pull(pulled):
     repro = run(["dvc", "repro"], clone, env, timeout=120).stdout
     assert "Running stage" not in repro, repro
     assert not (clone / "mlflow.db").exists(), "no stage ran, so nothing was tracked"
+
+
+@pytest.fixture(scope="module")
+def s3_remote(tmp_path_factory, tiny_mirror):
+    """The shared project pushed to an S3 remote (moto's server) and a bare git remote, and a
+    second clone with a DVC cache of its own, standing in for a teammate's machine."""
+    from tests.team_server import S3_CREDENTIALS, start_s3
+
+    path, env = reproduced_project(tmp_path_factory, tiny_mirror[0])
+    server, endpoint = start_s3()
+    env = env | {"AWS_ACCESS_KEY_ID": S3_CREDENTIALS["aws_access_key_id"],
+                 "AWS_SECRET_ACCESS_KEY": S3_CREDENTIALS["aws_secret_access_key"],
+                 "AWS_DEFAULT_REGION": S3_CREDENTIALS["region_name"]}
+    folder = tmp_path_factory.mktemp("s3_remote")
+    run(["dvc", "remote", "add", "team", "s3://mlflow/dvc"], path, env, timeout=60)
+    run(["dvc", "remote", "modify", "team", "endpointurl", endpoint], path, env, timeout=60)
+    run(["git", "add", "-A"], path, env)
+    run(["git", "commit", "-qm", "DVC remote 'team' on S3"], path, env)
+    run(["git", "init", "-q", "--bare", "-b", "main", str(folder / "origin.git")], folder, env)
+    run(["git", "remote", "add", "origin", str(folder / "origin.git")], path, env)
+    run(["git", "push", "-q", "origin", "main"], path, env)
+    run(["dvc", "push", "-r", "team", "--run-cache"], path, env, timeout=300)
+    clone = folder / "teammate"
+    run(["git", "clone", "-q", str(folder / "origin.git"), str(clone)], folder, env, timeout=60)
+    run(["dvc", "pull", "-r", "team", "--run-cache"], clone, env, timeout=300)
+    yield path, clone, env
+    server.stop()
+
+
+def test_a_teammate_pulls_from_s3_and_has_nothing_to_rerun(s3_remote):
+    original, clone, env = s3_remote
+    for name in outputs(clone):
+        assert (clone / name).read_bytes() == (original / name).read_bytes(), name
+    repro = run(["dvc", "repro"], clone, env, timeout=300).stdout
+    assert "Running stage" not in repro, repro
+    assert "Data and pipelines are up to date" in run(["dvc", "status"], clone, env, timeout=120).stdout
+
+
+def test_experiments_travel_between_clones(s3_remote):
+    original, clone, env = s3_remote
+    name = "one-epoch-one-seed"
+    try:
+        run(["dvc", "exp", "run", "--name", name, "-S", "seeds=[0]", "-S", "train.epochs=1"], original, env,
+            timeout=600)
+        made = (original / "data" / "evaluate" / "batchnorm" / "metrics.json").read_bytes()
+        run(["dvc", "exp", "push", "-r", "team", "origin", name], original, env, timeout=300)
+    finally:  # the other modules read the committed repro from this workspace
+        run(["git", "checkout", "params.yaml", "dvc.lock"], original, env)
+        run(["dvc", "checkout", "--force"], original, env, timeout=300)
+    run(["dvc", "exp", "pull", "-r", "team", "origin", name], clone, env, timeout=300)
+    assert name in run(["dvc", "exp", "show", "--json"], clone, env, timeout=120).stdout
+    run(["dvc", "exp", "apply", name], clone, env, timeout=300)
+    assert (clone / "data" / "evaluate" / "batchnorm" / "metrics.json").read_bytes() == made
+    repro = run(["dvc", "repro"], clone, env, timeout=300).stdout
+    assert "Running stage" not in repro, repro  # the experiment's outputs came with it
