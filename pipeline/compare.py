@@ -19,7 +19,7 @@ from pipeline.errors import PipelineError
 from pipeline.fsio import atomic_write_bytes, atomic_write_json
 from pipeline.params import Params
 from pipeline.reports import comparison_plots, markdown_table, seed_dots_plot
-from pipeline.stats import finite, mean_interval, mean_std, summarize, welch_difference
+from pipeline.stats import diverged, mean_interval, mean_std, summarize, welch_difference
 from pipeline.tracking_process import TrackingProcess
 
 def pct(value: float) -> str:
@@ -31,14 +31,14 @@ def summary_markdown(test_acc: dict, test_loss: dict, reference: str) -> tuple[s
     for variant in test_acc:
         acc, loss = mean_interval(test_acc[variant]), mean_interval(test_loss[variant])
         std = mean_std(test_acc[variant])[1]
-        diverged = len(test_loss[variant]) - len(finite(test_loss[variant]))
-        if diverged:
-            notes.append(f"- {variant}: {diverged} of {len(test_loss[variant])} seeds diverged (non-finite loss); "
+        count = diverged(test_loss[variant])
+        if count:
+            notes.append(f"- {variant}: {count} of {len(test_loss[variant])} seeds diverged (non-finite loss); "
                          "their losses are left out of the means, their accuracies count.")
         rows.append([variant, str(len(test_acc[variant])), pct(acc.mean), pct(std),
                      f"[{pct(acc.low)}, {pct(acc.high)}]", f"{loss.mean:.4f}"])
         table[variant] = {"test_acc_mean": acc.mean, "test_acc_std": std, "test_acc_ci95": [acc.low, acc.high],
-                          "test_loss_mean": loss.mean, "diverged_seeds": diverged}
+                          "test_loss_mean": loss.mean, "diverged_seeds": count}
     text = "# Test results\n\n" + markdown_table(
         ["variant", "seeds", "test_acc mean", "std", "95% CI", "test_loss mean"], rows)
     if notes:
@@ -126,15 +126,17 @@ def restore_variant_runs(tracker: TrackingProcess, params: Params, runs: trackin
     """Runs for a variant whose train stage DVC restored from a run-cache this store never saw."""
     from pipeline.checkpoint import load
     from pipeline.model import served_model
+    from pipeline.params import VariantConfig
 
     print(f"{variant}: no run in {runs.uri} computed from inputs {lineage['inputs_digest']}; "
           "rebuilding it from the train stage's outputs")
     checkpoints = root / "data" / "checkpoints" / variant
-    served = served_model(load(checkpoints / "last.pt"), history)
+    state = load(checkpoints / "last.pt")
+    served = served_model(state, history)
     tags = tracking.run_tags(runs, root, f"train@{variant}") | {tracking.INPUTS_TAG: lineage["inputs_digest"]}
     dataset = lineage["dataset"] | {"uri": (root / "data" / "prepared").resolve().as_uri()}
     environment = read_json(root / provenance.ENVIRONMENT_FILE)
-    return tracker.call(tracking.restore_variant_runs, params.mlflow.experiment_name, params.variant(variant),
+    return tracker.call(tracking.restore_variant_runs, params.mlflow.experiment_name, VariantConfig(**state["config"]),
                         tags, dataset, environment, history, served, [checkpoints / "last.pt", checkpoints / "best.pt"])
 
 

@@ -8,7 +8,6 @@ opening MLflow here would triple this stage's time (~3 s of imports and store st
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +19,7 @@ from pipeline.fsio import atomic_write_json
 from pipeline.model import NUM_CLASSES, StackedMlp
 from pipeline.params import Params, VariantConfig
 from pipeline.reports import confusion_plot
-from pipeline.stats import summarize
+from pipeline.stats import diverged, summarize
 from pipeline.training import configure_runtime, in_batches, score
 
 
@@ -51,7 +50,7 @@ def evaluate(params: Params, variant: str, root: Path) -> dict:
 
     out = root / "data" / "evaluate" / variant
     per_seed = {"test_loss": test_loss, "test_acc": test_acc}
-    metrics = summarize(per_seed) | {"diverged_seeds": sum(not math.isfinite(loss) for loss in test_loss)}
+    metrics = summarize(per_seed) | {"diverged_seeds": diverged(test_loss)}
     atomic_write_json(out / "metrics.json", metrics)
     atomic_write_json(out / "per_seed.json", {"seeds": config.seeds, **per_seed})
     atomic_write_json(out / "per_class.json", {

@@ -21,6 +21,11 @@ def finite(values: list[float]) -> list[float]:
     return [value for value in values if math.isfinite(value)]
 
 
+def diverged(losses: list[float]) -> int:
+    """How many seeds' losses are not finite: the seeds that diverged."""
+    return len(losses) - len(finite(losses))
+
+
 def mean_std(values: list[float]) -> tuple[float, float]:
     """Mean of the finite values and their sample std (0 for a single value); NaN for none."""
     kept = finite(values)

@@ -32,7 +32,7 @@ from pipeline.fsio import atomic_write_json
 from pipeline.model import StackedMlp, served_replica, unstack
 from pipeline.params import Params, VariantConfig
 from pipeline.reports import METRICS, write_curves
-from pipeline.stats import diverged_epochs, summarize
+from pipeline.stats import diverged, diverged_epochs, summarize
 from pipeline.training import (
     TrainingStep,
     configure_runtime,
@@ -224,24 +224,24 @@ def update_best(best: dict, trained: dict, val_acc: list[float], epoch: int) -> 
 def finish(tracker: TrackingProcess, run_ids: dict, config: VariantConfig, model: StackedMlp,
            optimizer, val_split, history: dict, paths: Paths, best: dict, inputs: Inputs) -> dict:
     """The stage's outputs, a function of its inputs alone; the checkpoints and the model into MLflow."""
-    diverged = diverged_epochs(history["train_loss"])
-    checkpoints = write_outputs(paths, config, trained_state(model, optimizer), best, history, diverged, inputs)
-    replica = served_replica(history["val_acc"][-1], diverged)
+    diverged_at = diverged_epochs(history["train_loss"])
+    checkpoints = write_outputs(paths, config, trained_state(model, optimizer), best, history, diverged_at, inputs)
+    replica = served_replica(history["val_acc"][-1], diverged_at)
     served = None if replica is None else (unstack(model.cpu(), config, replica),
                                            as_images(val_split.pixels[:2]).cpu().numpy(), config.seeds[replica])
-    tracker.call(tracking.log_trained_model, run_ids, served, best["epoch"], diverged, checkpoints)
+    tracker.call(tracking.log_trained_model, run_ids, served, best["epoch"], diverged_at, checkpoints)
     return {"run_ids": run_ids, "final": {name: history[name][-1] for name in METRICS}}
 
 
 def write_outputs(paths: Paths, config: VariantConfig, trained: dict, best: dict, history: dict,
-                  diverged: list[int | None], inputs: Inputs) -> list[Path]:
+                  diverged_at: list[int | None], inputs: Inputs) -> list[Path]:
     """Checkpoints, curves, history and run.json; returns the checkpoint files."""
     checkpoints = [paths.checkpoints / "last.pt", paths.checkpoints / "best.pt"]
     checkpoint.save(checkpoints[0], {"config": config.model_dump(), "epoch": config.epochs, **trained})
     checkpoint.save(checkpoints[1], best)
     write_curves(paths.out / "curves.csv", history)
     atomic_write_json(paths.out / "history.json", {"seeds": config.seeds, "best_epoch": best["epoch"],
-                                                   "diverged_epoch": diverged, **history})
+                                                   "diverged_epoch": diverged_at, **history})
     # How compare finds this variant's MLflow runs (by tag), or rebuilds them where a store never saw them.
     atomic_write_json(paths.out / "run.json", {"variant": config.name, "inputs_digest": inputs.digest,
                                                "dataset": inputs.dataset})
@@ -260,8 +260,8 @@ def progress_bar(samples: int, batch_size: int, label: str):
 def epoch_line(variant: str, epoch: int, epochs: int, metrics: dict[str, list[float]], seconds: float) -> str:
     means = summarize(metrics)
     values = " ".join(f"{name}={means[name]:.4f}" for name in METRICS)
-    diverged = sum(epoch is not None for epoch in diverged_epochs([metrics["train_loss"]]))
-    warning = f" {diverged} of {len(metrics['train_loss'])} seeds diverged (non-finite loss)" if diverged else ""
+    count = diverged(metrics["train_loss"])
+    warning = f" {count} of {len(metrics['train_loss'])} seeds diverged (non-finite loss)" if count else ""
     return f"train@{variant} epoch {epoch}/{epochs} {values} ({seconds:.1f}s){warning}"
 
 
