@@ -27,8 +27,9 @@ from pipeline.stats import summarize
 PARENT_TAG = "mlflow.parentRunId"
 INPUTS_TAG = "inputs_digest"  # provenance.inputs_digest of what a variant's run computed from
 RESTORED_TAG = "restored_from"  # on a run rebuilt from DVC outputs that this store never saw
-# MLflow 3's UI opens an experiment on the page its kind names: the training runs, not the
-# GenAI overview it shows an experiment without one.
+# The experiment's kind, as MLflow 3's UI reads it to pick an experiment's page (training runs, not
+# the GenAI overview). MLflow 3.17's UI has its workflow selector on and follows the global
+# workflow type instead (GenAI by default), so there the kind is a label until a user switches.
 EXPERIMENT_TAGS = {
     "mlflow.experimentKind": "custom_model_development",
     "mlflow.note.content": "The batch-norm MNIST lab: one run per variant (mean over seeds), a child "
