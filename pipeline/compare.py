@@ -135,7 +135,7 @@ def restore_variant_runs(tracker: TrackingProcess, params: Params, runs: trackin
     served = served_model(state, history)
     tags = tracking.run_tags(runs, root, f"train@{variant}") | {tracking.INPUTS_TAG: lineage["inputs_digest"]}
     dataset = lineage["dataset"] | {"uri": (root / "data" / "prepared").resolve().as_uri()}
-    environment = read_json(root / provenance.ENVIRONMENT_FILE)
+    environment = provenance.read_environment(root)
     return tracker.call(tracking.restore_variant_runs, params.mlflow.experiment_name, VariantConfig(**state["config"]),
                         tags, dataset, environment, history, served, [checkpoints / "last.pt", checkpoints / "best.pt"])
 

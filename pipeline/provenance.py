@@ -128,16 +128,25 @@ def environment(lock_path: Path) -> dict:
     python = f"{sys.version_info.major}.{sys.version_info.minor}"
     if locked_python and locked_python != python:
         raise LockError(f"{lock_path}: compiled for Python {locked_python}, running {python}; "
-                                "recreate the environment (make env)")
+                        "recreate the environment (make env)")
     packages = {}
     for name in sorted(stage_distributions()):
         installed = metadata.version(name)
         if pins.get(name) != installed:
             pinned = f"pins {pins[name]}" if name in pins else "does not pin it"
             raise LockError(f"{lock_path}: {name} {installed} is installed but the lock {pinned}; "
-                                    "recreate the environment (make env) or update the lock (make lock)")
+                            "recreate the environment (make env) or update the lock (make lock)")
         packages[name] = installed
     return {"python": python, "packages": packages}
+
+
+def read_environment(root: Path) -> dict:
+    """The check stage's record, as the stages that depend on it read it."""
+    path = root / ENVIRONMENT_FILE
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise PipelineError(f"{path}: unreadable ({error}); run the check stage (dvc repro check)") from None
 
 
 def file_digest(paths: list[Path], root: Path) -> dict[str, str]:

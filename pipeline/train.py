@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import shutil
 import signal
 import sys
@@ -88,20 +87,12 @@ class Inputs:
     @classmethod
     def of(cls, config: VariantConfig, device: torch.device, threads: int, root: Path, prepared: Path) -> Inputs:
         manifest = read_manifest(prepared)
-        environment = read_environment(root)
+        environment = provenance.read_environment(root)
         dataset = {"digest": manifest["digest"], "sizes": manifest["sizes"]}
         # The device and the thread count change the last bits of the results: part of the inputs.
         computed_with = config.model_dump() | {"device": device.type, "threads": threads}
         return cls(dataset, environment,
                    provenance.inputs_digest(computed_with, dataset["digest"], environment, "train"))
-
-
-def read_environment(root: Path) -> dict:
-    path = root / provenance.ENVIRONMENT_FILE
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as error:
-        raise PipelineError(f"{path}: unreadable ({error}); run the check stage (dvc repro check)") from None
 
 
 def train(params: Params, variant: str, root: Path, runs: tracking.Tracking | None = None) -> dict:
