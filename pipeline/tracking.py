@@ -71,8 +71,9 @@ class Tracking:
 
 
 def check_server(uri: str, timeout_s: float = 3.0) -> None:
-    """Fail in seconds, before any training, when a tracking server is not there or refuses
-    this environment's credentials (MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD)."""
+    """Fail in seconds, before any training, when a tracking server is not there, refuses this
+    environment's credentials (MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD), or cannot
+    reach its own stores: the database behind its runs, the object store behind its artifacts."""
     base = uri.rstrip("/")
     try:
         with urllib.request.urlopen(base + "/health", timeout=timeout_s) as response:
@@ -82,8 +83,14 @@ def check_server(uri: str, timeout_s: float = 3.0) -> None:
     except (urllib.error.URLError, OSError) as error:
         reason = getattr(error, "reason", error)
         raise TrackingError(f"MLFLOW_TRACKING_URI: cannot reach {uri} ({reason})") from None
-    request = urllib.request.Request(base + "/api/2.0/mlflow/experiments/search?max_results=1",
-                                     headers=_basic_auth_header())
+    _probe(uri, "/api/2.0/mlflow/experiments/search?max_results=1", "its backend store", timeout_s)
+    # Listing the served artifacts' root makes the server call its object store (S3, MinIO): down,
+    # it answers 500 after its S3 client's own retries (~9 s here).
+    _probe(uri, "/api/2.0/mlflow-artifacts/artifacts?path=", "its artifact store", timeout_s + 20)
+
+
+def _probe(uri: str, path: str, what: str, timeout_s: float) -> None:
+    request = urllib.request.Request(uri.rstrip("/") + path, headers=_basic_auth_header())
     try:
         with urllib.request.urlopen(request, timeout=timeout_s) as response:
             response.read()
@@ -94,10 +101,23 @@ def check_server(uri: str, timeout_s: float = 3.0) -> None:
                                     "and MLFLOW_TRACKING_PASSWORD") from None
             raise TrackingError(f"MLFLOW_TRACKING_USERNAME: {uri} refused the credentials of user "
                                 f"{os.environ['MLFLOW_TRACKING_USERNAME']!r} (HTTP 401)") from None
-        raise TrackingError(f"MLFLOW_TRACKING_URI: {uri} answered HTTP {error.code} to a search") from None
+        message = _error_message(error)
+        if error.code == 404 or "no-serve-artifacts" in message:
+            return  # a server that does not serve artifacts: its clients write them themselves
+        raise TrackingError(f"MLFLOW_TRACKING_URI: {uri} cannot use {what} (HTTP {error.code}: {message})") from None
     except (urllib.error.URLError, OSError) as error:
-        raise TrackingError(f"MLFLOW_TRACKING_URI: {uri} did not answer a search "
-                            f"({getattr(error, 'reason', error)})") from None
+        raise TrackingError(f"MLFLOW_TRACKING_URI: {uri} did not answer in {timeout_s:.0f} s when asked "
+                            f"to use {what} ({getattr(error, 'reason', error)})") from None
+
+
+def _error_message(error: urllib.error.HTTPError) -> str:
+    """The first line of MLflow's JSON error message, or of the body."""
+    body = error.read().decode(errors="replace")
+    try:
+        body = json.loads(body).get("message", body)
+    except (ValueError, AttributeError):
+        body = "internal server error" if body.lstrip().startswith("<") else body
+    return (body.strip().splitlines() or [""])[0][:200]
 
 
 def _basic_auth_header() -> dict[str, str]:
@@ -117,6 +137,16 @@ def refused(error: Exception) -> TrackingError | None:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else code
         return TrackingError(f"MLflow refused user {user!r}: {code} ({first_line[:200]})")
     return None
+
+
+def unavailable(error: Exception, uri: str) -> TrackingError | None:
+    """A tracking server (or its database, or its object store) that stayed down through MLflow's
+    retries, as one line; None for other errors. The stage's scratch state keeps every epoch."""
+    message = str(error).strip()
+    if not message.startswith("API request to"):
+        return None
+    return TrackingError(f"MLflow at {uri} is unavailable ({message.splitlines()[0][:240]}); rerun the stage "
+                         "when it is back: it resumes and completes the record")
 
 
 @contextmanager
@@ -366,9 +396,16 @@ def log_replica_metrics(client, run_ids: dict, metrics: dict[str, list[float]], 
 
 
 def backfill_metrics(client, run_ids: dict, history: dict[str, list[list[float]]]) -> None:
-    """Log the checkpointed epochs that a crash kept from reaching MLflow (at most the last)."""
-    logged = {m.step for m in client.get_metric_history(run_ids["variant"], "val_acc")}
-    for epoch in range(1, len(history["val_acc"]) + 1):
+    """Log the checkpointed epochs that a crash or an outage kept from reaching MLflow, run by run:
+    a call cut short may have reached some seeds' runs and not the others."""
+    epochs = [{name: values[epoch] for name, values in history.items()} for epoch in range(len(history["val_acc"]))]
+    for replica, run_id in enumerate(run_ids["seeds"]):
+        _backfill(client, run_id, [{name: values[replica] for name, values in metrics.items()} for metrics in epochs])
+    _backfill(client, run_ids["variant"], [summarize(metrics) for metrics in epochs])
+
+
+def _backfill(client, run_id: str, metrics_by_epoch: list[dict[str, float]]) -> None:
+    logged = {m.step for m in client.get_metric_history(run_id, "val_acc")}  # one log_batch: all or none
+    for epoch, metrics in enumerate(metrics_by_epoch, start=1):
         if epoch not in logged:
-            metrics = {name: values[epoch - 1] for name, values in history.items()}
-            log_replica_metrics(client, run_ids, metrics, step=epoch)
+            log_metrics(client, run_id, metrics, epoch)

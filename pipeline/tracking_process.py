@@ -20,9 +20,10 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
 
-from pipeline.tracking import Tracking, check_server, connect, refused
+from pipeline.tracking import Tracking, check_server, connect, refused, unavailable
 
 _clients: dict[Tracking, object] = {}  # in the worker: its open store
+_outage: list[Exception] = []  # in the worker: the store found down, once MLflow's retries gave up
 
 
 def _client(tracking: Tracking):
@@ -32,13 +33,27 @@ def _client(tracking: Tracking):
 
 
 def _call(tracking: Tracking, fn: Callable, args: tuple):
+    if _outage:  # the calls queued behind one that found the store down fail at once, not ~30 s each
+        raise _outage[0]
     try:
         return fn(_client(tracking), *args)
-    except Exception as error:  # a refusal (a READ-only user, say) is one line, not a traceback
-        raise refused(error) or error
+    except Exception as error:  # a refusal (a READ-only user, say) or an outage is one line, not a traceback
+        outage = unavailable(error, tracking.uri)
+        if outage is not None:
+            _outage.append(outage)
+        raise refused(error) or outage or error
+
+
+# MLflow retries a call that meets a down server (connection refused, 5xx) 7 times with backoff
+# factor 2: ~4 minutes before a stage learns that its store is gone. 5 retries with factor 1 wait
+# 0+2+4+8+16 s: a server restart (~8 s here) is ridden out, an outage fails the stage in ~30 s and
+# the rerun resumes. MLflow's own variables, so a user's setting wins.
+RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "5", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
 
 
 def _start_worker(stage_pid: int) -> None:
+    for name, value in RETRIES.items():
+        os.environ.setdefault(name, value)
     # Ctrl-C reaches the whole process group; the stage decides what its runs become (KILLED)
     # and says so through this process, which ends when the stage closes it or is gone.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -84,5 +99,7 @@ class TrackingProcess:
     def __enter__(self) -> TrackingProcess:
         return self
 
-    def __exit__(self, *exc) -> None:
-        self._pool.shutdown(wait=True)
+    def __exit__(self, exc_type, *exc) -> None:
+        # A failed stage drops the calls still queued: against a store that is down each would
+        # retry for ~30 s; the rerun resumes from the checkpoint and backfills what they carried.
+        self._pool.shutdown(wait=True, cancel_futures=exc_type is not None)

@@ -180,6 +180,7 @@ def train_variant(config: VariantConfig, paths: Paths, device: torch.device, tra
                 trained = trained_state(model, optimizer)
                 if recorded is not None:
                     recorded.result()  # the previous epoch's record, and any error it raised
+                    raise_failed(logged)  # MLflow gone past its retries: stop now, the rerun resumes
                 recorded = evaluator.submit(record, epoch, trained, time.perf_counter() - started)
             if recorded is not None:
                 recorded.result()
@@ -190,6 +191,8 @@ def train_variant(config: VariantConfig, paths: Paths, device: torch.device, tra
         close_runs("KILLED")
         raise PipelineError(f"train@{variant}: interrupted; `dvc repro` resumes after the last "
                             f"completed epoch ({last_path})") from None
+    except tracking.TrackingError:
+        raise  # MLflow refused or is down: closing the runs would fail too; the rerun resumes them
     except BaseException:
         close_runs("FAILED")
         raise
@@ -200,6 +203,13 @@ def train_variant(config: VariantConfig, paths: Paths, device: torch.device, tra
     tracker.call(tracking.set_status, run_ids.result(), "FINISHED")
     shutil.rmtree(paths.scratch)  # the run is complete and recorded: nothing left to resume
     return summary
+
+
+def raise_failed(calls: list) -> None:
+    """The error of the first tracking call that has failed so far, if any."""
+    for call in calls:
+        if call.done() and call.exception() is not None:
+            raise call.exception()
 
 
 def update_best(best: dict, trained: dict, val_acc: list[float], epoch: int) -> dict:

@@ -49,9 +49,10 @@ def stop(process: subprocess.Popen) -> None:
         process.wait(timeout=15)
 
 
-def start_server(folder: Path, backend_store_uri: str, *extra: str, env: dict[str, str] | None = None):
-    """`mlflow server` on a free loopback port; returns (process, uri) once /health answers."""
-    port = free_port()
+def start_server(folder: Path, backend_store_uri: str, *extra: str, env: dict[str, str] | None = None,
+                 port: int | None = None):
+    """`mlflow server` on a loopback port (a free one by default); returns (process, uri) once /health answers."""
+    port = port or free_port()
     log = folder / f"server-{port}.log"
     with open(log, "w") as out:
         process = subprocess.Popen(

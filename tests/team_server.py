@@ -15,10 +15,12 @@ import secrets
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.mlflow_server import free_port, start_server
+from tests.mlflow_server import free_port, start_server, stop
 
 BUCKET = "mlflow"
 ADMIN = "admin"
@@ -44,42 +46,63 @@ class Postgres:
     def uri(self) -> str:
         return f"postgresql+psycopg2://mlflow:{self.password}@127.0.0.1:{self.port}/mlflow"
 
+    def start(self) -> None:
+        as_postgres([postgres_bin("pg_ctl"), "-D", str(self.folder / "data"), "-l", str(self.folder / "log"), "-w",
+                     "-o", f"-p {self.port} -h 127.0.0.1 -k {self.folder} -c fsync=off", "start"])
+
     def stop(self) -> None:
+        """Stop the server, keeping its data: `start` brings it back."""
         as_postgres([postgres_bin("pg_ctl"), "-D", str(self.folder / "data"), "-m", "fast", "stop"])
-        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def start_postgres() -> Postgres:
     """A PostgreSQL cluster with database `mlflow` owned by user `mlflow`, on a loopback port."""
     folder = Path(tempfile.mkdtemp(prefix="pg-"))  # pytest's folders are not the postgres user's to enter
-    password, port = secrets.token_urlsafe(16), free_port()
+    postgres = Postgres(folder, free_port(), secrets.token_urlsafe(16))
     shutil.chown(folder, "postgres", "postgres")
     secret = folder / "pwfile"
-    secret.write_text(password + "\n")
+    secret.write_text(postgres.password + "\n")
     shutil.chown(secret, "postgres", "postgres")
     try:
         as_postgres([postgres_bin("initdb"), "-D", str(folder / "data"), "-U", "mlflow", f"--pwfile={secret}",
                      "--auth=scram-sha-256", "--no-sync"])
     finally:
         secret.unlink()
-    as_postgres([postgres_bin("pg_ctl"), "-D", str(folder / "data"), "-l", str(folder / "log"), "-w", "-o",
-                 f"-p {port} -h 127.0.0.1 -k {folder} -c fsync=off", "start"])
-    as_postgres([postgres_bin("createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "mlflow", "mlflow"],
-                env=os.environ | {"PGPASSWORD": password})
-    return Postgres(folder, port, password)
+    postgres.start()
+    as_postgres([postgres_bin("createdb"), "-h", "127.0.0.1", "-p", str(postgres.port), "-U", "mlflow", "mlflow"],
+                env=os.environ | {"PGPASSWORD": postgres.password})
+    return postgres
 
 
-def start_s3():
-    """moto's S3 server on a loopback port, with the artifacts bucket; (server, endpoint url)."""
+@dataclass
+class S3:
+    """moto's S3 server on a loopback port; its buckets live in this process, across restarts."""
+
+    port: int
+    server: object = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        from moto.server import ThreadedMotoServer
+
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self.server.start()
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
+def start_s3() -> S3:
+    """moto's S3 server with the artifacts bucket."""
     import boto3
-    from moto.server import ThreadedMotoServer
 
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    boto3.client("s3", endpoint_url=endpoint, **S3_CREDENTIALS).create_bucket(Bucket=BUCKET)
-    return server, endpoint
+    s3 = S3(free_port())
+    s3.start()
+    boto3.client("s3", endpoint_url=s3.endpoint, **S3_CREDENTIALS).create_bucket(Bucket=BUCKET)
+    return s3
 
 
 S3_CREDENTIALS = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing", "region_name": "us-east-1"}
@@ -93,25 +116,58 @@ def s3_keys(endpoint: str) -> list[str]:
             for item in page.get("Contents", [])]
 
 
-def start_team_server(folder: Path, postgres: Postgres, s3_endpoint: str):
-    """`mlflow server` (basic-auth) on PostgreSQL with artifacts in S3; (process, uri, admin password)."""
-    admin_password = secrets.token_urlsafe(16)
-    config = folder / "basic_auth.ini"
-    config.write_text("[mlflow]\ndefault_permission = READ\n"
-                      f"database_uri = sqlite:///{folder / 'basic_auth.db'}\n"
-                      f"admin_username = {ADMIN}\nadmin_password = {admin_password}\n"
-                      "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
-    env = {"MLFLOW_AUTH_CONFIG_PATH": str(config), "MLFLOW_S3_ENDPOINT_URL": s3_endpoint,
-           "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_urlsafe(32),  # CSRF protection of the auth app
-           "AWS_ACCESS_KEY_ID": S3_CREDENTIALS["aws_access_key_id"],
-           "AWS_SECRET_ACCESS_KEY": S3_CREDENTIALS["aws_secret_access_key"],
-           "AWS_DEFAULT_REGION": S3_CREDENTIALS["region_name"]}
+@dataclass
+class TeamServer:
+    """`mlflow server` (basic-auth) on PostgreSQL with artifacts in S3, on a fixed loopback port."""
+
+    folder: Path
+    postgres: Postgres
+    s3: S3
+    port: int
+    admin_password: str
+    process: subprocess.Popen | None = None
+
+    @property
+    def uri(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        config = self.folder / "basic_auth.ini"
+        config.write_text("[mlflow]\ndefault_permission = READ\n"
+                          f"database_uri = sqlite:///{self.folder / 'basic_auth.db'}\n"
+                          f"admin_username = {ADMIN}\nadmin_password = {self.admin_password}\n"
+                          "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+        env = {"MLFLOW_AUTH_CONFIG_PATH": str(config), "MLFLOW_S3_ENDPOINT_URL": self.s3.endpoint,
+               "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_urlsafe(32),  # CSRF protection of the auth app
+               "AWS_ACCESS_KEY_ID": S3_CREDENTIALS["aws_access_key_id"],
+               "AWS_SECRET_ACCESS_KEY": S3_CREDENTIALS["aws_secret_access_key"],
+               "AWS_DEFAULT_REGION": S3_CREDENTIALS["region_name"]}
+        try:
+            self.process, _ = start_server(self.folder, self.postgres.uri, "--app-name", "basic-auth",
+                                           "--serve-artifacts", "--artifacts-destination", f"s3://{BUCKET}/artifacts",
+                                           env=env, port=self.port)
+        finally:
+            config.unlink()  # read at start; the admin password lives on in this process only
+
+    def stop(self) -> None:
+        stop(self.process)
+
+
+@contextmanager
+def team_stack(folder: Path) -> Iterator[TeamServer]:
+    """PostgreSQL, S3 and the MLflow server in front of them, all stopped and removed afterwards."""
+    postgres = start_postgres()
+    s3 = start_s3()
+    server = TeamServer(folder, postgres, s3, free_port(), secrets.token_urlsafe(16))
     try:
-        process, uri = start_server(folder, postgres.uri, "--app-name", "basic-auth", "--serve-artifacts",
-                                    "--artifacts-destination", f"s3://{BUCKET}/artifacts", env=env)
+        server.start()
+        yield server
     finally:
-        config.unlink()  # read at start; the admin password lives on in this process only
-    return process, uri, admin_password
+        server.stop()
+        s3.stop()
+        with suppress(subprocess.CalledProcessError):  # a test may have left it stopped
+            postgres.stop()
+        shutil.rmtree(postgres.folder, ignore_errors=True)
 
 
 def create_user(uri: str, admin_password: str, username: str) -> str:

@@ -60,13 +60,13 @@ def s3_remote(tmp_path_factory, tiny_mirror):
     from tests.team_server import S3_CREDENTIALS, start_s3
 
     path, env = reproduced_project(tmp_path_factory, tiny_mirror[0])
-    server, endpoint = start_s3()
+    s3 = start_s3()
     env = env | {"AWS_ACCESS_KEY_ID": S3_CREDENTIALS["aws_access_key_id"],
                  "AWS_SECRET_ACCESS_KEY": S3_CREDENTIALS["aws_secret_access_key"],
                  "AWS_DEFAULT_REGION": S3_CREDENTIALS["region_name"]}
     folder = tmp_path_factory.mktemp("s3_remote")
     run(["dvc", "remote", "add", "team", "s3://mlflow/dvc"], path, env, timeout=60)
-    run(["dvc", "remote", "modify", "team", "endpointurl", endpoint], path, env, timeout=60)
+    run(["dvc", "remote", "modify", "team", "endpointurl", s3.endpoint], path, env, timeout=60)
     run(["git", "add", "-A"], path, env)
     run(["git", "commit", "-qm", "DVC remote 'team' on S3"], path, env)
     run(["git", "init", "-q", "--bare", "-b", "main", str(folder / "origin.git")], folder, env)
@@ -77,7 +77,7 @@ def s3_remote(tmp_path_factory, tiny_mirror):
     run(["git", "clone", "-q", str(folder / "origin.git"), str(clone)], folder, env, timeout=60)
     run(["dvc", "pull", "-r", "team", "--run-cache"], clone, env, timeout=300)
     yield path, clone, env
-    server.stop()
+    s3.stop()
 
 
 def test_a_teammate_pulls_from_s3_and_has_nothing_to_rerun(s3_remote):

@@ -13,15 +13,12 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from tests.conftest import make_project, run, variant_run_ids
-from tests.mlflow_server import stop
 from tests.team_server import (
     ADMIN,
     create_user,
     postgres_bin,
     s3_keys,
-    start_postgres,
-    start_s3,
-    start_team_server,
+    team_stack,
 )
 
 pytestmark = [
@@ -35,18 +32,9 @@ VARIANTS = ("batchnorm", "no_norm")
 @pytest.fixture(scope="module")
 def team(tmp_path_factory):
     """(server uri, admin password, S3 endpoint, alice's password) of a running stack."""
-    folder = tmp_path_factory.mktemp("team")
-    postgres = start_postgres()
-    s3, endpoint = start_s3()
-    try:
-        process, uri, admin_password = start_team_server(folder, postgres, endpoint)
-        try:
-            yield uri, admin_password, endpoint, create_user(uri, admin_password, "alice")
-        finally:
-            stop(process)
-    finally:
-        s3.stop()
-        postgres.stop()
+    with team_stack(tmp_path_factory.mktemp("team")) as server:
+        yield server.uri, server.admin_password, server.s3.endpoint, create_user(server.uri, server.admin_password,
+                                                                                  "alice")
 
 
 def login(user: str, password: str) -> dict[str, str]:
