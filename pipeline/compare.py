@@ -6,8 +6,9 @@ by `compare.select_by`'s mean with mean, std and 95% CI of the test metrics; eac
 difference from the reference in points with its Welch and seeded-bootstrap 95% CIs, the chance
 that its seed beats a reference seed, and Welch's p beside Holm's adjustment over all the
 comparisons with the reference, said in one sentence too) with its numbers in `summary.json`.
-All of it is deterministic: the same inputs give the same bytes. Its MLflow run groups this execution's variant runs as its children, and it logs
-the evaluate stage's test metrics and files into the variant runs (once per result).
+All of it is deterministic: the same inputs give the same bytes. Its MLflow run groups this
+execution's variant runs as its children, and it logs the evaluate stage's test metrics and
+files into the variant runs (once per result).
 """
 
 from __future__ import annotations

@@ -48,7 +48,8 @@ def test_many_variants_are_ranked_and_their_p_values_holm_adjusted():
     assert [line.split(" | ")[1] for line in text.splitlines() if line[2:3].isdigit()] == [
         "batchnorm", "layernorm", "no_norm", "same", "deep"]  # by val_acc; no_norm and same tie: by name
     assert [table[v]["rank"] for v in ("batchnorm", "layernorm", "no_norm", "same", "deep")] == [1, 2, 3, 4, 5]
-    assert "5 seeds (0, 1, 2, 3, 4): a seed sets the initial weights and the order of the training batches; "            "the train/validation split is fixed (`data.split_seed` 3)" in text
+    assert ("5 seeds (0, 1, 2, 3, 4): a seed sets the initial weights and the order of the training batches; "
+            "the train/validation split is fixed (`data.split_seed` 3)") in text
     assert "Ranked by mean last-epoch val_acc over seeds" in text and "| val_acc mean |" in text
     assert "- deep: 1 of 5 seeds diverged (non-finite loss)" in text
     others = ["batchnorm", "layernorm", "same", "deep"]
