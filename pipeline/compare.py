@@ -1,10 +1,14 @@
 """Stage `compare`: the variants against each other, with error bars over seeds.
 
 Writes to `data/compare/`: the lab's four plots (mean curve per variant with a ±1 std band),
-`test_acc_seeds.png`, and `summary.md` (mean, std and 95% CI of the test metrics per variant;
-each variant's difference from the reference with its 95% CI and Welch's t-test, said in one
-sentence). Its MLflow run groups this execution's variant runs as its children, and it logs
-the evaluate stage's test metrics and files into the variant runs (once per result).
+`test_acc_seeds.png`, and `summary.md` (how many seeds and what they vary; the variants ranked
+by `compare.select_by`'s mean with mean, std and 95% CI of the test metrics; each variant's
+difference from the reference in points with its Welch and seeded-bootstrap 95% CIs, the chance
+that its seed beats a reference seed, and Welch's p beside Holm's adjustment over all the
+comparisons with the reference, said in one sentence too) with its numbers in `summary.json`.
+All of it is deterministic: the same inputs give the same bytes. Its MLflow run groups this
+execution's variant runs as its children, and it logs the evaluate stage's test metrics and
+files into the variant runs (once per result).
 """
 
 from __future__ import annotations
@@ -19,46 +23,108 @@ from pipeline.errors import PipelineError
 from pipeline.fsio import atomic_write_bytes, atomic_write_json
 from pipeline.params import Params
 from pipeline.reports import comparison_plots, markdown_table, seed_dots_plot
-from pipeline.stats import diverged, mean_interval, mean_std, summarize, welch_difference
+from pipeline.stats import (
+    BOOTSTRAP_RESAMPLES,
+    BOOTSTRAP_SEED,
+    CONFIDENCE,
+    bootstrap_difference,
+    diverged,
+    holm,
+    mean_interval,
+    mean_std,
+    ranking,
+    summarize,
+    superiority,
+    welch_difference,
+)
 from pipeline.tracking_process import TrackingProcess
 
 def pct(value: float) -> str:
     return "n/a" if math.isnan(value) else f"{100 * value:.2f}%"
 
 
-def summary_markdown(test_acc: dict, test_loss: dict, reference: str) -> tuple[str, dict]:
+def points(value: float) -> str:
+    return "n/a" if math.isnan(value) else f"{100 * value:+.2f}"
+
+
+def percent(value: float) -> str:
+    return "n/a" if math.isnan(value) else f"{100 * value:.1f}%"
+
+
+def p_text(value: float) -> str:
+    return "n/a" if math.isnan(value) else f"{value:.2g}"
+
+
+def seeds_sentence(seeds: list[int], split_seed: int) -> str:
+    listed = ", ".join(map(str, seeds))
+    return (f"Every variant was trained once per seed, {len(seeds)} seed{'s' * (len(seeds) != 1)} ({listed}): "
+            "a seed sets the initial weights and the order of the training batches; the train/validation "
+            f"split is fixed (`data.split_seed` {split_seed}), the same for every seed and variant.")
+
+
+def summary_markdown(test_acc: dict, test_loss: dict, reference: str, *, seeds: list[int], split_seed: int,
+                     rank_by: tuple[str, dict[str, float]] | None = None) -> tuple[str, dict]:
+    """summary.md's text and summary.json's table. `rank_by` is (metric, mean per variant), the
+    compare.select_by score; without it the variants are ranked by their test_acc mean."""
+    metric, scores = rank_by or ("test_acc", {v: mean_std(test_acc[v])[0] for v in test_acc})
+    order = ranking(scores)
     rows, table, notes = [], {}, []
-    for variant in test_acc:
+    for rank, variant in enumerate(order, start=1):
         acc, loss = mean_interval(test_acc[variant]), mean_interval(test_loss[variant])
         std = mean_std(test_acc[variant])[1]
         count = diverged(test_loss[variant])
         if count:
             notes.append(f"- {variant}: {count} of {len(test_loss[variant])} seeds diverged (non-finite loss); "
                          "their losses are left out of the means, their accuracies count.")
-        rows.append([variant, str(len(test_acc[variant])), pct(acc.mean), pct(std),
+        score = [pct(scores[variant])] if metric != "test_acc" else []
+        rows.append([str(rank), variant, str(len(test_acc[variant])), *score, pct(acc.mean), pct(std),
                      f"[{pct(acc.low)}, {pct(acc.high)}]", f"{loss.mean:.4f}"])
-        table[variant] = {"test_acc_mean": acc.mean, "test_acc_std": std, "test_acc_ci95": [acc.low, acc.high],
+        table[variant] = {"rank": rank, "rank_by": metric, "rank_score": scores[variant],
+                          "test_acc_mean": acc.mean, "test_acc_std": std, "test_acc_ci95": [acc.low, acc.high],
                           "test_loss_mean": loss.mean, "diverged_seeds": count}
-    text = "# Test results\n\n" + markdown_table(
-        ["variant", "seeds", "test_acc mean", "std", "95% CI", "test_loss mean"], rows)
+    by = "test_acc" if metric == "test_acc" else f"last-epoch {metric}"
+    text = (f"# Test results\n\n{seeds_sentence(seeds, split_seed)}\n\n"
+            f"Ranked by mean {by} over seeds (`compare.select_by`), equal means by name.\n\n")
+    text += markdown_table(["rank", "variant", "seeds", *([f"{metric} mean"] if metric != "test_acc" else []),
+                            "test_acc mean", "std", "95% CI", "test_loss mean"], rows)
     if notes:
         text += "\n" + "\n".join(notes) + "\n"
-    sentences = []
-    for variant in test_acc:
-        if variant == reference:
-            continue
-        diff = welch_difference(test_acc[variant], test_acc[reference])
-        verdict = ("significant at 95%" if diff.significant else "not significant at 95%") \
-            if not math.isnan(diff.p_value) else "untestable with one seed"
+    others = [v for v in order if v != reference]
+    if not others:
+        return text, table
+    welch = {v: welch_difference(test_acc[v], test_acc[reference]) for v in others}
+    adjusted = dict(zip(others, holm([welch[v].p_value for v in others])))
+    family = sum(not math.isnan(p) for p in adjusted.values())
+    rows, sentences = [], []
+    for variant in others:
+        diff, p_holm = welch[variant], adjusted[variant]
+        boot = bootstrap_difference(test_acc[variant], test_acc[reference])
+        beats = superiority(test_acc[variant], test_acc[reference])
+        significant = p_holm < 1 - CONFIDENCE  # False for NaN
+        verdict = ("significant at 95%" if significant else "not significant at 95%") \
+            if not math.isnan(p_holm) else "untestable with one seed"
+        rows.append([variant, points(diff.delta.mean), f"[{points(diff.delta.low)}, {points(diff.delta.high)}]",
+                     f"[{points(boot.low)}, {points(boot.high)}]", percent(beats), p_text(diff.p_value),
+                     p_text(p_holm), verdict])
         sentences.append(
-            f"- {variant} vs {reference}: test accuracy differs by {100 * diff.delta.mean:+.2f} points "
-            f"(95% CI [{100 * diff.delta.low:+.2f}, {100 * diff.delta.high:+.2f}]; Welch's t-test "
-            f"p = {diff.p_value:.2g}): {verdict}."
+            f"- {variant} vs {reference}: test accuracy differs by {points(diff.delta.mean)} points "
+            f"(95% CI [{points(diff.delta.low)}, {points(diff.delta.high)}] by Welch's t, "
+            f"[{points(boot.low)}, {points(boot.high)}] by bootstrap); a random {variant} seed beats a random "
+            f"{reference} seed {percent(beats)} of the time; Welch's t-test p = {p_text(diff.p_value)}, "
+            f"Holm-adjusted p = {p_text(p_holm)}: {verdict}."
         )
         table[variant] |= {"diff_vs_reference": diff.delta.mean, "diff_ci95": [diff.delta.low, diff.delta.high],
-                           "p_value": diff.p_value, "significant": diff.significant}
-    if sentences:
-        text += f"\n## Against the reference ({reference})\n\n" + "\n".join(sentences) + "\n"
+                           "diff_ci95_bootstrap": [boot.low, boot.high], "p_superiority": beats,
+                           "p_value": diff.p_value, "p_holm": p_holm, "significant": significant}
+    text += (f"\n## Against the reference ({reference})\n\n"
+             f"Differences in test accuracy, in percentage points, with 95% intervals by Welch's t and by a "
+             f"percentile bootstrap ({BOOTSTRAP_RESAMPLES:,} resamples of the seeds, numpy seed {BOOTSTRAP_SEED}). "
+             f"P(beats) is the chance that a random seed of the variant scores higher than a random seed of "
+             f"{reference}, ties counting half (Mann-Whitney U / nm). Holm p adjusts Welch's p over the "
+             f"{family} testable comparison{'s' * (family != 1)} with {reference}; the verdict uses it.\n\n")
+    text += markdown_table(["variant", "difference", "95% CI (Welch)", "95% CI (bootstrap)",
+                            f"P(beats {reference})", "Welch p", "Holm p", "verdict"], rows)
+    text += "\n" + "\n".join(sentences) + "\n"
     return text, table
 
 
@@ -94,9 +160,14 @@ def compare(params: Params, root: Path, runs: tracking.Tracking | None = None) -
     with TrackingProcess(runs) as tracker:  # opens MLflow there while the plots are drawn here
         found = tracker.submit(tracking.find_variant_runs, params.mlflow.experiment_name,
                                {v: lineage[v]["inputs_digest"] for v in variants}, params.seeds)
-        plots = comparison_plots(histories, out)
-        plots.append(seed_dots_plot(test_acc, out / "test_acc_seeds.png"))
-        text, table = summary_markdown(test_acc, test_loss, params.compare.reference)
+        metric = params.compare.select_by  # the registry's score (registry.select_best), ranked
+        scores = {v: mean_std(histories[v]["val_acc"][-1] if metric == "val_acc" else test_acc[v])[0]
+                  for v in variants}
+        order = ranking(scores)
+        plots = comparison_plots(histories, out, order)
+        plots.append(seed_dots_plot(test_acc, out / "test_acc_seeds.png", order))
+        text, table = summary_markdown(test_acc, test_loss, params.compare.reference, seeds=params.seeds,
+                                       split_seed=params.data.split_seed, rank_by=(metric, scores))
         atomic_write_bytes(out / "summary.md", text.encode())
         atomic_write_json(out / "summary.json", table)
         choice = registry.select_best(params, histories, test_acc)

@@ -1,0 +1,56 @@
+"""Comparison plots stay readable and byte-identical with many variants."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pipeline.reports import METRICS, comparison_plots, seed_dots_plot, variant_styles
+from pipeline.stats import mean_std, ranking
+
+VARIANTS = [f"variant_{index:02d}" for index in range(12)]
+
+
+def many_variants(epochs: int = 4, seeds: int = 3) -> tuple[dict, dict]:
+    rng = np.random.default_rng(0)
+    histories = {v: {metric: (0.9 + 0.1 * rng.random((epochs, seeds))).tolist() for metric in METRICS}
+                 for v in VARIANTS}
+    test_acc = {v: (0.95 + 0.02 * rng.random(seeds)).tolist() for v in VARIANTS}
+    return histories, test_acc
+
+
+def test_twelve_variants_each_get_their_own_look():
+    styles = variant_styles(VARIANTS)
+    assert len({tuple(style.values()) for style in styles.values()}) == 12
+    assert variant_styles(VARIANTS[:2]) == {v: styles[v] for v in VARIANTS[:2]}  # a variant keeps its look
+
+
+def test_twelve_variant_plots_render_identically_twice(tmp_path):
+    histories, test_acc = many_variants()
+    order = ranking({v: mean_std(test_acc[v])[0] for v in VARIANTS})
+    outputs = []
+    for attempt in ("first", "second"):
+        out = tmp_path / attempt
+        paths = [*comparison_plots(histories, out, order), seed_dots_plot(test_acc, out / "test_acc_seeds.png", order)]
+        outputs.append({path.name: path.read_bytes() for path in paths})
+    assert sorted(outputs[0]) == sorted([f"{metric}.png" for metric in METRICS] + ["curves.png", "test_acc_seeds.png"])
+    assert all(content.startswith(b"\x89PNG") for content in outputs[0].values())
+    assert outputs[0] == outputs[1]
+
+
+def test_legends_list_the_variants_by_rank_beside_the_axes():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from pipeline.reports import plot_metric
+
+    histories, test_acc = many_variants()
+    order = ranking({v: mean_std(test_acc[v])[0] for v in VARIANTS})
+    fig, ax = plt.subplots()
+    plot_metric(ax, "val_acc", histories, order)
+    legend = ax.get_legend()
+    assert [text.get_text() for text in legend.get_texts()] == order
+    fig.canvas.draw()
+    assert legend.get_window_extent().x0 > ax.get_window_extent().x1  # outside, not over the curves
+    plt.close(fig)
