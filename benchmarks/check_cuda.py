@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 import warnings
 from functools import partial
@@ -27,6 +26,7 @@ from pipeline.data import Split, load_split
 from pipeline.model import StackedMlp, unstack
 from pipeline.params import load_params
 from pipeline.prepare import prepare
+from pipeline.reference import train_alone  # the CPU equivalence test's reference loop
 from pipeline.training import (
     TrainingStep,
     configure_runtime,
@@ -94,11 +94,6 @@ def equal(a: dict, b: dict) -> bool:
 
 def stack_matches_alone(config, train: Split, steps: int) -> dict:
     """Replica 1 of a stack of 3 against its seed alone (plain module, torch.optim's fused Adam)."""
-    sys.path.insert(0, str(ROOT))
-    from tests.test_model import (
-        train_alone,  # the CPU equivalence test's reference loop
-    )
-
     seeds = config.seeds[:3]
     part = Split(train.pixels[: steps * config.batch_size], train.labels[: steps * config.batch_size])
     stack = StackedMlp(config, seeds).cuda()

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from pipeline.optimizer import FusedOptimizer
-from tests.conftest import tiny_params, torch_optimizer
+from pipeline.reference import torch_optimizer
+from tests.conftest import tiny_params
 
 SHAPES = [(3, 784, 4), (3, 1, 4), (3, 4, 10)]  # stacked kernel, BN weight, output kernel
 PATHS = pytest.mark.parametrize("private", [True, False], ids=["private", "public"])
