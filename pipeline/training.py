@@ -57,8 +57,9 @@ def epoch_permutations(seeds: list[int], epoch: int, size: int) -> torch.Tensor:
     ])
 
 
-def make_optimizer(model: nn.Module, config: VariantConfig) -> FusedOptimizer:
-    return FusedOptimizer(list(model.parameters()), config)
+def make_optimizer(model: nn.Module, config: VariantConfig, private: bool | None = None) -> FusedOptimizer:
+    """`private`: pipeline/fastpath.py's path, where a benchmark or check picks it."""
+    return FusedOptimizer(list(model.parameters()), config, private)
 
 
 def trained_state(model: nn.Module, optimizer: FusedOptimizer) -> dict:
