@@ -13,7 +13,6 @@ See benchmarks/README.md for what each figure means and the targets.
 from __future__ import annotations
 
 import inspect
-import json
 import os
 import re
 import resource
@@ -24,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import ROOT, VARIANT, main, peak_rss_mb, setup, write
+from common import ROOT, VARIANT, peak_rss_mb, run_alone, setup
 
 
 def part_overhead(args) -> dict:
@@ -179,8 +178,4 @@ PARTS = {"overhead": part_overhead, "pipeline": part_pipeline}
 
 
 if __name__ == "__main__":
-    ran = main(__doc__, PARTS)
-    if ran is not None:
-        results, args = ran
-        print(json.dumps(results, indent=2, default=str))
-        write(results, args.out)
+    run_alone(__doc__, PARTS)

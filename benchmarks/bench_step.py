@@ -16,13 +16,12 @@ See benchmarks/README.md for what each figure means and the targets.
 from __future__ import annotations
 
 import gzip
-import json
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
-from common import ROOT, lab_splits, main, project_steps, same_weights, setup, timed, write
+from common import ROOT, lab_splits, project_steps, run_alone, same_weights, setup, timed
 
 
 def part_baseline(args) -> dict:
@@ -165,8 +164,4 @@ PARTS = {"baseline": part_baseline, "project": part_project, "stacked": part_sta
 
 
 if __name__ == "__main__":
-    ran = main(__doc__, PARTS)
-    if ran is not None:
-        results, args = ran
-        print(json.dumps(results, indent=2, default=str))
-        write(results, args.out)
+    run_alone(__doc__, PARTS)

@@ -180,3 +180,12 @@ def write(results: dict, out: Path | None) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2, default=str) + "\n")
     print(f"wrote {out}")
+
+
+def run_alone(doc: str, parts: dict) -> None:
+    """A script that runs its own parts: their JSON to stdout, and to --out where given."""
+    ran = main(doc, parts)
+    if ran is not None:
+        results, args = ran
+        print(json.dumps(results, indent=2, default=str))
+        write(results, args.out)
