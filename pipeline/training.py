@@ -9,8 +9,8 @@ At batch 32 a step costs well under a millisecond, so per-step overhead is what 
 (benchmarks/README.md): each step's rows of every replica are one contiguous index vector,
 gathered with a single `index_select`; the 1/B of the mean loss is the gradient seeded
 into the backward pass rather than a division node (the same bits as the plain form), and
-the gradients go straight to the fused optimizer (pipeline/optimizer.py), both through
-pipeline/fastpath.py.
+the gradients go straight to the fused optimizer (pipeline/optimizer.py); pipeline/fastpath.py
+makes both calls.
 """
 
 from __future__ import annotations
