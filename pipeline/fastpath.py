@@ -10,9 +10,9 @@ At batch 32 a step costs well under a millisecond, so per-step Python overhead i
              `torch.optim.<Adam|AdamW|SGD>(fused=True).step()` calls; the classes themselves
              would import `torch._dynamo` in every train stage (1.3-1.5 s measured here).
 Both paths run the same kernels with the same arguments: the same bits (tests/test_optimizer.py,
-tests/test_fastpath.py), so the path taken changes no output. The private one saves 75-100 us a
-step on this 2-core machine: 1,933 against 1,689 steps/s for one seed, 1,107 against 996 for
-the lab's stack of 5 (medians, `python benchmarks/bench_step.py --parts fastpath`).
+tests/test_fastpath.py), so the path taken changes no output. The private one saves 65-90 us a
+step on this 2-core machine: 2,162 against 1,895 steps/s for one seed, 1,179 against 1,064 for
+the lab's stack of 5 (medians of 3 x 2,000 steps, `python benchmarks/bench_step.py --parts fastpath`).
 
 A torch release may rename or change a private call: `private_path()` decides once per
 process, at the first optimizer, and takes the private calls only where they exist and give
