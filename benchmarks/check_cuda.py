@@ -4,10 +4,11 @@
 
 On the prepared split (made from `--raw` if `data/prepared` is missing), with `train.device:
 cuda`: (1) the synchronizing CUDA calls of an epoch, counted by `torch.cuda.set_sync_debug_mode`;
-(2) fresh runs, a run resumed from its state after epoch 1, and a run without the CUDA graph
-all end with equal weights; (3) replica k of a stack against the same seed trained alone as a
-plain module with torch.optim; (4) the lab (params.yaml, every variant, all seeds) for its
-epochs: ms/step, evaluation seconds per epoch and test accuracy per variant.
+(2) fresh runs, a run resumed from its state after epoch 1, a run without the CUDA graph and
+runs on pipeline/fastpath.py's private and public calls all end with equal weights; (3)
+replica k of a stack against the same seed trained alone as a plain module with torch.optim;
+(4) the lab (params.yaml, every variant, all seeds) for its epochs: ms/step, evaluation seconds
+per epoch and test accuracy per variant.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 import warnings
 from functools import partial
@@ -23,10 +23,12 @@ from pathlib import Path
 
 import torch
 
+from pipeline import fastpath
 from pipeline.data import Split, load_split
 from pipeline.model import StackedMlp, unstack
 from pipeline.params import load_params
 from pipeline.prepare import prepare
+from pipeline.reference import train_alone  # the CPU equivalence test's reference loop
 from pipeline.training import (
     TrainingStep,
     configure_runtime,
@@ -73,15 +75,17 @@ def eager_epoch(step: TrainingStep, epoch: int) -> None:
         step.eager(rows)
 
 
-def final_weights(config, train: Split, epochs: int, graphed: bool = True, resume_after: int | None = None) -> dict:
+def final_weights(config, train: Split, epochs: int, graphed: bool = True, resume_after: int | None = None,
+                  private: bool | None = None) -> dict:
+    """`private`: pipeline/fastpath.py's path, kept across the resume (default: the stage's)."""
     model = StackedMlp(config, config.seeds).cuda()
-    step = TrainingStep(model, make_optimizer(model, config), train, config.seeds, config.batch_size)
+    step = TrainingStep(model, make_optimizer(model, config, private), train, config.seeds, config.batch_size)
     for epoch in range(1, epochs + 1):
         if epoch - 1 == resume_after:  # as a rerun after a kill: fresh objects from the saved state
             saved = trained_state(model, step.optimizer)
             model = StackedMlp(config, config.seeds).cuda()
             model.load_state_dict(saved["model"])
-            optimizer = make_optimizer(model, config)
+            optimizer = make_optimizer(model, config, private)
             optimizer.load_state_dict(saved["optimizer"])
             step = TrainingStep(model, optimizer, train, config.seeds, config.batch_size)
         (train_epoch if graphed else eager_epoch)(step, epoch)
@@ -94,11 +98,6 @@ def equal(a: dict, b: dict) -> bool:
 
 def stack_matches_alone(config, train: Split, steps: int) -> dict:
     """Replica 1 of a stack of 3 against its seed alone (plain module, torch.optim's fused Adam)."""
-    sys.path.insert(0, str(ROOT))
-    from tests.test_model import (
-        train_alone,  # the CPU equivalence test's reference loop
-    )
-
     seeds = config.seeds[:3]
     part = Split(train.pixels[: steps * config.batch_size], train.labels[: steps * config.batch_size])
     stack = StackedMlp(config, seeds).cuda()
@@ -157,6 +156,9 @@ def main() -> None:
     eager = final_weights(config, train, 3, graphed=False)
     report["eager_s_for_3_epochs"] = time.perf_counter() - started
     report["graph_equals_eager"] = equal(first, eager)
+    report["fastpath_private"] = fastpath.private_path()
+    report["public_path_equals_private"] = equal(final_weights(config, train, 3, private=True),
+                                                 final_weights(config, train, 3, private=False))
     report["stack_vs_alone"] = stack_matches_alone(config, train, steps=208)
     report["lab"] = lab(params, train, val, test)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,8 @@ At batch 32 a step costs well under a millisecond, so per-step overhead is what 
 (benchmarks/README.md): each step's rows of every replica are one contiguous index vector,
 gathered with a single `index_select`; the 1/B of the mean loss is the gradient seeded
 into the backward pass rather than a division node (the same bits as the plain form), and
-the gradients go straight to the fused optimizer (pipeline/optimizer.py).
+the gradients go straight to the fused optimizer (pipeline/optimizer.py); pipeline/fastpath.py
+makes both calls.
 """
 
 from __future__ import annotations
@@ -24,19 +25,10 @@ from torch import nn
 from pipeline.checkpoint import copied
 from pipeline.data import Split, as_images
 from pipeline.errors import PipelineError
+from pipeline.fastpath import gradients
 from pipeline.model import StackedMlp
 from pipeline.optimizer import FusedOptimizer
 from pipeline.params import VariantConfig
-
-
-# `torch.autograd.grad` ends in this call after ~40 us of argument checks a step, and its first
-# use imports sympy (~0.4 s); the result is the same tensors, bit for bit (tests/test_training.py).
-_ENGINE = torch.autograd.Variable._execution_engine
-
-
-def gradients(loss: torch.Tensor, inputs: tuple[torch.Tensor, ...], seed: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """d(seed * loss)/d(inputs), as `torch.autograd.grad(loss, inputs, seed)` returns them."""
-    return _ENGINE.run_backward((loss,), (seed,), False, False, inputs, False, False)
 
 
 def configure_runtime(threads: int, device: str) -> torch.device:
@@ -65,8 +57,9 @@ def epoch_permutations(seeds: list[int], epoch: int, size: int) -> torch.Tensor:
     ])
 
 
-def make_optimizer(model: nn.Module, config: VariantConfig) -> FusedOptimizer:
-    return FusedOptimizer(list(model.parameters()), config)
+def make_optimizer(model: nn.Module, config: VariantConfig, private: bool | None = None) -> FusedOptimizer:
+    """`private`: pipeline/fastpath.py's path, where a benchmark or check picks it."""
+    return FusedOptimizer(list(model.parameters()), config, private)
 
 
 def trained_state(model: nn.Module, optimizer: FusedOptimizer) -> dict:
@@ -117,7 +110,7 @@ class TrainingStep:
         # Sum over replicas of each replica's mean loss: gradients stay independent.
         loss = F.cross_entropy(logits.flatten(0, 1), self.train.labels.index_select(0, rows), reduction="sum")
         # The gradient of loss / B, seeded as (loss / B).backward() would; no .grad to zero.
-        self.optimizer.step(gradients(loss, self.optimizer.params, self.one / batch))
+        self.optimizer.step(gradients(loss, self.optimizer.params, self.one / batch, self.optimizer.private))
 
     def __call__(self, rows: torch.Tensor) -> None:
         if rows.shape[0] != self.graphed_rows:

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from pipeline.download import MNIST_SHA256
 from pipeline.params import Params, parse_params
@@ -86,15 +85,6 @@ def tiny_params(**overrides) -> Params:
     for section, value in overrides.items():
         raw[section] = raw[section] | value if isinstance(value, dict) and section in raw else value
     return parse_params(raw)
-
-
-def torch_optimizer(params, config) -> torch.optim.Optimizer:
-    """torch.optim's fused optimizer for a variant: the reference pipeline.optimizer must match."""
-    decay = {} if config.weight_decay is None else {"weight_decay": config.weight_decay}
-    if config.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=config.lr, fused=True, **decay)
-    cls = torch.optim.Adam if config.optimizer == "adam" else torch.optim.AdamW
-    return cls(params, lr=config.lr, eps=config.adam_eps, fused=True, **decay)
 
 
 def stage_env(mirror: Path | str | None = None, **extra: str) -> dict[str, str]:

@@ -4,19 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from pipeline.data import Split, as_images
-from pipeline.model import StackedLinear, StackedMlp, plain_mlp, unstack
-from pipeline.training import (
-    TrainingStep,
-    epoch_metrics,
-    epoch_permutations,
-    make_optimizer,
-    score,
-    train_epoch,
-)
-from tests.conftest import tiny_mnist_arrays, tiny_params, torch_optimizer
+from pipeline.model import StackedLinear, StackedMlp, unstack
+from pipeline.reference import train_alone
+from pipeline.training import TrainingStep, epoch_metrics, make_optimizer, score, train_epoch
+from tests.conftest import tiny_mnist_arrays, tiny_params
 
 SEEDS = [3, 7, 11]
 
@@ -27,30 +20,6 @@ def splits() -> tuple[Split, Split]:
     pixels = torch.from_numpy(arrays["train-images-idx3-ubyte"]).flatten(1)
     labels = torch.from_numpy(arrays["train-labels-idx1-ubyte"]).long()
     return Split(pixels[:512], labels[:512]), Split(pixels[512:], labels[512:])
-
-
-def train_alone(config, seed: int, train: Split, val: Split, epochs: int):
-    """The reference: an ordinary nn.Module and the textbook loop, for one seed (on train's device)."""
-    model = plain_mlp(config, seed).to(train.pixels.device)
-    optimizer = torch_optimizer(model.parameters(), config)
-    history = []
-    for epoch in range(1, epochs + 1):
-        model.train()
-        [order] = epoch_permutations([seed], epoch, len(train)).to(train.pixels.device)
-        for start in range(0, len(train), config.batch_size):
-            batch = order[start : start + config.batch_size]
-            loss = F.cross_entropy(model(as_images(train.pixels[batch])), train.labels[batch])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-        history.append({name: value[0] for name, value in epoch_metrics(
-            _as_stack(model), train, val, batch_size=256).items()})
-    return model, history
-
-
-def _as_stack(model):
-    """A plain model's outputs with a leading replica dimension of 1, for `score`."""
-    return torch.nn.Sequential(model, torch.nn.Unflatten(0, (1, -1)))
 
 
 @pytest.mark.parametrize(("norm", "optimizer"), [("batch", "adam"), ("layer", "sgd"), ("none", "adamw")])

@@ -34,6 +34,7 @@ from scipy import stats
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+import pipeline.fastpath  # noqa: E402
 import pipeline.optimizer  # noqa: E402
 import pipeline.prepare  # noqa: E402
 import pipeline.training  # noqa: E402
@@ -47,12 +48,10 @@ import bench_fidelity  # noqa: E402  (next to this file)
 
 def tf1_adam_eps() -> None:
     def step(self, grads):
-        self.step_count.add_(1)
-        eps = self.eps / (1 - pipeline.optimizer.BETAS[1] ** float(self.step_count)) ** 0.5
-        torch._fused_adam_(self.params, list(grads), self.exp_avg, self.exp_avg_sq, [],
-                           [self.step_count] * len(self.params), lr=self.lr, beta1=pipeline.optimizer.BETAS[0],
-                           beta2=pipeline.optimizer.BETAS[1], weight_decay=0.0, eps=eps, amsgrad=False,
-                           maximize=False)
+        t = float(self.steps[0]) + 1  # the step about to be taken
+        eps = self.eps / (1 - pipeline.fastpath.BETAS[1] ** t) ** 0.5
+        pipeline.fastpath.update(self.kind, list(self.params), list(grads), self.exp_avg, self.exp_avg_sq,
+                                 self.steps, lr=self.lr, weight_decay=0.0, eps=eps, private=self.private)
     pipeline.optimizer.FusedOptimizer.step = step
 
 

@@ -1,0 +1,181 @@
+"""The train stage and the whole lab: what it costs beyond the training loop itself.
+
+    python benchmarks/bench_stage.py [--parts overhead,pipeline] [--no-pipeline] [--keep-temp] [--out FILE]
+
+Parts (each in its own child process; `python benchmarks/bench_train.py` runs them all with
+bench_step.py's and prints the table):
+  overhead    pipeline.train.train in-process (MLflow to a temp sqlite, checkpoints to a temp
+              dir) against the same epochs bare; where the non-epoch time goes
+  pipeline    `dvc repro` of the whole lab in a temp copy (prepared data given), then a no-op one
+See benchmarks/README.md for what each figure means and the targets.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import re
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import ROOT, VARIANT, peak_rss_mb, run_alone, setup
+
+
+def part_overhead(args) -> dict:
+    """The train stage in-process vs its bare epochs; every non-epoch cost timed by name."""
+    started = time.perf_counter()
+    import pipeline.train as stage  # torch and the pipeline, as the stage process imports them
+
+    import_s = time.perf_counter() - started
+    import torch
+
+    from pipeline import checkpoint, tracking
+    from pipeline.data import load_split
+
+    params, config = setup(args.threads)
+    spent: dict[str, float] = {}
+
+    def wrap(owner, name: str, label: str) -> None:
+        inner = getattr(owner, name, None)
+        if inner is None:  # the stage changed shape: that cost is simply not itemised
+            return
+
+        def timed_call(*a, **kw):
+            t0 = time.perf_counter()
+            try:
+                return inner(*a, **kw)
+            finally:
+                spent[label] = spent.get(label, 0.0) + time.perf_counter() - t0
+
+        setattr(owner, name, timed_call)
+
+    # MLflow itself runs in the stage's tracking process (pipeline/tracking_process.py) and
+    # cannot be timed from here; what the stage waits for is `TrackingProcess.call`.
+    for owner, name, label in [
+        (stage, "configure_runtime", "configure_runtime (threads; deterministic mode on CUDA only)"),
+        (stage.TrackingProcess, "__init__", "start the tracking process (fork)"),
+        (stage, "load_split", "load prepared splits"),
+        (stage, "train_epoch", "epochs: train_epoch"),
+        (stage, "epoch_metrics", "epochs: epoch_metrics (train+val eval)"),
+        (checkpoint, "save", "per epoch: checkpoint save (best.pt, last.pt)"),
+        (stage.TrackingProcess, "call", "waiting on MLflow (final model and status)"),
+        (stage, "finish", "finish (outputs, then logging the model)"),
+    ]:
+        wrap(owner, name, label)
+
+    with tempfile.TemporaryDirectory(prefix="bench-stage-") as tmp:
+        tmp = Path(tmp)
+        shutil.copytree(ROOT / "data" / "prepared", tmp / "data" / "prepared")
+        shutil.copy(ROOT / "environment.json", tmp / "environment.json")  # the check stage's record
+        runs = tracking.Tracking(f"sqlite:///{tmp / 'mlflow.db'}", tmp, "bench-overhead")
+        # train(params, variant, root, runs), or the older train(params, variant, paths, runs)
+        where = tmp if "root" in inspect.signature(stage.train).parameters else stage.Paths.for_variant(tmp, VARIANT)
+        cwd = os.getcwd()
+        os.chdir(tmp)  # run tags look for git here: none
+        try:
+            t0 = time.perf_counter()
+            stage.train(params, VARIANT, where, runs)
+            stage_s = time.perf_counter() - t0
+        finally:
+            os.chdir(cwd)
+
+    # The same epochs bare: no tracking, no checkpoints (same process, data already loaded).
+    from pipeline.model import StackedMlp
+    from pipeline.training import (
+        TrainingStep,
+        epoch_metrics,
+        make_optimizer,
+        train_epoch,
+    )
+
+    prepared = ROOT / "data" / "prepared"
+    train, val = load_split(prepared, "train", torch.device("cpu")), load_split(prepared, "val", torch.device("cpu"))
+    model = StackedMlp(config, config.seeds)
+    step = TrainingStep(model, make_optimizer(model, config), train, config.seeds, config.batch_size)
+    t0 = time.perf_counter()
+    for epoch in range(1, config.epochs + 1):
+        train_epoch(step, epoch)
+        epoch_metrics(model, train, val, config.eval_batch_size)
+    bare_s = time.perf_counter() - t0
+
+    epochs_in_stage = sum(v for k, v in spent.items() if k.startswith("epochs:"))
+    per_epoch = sum(v for k, v in spent.items() if k.startswith("per epoch:"))
+    return {"epochs": config.epochs, "replicas": len(config.seeds),
+            "import_pipeline_train_s": import_s,
+            "stage_in_process_s": stage_s, "bare_epochs_s": bare_s,
+            "epochs_inside_stage_s": epochs_in_stage,
+            # The epochs' evaluation runs on a second thread beside the next epoch's training,
+            # so the itemised epoch times overlap: the stage is measured against a bare run.
+            "overhead_fraction": (stage_s - bare_s) / stage_s,
+            "per_epoch_logging_checkpoint_fraction": per_epoch / stage_s,
+            "stage_process_estimate_s": import_s + stage_s,
+            "breakdown_s": spent}
+
+
+def part_pipeline(args) -> dict:
+    """`dvc repro` of the lab in a temp copy that already holds raw and prepared data."""
+    keep = args.keep_temp
+    tmp = Path(tempfile.mkdtemp(prefix="bench-lab-"))
+    env = {k: v for k, v in os.environ.items() if k not in ("DVC_EXP_NAME", "MLFLOW_TRACKING_URI")}
+    env |= {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+            "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}",
+            "MNIST_MIRROR": str(ROOT.parent / "shared" / "data" / "mnist"), "DVC_NO_ANALYTICS": "1",
+            "PYTHONUNBUFFERED": "1"}
+
+    def sh(*cmd: str) -> None:
+        subprocess.run(cmd, cwd=tmp, env=env, check=True, capture_output=True, text=True)
+
+    def repro(log_name: str) -> dict:
+        """Wall time of `dvc repro`, and of each stage (from when dvc announces it)."""
+        stages, marks = [], []
+        t0 = time.perf_counter()
+        with open(tmp / log_name, "w") as log:
+            proc = subprocess.Popen(["dvc", "repro"], cwd=tmp, env=env, stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, text=True)
+            for line in proc.stdout:
+                log.write(line)
+                if line.startswith("Running stage '"):
+                    stages.append(line.split("'")[1])
+                    marks.append(time.perf_counter())
+            code = proc.wait()
+        wall = time.perf_counter() - t0
+        marks.append(t0 + wall)
+        tail = (tmp / log_name).read_text().splitlines()[-15:]
+        return {"wall_s": wall, "returncode": code,
+                "stages_s": {s: marks[i + 1] - marks[i] for i, s in enumerate(stages)},
+                **({"log_tail": tail} if code else {})}
+
+    try:
+        shutil.copytree(ROOT / "pipeline", tmp / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
+        for name in ("dvc.yaml", "params.yaml", "dvc.lock", ".gitignore"):
+            if (ROOT / name).exists():
+                shutil.copy(ROOT / name, tmp / name)
+        sh("git", "init", "-q")
+        sh("dvc", "init", "-q")
+        shutil.copy(ROOT / ".dvc" / "config", tmp / ".dvc" / "config")
+        for sub in ("raw", "prepared"):
+            shutil.copytree(ROOT / "data" / sub, tmp / "data" / sub)
+        sh("dvc", "commit", "-f", "-q", "download", "prepare")  # data given: download excluded
+        full = repro("repro_full.log")
+        noop = repro("repro_noop.log")
+        # The lab as published: one run per variant (params.yaml's default is 5 seeds).
+        params_file = tmp / "params.yaml"
+        params_file.write_text(re.sub(r"(?m)^seeds: .*$", "seeds: [0]", params_file.read_text()))
+        one_seed = repro("repro_one_seed.log")
+    finally:
+        if not keep:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return {"full": full, "noop": noop, "one_seed": one_seed, "temp_dir": str(tmp) if keep else None,
+            "peak_rss_largest_stage_mb": peak_rss_mb(resource.RUSAGE_CHILDREN)}
+
+
+PARTS = {"overhead": part_overhead, "pipeline": part_pipeline}
+
+
+if __name__ == "__main__":
+    run_alone(__doc__, PARTS)

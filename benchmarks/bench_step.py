@@ -1,0 +1,167 @@
+"""Step rates of the lab's training loop: what a step costs, and what each shortcut saves.
+
+    python benchmarks/bench_step.py [--parts baseline,project,stacked,threads,fastpath] [--steps N]
+        [--out FILE]
+
+Parts (each in its own child process; `python benchmarks/bench_train.py` runs them all with
+bench_stage.py's and prints the table):
+  baseline    torchvision MNIST + DataLoader(batch 32, shuffle) + plain nn.Sequential + Adam
+  project     pipeline.training.train_epoch on a StackedMlp with K=1
+  stacked     K=5 stacked vs 5 sequential K=1 runs (and bit-identical repeats)
+  threads     a K=5 step and one evaluation at 1 and at 2 torch threads
+  fastpath    K=1 and K=5 steps on pipeline/fastpath.py's private calls against its public ones
+See benchmarks/README.md for what each figure means and the targets.
+"""
+
+from __future__ import annotations
+
+import gzip
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from common import ROOT, lab_splits, project_steps, run_alone, same_weights, setup, timed
+
+
+def part_baseline(args) -> dict:
+    """The obvious loop: torchvision dataset, DataLoader, nn.Sequential, default Adam."""
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.data import DataLoader, Subset
+    from torchvision import datasets, transforms
+
+    from pipeline.model import plain_mlp
+    from pipeline.prepare import split_indices
+
+    params, config = setup(args.threads)
+    with tempfile.TemporaryDirectory(prefix="bench-mnist-") as tmp:
+        raw = Path(tmp) / "MNIST" / "raw"
+        raw.mkdir(parents=True)
+        for gz in sorted((ROOT / "data" / "raw").glob("*-ubyte.gz")):
+            (raw / gz.stem).write_bytes(gzip.decompress(gz.read_bytes()))
+        mnist = datasets.MNIST(tmp, train=True, download=False, transform=transforms.ToTensor())
+        train_idx, _ = split_indices(len(mnist), params.data.val_size, params.data.split_seed)
+        prepared = torch.load(ROOT / "data" / "prepared" / "train.pt", weights_only=True)
+        same_split = torch.equal(mnist.targets[train_idx], prepared["labels"])
+        loader = DataLoader(Subset(mnist, train_idx.tolist()), batch_size=config.batch_size,
+                            shuffle=True, generator=torch.Generator().manual_seed(0))
+
+        def run(steps: int) -> float:
+            torch.manual_seed(0)
+            model = plain_mlp(config, seed=0)
+            optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+            model.train()
+            done, total = 0, 0.0
+            while done < steps:
+                for images, labels in loader:
+                    loss = F.cross_entropy(model(images), labels)
+                    optimizer.zero_grad()
+                    loss.backward()
+                    optimizer.step()
+                    total += loss.item()
+                    done += 1
+                    if done == steps:
+                        break
+            return total / steps
+
+        run(50)  # warm-up
+        timing = timed(lambda: run(args.steps), repeats=2)
+    return {"steps": args.steps, "same_split_as_prepared": same_split,
+            "steps_per_s": args.steps / timing["best_s"],
+            "ms_per_step": 1e3 * timing["best_s"] / args.steps,
+            "median_steps_per_s": args.steps / timing["median_s"], "timing": timing}
+
+
+def part_project(args) -> dict:
+    from pipeline.training import epoch_metrics
+
+    params, config, train, val = lab_splits(args.threads)
+    seeds = params.seeds[:1]
+    project_steps(seeds, config, train, 50)  # warm-up
+    models = []
+    timing = timed(lambda: models.append(project_steps(seeds, config, train, args.steps)), repeats=3)
+    evaluation = timed(lambda: epoch_metrics(models[0], train, val, config.eval_batch_size), repeats=3)
+    return {"replicas": 1, "steps": args.steps,
+            "steps_per_s": args.steps / timing["best_s"],
+            "ms_per_step": 1e3 * timing["best_s"] / args.steps,
+            "median_steps_per_s": args.steps / timing["median_s"],
+            "eval_s_per_epoch": evaluation["best_s"],
+            "bit_identical_repeats": all(same_weights(models[0], m) for m in models[1:]),
+            "timing": timing}
+
+
+def part_stacked(args) -> dict:
+    from pipeline.training import epoch_metrics
+
+    params, config, train, val = lab_splits(args.threads)
+    seeds = params.seeds
+    project_steps(seeds, config, train, 50)  # warm-up
+    stacked, sequential, models = [], [], []
+    for _ in range(2):  # alternated, so both see the same machine load
+        stacked.append(timed(lambda: models.append(project_steps(seeds, config, train, args.steps)), 1)["best_s"])
+        sequential.append(timed(lambda: [project_steps([s], config, train, args.steps) for s in seeds], 1)["best_s"])
+    evaluation = timed(lambda: epoch_metrics(models[0], train, val, config.eval_batch_size), repeats=3)
+    k, best_stacked, best_sequential = len(seeds), min(stacked), min(sequential)
+    return {"replicas": k, "steps": args.steps,
+            "stacked_ms_per_step": 1e3 * best_stacked / args.steps,
+            "stacked_replica_steps_per_s": k * args.steps / best_stacked,
+            "sequential_replica_steps_per_s": k * args.steps / best_sequential,
+            "ratio": best_sequential / best_stacked,
+            "median_ratio": statistics.median(sequential) / statistics.median(stacked),
+            "eval_s_per_epoch": evaluation["best_s"],
+            "bit_identical_repeats": all(same_weights(models[0], m) for m in models[1:]),
+            "stacked_s": stacked, "sequential_s": sequential}
+
+
+def part_threads(args) -> dict:
+    import torch
+
+    from pipeline.training import epoch_metrics
+
+    params, config, train, val = lab_splits(1)
+    steps, result = min(args.steps, 500), {}
+    for threads in (1, 2, 1, 2):
+        torch.set_num_threads(threads)
+        model = project_steps(params.seeds, config, train, 20)
+        step = timed(lambda: project_steps(params.seeds, config, train, steps), 1)["best_s"]
+        evaluation = timed(lambda m=model: epoch_metrics(m, train, val, config.eval_batch_size), 1)["best_s"]
+        entry = result.setdefault(f"threads_{threads}", {"ms_per_step": [], "eval_s": []})
+        entry["ms_per_step"].append(1e3 * step / steps)
+        entry["eval_s"].append(evaluation)
+    for entry in result.values():
+        entry["best_ms_per_step"] = min(entry["ms_per_step"])
+        entry["best_eval_s"] = min(entry["eval_s"])
+    return {"replicas": len(params.seeds), "steps": steps, **result}
+
+
+def part_fastpath(args) -> dict:
+    """Median steps per second on the private calls and on the public ones, K=1 and K=5.
+
+    Both paths run the same kernels, so they end with equal weights (`same_weights`)."""
+    params, config, train, _ = lab_splits(args.threads)
+    result = {}
+    for seeds in (params.seeds[:1], params.seeds):
+        for private in (True, False):  # warm-up: each path's first-use costs stay out of the timings
+            project_steps(seeds, config, train, 50, private=private)
+        walls, models = {True: [], False: []}, {}
+        for _ in range(3):  # alternated, so both see the same machine load
+            for private in (True, False):
+                started = time.perf_counter()
+                models[private] = project_steps(seeds, config, train, args.steps, private=private)
+                walls[private].append(time.perf_counter() - started)
+        rate = {private: args.steps / statistics.median(w) for private, w in walls.items()}
+        result[f"k{len(seeds)}"] = {
+            "private_median_steps_per_s": rate[True], "public_median_steps_per_s": rate[False],
+            "private_vs_public": rate[True] / rate[False], "same_weights": same_weights(models[True], models[False]),
+            "private_s": walls[True], "public_s": walls[False],
+        }
+    return {"steps": args.steps, **result}
+
+
+PARTS = {"baseline": part_baseline, "project": part_project, "stacked": part_stacked, "threads": part_threads,
+         "fastpath": part_fastpath}
+
+
+if __name__ == "__main__":
+    run_alone(__doc__, PARTS)
