@@ -183,12 +183,14 @@ def compare(params: Params, root: Path, runs: tracking.Tracking | None = None) -
             [*plots, out / "summary.md", out / "summary.json"], choice,
             lineage[choice.variant]["dataset"]["digest"] if choice else None,
         )
+        experiment = tracker.call(tracking.experiment_id, params.mlflow.experiment_name)
     print(text)
     if registered is None:
         print("registered nothing: no variant has a seed that trained without diverging")
     else:
         print(f"registered {choice.variant} ({choice.metric} {choice.score:.4f}) as {registered['name']} "
               f"version {registered['version']}, alias @{registered['alias']}")
+    print(f"runs: {tracking.runs_page(runs, experiment)}")
     return table
 
 

@@ -168,6 +168,7 @@ def connect(tracking: Tracking):
     """
     import mlflow
     from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
 
     if tracking.uri.startswith(("http://", "https://")):
         check_server(tracking.uri)
@@ -182,8 +183,13 @@ def connect(tracking: Tracking):
             return client, experiment.experiment_id
         # The embedded store keeps artifacts beside the database, not under the cwd.
         location = (tracking.root / "mlartifacts").as_uri() if tracking.is_local else None
-        return client, client.create_experiment(tracking.experiment_name, artifact_location=location,
-                                                tags=EXPERIMENT_TAGS)
+        try:
+            return client, client.create_experiment(tracking.experiment_name, artifact_location=location,
+                                                    tags=EXPERIMENT_TAGS)
+        except MlflowException as error:  # a stage of another clone, on a shared server, made it first
+            if error.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+            return client, client.get_experiment_by_name(tracking.experiment_name).experiment_id
 
 
 def git_commit(root: Path) -> str | None:
@@ -248,6 +254,15 @@ def close_dangling(client, run_ids: dict) -> None:
 def experiment_id(client, name: str) -> str:
     """The id of an experiment that `connect` made sure of."""
     return client.get_experiment_by_name(name).experiment_id
+
+
+def runs_page(tracking: Tracking, experiment: str) -> str:
+    """Where a person sees the experiment's runs. MLflow 3.17's UI opens on its global workflow
+    type, GenAI by default, whatever the experiment's kind: the link asks for model training."""
+    page = f"#/experiments/{experiment}/runs?workflowType=machine_learning"
+    if tracking.is_local:
+        return f"`mlflow ui --backend-store-uri {tracking.uri}`, then http://127.0.0.1:5000/{page}"
+    return f"{tracking.uri.rstrip('/')}/{page}"
 
 
 def start_variant_runs(client, experiment_name: str, config, tags: dict[str, str], dataset: dict,

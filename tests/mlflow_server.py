@@ -39,7 +39,7 @@ def wait_healthy(uri: str, process: subprocess.Popen, log: Path, timeout_s: floa
 
 def stop(process: subprocess.Popen) -> None:
     """SIGTERM to the server's whole process group (its workers too), then SIGKILL."""
-    if process.poll() is not None:
+    if process is None or process.poll() is not None:
         return
     os.killpg(process.pid, signal.SIGTERM)
     try:

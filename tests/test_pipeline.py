@@ -46,6 +46,8 @@ def test_repro_runs_every_stage_and_records_metrics(reproduced):
         "check", "download", "prepare", "train@batchnorm", "train@no_norm",
         "evaluate@batchnorm", "evaluate@no_norm", "compare",
     ]
+    assert f"runs: `mlflow ui --backend-store-uri sqlite:///{path / 'mlflow.db'}`, then " \
+           "http://127.0.0.1:5000/#/experiments/1/runs?workflowType=machine_learning" in result.stdout
     metrics = json.loads(run(["dvc", "metrics", "show", "--json"], path, env).stdout)
     files = next(iter(metrics.values()))["data"]
     for variant in VARIANTS:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
+from pipeline.tracking import Tracking, runs_page
 from tests.conftest import variant_run_ids
 from tests.mlflow_server import start_server, stop
 from tests.shared_project import reproduced_project
@@ -62,7 +63,6 @@ def test_runs_grouped_under_compare_and_a_val_acc_chart(ui, browser, tmp_path):
         NoSuchElementException,
         StaleElementReferenceException,
         TimeoutException,
-        WebDriverException,
     )
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as EC
@@ -94,28 +94,13 @@ def test_runs_grouped_under_compare_and_a_val_acc_chart(ui, browser, tmp_path):
         cell = row(run_id).find_element(By.XPATH, f".//*[@role='gridcell'][.//a[normalize-space(.)='{name}']]")
         click(cell.find_element(By.TAG_NAME, "button"))
 
-    # A person opens the UI, picks the experiment, and switches to the model-training view.
-    # (The experiment says it is a training one; MLflow 3.17's UI still opens on the global
-    # workflow type, GenAI by default, whatever the experiment's kind.)
+    # A person opens the link the compare stage prints and sees the training runs, nothing to
+    # dismiss or switch first. (MLflow 3.17's UI opens on its global workflow type, GenAI by
+    # default, whatever the experiment's kind: the link asks for model training.)
     assert client.get_experiment(experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
-    browser.get(uri + "/")
-    click((By.LINK_TEXT, "tiny"))
-
-    def in_training_runs_view(driver) -> bool:
-        if f"/experiments/{experiment_id}/runs" in driver.current_url:
-            return True
-        # A person first dismisses the GenAI tour popover ("Got it") that may cover the page.
-        buttons = "//button[normalize-space(.)='Got it']"
-        toggles = "//*[normalize-space(text())='Model training' or normalize-space(text())='Training runs']"
-        for toggle in driver.find_elements(By.XPATH, buttons) + driver.find_elements(By.XPATH, toggles):
-            try:
-                toggle.click()
-            except WebDriverException:  # covered while the page settles: try again
-                pass
-        return False
-
+    browser.get(runs_page(Tracking(uri, path, "tiny"), experiment_id))
     try:
-        wait.until(in_training_runs_view)
+        row(group_id)
     except TimeoutException:
         browser.save_screenshot(str(tmp_path / "experiment.png"))
         raise
