@@ -251,6 +251,13 @@ def close_dangling(client, run_ids: dict) -> None:
             pass
 
 
+def close_abandoned(client, experiment: str, digest: str) -> None:
+    """Mark FAILED the runs of these inputs that an attempt now gone left RUNNING: a worker lost
+    mid-task whose task Dask runs again elsewhere, a machine that died (its scratch state with it)."""
+    for found in client.search_runs([experiment], f"tags.{INPUTS_TAG} = '{digest}' AND attributes.status = 'RUNNING'"):
+        client.set_terminated(found.info.run_id, status="FAILED")
+
+
 def experiment_id(client, name: str) -> str:
     """The id of an experiment that `connect` made sure of."""
     return client.get_experiment_by_name(name).experiment_id
@@ -275,6 +282,7 @@ def start_variant_runs(client, experiment_name: str, config, tags: dict[str, str
     if replaces is not None:
         close_dangling(client, replaces)
     experiment = experiment_id(client, experiment_name)
+    close_abandoned(client, experiment, tags[INPUTS_TAG])
     params = flatten("", config.model_dump(exclude={"name"})) | flatten("env", {
         "python": environment["python"], **environment["packages"]})
     variant = client.create_run(experiment, run_name=config.name, tags={**tags, "variant": config.name})

@@ -1,0 +1,126 @@
+"""A sweep on a real Dask cluster (a scheduler and two worker processes on 127.0.0.1) with the
+team's stack: MLflow on PostgreSQL, artifacts and the DVC remote in S3 (moto). Each variant's
+stages run as a task in a worker's own clone; the coordinator's `dvc repro` then restores every
+one from the run-cache and trains nothing. A worker killed mid-task: the sweep completes all the
+same, with exactly one finished MLflow run per variant and seed and none left RUNNING."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from tests.conftest import make_project, run
+from tests.dask_cluster import Cluster
+from tests.team_server import BUCKET, S3_CREDENTIALS, create_user, postgres_bin, team_stack
+from tests.test_team_server import login
+
+pytestmark = [
+    pytest.mark.timeout(1200),
+    pytest.mark.skipif(postgres_bin("initdb") is None, reason="needs Debian's postgresql (initdb, pg_ctl)"),
+]
+VARIANTS = {"batchnorm": {"norm": "batch"}, "no_norm": {"norm": "none"}, "tanh": {"activation": "tanh"},
+            "diverges": {"lr": 1.0e30}}
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory, tiny_mirror):
+    """(project, env for its commands, cluster, server, alice's login) with a 4-variant sweep committed."""
+    folder = tmp_path_factory.mktemp("distributed")
+    (folder / "server").mkdir()
+    (folder / "cluster").mkdir()
+    with team_stack(folder / "server") as server:
+        alice = login("alice", create_user(server.uri, server.admin_password, "alice"))
+        path, env = make_project(folder / "project", tiny_mirror[0])
+        env = env | {"MLFLOW_TRACKING_URI": server.uri} | alice | {
+            "AWS_ACCESS_KEY_ID": S3_CREDENTIALS["aws_access_key_id"],
+            "AWS_SECRET_ACCESS_KEY": S3_CREDENTIALS["aws_secret_access_key"],
+            "AWS_DEFAULT_REGION": S3_CREDENTIALS["region_name"]}
+        params = yaml.safe_load((path / "params.yaml").read_text())
+        params["variants"] = VARIANTS
+        (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        run(["dvc", "remote", "add", "-d", "team", f"s3://{BUCKET}/dvc"], path, env)
+        run(["dvc", "remote", "modify", "team", "endpointurl", server.s3.endpoint], path, env)
+        run(["git", "commit", "-qam", "a 4-variant sweep on the team's remote"], path, env)
+        cluster = Cluster(folder / "cluster", env)
+        try:
+            cluster.start(workers=2)
+            yield path, env | {"DASK_SCHEDULER_ADDRESS": cluster.address}, cluster, server, alice
+        finally:
+            cluster.stop()
+
+
+def distributed(path, env) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "pipeline.distributed"], cwd=path, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def finish(process: subprocess.Popen) -> tuple[str, str]:
+    out, err = process.communicate(timeout=900)
+    assert process.returncode == 0, out + err
+    return out, err
+
+
+def assert_one_finished_run_per_variant_and_seed(server, path, alice) -> None:
+    os.environ |= alice
+    client = MlflowClient(server.uri)
+    experiment = client.get_experiment_by_name("tiny").experiment_id
+    assert not client.search_runs([experiment], "attributes.status = 'RUNNING'"), "no run left RUNNING"
+    for variant in VARIANTS:
+        digest = json.loads((path / "data" / "train" / variant / "run.json").read_text())["inputs_digest"]
+        finished = client.search_runs([experiment], f"tags.inputs_digest = '{digest}' AND "
+                                                    "attributes.status = 'FINISHED'")
+        names = sorted(r.info.run_name for r in finished)
+        assert names == sorted([variant, f"{variant}-seed0", f"{variant}-seed1"]), (variant, names)
+
+
+def test_a_sweep_on_the_cluster_trains_on_the_workers_and_the_coordinator_restores(sweep):
+    path, env, _, server, alice = sweep
+    out, err = finish(distributed(path, env))
+    assert "4 variants on 2 workers" in out
+    for variant in VARIANTS:
+        assert any(line.startswith(f"{variant}: clone ") for line in out.splitlines()), out
+    restored = out.split("restoring them here from the run-cache", 1)[1]
+    assert "Running stage 'train@" not in restored and "Running stage 'evaluate@" not in restored, restored
+    for variant in VARIANTS:
+        assert f"Stage 'train@{variant}' is cached - skipping run" in restored, restored
+    assert "Running stage 'compare'" in restored
+    summary = (path / "data" / "compare" / "summary.md").read_text()
+    assert "diverges: 2 of 2 seeds diverged" in summary
+    assert_one_finished_run_per_variant_and_seed(server, path, alice)
+    status = run(["dvc", "status"], path, env).stdout
+    assert "Data and pipelines are up to date" in status, status
+
+
+def test_a_worker_killed_mid_task_is_retried_and_leaves_no_run_behind(sweep):
+    path, env, cluster, server, alice = sweep
+    params = yaml.safe_load((path / "params.yaml").read_text())
+    params["train"]["epochs"] = 30  # every variant trains again, long enough to be caught at it
+    (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run(["git", "commit", "-qam", "30 epochs"], path, env)
+    coordinator = distributed(path, env)
+    killed = None
+    deadline = time.monotonic() + 300
+    while killed is None:
+        assert time.monotonic() < deadline and coordinator.poll() is None, "no train stage seen on a worker"
+        for process in psutil.process_iter(["cmdline"]):
+            try:
+                group = os.getpgid(process.pid)
+            except ProcessLookupError:
+                continue
+            worker = next((w for w in cluster.workers if w.pid == group and w.poll() is None), None)
+            if worker is not None and "pipeline.train" in " ".join(process.info["cmdline"] or []):
+                cluster.kill(worker)
+                killed = worker
+                break
+        time.sleep(0.2)
+    out, _ = finish(coordinator)
+    assert "Running stage 'compare'" in out.split("restoring them here from the run-cache", 1)[1]
+    assert_one_finished_run_per_variant_and_seed(server, path, alice)
