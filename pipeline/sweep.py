@@ -47,14 +47,14 @@ _Representer.add_representer(type(None), _Representer.represent_none)
 
 
 def _round_trip(text: str) -> tuple[YAML, CommentedMap]:
-    """A YAML that writes `text`'s document back as it is indented, and the document."""
-    document, sequence, offset = load_yaml_guess_indent(text)
+    """A YAML that writes `text`'s document back as it is indented and quoted, and the document."""
     yaml = YAML()
     yaml.Representer = _Representer
+    yaml.preserve_quotes = True
+    yaml.width = 4096  # no line of the file is wrapped that was not
+    document, sequence, offset = load_yaml_guess_indent(text, yaml=yaml)
     mapping = document["variants"].lc.col  # a top-level section's keys sit one indent deep
     yaml.indent(mapping=mapping, sequence=sequence or mapping, offset=offset or 0)
-    yaml.width = 4096  # no line of the file is wrapped that was not
-    yaml.preserve_quotes = True
     return yaml, document
 
 
