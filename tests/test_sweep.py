@@ -214,7 +214,9 @@ def test_dvc_repro_runs_a_train_and_an_evaluate_stage_per_grid_point(tmp_path, t
         assert variant in (path / "data" / "compare" / "summary.md").read_text()
 
     # A narrower grid: the remaining points are still cached, nothing trains again.
-    (path / "params.yaml").write_text((path / "params.yaml").read_text().replace("- 0.03\n", ""))
+    raw = yaml.safe_load((path / "params.yaml").read_text())
+    raw["sweep"]["axes"]["lr"] = [0.01]
+    (path / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     run([sys.executable, "-m", "pipeline.sweep"], path, env)
     status = run(["dvc", "status"], path, env).stdout
     assert set(re.findall(r"^(\S+):$", status, re.MULTILINE)) == {"check", "compare"}
