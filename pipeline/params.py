@@ -7,6 +7,7 @@ The YAML is read as DVC reads it (ruamel.yaml, YAML 1.2: `1e-3` is a number, `ye
 so the values checked here are the values `dvc.lock` records. Types are strict: `true` is no
 epoch count and `"0.01"` no learning rate; numbers are finite; every bound is what the code
 that consumes the value can run (seeds fit torch's generator, names are what MLflow accepts).
+The grid points of `sweep:` must be in `variants:` as `python -m pipeline.sweep` writes them.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic.fields import FieldInfo
 
 from pipeline.errors import ParamsError
 
@@ -95,7 +97,7 @@ class _Axes(_Choices):
         return values
 
 
-def _axis(choice) -> tuple:
+def _axis(choice: FieldInfo) -> tuple:
     """The axis of a ModelChoices key: a non-empty list of values that the key itself accepts."""
     (value_type,) = [arg for arg in get_args(choice.annotation) if arg is not type(None)]
     return list[value_type] | None, Field(None, min_length=1, max_length=MAX_GRID_POINTS)
@@ -110,9 +112,9 @@ SweepAxes = create_model(
 
 
 def _number(value: float) -> str:
-    # repr is the shortest text that reads back as the same float, so distinct values get
-    # distinct names; '.' and '-' would split a name (see grid_point_name), so they become
-    # 'p' and 'm': 0.003 -> 0p003, 1e-05 -> 1em05.
+    # repr is the shortest text that reads back as the same number, so distinct values get
+    # distinct names. '-' joins a name's parts and '.' would split the key path
+    # `variants.<name>`, so they become 'm' and 'p': 0.003 -> 0p003, 1e-05 -> 1em05.
     return repr(value).replace(".", "p").replace("e-", "em").replace("e+", "e")
 
 

@@ -53,7 +53,9 @@ def _round_trip(text: str) -> tuple[YAML, CommentedMap]:
     yaml.preserve_quotes = True
     yaml.width = 4096  # no line of the file is wrapped that was not
     document, sequence, offset = load_yaml_guess_indent(text, yaml=yaml)
-    mapping = document["variants"].lc.col  # a top-level section's keys sit one indent deep
+    # A block section's keys sit one indent deep (a flow one's column says nothing).
+    mapping = next((section.lc.col for section in document.values()
+                    if isinstance(section, CommentedMap) and not section.fa.flow_style()), 2)
     yaml.indent(mapping=mapping, sequence=sequence or mapping, offset=offset or 0)
     return yaml, document
 
@@ -128,8 +130,8 @@ def rewrite(text: str, grid: dict[str, ModelChoices]) -> str:
     return out.getvalue()
 
 
-def sweep(path: Path = cli.PARAMS_FILE) -> dict[str, ModelChoices]:
-    """Writes the grid of `path`'s `sweep:` into its `variants:`; returns the grid."""
+def sweep(path: Path = cli.PARAMS_FILE) -> None:
+    """Writes the grid of `path`'s `sweep:` into its `variants:`."""
     source = str(path)
     text = read_params(path)
     raw = parse_yaml(text, source)
@@ -143,7 +145,6 @@ def sweep(path: Path = cli.PARAMS_FILE) -> dict[str, ModelChoices]:
         atomic_write_bytes(path, new_text.encode())
     print(f"{source}: variants hold the {len(grid)} grid points of sweep: "
           f"({len(grid.keys() - before)} added, {len(before - grid.keys())} removed)")
-    return grid
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -97,6 +97,14 @@ def test_expansion_adds_one_line_per_grid_point_and_keeps_every_other_byte():
     assert yaml.safe_load(EXPANDED)["variants"]["sweep-none-lr1em05"] == {"norm": "none", "lr": 1e-05}
 
 
+def test_the_repository_params_yaml_keeps_its_bytes():
+    text = (ROOT / "params.yaml").read_text()
+    grid = parse_sweep(with_sweep({"norm": ["batch", "layer"]})).grid()
+    expanded = rewrite(text, grid)
+    assert expanded.replace("  sweep-batch: {norm: batch}\n  sweep-layer: {norm: layer}\n", "") == text
+    assert rewrite(expanded, {}) == text
+
+
 def test_the_command_writes_a_valid_file_and_twice_the_same_bytes(tmp_path, capsys):
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(with_sweep({"norm": ["batch", "layer"]}), sort_keys=False))
