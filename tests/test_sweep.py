@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import re
 import subprocess
 import sys
@@ -15,7 +14,7 @@ import yaml
 from pipeline.errors import ParamsError
 from pipeline.params import VARIANT_NAME, load_params, parse_params, parse_sweep
 from pipeline.sweep import rewrite, sweep
-from tests.conftest import ROOT, TINY_PARAMS, make_project, run
+from tests.conftest import ROOT, TINY_PARAMS, make_project, run, stage_env
 
 
 def with_sweep(axes: dict, **sections) -> dict:
@@ -183,7 +182,7 @@ def test_variants_that_are_not_the_expansion_are_refused_by_every_stage(variants
 
 def test_the_check_stage_and_the_command_exit_2_with_one_line(tmp_path):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(with_sweep(GRID), sort_keys=False))
-    env = os.environ | {"PYTHONPATH": str(ROOT)}  # this tree's pipeline/, not an installed one
+    env = stage_env()
     check = subprocess.run([sys.executable, "-m", "pipeline.check"], cwd=tmp_path, env=env,
                            capture_output=True, text=True, timeout=120)
     assert check.returncode == 2
