@@ -132,8 +132,8 @@ BAD_SWEEPS = {  # params (raw), the one line after "<path>: "
     "duplicate-value": (with_sweep({"lr": [0.01, 0.03, 0.01]}),
                         "sweep.axes.lr: the values of an axis must be distinct (0.01 twice)"),
     "duplicate-as-float": (with_sweep({"lr": [1, 1.0]}), "sweep.axes.lr: the values of an axis must be distinct"),
-    "too-many-points": (with_sweep({"hidden_sizes": [[width] for width in range(1, 17)], "lr": [0.001 * k for k in
-                                                                                              range(1, 18)]}),
+    "too-many-points": (with_sweep({"hidden_sizes": [[width] for width in range(1, 17)],
+                                    "lr": [0.001 * k for k in range(1, 18)]}),
                         "sweep.axes: 272 grid points (16 x 17); at most 256"),
     "name-too-long": (with_sweep({"hidden_sizes": [[1000] * 13]}),
                       "sweep.axes: grid point 'sweep-h1000x1000x1000x1000x1000x1000x1000x1000x1000x1000x1000x1000x1000'"
