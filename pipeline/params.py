@@ -7,13 +7,16 @@ The YAML is read as DVC reads it (ruamel.yaml, YAML 1.2: `1e-3` is a number, `ye
 so the values checked here are the values `dvc.lock` records. Types are strict: `true` is no
 epoch count and `"0.01"` no learning rate; numbers are finite; every bound is what the code
 that consumes the value can run (seeds fit torch's generator, names are what MLflow accepts).
+The grid points of `sweep:` must be in `variants:` as `python -m pipeline.sweep` writes them.
 """
 
 from __future__ import annotations
 
+import itertools
+import math
 import re
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 from pydantic import (
     BaseModel,
@@ -21,9 +24,11 @@ from pydantic import (
     Field,
     PositiveInt,
     ValidationError,
+    create_model,
     field_validator,
     model_validator,
 )
+from pydantic.fields import FieldInfo
 
 from pipeline.errors import ParamsError
 
@@ -38,6 +43,9 @@ MAX_SEEDS = 256  # the seeds list is logged as one MLflow param (at most 6,000 c
 MAX_WIDTH = 65_536  # units per hidden layer
 MAX_LAYERS = 64
 MAX_THREADS = 256
+# Every grid point is a train and an evaluate stage, an MLflow run and a line in each plot.
+MAX_GRID_POINTS = 256
+GRID_PREFIX = "sweep-"  # the variants named so are the grid points of `sweep:`, and nothing else
 
 Norm = Literal["batch", "layer", "none"]
 Activation = Literal["relu", "tanh", "sigmoid", "gelu"]
@@ -45,6 +53,7 @@ Optimizer = Literal["adam", "sgd", "adamw"]
 Device = Literal["auto", "cpu", "cuda"]
 Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
 HiddenSizes = Annotated[list[Annotated[PositiveInt, Field(le=MAX_WIDTH)]], Field(min_length=1, max_length=MAX_LAYERS)]
+LearningRate = Annotated[float, Field(gt=0)]
 
 
 class _Strict(BaseModel):
@@ -56,15 +65,7 @@ class DataParams(_Strict):
     split_seed: Seed = 0
 
 
-class ModelChoices(_Strict):
-    """What a variant may override: the architecture and its optimizer."""
-
-    hidden_sizes: HiddenSizes | None = None
-    norm: Norm | None = None
-    activation: Activation | None = None
-    optimizer: Optimizer | None = None
-    lr: float | None = Field(None, gt=0)
-
+class _Choices(_Strict):
     @field_validator("*", mode="before")
     @classmethod
     def _no_explicit_null(cls, value: object) -> object:
@@ -72,6 +73,96 @@ class ModelChoices(_Strict):
         if value is None:
             raise ValueError("null is not a value here; leave the key out to use the train: default")
         return value
+
+
+class ModelChoices(_Choices):
+    """What a variant may override: the architecture and its optimizer."""
+
+    hidden_sizes: HiddenSizes | None = None
+    norm: Norm | None = None
+    activation: Activation | None = None
+    optimizer: Optimizer | None = None
+    lr: LearningRate | None = None
+
+
+class _Axes(_Choices):
+    @field_validator("*")
+    @classmethod
+    def _distinct(cls, values: list) -> list:
+        seen = set()
+        for value in values:
+            if repr(value) in seen:  # validated values: `1` and `1.0` are both 1.0 by now
+                raise ValueError(f"the values of an axis must be distinct ({value!r} twice)")
+            seen.add(repr(value))
+        return values
+
+
+def _axis(choice: FieldInfo) -> tuple:
+    """The axis of a ModelChoices key: a non-empty list of values that the key itself accepts."""
+    (value_type,) = [arg for arg in get_args(choice.annotation) if arg is not type(None)]
+    return list[value_type] | None, Field(None, min_length=1, max_length=MAX_GRID_POINTS)
+
+
+# Built from ModelChoices so that an axis accepts exactly what a variant's key does, and a key
+# added there can be swept without a second list of types to keep in step.
+SweepAxes = create_model(
+    "SweepAxes", __base__=_Axes, __doc__="Values to cross, per key a variant may override.",
+    **{key: _axis(choice) for key, choice in ModelChoices.model_fields.items()},
+)
+
+
+def _number(value: float) -> str:
+    # repr is the shortest text that reads back as the same number, so distinct values get
+    # distinct names. '-' joins a name's parts and '.' would split the key path
+    # `variants.<name>`, so they become 'm' and 'p': 0.003 -> 0p003, 1e-05 -> 1em05.
+    return repr(value).replace(".", "p").replace("e-", "em").replace("e+", "e")
+
+
+NAME_LABELS = {"hidden_sizes": "h"}  # a number in a name follows its key's label; words go bare
+
+
+def grid_point_name(choices: dict) -> str:
+    """`sweep-h64x64-batch-tanh-lr0p003`: the prefix, then each swept key's value in ModelChoices'
+    order. Only [a-z0-9-]: no '.', which DVC would read as a key path in `variants.<name>`."""
+    parts = []
+    for key, value in choices.items():
+        if isinstance(value, str):
+            parts.append(value)  # a word of the key's Literal; no two keys share one
+        else:
+            numbers = value if isinstance(value, list) else [value]
+            parts.append(NAME_LABELS.get(key, key) + "x".join(_number(number) for number in numbers))
+    return GRID_PREFIX + "-".join(parts)
+
+
+def expand(axes: SweepAxes) -> dict[str, ModelChoices]:
+    """The grid points by name, in the order of the axes' values (the last key varies fastest)."""
+    swept = axes.model_dump(exclude_none=True)  # ModelChoices' key order, so names are stable
+    if not swept:
+        return {}
+    points = [dict(zip(swept, values)) for values in itertools.product(*swept.values())]
+    return {grid_point_name(point): ModelChoices.model_validate(point) for point in points}
+
+
+class SweepParams(_Strict):
+    """A grid of variants: every combination of the axes' values is one variant, a grid point."""
+
+    axes: SweepAxes = SweepAxes()
+
+    @field_validator("axes")
+    @classmethod
+    def _bounded(cls, axes: SweepAxes) -> SweepAxes:
+        lengths = [len(values) for values in axes.model_dump(exclude_none=True).values()]
+        if lengths and math.prod(lengths) > MAX_GRID_POINTS:
+            raise ValueError(f"{math.prod(lengths)} grid points ({' x '.join(map(str, lengths))}); "
+                             f"at most {MAX_GRID_POINTS}")
+        for name in expand(axes):
+            if not VARIANT_NAME.match(name):  # only its length can fail the rule
+                raise ValueError(f"grid point {name!r} has a name longer than 64 characters "
+                                 "(it names folders, stages and runs)")
+        return axes
+
+    def grid(self) -> dict[str, ModelChoices]:
+        return expand(self.axes)
 
 
 class TrainParams(_Strict):
@@ -158,6 +249,7 @@ class Params(_Strict):
     seeds: list[Seed] = Field([0, 1, 2, 3, 4], min_length=1, max_length=MAX_SEEDS)
     train: TrainParams = TrainParams()
     variants: dict[str, ModelChoices] = Field(min_length=1)
+    sweep: SweepParams = SweepParams()
     compare: CompareParams = CompareParams()
     mlflow: MlflowParams = MlflowParams()
 
@@ -185,6 +277,10 @@ class Params(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> Params:
+        stale = _stale_grid_point(self.variants, self.sweep.grid())
+        if stale:
+            raise ValueError(f"variants.{stale}; variants are not the expansion of sweep: "
+                             "(run `python -m pipeline.sweep`)")
         train_size = MNIST_TRAIN_SIZE - self.data.val_size
         if self.train.batch_size > train_size:
             raise ValueError(
@@ -213,10 +309,23 @@ class Params(_Strict):
         return VariantConfig(name=name, seeds=self.seeds, **(shared | overrides))
 
 
-def _describe(error: ValidationError, source: str) -> str:
+def _stale_grid_point(variants: dict[str, ModelChoices], grid: dict[str, ModelChoices]) -> str | None:
+    """`<name>: <what>` for the first grid point that `variants:` and `grid` disagree on; else None."""
+    written = {name: choices for name, choices in variants.items() if name.startswith(GRID_PREFIX)}
+    for name in [*grid, *written]:
+        if name not in written:
+            return f"{name}: missing"
+        if name not in grid:
+            return f"{name}: not a grid point of sweep: (names starting {GRID_PREFIX!r} are the grid's)"
+        if written[name].model_dump(exclude_none=True) != grid[name].model_dump(exclude_none=True):
+            return f"{name}: not the values of its grid point"
+    return None
+
+
+def _describe(error: ValidationError, source: str, within: tuple[str, ...]) -> str:
     parts = []
     for issue in error.errors():
-        path = ".".join(str(part) for part in issue["loc"])
+        path = ".".join(str(part) for part in (*within, *issue["loc"]))
         if issue["type"] == "extra_forbidden":
             message = "unknown key"
         elif issue["type"] == "missing":
@@ -229,13 +338,22 @@ def _describe(error: ValidationError, source: str) -> str:
     return f"{source}: " + "; ".join(parts)
 
 
+def _validate(model: type[BaseModel], raw: object, source: str, within: tuple[str, ...] = ()):
+    try:
+        return model.model_validate(raw)
+    except ValidationError as error:
+        raise ParamsError(_describe(error, source, within)) from None
+
+
 def parse_params(raw: object, source: str = "params.yaml") -> Params:
     if not isinstance(raw, dict):
         raise ParamsError(f"{source}: expected a mapping of keys at the top level")
-    try:
-        return Params.model_validate(raw)
-    except ValidationError as error:
-        raise ParamsError(_describe(error, source)) from None
+    return _validate(Params, raw, source)
+
+
+def parse_sweep(raw: dict, source: str = "params.yaml") -> SweepParams:
+    """The `sweep:` section alone: its grid, before `variants:` holds it (pipeline/sweep.py)."""
+    return _validate(SweepParams, raw.get("sweep", {}), source, ("sweep",))
 
 
 def _duplicate_key(node, path: str = "") -> str | None:
@@ -280,14 +398,17 @@ def parse_yaml(text: str, source: str) -> object:
         raise ParamsError(f"{source}: malformed YAML: {error}") from None
 
 
-def load_params(path: Path | str = "params.yaml") -> Params:
-    path = Path(path)
+def read_params(path: Path) -> str:
     try:
-        text = path.read_text()
+        return path.read_text()
     except FileNotFoundError:
         raise ParamsError(f"{path}: file not found (run from the project root)") from None
     except OSError as error:
         raise ParamsError(f"{path}: cannot read: {error.strerror}") from None
     except UnicodeDecodeError as error:
         raise ParamsError(f"{path}: cannot read: not UTF-8 text (byte {error.start})") from None
-    return parse_params(parse_yaml(text, str(path)), str(path))
+
+
+def load_params(path: Path | str = "params.yaml") -> Params:
+    path = Path(path)
+    return parse_params(parse_yaml(read_params(path), str(path)), str(path))

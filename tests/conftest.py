@@ -94,6 +94,9 @@ def stage_env(mirror: Path | str | None = None, **extra: str) -> dict[str, str]:
 
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "DVC_EXP_NAME")}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    # This tree's pipeline/, not the one installed in the environment (which may be another
+    # checkout's); a project's own copy still comes first, `python -m` puts the cwd before it.
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     env["DVC_NO_ANALYTICS"] = "1"
     if mirror is not None:
         env["MNIST_MIRROR"] = str(mirror)

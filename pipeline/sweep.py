@@ -1,0 +1,156 @@
+"""`python -m pipeline.sweep`: the grid points of params.yaml's `sweep:` written into its `variants:`.
+
+DVC makes the `train@<variant>` and `evaluate@<variant>` stages from `foreach: ${variants}` as it
+parses dvc.yaml, from the values params.yaml holds: it cannot compute a grid. So the grid points
+are written into `variants:`, where each one is a variant like any other (its own stages, cache,
+params dep `variants.<name>` and column in `dvc exp show`). They are the variants named
+`sweep-...` (params.GRID_PREFIX), after the hand-written ones; this command replaces exactly those.
+The file is rewritten by ruamel.yaml's round trip, which keeps comments, quotes and the
+hand-written variants; the new text is validated as the check stage will read it, and nothing is
+written when it is invalid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+from pathlib import Path
+
+from ruamel.yaml import YAML
+from ruamel.yaml.comments import CommentedBase, CommentedMap, CommentedSeq
+from ruamel.yaml.error import CommentMark
+from ruamel.yaml.representer import RoundTripRepresenter
+from ruamel.yaml.tokens import CommentToken
+from ruamel.yaml.util import load_yaml_guess_indent
+
+from pipeline import cli
+from pipeline.fsio import atomic_write_bytes
+from pipeline.params import GRID_PREFIX, ModelChoices, parse_params, parse_sweep, parse_yaml, read_params
+
+
+class _Representer(RoundTripRepresenter):
+    """Writes a float as YAML 1.1 reads it too (`1.0e-05`; PyYAML reads `1e-05` as a string), and
+    null as `null` (the round trip would leave `weight_decay: null` as `weight_decay:`)."""
+
+    def represent_none(self, value: None):
+        return self.represent_scalar("tag:yaml.org,2002:null", "null")
+
+    def represent_float(self, value: float):
+        text = repr(value)
+        if "e" in text and "." not in text:
+            text = text.replace("e", ".0e")
+        return self.represent_scalar("tag:yaml.org,2002:float", text)
+
+
+_Representer.add_representer(float, _Representer.represent_float)
+_Representer.add_representer(type(None), _Representer.represent_none)
+
+
+def _round_trip(text: str) -> tuple[YAML, CommentedMap]:
+    """A YAML that writes `text`'s document back as it is indented and quoted, and the document."""
+    yaml = YAML()
+    yaml.Representer = _Representer
+    yaml.preserve_quotes = True
+    yaml.width = 4096  # no line of the file is wrapped that was not
+    document, sequence, offset = load_yaml_guess_indent(text, yaml=yaml)
+    # A block section's keys sit one indent deep (a flow one's column says nothing).
+    mapping = next((section.lc.col for section in document.values()
+                    if isinstance(section, CommentedMap) and not section.fa.flow_style()), 2)
+    yaml.indent(mapping=mapping, sequence=sequence or mapping, offset=offset or 0)
+    return yaml, document
+
+
+def _last_comment_slot(node: CommentedBase) -> tuple[CommentedBase, object, int] | None:
+    """(node, key, index into its comment entry) where ruamel keeps the text after a block's last
+    line: on the deepest last entry; None for a flow block (its parent's entry keeps it)."""
+    if node.fa.flow_style() or not node:
+        return None
+    if isinstance(node, CommentedMap):
+        key, position = next(reversed(node)), 2
+    else:
+        key, position = len(node) - 1, 0
+    value = node[key]
+    inner = _last_comment_slot(value) if isinstance(value, (CommentedMap, CommentedSeq)) else None
+    return inner or (node, key, position)
+
+
+def _pop_gap(variants: CommentedMap) -> str:
+    """The blank lines and comments between `variants:`'s last line and the next section, taken
+    off that line (an end-of-line comment stays) so that they can follow the new last line."""
+    slot = _last_comment_slot(variants)
+    if slot is None:
+        return ""
+    node, key, position = slot
+    entry = node.ca.items.get(key)
+    token = entry[position] if entry else None
+    if token is None:
+        return ""
+    line, _, gap = token.value.partition("\n")  # the first newline ends the entry's own line
+    if line:
+        token.value = line + "\n"
+    else:
+        entry[position] = None
+    return gap
+
+
+def _put_gap(variants: CommentedMap, gap: str) -> None:
+    node, key, position = _last_comment_slot(variants)
+    entry = node.ca.items.setdefault(key, [None, None, None, None])
+    if entry[position] is None:
+        entry[position] = CommentToken("\n" + gap, CommentMark(0), None)
+    else:
+        entry[position].value += gap
+
+
+def _flow(value: object) -> object:
+    """`value` written on one line: a grid point is one line of `variants:`."""
+    if isinstance(value, dict):
+        node = CommentedMap({key: _flow(item) for key, item in value.items()})
+    elif isinstance(value, list):
+        node = CommentedSeq(value)
+    else:
+        return value
+    node.fa.set_flow_style()
+    return node
+
+
+def rewrite(text: str, grid: dict[str, ModelChoices]) -> str:
+    """`text` with the grid points of `variants:` replaced by `grid`'s, after the hand-written ones."""
+    yaml, document = _round_trip(text)
+    variants = document["variants"]
+    gap = _pop_gap(variants)
+    for name in [name for name in variants if name.startswith(GRID_PREFIX)]:
+        del variants[name]
+    for name, choices in grid.items():
+        variants[name] = _flow(choices.model_dump(exclude_none=True))
+    if gap and variants:
+        _put_gap(variants, gap)
+    out = io.StringIO()
+    yaml.dump(document, out)
+    return out.getvalue()
+
+
+def sweep(path: Path = cli.PARAMS_FILE) -> None:
+    """Writes the grid of `path`'s `sweep:` into its `variants:`."""
+    source = str(path)
+    text = read_params(path)
+    raw = parse_yaml(text, source)
+    if not isinstance(raw, dict) or not isinstance(raw.get("variants"), dict):
+        parse_params(raw, source)  # names what is wrong with the top level or `variants:`
+    grid = parse_sweep(raw, source).grid()
+    new_text = rewrite(text, grid)
+    parse_params(parse_yaml(new_text, source), source)  # as the check stage will read it
+    before = {name for name in raw["variants"] if name.startswith(GRID_PREFIX)}
+    if new_text != text:
+        atomic_write_bytes(path, new_text.encode())
+    print(f"{source}: variants hold the {len(grid)} grid points of sweep: "
+          f"({len(grid.keys() - before)} added, {len(before - grid.keys())} removed)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    argparse.ArgumentParser(description=__doc__.split("\n")[0]).parse_args(argv)
+    cli.run(sweep)
+
+
+if __name__ == "__main__":
+    main()
