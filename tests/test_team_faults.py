@@ -37,6 +37,15 @@ def stack(tmp_path_factory, tiny_mirror):
         yield server, path, env
 
 
+@pytest.fixture
+def alice(stack, monkeypatch):
+    """The stack, with this process's MLflow client logged in as the stages are."""
+    _, _, env = stack
+    for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.setenv(key, env[key])
+    return stack
+
+
 def train(path, env, variant: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "pipeline.train", "--variant", variant], cwd=path, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -65,10 +74,8 @@ def assert_complete(server, path, env, variant: str) -> None:
             assert sorted(steps) == list(range(1, EPOCHS + 1)), (run_id, metric, steps)
 
 
-def test_a_server_restart_mid_training_loses_no_epoch(stack, monkeypatch):
-    server, path, env = stack
-    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", env["MLFLOW_TRACKING_USERNAME"])
-    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", env["MLFLOW_TRACKING_PASSWORD"])
+def test_a_server_restart_mid_training_loses_no_epoch(alice):
+    server, path, env = alice
     stage = train(path, env, "batchnorm")
     wait_for_epoch(stage, 2)
     server.stop()
@@ -80,10 +87,8 @@ def test_a_server_restart_mid_training_loses_no_epoch(stack, monkeypatch):
     assert_complete(server, path, env, "batchnorm")
 
 
-def test_postgres_gone_fails_in_one_line_and_the_rerun_completes_the_record(stack, monkeypatch):
-    server, path, env = stack
-    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", env["MLFLOW_TRACKING_USERNAME"])
-    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", env["MLFLOW_TRACKING_PASSWORD"])
+def test_postgres_gone_fails_in_one_line_and_the_rerun_completes_the_record(alice):
+    server, path, env = alice
     stage = train(path, env, "no_norm")
     wait_for_epoch(stage, 2)
     server.postgres.stop()
@@ -107,10 +112,8 @@ def test_postgres_gone_fails_in_one_line_and_the_rerun_completes_the_record(stac
     assert_complete(server, path, env, "no_norm")
 
 
-def test_s3_gone_fails_in_one_line_and_the_rerun_completes_the_record(stack, monkeypatch):
-    server, path, env = stack
-    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", env["MLFLOW_TRACKING_USERNAME"])
-    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", env["MLFLOW_TRACKING_PASSWORD"])
+def test_s3_gone_fails_in_one_line_and_the_rerun_completes_the_record(alice):
+    server, path, env = alice
     server.s3.stop()
     started = time.monotonic()
     refused = run([sys.executable, "-m", "pipeline.train", "--variant", "batchnorm"], path, env, check=False)

@@ -1,0 +1,169 @@
+"""Scaling of a sweep on real MNIST: a 12-point grid (6 learning rates x batch norm or none),
+5 seeds, 10 epochs, run three ways from scratch: plain `dvc repro`, then
+`python -m pipeline.distributed` on a Dask cluster of 1 worker, then of 2 workers.
+
+Each way runs in a fresh clone of HEAD with its own DVC cache and remote (a folder) and its own
+MLflow server (SQLite, loopback), so no way restores what another trained. Reports wall times,
+the cores the work kept busy (CPU seconds / wall seconds), each task's steps (clone, check,
+repro, push), the per-task overhead against a variant's time in plain `dvc repro`, and a model
+of wall time for N workers and M variants.
+
+    python benchmarks/bench_sweep.py [--ways local,1,2] [--out sweep.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import resource
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MIRROR = ROOT.parent / "shared" / "data" / "mnist"
+BIN = Path(sys.executable).parent
+GRID = {"lr": [0.001, 0.003, 0.01, 0.03, 0.1, 0.3], "norm": ["batch", "none"]}
+TASK_LINE = re.compile(r"^(\S+): clone ([\d.]+)s check ([\d.]+)s repro ([\d.]+)s push ([\d.]+)s$", re.M)
+
+
+def sh(cmd: list[str], cwd: Path, env: dict[str, str]) -> str:
+    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result.stdout
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def project(folder: Path, env: dict[str, str], grid: dict) -> Path:
+    """A clone of HEAD with the grid expanded and committed, and a DVC remote of its own."""
+    from ruamel.yaml import YAML
+
+    path = folder / "project"
+    sh(["git", "clone", "-q", str(ROOT), str(path)], folder, env)
+    yaml = YAML()
+    params = yaml.load((path / "params.yaml").read_text())
+    params["sweep"]["axes"] = grid  # the grid alone: its lr 0.01 points are the lab's two variants
+    params["variants"] = {}
+    params["compare"]["reference"] = "sweep-none-lr0p01"
+    with open(path / "params.yaml", "w") as handle:
+        yaml.dump(params, handle)
+    sh([sys.executable, "-m", "pipeline.sweep"], path, env)
+    sh(["dvc", "remote", "add", "-d", "bench", str(folder / "remote")], path, env)
+    sh(["git", "commit", "-qam", "12-point grid"], path, env)
+    return path
+
+
+def mlflow_server(folder: Path, env: dict[str, str]) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    server = subprocess.Popen([str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+                               "--workers", "1", "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}"],
+                              cwd=folder, env=env | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    for _ in range(120):
+        try:
+            urllib.request.urlopen(uri + "/health", timeout=2).read()
+            return server, uri
+        except OSError:
+            time.sleep(0.5)
+    raise SystemExit("mlflow server did not start")
+
+
+def measured(cmd: list[str], cwd: Path, env: dict[str, str]) -> tuple[str, float, float]:
+    """(stdout, wall seconds, CPU seconds of every process it waited for)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    started = time.perf_counter()
+    out = sh(cmd, cwd, env)
+    wall = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return out, wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
+def run_way(way: str, folder: Path, grid: dict) -> dict:
+    env = os.environ | {"DVC_NO_ANALYTICS": "1", "MNIST_MIRROR": str(MIRROR), "PATH": f"{BIN}:{os.environ['PATH']}",
+                        "MLFLOW_DISABLE_TELEMETRY": "true"}
+    path = project(folder, env, grid)
+    server, uri = mlflow_server(folder, env)
+    env["MLFLOW_TRACKING_URI"] = uri
+    try:
+        if way == "local":
+            _, wall, cpu = measured(["dvc", "repro"], path, env)
+            return {"way": way, "wall_s": wall, "cores_busy": cpu / wall,
+                    "summary": (path / "data" / "compare" / "summary.md").read_text()}
+        from distributed import LocalCluster
+
+        with LocalCluster(n_workers=int(way), threads_per_worker=1, processes=True, dashboard_address=None,
+                          host="127.0.0.1", local_directory=str(folder / "workers")) as cluster:
+            out, wall, _ = measured([sys.executable, "-m", "pipeline.distributed"], path,
+                                    env | {"DASK_SCHEDULER_ADDRESS": cluster.scheduler_address})
+        tasks = {m[0]: dict(zip(("clone", "check", "repro", "push"), map(float, m[1:]))) for m in TASK_LINE.findall(out)}
+        setup = float(re.search(r"all variants in ([\d.]+)s", out).group(1))
+        return {"way": f"{way} worker(s)", "workers": int(way), "wall_s": wall, "tasks_s": setup, "tasks": tasks}
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=30)
+
+
+def report(results: list[dict], variants: int) -> None:
+    local = next((r for r in results if r["way"] == "local"), None)
+    per_variant = local["wall_s"] / variants if local else None
+    for r in results:
+        print(f"{r['way']:>12}: wall {r['wall_s']:.0f}s" + (f", {r['cores_busy']:.2f} cores busy" if "cores_busy" in r else
+                                                           f", tasks {r['tasks_s']:.0f}s"))
+        if "tasks" in r:
+            steps = {k: sum(t[k] for t in r["tasks"].values()) / len(r["tasks"]) for k in ("clone", "check", "repro", "push")}
+            task = sum(steps.values())
+            print("              mean task: " + " ".join(f"{k} {v:.1f}s" for k, v in steps.items()) + f" = {task:.1f}s")
+            if per_variant:
+                print(f"              overhead against a variant in plain dvc repro ({per_variant:.1f}s): "
+                      f"{task - per_variant:+.1f}s ({(task - per_variant) / per_variant:+.0%})")
+    one = next((r for r in results if r.get("workers") == 1), None)
+    if one:
+        task = one["tasks_s"] / len(one["tasks"])
+        fixed = one["wall_s"] - one["tasks_s"]
+        print(f"model: wall(N workers, M variants) = {fixed:.0f}s + ceil(M/N) x {task:.1f}s "
+              "(one core per worker; on this 2-core machine two workers share it with the coordinator)")
+        for n, m in ((1, 12), (2, 12), (4, 12), (8, 48)):
+            print(f"  N={n} M={m}: {fixed + math.ceil(m / n) * task:.0f}s" +
+                  (f" vs plain dvc repro {m * per_variant:.0f}s" if per_variant else ""))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--ways", default="local,1,2")
+    parser.add_argument("--lrs", help="a smaller grid's learning rates, e.g. 0.01 (a quick check)")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    grid = GRID | ({"lr": [float(lr) for lr in args.lrs.split(",")]} if args.lrs else {})
+    results = []
+    for way in args.ways.split(","):
+        folder = Path(tempfile.mkdtemp(prefix=f"bench-sweep-{way}-"))
+        try:
+            results.append(run_way(way, folder, grid))
+            print(json.dumps({k: v for k, v in results[-1].items() if k != "summary"}), flush=True)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+    report(results, len(grid["lr"]) * len(grid["norm"]))
+    for result in results:
+        if "summary" in result:
+            print(result["summary"])
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
