@@ -95,8 +95,8 @@ def part_overhead(args) -> dict:
 
     prepared = ROOT / "data" / "prepared"
     train, val = load_split(prepared, "train", torch.device("cpu")), load_split(prepared, "val", torch.device("cpu"))
-    model = StackedMlp(config, config.seeds)
-    step = TrainingStep(model, make_optimizer(model, config), train, config.seeds, config.batch_size)
+    model = StackedMlp(config)
+    step = TrainingStep(model, make_optimizer(model, config), train, config)
     t0 = time.perf_counter()
     for epoch in range(1, config.epochs + 1):
         train_epoch(step, epoch)

@@ -54,8 +54,8 @@ def timed(fn) -> float:
 
 def syncs_in_an_epoch(config, train: Split) -> dict:
     """Synchronizing CUDA calls during the second epoch (the first captures the graph)."""
-    model = StackedMlp(config, config.seeds).cuda()
-    step = TrainingStep(model, make_optimizer(model, config), train, config.seeds, config.batch_size)
+    model = StackedMlp(config).cuda()
+    step = TrainingStep(model, make_optimizer(model, config), train, config)
     train_epoch(step, 1)
     torch.cuda.set_sync_debug_mode("warn")
     try:
@@ -71,23 +71,24 @@ def syncs_in_an_epoch(config, train: Split) -> dict:
 def eager_epoch(step: TrainingStep, epoch: int) -> None:
     """train_epoch without the CUDA graph: every step launched op by op."""
     step.model.train()
-    for rows in step_rows(epoch_permutations(step.seeds, epoch, len(step.train)).cuda(), step.batch_size):
+    order = epoch_permutations(step.config.seeds, epoch, len(step.train)).cuda()
+    for rows in step_rows(order, step.config.batch_size):
         step.eager(rows)
 
 
 def final_weights(config, train: Split, epochs: int, graphed: bool = True, resume_after: int | None = None,
                   private: bool | None = None) -> dict:
     """`private`: pipeline/fastpath.py's path, kept across the resume (default: the stage's)."""
-    model = StackedMlp(config, config.seeds).cuda()
-    step = TrainingStep(model, make_optimizer(model, config, private), train, config.seeds, config.batch_size)
+    model = StackedMlp(config).cuda()
+    step = TrainingStep(model, make_optimizer(model, config, private), train, config)
     for epoch in range(1, epochs + 1):
         if epoch - 1 == resume_after:  # as a rerun after a kill: fresh objects from the saved state
             saved = trained_state(model, step.optimizer)
-            model = StackedMlp(config, config.seeds).cuda()
+            model = StackedMlp(config).cuda()
             model.load_state_dict(saved["model"])
             optimizer = make_optimizer(model, config, private)
             optimizer.load_state_dict(saved["optimizer"])
-            step = TrainingStep(model, optimizer, train, config.seeds, config.batch_size)
+            step = TrainingStep(model, optimizer, train, config)
         (train_epoch if graphed else eager_epoch)(step, epoch)
     return model.state_dict()
 
@@ -98,11 +99,11 @@ def equal(a: dict, b: dict) -> bool:
 
 def stack_matches_alone(config, train: Split, steps: int) -> dict:
     """Replica 1 of a stack of 3 against its seed alone (plain module, torch.optim's fused Adam)."""
-    seeds = config.seeds[:3]
+    config = config.model_copy(update={"seeds": config.seeds[:3]})
     part = Split(train.pixels[: steps * config.batch_size], train.labels[: steps * config.batch_size])
-    stack = StackedMlp(config, seeds).cuda()
-    train_epoch(TrainingStep(stack, make_optimizer(stack, config), part, seeds, config.batch_size), 1)
-    alone, _ = train_alone(config, seeds[1], part, part, epochs=1)
+    stack = StackedMlp(config).cuda()
+    train_epoch(TrainingStep(stack, make_optimizer(stack, config), part, config), 1)
+    alone, _ = train_alone(config, config.seeds[1], part, part, epochs=1)
     extracted = unstack(stack.cpu(), config, 1).state_dict()
     close, worst = True, 0.0
     for name, expected in alone.cpu().state_dict().items():
@@ -118,9 +119,9 @@ def lab(params, train: Split, val: Split, test: Split) -> dict:
     results = {}
     for variant in params.variants:
         config = params.variant(variant)
-        model = StackedMlp(config, config.seeds).cuda()
+        model = StackedMlp(config).cuda()
         optimizer = make_optimizer(model, config)
-        step = TrainingStep(model, optimizer, train, config.seeds, config.batch_size)
+        step = TrainingStep(model, optimizer, train, config)
         steps = -(-len(train) // config.batch_size) * config.epochs
         train_s = eval_s = 0.0
         for epoch in range(1, config.epochs + 1):

@@ -67,8 +67,9 @@ def project_steps(seeds: list[int], config, train, steps: int, private: bool | N
     from pipeline.model import StackedMlp
     from pipeline.training import TrainingStep, make_optimizer, train_epoch
 
-    model = StackedMlp(config, seeds)
-    step = TrainingStep(model, make_optimizer(model, config, private), train, seeds, config.batch_size)
+    config = config.model_copy(update={"seeds": seeds})
+    model = StackedMlp(config)
+    step = TrainingStep(model, make_optimizer(model, config, private), train, config)
     done = 0
 
     def count():

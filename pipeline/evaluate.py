@@ -39,7 +39,7 @@ def evaluate(params: Params, variant: str, root: Path) -> dict:
     device = configure_runtime(params.train.threads, params.train.device)
     state = checkpoint.load(root / "data" / "checkpoints" / variant / "last.pt", device)
     config = VariantConfig(**state["config"])
-    model = StackedMlp(config, config.seeds).to(device)
+    model = StackedMlp(config).to(device)
     model.load_state_dict(state["model"])
     test = load_split(root / "data" / "prepared", "test", device)
 

@@ -118,10 +118,11 @@ def _layers(config: VariantConfig, linear, batch_norm, layer_norm) -> list[nn.Mo
 class StackedMlp(nn.Module):
     """Input [K, B, 784] (a batch per replica) or [N, 784] (shared); output [K, B, 10]."""
 
-    def __init__(self, config: VariantConfig, seeds: list[int]) -> None:
+    def __init__(self, config: VariantConfig) -> None:
+        """One replica per seed of `config.seeds`, in that order."""
         super().__init__()
-        kernels = [initial_kernels(config, seed) for seed in seeds]
-        replicas = len(seeds)
+        kernels = [initial_kernels(config, seed) for seed in config.seeds]
+        replicas = len(config.seeds)
         self.replicas = replicas
         self.layers = nn.Sequential(
             *_layers(
@@ -193,6 +194,6 @@ def served_model(state: dict, history: dict) -> tuple[nn.Sequential, int] | None
     if replica is None:
         return None
     config = VariantConfig(**state["config"])
-    stacked = StackedMlp(config, config.seeds)
+    stacked = StackedMlp(config)
     stacked.load_state_dict(state["model"])
     return unstack(stacked, config, replica), config.seeds[replica]

@@ -13,22 +13,22 @@ stage's tracking process (pipeline/tracking_process.py).
 from __future__ import annotations
 
 import contextlib
-import copy
 import shutil
 import signal
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from pipeline import checkpoint, cli, provenance, tracking
-from pipeline.data import as_images, load_split, read_manifest
+from pipeline.data import Split, as_images, load_split, read_manifest
 from pipeline.errors import PipelineError
 from pipeline.fsio import atomic_write_json
 from pipeline.model import StackedMlp, served_replica, unstack
+from pipeline.optimizer import FusedOptimizer
 from pipeline.params import Params, VariantConfig
 from pipeline.reports import METRICS, write_curves
 from pipeline.stats import diverged, diverged_epochs, summarize
@@ -95,6 +95,33 @@ class Inputs:
                    provenance.inputs_digest(computed_with, dataset["digest"], environment, "train"))
 
 
+@dataclass(frozen=True)
+class Run:
+    """What recording an epoch needs besides the weights: fixed once the variant's training starts."""
+
+    config: VariantConfig
+    paths: Paths
+    inputs: Inputs
+    tracker: TrackingProcess
+    train_split: Split
+    val_split: Split
+    evaluated: StackedMlp  # the evaluation thread's own copy of the model, loaded anew each epoch
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where training stands after an epoch: what the next epoch's record and a resume start from.
+
+    Replaced, never changed in place: the tracking process may pickle `history` after `submit`.
+    """
+
+    epoch: int  # the last epoch recorded; 0 before the first
+    best: dict  # per replica, its weights and optimizer state from the epoch of its best val_acc
+    history: dict[str, list[list[float]]]  # per metric, the K values of each epoch
+    run_ids: Future  # the variant's MLflow runs, started or resumed in the tracking process
+    logged: tuple[Future, ...] = ()  # the tracking calls of each epoch's metrics
+
+
 def train(params: Params, variant: str, root: Path, runs: tracking.Tracking | None = None) -> dict:
     """The stage; `runs` is where MLflow records it (default: this environment's tracking store)."""
     runs = runs or tracking.Tracking.from_environment(params.mlflow.experiment_name, root)
@@ -102,110 +129,112 @@ def train(params: Params, variant: str, root: Path, runs: tracking.Tracking | No
     config, paths = params.variant(variant), Paths.for_variant(root, variant)
     inputs = Inputs.of(config, device, params.train.threads, root, paths.prepared)
     with TrackingProcess(runs) as tracker:  # opens MLflow there while this process loads data
-        return train_variant(config, paths, device, tracker, tracking.run_tags(runs, root, f"train@{variant}"),
-                             inputs)
-
-
-def train_variant(config: VariantConfig, paths: Paths, device: torch.device, tracker: TrackingProcess,
-                  tags: dict[str, str], inputs: Inputs) -> dict:
-    variant = config.name
-    train_split = load_split(paths.prepared, "train", device)
-    val_split = load_split(paths.prepared, "val", device)
-    if config.batch_size > len(train_split):
-        raise PipelineError(f"train.batch_size: {config.batch_size} exceeds the train split ({len(train_split)})")
-
-    model = StackedMlp(config, config.seeds).to(device)
-    optimizer = make_optimizer(model, config)
-    last_path, best_path = paths.scratch / "last.pt", paths.scratch / "best.pt"
-    state = unfinished_checkpoint(last_path)
-    if state is not None and state["inputs_digest"] == inputs.digest:
-        print(f"{last_path}: resuming after epoch {state['epoch']}")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        best, history, start_epoch = checkpoint.load(best_path, device), state["history"], state["epoch"]
-        run_ids = tracker.submit(tracking.resume_variant_runs, state["run_ids"], copy.deepcopy(history))
-    else:
-        replaces = None
-        if state is not None:
-            print(f"{last_path}: params, data, code or environment changed since this checkpoint; "
-                  "starting fresh", file=sys.stderr)
-            replaces = state["run_ids"]
-        run_ids = tracker.submit(tracking.start_variant_runs, tracker.tracking.experiment_name, config,
-                                 tags | {tracking.INPUTS_TAG: inputs.digest},
-                                 inputs.dataset | {"uri": paths.prepared.resolve().as_uri()}, inputs.environment,
-                                 replaces)
-        best = {**trained_state(model, optimizer), "val_acc": torch.full((len(config.seeds),), -1.0),
-                "epoch": [0] * len(config.seeds)}
-        history, start_epoch = {name: [] for name in METRICS}, 0
-    tracker.submit(tracking.prepare_model_logging)
-
-    def save_last(epoch: int, trained: dict) -> None:
-        checkpoint.save(last_path, {"inputs_digest": inputs.digest, "epoch": epoch, **trained, "history": history,
-                                    "run_ids": run_ids.result()})
-
-    evaluated = StackedMlp(config, config.seeds).to(device)  # the evaluation thread's copy
-    logged = []  # the MLflow calls of each epoch's metrics
-
-    def record(epoch: int, trained: dict, train_seconds: float) -> None:
-        """Evaluate the weights `epoch` ended with, then checkpoint and log them.
-
-        Runs on a second thread while the next epoch trains: with one torch thread each,
-        the lab's whole-split evaluation (~0.3 s an epoch for 5 seeds) takes the other core.
-        """
-        nonlocal best
-        evaluated.load_state_dict(trained["model"])
-        metrics = epoch_metrics(evaluated, train_split, val_split, config.eval_batch_size)
-        for name in METRICS:
-            history[name].append(metrics[name])
-        best = update_best(best, trained, metrics["val_acc"], epoch)
-        checkpoint.save(best_path, best)
-        save_last(epoch, trained)
-        # Logged after the checkpoint: a crash in between is backfilled on resume.
-        logged.append(tracker.submit(tracking.log_replica_metrics, run_ids.result(), metrics, epoch))
-        print(epoch_line(variant, epoch, config.epochs, metrics, train_seconds), flush=True)
-
-    def close_runs(status: str) -> None:
-        if run_ids.exception() is None:  # waits for the runs to exist
-            tracker.call(tracking.set_status, run_ids.result(), status)
-
-    step = TrainingStep(model, optimizer, train_split, config.seeds, config.batch_size)
-    previous_handler = signal.signal(signal.SIGTERM, _raise_stop)
-    try:
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="evaluate") as evaluator:
-            recorded = None
-            for epoch in range(start_epoch + 1, config.epochs + 1):
+        tags = tracking.run_tags(runs, root, f"train@{variant}")
+        train_split, val_split = load_splits(paths.prepared, config, device)
+        model = StackedMlp(config).to(device)
+        optimizer = make_optimizer(model, config)
+        run = Run(config, paths, inputs, tracker, train_split, val_split, StackedMlp(config).to(device))
+        progress = start_or_resume(run, tags, model, optimizer)
+        tracker.submit(tracking.prepare_model_logging)
+        step = TrainingStep(model, optimizer, train_split, config)
+        with runs_closed_if_stopped(tracker, progress.run_ids, variant, paths), \
+                ThreadPoolExecutor(max_workers=1, thread_name_prefix="evaluate") as evaluator:
+            recorded = None  # epoch e is evaluated on the other core while epoch e + 1 trains
+            for epoch in range(progress.epoch + 1, config.epochs + 1):
                 started = time.perf_counter()
                 with progress_bar(len(train_split), config.batch_size, f"{variant} epoch {epoch}") as bar:
                     train_epoch(step, epoch, on_step=bar.update if bar else None)
                 trained = trained_state(model, optimizer)
                 if recorded is not None:
-                    recorded.result()  # the previous epoch's record, and any error it raised
-                    raise_failed(logged)  # MLflow gone past its retries: stop now, the rerun resumes
-                recorded = evaluator.submit(record, epoch, trained, time.perf_counter() - started)
+                    progress = recorded.result()  # the previous epoch's record, or the error it raised
+                    raise_failed(progress.logged)  # MLflow gone past its retries: stop now, the rerun resumes
+                recorded = evaluator.submit(record_epoch, run, progress, epoch, trained, time.perf_counter() - started)
             if recorded is not None:
-                recorded.result()
-        run_ids.result()  # an MLflow error, even where no epoch was left to train
-        for call in logged:
-            call.result()
+                progress = recorded.result()
+            for call in (progress.run_ids, *progress.logged):  # an MLflow error, even with no epoch left to train
+                call.result()
+        summary = finish(run, progress, model, optimizer)
+        tracker.call(tracking.set_status, progress.run_ids.result(), "FINISHED")
+        shutil.rmtree(paths.scratch)  # the run is complete and recorded: nothing left to resume
+        return summary
+
+
+def load_splits(prepared: Path, config: VariantConfig, device: torch.device) -> tuple[Split, Split]:
+    """The train and validation splits, on the device the stage trains on."""
+    train_split, val_split = load_split(prepared, "train", device), load_split(prepared, "val", device)
+    if config.batch_size > len(train_split):
+        raise PipelineError(f"train.batch_size: {config.batch_size} exceeds the train split ({len(train_split)})")
+    return train_split, val_split
+
+
+def start_or_resume(run: Run, tags: dict[str, str], model: StackedMlp, optimizer: FusedOptimizer) -> Progress:
+    """A killed run's progress, its weights loaded into `model` and `optimizer`, where its
+    inputs are this run's (its MLflow runs continue); otherwise new runs from epoch 0."""
+    last_path = run.paths.scratch / "last.pt"
+    state = unfinished_checkpoint(last_path)
+    if state is not None and state["inputs_digest"] == run.inputs.digest:
+        print(f"{last_path}: resuming after epoch {state['epoch']}")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        run_ids = run.tracker.submit(tracking.resume_variant_runs, state["run_ids"], state["history"])
+        best = checkpoint.load(run.paths.scratch / "best.pt", run.train_split.labels.device)
+        return Progress(state["epoch"], best, state["history"], run_ids)
+    if state is not None:
+        print(f"{last_path}: params, data, code or environment changed since this checkpoint; "
+              "starting fresh", file=sys.stderr)
+    run_ids = run.tracker.submit(tracking.start_variant_runs, run.tracker.tracking.experiment_name, run.config,
+                                 tags | {tracking.INPUTS_TAG: run.inputs.digest},
+                                 run.inputs.dataset | {"uri": run.paths.prepared.resolve().as_uri()},
+                                 run.inputs.environment, None if state is None else state["run_ids"])
+    best = {**trained_state(model, optimizer), "val_acc": torch.full((len(run.config.seeds),), -1.0),
+            "epoch": [0] * len(run.config.seeds)}
+    return Progress(0, best, {name: [] for name in METRICS}, run_ids)
+
+
+def record_epoch(run: Run, progress: Progress, epoch: int, trained: dict, train_seconds: float) -> Progress:
+    """Evaluate the weights `epoch` ended with, checkpoint and log them; the progress after it.
+
+    Runs on a second thread while the next epoch trains: with one torch thread each,
+    the lab's whole-split evaluation (~0.3 s an epoch for 5 seeds) takes the other core.
+    """
+    run.evaluated.load_state_dict(trained["model"])
+    metrics = epoch_metrics(run.evaluated, run.train_split, run.val_split, run.config.eval_batch_size)
+    history = {name: [*progress.history[name], metrics[name]] for name in METRICS}
+    best = update_best(progress.best, trained, metrics["val_acc"], epoch)
+    checkpoint.save(run.paths.scratch / "best.pt", best)
+    checkpoint.save(run.paths.scratch / "last.pt", {"inputs_digest": run.inputs.digest, "epoch": epoch, **trained,
+                                                    "history": history, "run_ids": progress.run_ids.result()})
+    # Logged after the checkpoint: a crash in between is backfilled on resume.
+    logged = run.tracker.submit(tracking.log_replica_metrics, progress.run_ids.result(), metrics, epoch)
+    print(epoch_line(run.config.name, epoch, run.config.epochs, metrics, train_seconds), flush=True)
+    return Progress(epoch, best, history, progress.run_ids, (*progress.logged, logged))
+
+
+@contextlib.contextmanager
+def runs_closed_if_stopped(tracker: TrackingProcess, run_ids: Future, variant: str, paths: Paths):
+    """SIGTERM or Ctrl-C: the runs KILLED and one line; any other error: FAILED, raised as is."""
+    previous_handler = signal.signal(signal.SIGTERM, _raise_stop)
+    try:
+        yield
     except (KeyboardInterrupt, Stop):
-        close_runs("KILLED")
+        close_runs(tracker, run_ids, "KILLED")
         raise PipelineError(f"train@{variant}: interrupted; `dvc repro` resumes after the last "
-                            f"completed epoch ({last_path})") from None
+                            f"completed epoch ({paths.scratch / 'last.pt'})") from None
     except tracking.TrackingError:
         raise  # MLflow refused or is down: closing the runs would fail too; the rerun resumes them
     except BaseException:
-        close_runs("FAILED")
+        close_runs(tracker, run_ids, "FAILED")
         raise
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
 
-    summary = finish(tracker, run_ids.result(), config, model, optimizer, val_split, history, paths, best, inputs)
-    tracker.call(tracking.set_status, run_ids.result(), "FINISHED")
-    shutil.rmtree(paths.scratch)  # the run is complete and recorded: nothing left to resume
-    return summary
+
+def close_runs(tracker: TrackingProcess, run_ids: Future, status: str) -> None:
+    if run_ids.exception() is None:  # waits for the runs to exist
+        tracker.call(tracking.set_status, run_ids.result(), status)
 
 
-def raise_failed(calls: list) -> None:
+def raise_failed(calls: tuple[Future, ...]) -> None:
     """The error of the first tracking call that has failed so far, if any."""
     for call in calls:
         if call.done() and call.exception() is not None:
@@ -222,15 +251,16 @@ def update_best(best: dict, trained: dict, val_acc: list[float], epoch: int) -> 
     }, improved)
 
 
-def finish(tracker: TrackingProcess, run_ids: dict, config: VariantConfig, model: StackedMlp,
-           optimizer, val_split, history: dict, paths: Paths, best: dict, inputs: Inputs) -> dict:
+def finish(run: Run, progress: Progress, model: StackedMlp, optimizer: FusedOptimizer) -> dict:
     """The stage's outputs, a function of its inputs alone; the checkpoints and the model into MLflow."""
+    config, history, run_ids = run.config, progress.history, progress.run_ids.result()
     diverged_at = diverged_epochs(history["train_loss"])
-    checkpoints = write_outputs(paths, config, trained_state(model, optimizer), best, history, diverged_at, inputs)
+    checkpoints = write_outputs(run.paths, config, trained_state(model, optimizer), progress.best, history,
+                                diverged_at, run.inputs)
     replica = served_replica(history["val_acc"][-1], diverged_at)
     served = None if replica is None else (unstack(model.cpu(), config, replica),
-                                           as_images(val_split.pixels[:2]).cpu().numpy(), config.seeds[replica])
-    tracker.call(tracking.log_trained_model, run_ids, served, best["epoch"], diverged_at, checkpoints)
+                                           as_images(run.val_split.pixels[:2]).cpu().numpy(), config.seeds[replica])
+    run.tracker.call(tracking.log_trained_model, run_ids, served, progress.best["epoch"], diverged_at, checkpoints)
     return {"run_ids": run_ids, "final": {name: history[name][-1] for name in METRICS}}
 
 

@@ -93,17 +93,15 @@ class TrainingStep:
     the same graph; the partial last batch has another shape and runs eagerly.
     """
 
-    def __init__(self, model: StackedMlp, optimizer: FusedOptimizer, train: Split, seeds: list[int],
-                 batch_size: int) -> None:
-        self.model, self.optimizer, self.train = model, optimizer, train
-        self.seeds, self.batch_size = seeds, batch_size
+    def __init__(self, model: StackedMlp, optimizer: FusedOptimizer, train: Split, config: VariantConfig) -> None:
+        self.model, self.optimizer, self.train, self.config = model, optimizer, train, config
         self.one = torch.ones((), device=train.labels.device)
-        self.graphed_rows = len(seeds) * batch_size if train.labels.is_cuda else None  # full batches
+        self.graphed_rows = len(config.seeds) * config.batch_size if train.labels.is_cuda else None  # full batches
         self.graph = None
         self.static_rows = None
 
     def eager(self, rows: torch.Tensor) -> None:
-        replicas = len(self.seeds)
+        replicas = len(self.config.seeds)
         batch = rows.shape[0] // replicas
         images = as_images(self.train.pixels.index_select(0, rows))
         logits = self.model(images.view(replicas, batch, -1))  # [K, B, 10]
@@ -139,8 +137,8 @@ class TrainingStep:
 
 def train_epoch(step: TrainingStep, epoch: int, on_step=None) -> None:
     step.model.train()
-    order = epoch_permutations(step.seeds, epoch, len(step.train)).to(step.train.labels.device)
-    for rows in step_rows(order, step.batch_size):
+    order = epoch_permutations(step.config.seeds, epoch, len(step.train)).to(step.train.labels.device)
+    for rows in step_rows(order, step.config.batch_size):
         step(rows)
         if on_step is not None:
             on_step()

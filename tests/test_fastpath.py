@@ -14,7 +14,7 @@ from tests.conftest import tiny_params
 @pytest.mark.parametrize("private", [True, False])
 def test_gradients_are_autograd_grad_bit_for_bit(private):
     config = tiny_params(seeds=[0, 1]).variant("batchnorm")
-    model = StackedMlp(config, [0, 1])
+    model = StackedMlp(config)
     images = torch.rand(2, 8, 784, generator=torch.Generator().manual_seed(0))
     labels = torch.arange(16) % 10
     params = tuple(model.parameters())

@@ -27,8 +27,8 @@ def test_replica_in_a_stack_trains_like_the_seed_alone(splits, norm, optimizer):
     train, val = splits
     config = tiny_params(seeds=SEEDS, train={"norm": norm, "optimizer": optimizer, "epochs": 13}).variant("batchnorm")
     config = config.model_copy(update={"norm": norm})
-    stack = StackedMlp(config, SEEDS)
-    step = TrainingStep(stack, make_optimizer(stack, config), train, SEEDS, config.batch_size)
+    stack = StackedMlp(config)
+    step = TrainingStep(stack, make_optimizer(stack, config), train, config)
     stack_history = []
     for epoch in range(1, config.epochs + 1):  # 13 epochs x 16 steps = 208 steps
         train_epoch(step, epoch)
@@ -50,7 +50,7 @@ def test_replica_in_a_stack_trains_like_the_seed_alone(splits, norm, optimizer):
 def test_unstacked_replica_predicts_like_the_stack(splits):
     _, val = splits
     config = tiny_params(seeds=SEEDS).variant("batchnorm")
-    stack = StackedMlp(config, SEEDS).eval()
+    stack = StackedMlp(config).eval()
     with torch.no_grad():
         images = as_images(val.pixels)
         stacked_logits = stack(images)
@@ -64,8 +64,8 @@ def test_bias_before_batch_norm_only_on_request(splits, bias_before_bn):
     """The port drops the Linear bias that batch norm cancels; `bias_before_bn` keeps TF1's."""
     train, val = splits
     config = tiny_params(seeds=SEEDS, train={"norm": "batch", "bias_before_bn": bias_before_bn}).variant("batchnorm")
-    stack = StackedMlp(config, SEEDS)
-    train_epoch(TrainingStep(stack, make_optimizer(stack, config), train, SEEDS, config.batch_size), epoch=1)
+    stack = StackedMlp(config)
+    train_epoch(TrainingStep(stack, make_optimizer(stack, config), train, config), epoch=1)
     linears = [layer for layer in stack.layers if isinstance(layer, StackedLinear)]
     assert [layer.bias is not None for layer in linears] == [bias_before_bn, bias_before_bn, True]
     if bias_before_bn:  # its gradient is rounding noise, which Adam still turns into steps
@@ -78,7 +78,7 @@ def test_bias_before_batch_norm_only_on_request(splits, bias_before_bn):
 def test_replicas_differ_by_seed_and_score_per_replica(splits):
     _, val = splits
     config = tiny_params(seeds=SEEDS).variant("batchnorm")
-    stack = StackedMlp(config, SEEDS)
+    stack = StackedMlp(config)
     weights = stack.layers[0].weight
     assert not torch.equal(weights[0], weights[1])
     assert score(stack, val, batch_size=50).acc.shape == (len(SEEDS),)
@@ -87,8 +87,8 @@ def test_replicas_differ_by_seed_and_score_per_replica(splits):
 def test_a_trailing_batch_of_one_image_is_skipped_not_a_crash(splits):
     train, _ = splits
     config = tiny_params(seeds=SEEDS, train={"norm": "batch", "batch_size": 3}).variant("batchnorm")
-    stack = StackedMlp(config, SEEDS)
+    stack = StackedMlp(config)
     before = stack.layers[0].weight.detach().clone()
     seven = Split(train.pixels[:7], train.labels[:7])
-    train_epoch(TrainingStep(stack, make_optimizer(stack, config), seven, SEEDS, batch_size=3), epoch=1)
+    train_epoch(TrainingStep(stack, make_optimizer(stack, config), seven, config), epoch=1)
     assert not torch.equal(stack.layers[0].weight, before)  # the two full batches trained

@@ -77,7 +77,7 @@ def test_champion_is_the_best_variant_and_predicts_like_its_stacked_replica(proj
 
     state = checkpoint.load(path / "data" / "checkpoints" / best / "last.pt")
     config = VariantConfig(**state["config"])
-    stacked = StackedMlp(config, config.seeds)
+    stacked = StackedMlp(config)
     stacked.load_state_dict(state["model"])
     stacked.eval()
     replica = config.seeds.index(int(client.get_run(champion.run_id).data.tags["served_seed"]))

@@ -61,10 +61,10 @@ def carry() -> None:
     def train_epoch(step, epoch, on_step=None):
         """Epoch e is steps (e-1)*S .. e*S-1 of one stream of shuffled passes, S = N // B."""
         step.model.train()
-        size, batch = len(step.train), step.batch_size
+        size, batch = len(step.train), step.config.batch_size
         start, end = (epoch - 1) * (size // batch) * batch, epoch * (size // batch) * batch
         passes = range(start // size + 1, (end - 1) // size + 2)
-        stream = torch.cat([permutations(step.seeds, p, size) for p in passes], 1)
+        stream = torch.cat([permutations(step.config.seeds, p, size) for p in passes], 1)
         offset = (passes[0] - 1) * size
         for rows in pipeline.training.step_rows(stream[:, start - offset : end - offset], batch):
             step(rows)

@@ -52,8 +52,8 @@ def with_overrides(raw: dict, assignments: list[str]) -> dict:
 def train_and_test(params, variant: str, prepared: Path, device: torch.device) -> dict[str, list[float]]:
     config = params.variant(variant)
     train = load_split(prepared, "train", device)
-    model = StackedMlp(config, config.seeds).to(device)
-    step = TrainingStep(model, make_optimizer(model, config), train, config.seeds, config.batch_size)
+    model = StackedMlp(config).to(device)
+    step = TrainingStep(model, make_optimizer(model, config), train, config)
     for epoch in range(1, config.epochs + 1):
         train_epoch(step, epoch)
     scores = score(model, load_split(prepared, "test", device), config.eval_batch_size)

@@ -79,15 +79,16 @@ def replay_port(mnist: Path, trace: Path) -> None:
     test = Split(test_images.flatten(1), test_labels)
     ablate.multiply_scale()  # the reader's scaling, in training and in scoring
     config = load_params(HERE.parents[1] / "params.yaml").variant("no_norm")
+    config = config.model_copy(update={"seeds": [0]})  # the trace's one seed
     for epsilon in ("torch", "tf1"):
         if epsilon == "tf1":
             ablate.tf1_adam_eps()
-        model = StackedMlp(config, [0])
+        model = StackedMlp(config)
         with torch.no_grad():
             for param, name in zip(model.parameters(), sorted(k for k in saved if k.startswith("winit_")),
                                    strict=True):
                 param.copy_(torch.from_numpy(saved[name]).view_as(param))
-        step = TrainingStep(model, make_optimizer(model, config), train, [0], config.batch_size)
+        step = TrainingStep(model, make_optimizer(model, config), train, config)
         for number, rows in enumerate(torch.from_numpy(saved["rows"]), start=1):
             step.eager(rows)
             if number in SAVED_STEPS:
