@@ -8,6 +8,9 @@ bit-identical to an uninterrupted run. At the end the outputs are written once: 
 best checkpoints, curves, history and `run.json`, all a function of the stage's inputs alone
 (no run ids, times or paths), so DVC's run-cache can restore them. MLflow's calls run in the
 stage's tracking process (pipeline/tracking_process.py).
+
+`train` reads top to bottom: start or resume, the epoch loop, finish. What one epoch hands
+the next is a `Progress`, returned by `record_epoch` (on the evaluation thread), not shared.
 """
 
 from __future__ import annotations
@@ -97,7 +100,7 @@ class Inputs:
 
 @dataclass(frozen=True)
 class Run:
-    """What recording an epoch needs besides the weights: fixed once the variant's training starts."""
+    """What starting, recording each epoch and finishing share: fixed once the variant's training starts."""
 
     config: VariantConfig
     paths: Paths
@@ -137,7 +140,7 @@ def train(params: Params, variant: str, root: Path, runs: tracking.Tracking | No
         progress = start_or_resume(run, tags, model, optimizer)
         tracker.submit(tracking.prepare_model_logging)
         step = TrainingStep(model, optimizer, train_split, config)
-        with runs_closed_if_stopped(tracker, progress.run_ids, variant, paths), \
+        with runs_closed_on_failure(run, progress.run_ids), \
                 ThreadPoolExecutor(max_workers=1, thread_name_prefix="evaluate") as evaluator:
             recorded = None  # epoch e is evaluated on the other core while epoch e + 1 trains
             for epoch in range(progress.epoch + 1, config.epochs + 1):
@@ -211,19 +214,19 @@ def record_epoch(run: Run, progress: Progress, epoch: int, trained: dict, train_
 
 
 @contextlib.contextmanager
-def runs_closed_if_stopped(tracker: TrackingProcess, run_ids: Future, variant: str, paths: Paths):
+def runs_closed_on_failure(run: Run, run_ids: Future):
     """SIGTERM or Ctrl-C: the runs KILLED and one line; any other error: FAILED, raised as is."""
     previous_handler = signal.signal(signal.SIGTERM, _raise_stop)
     try:
         yield
     except (KeyboardInterrupt, Stop):
-        close_runs(tracker, run_ids, "KILLED")
-        raise PipelineError(f"train@{variant}: interrupted; `dvc repro` resumes after the last "
-                            f"completed epoch ({paths.scratch / 'last.pt'})") from None
+        close_runs(run.tracker, run_ids, "KILLED")
+        raise PipelineError(f"train@{run.config.name}: interrupted; `dvc repro` resumes after the last "
+                            f"completed epoch ({run.paths.scratch / 'last.pt'})") from None
     except tracking.TrackingError:
         raise  # MLflow refused or is down: closing the runs would fail too; the rerun resumes them
     except BaseException:
-        close_runs(tracker, run_ids, "FAILED")
+        close_runs(run.tracker, run_ids, "FAILED")
         raise
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
