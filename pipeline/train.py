@@ -140,8 +140,8 @@ def train(params: Params, variant: str, root: Path, runs: tracking.Tracking | No
         progress = start_or_resume(run, tags, model, optimizer)
         tracker.submit(tracking.prepare_model_logging)
         step = TrainingStep(model, optimizer, train_split, config)
-        with runs_closed_on_failure(run, progress.run_ids), \
-                ThreadPoolExecutor(max_workers=1, thread_name_prefix="evaluate") as evaluator:
+        with (runs_closed_on_failure(run, progress.run_ids),
+              ThreadPoolExecutor(max_workers=1, thread_name_prefix="evaluate") as evaluator):
             recorded = None  # epoch e is evaluated on the other core while epoch e + 1 trains
             for epoch in range(progress.epoch + 1, config.epochs + 1):
                 started = time.perf_counter()
