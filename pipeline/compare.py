@@ -18,7 +18,7 @@ import json
 import math
 from pathlib import Path
 
-from pipeline import cli, provenance, registry, tracking
+from pipeline import cli, provenance, registry, tracking, variant_runs
 from pipeline.errors import PipelineError
 from pipeline.fsio import atomic_write_bytes, atomic_write_json
 from pipeline.params import Params
@@ -142,7 +142,7 @@ def publish_evaluation(client, run_ids: dict, per_seed: dict, evaluate_dir: Path
     if all(logged.get(name) == value or math.isnan(value) and math.isnan(logged.get(name, 0.0))
            for name, value in summarize(metrics).items()):
         return
-    tracking.log_replica_metrics(client, run_ids, metrics, step)
+    variant_runs.log_replica_metrics(client, run_ids, metrics, step)
     for name in ("confusion.png", "per_class.json", "per_seed.json"):
         client.log_artifact(run_ids["variant"], str(evaluate_dir / name), "evaluation")
 
@@ -158,7 +158,7 @@ def compare(params: Params, root: Path, runs: tracking.Tracking | None = None) -
     test_loss = {v: per_seed[v]["test_loss"] for v in variants}
 
     with TrackingProcess(runs) as tracker:  # opens MLflow there while the plots are drawn here
-        found = tracker.submit(tracking.find_variant_runs, params.mlflow.experiment_name,
+        found = tracker.submit(variant_runs.find_variant_runs, params.mlflow.experiment_name,
                                {v: lineage[v]["inputs_digest"] for v in variants}, params.seeds)
         metric = params.compare.select_by  # the registry's score (registry.select_best), ranked
         scores = {v: mean_std(histories[v]["val_acc"][-1] if metric == "val_acc" else test_acc[v])[0]
@@ -209,7 +209,7 @@ def restore_variant_runs(tracker: TrackingProcess, params: Params, runs: trackin
     tags = tracking.run_tags(runs, root, f"train@{variant}") | {tracking.INPUTS_TAG: lineage["inputs_digest"]}
     dataset = lineage["dataset"] | {"uri": (root / "data" / "prepared").resolve().as_uri()}
     environment = provenance.read_environment(root)
-    return tracker.call(tracking.restore_variant_runs, params.mlflow.experiment_name, VariantConfig(**state["config"]),
+    return tracker.call(variant_runs.restore_variant_runs, params.mlflow.experiment_name, VariantConfig(**state["config"]),
                         tags, dataset, environment, history, served, [checkpoints / "last.pt", checkpoints / "best.pt"])
 
 
@@ -223,7 +223,7 @@ def publish_comparison(client, params: Params, tags: dict[str, str], run_ids: di
         # Adopting the variant's run (cached or fresh) makes the UI show this execution as a group.
         client.set_tag(run_ids[variant]["variant"], tracking.PARENT_TAG, group_id)
         publish_evaluation(client, run_ids[variant], per_seed, evaluate_dir, step=epochs)
-    tracking.log_metrics(client, group_id, metrics, 0)
+    variant_runs.log_metrics(client, group_id, metrics, 0)
     for path in files:
         client.log_artifact(group_id, str(path), "comparison")
     registered = None

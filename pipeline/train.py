@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline import checkpoint, cli, provenance, tracking
+from pipeline import checkpoint, cli, provenance, tracking, variant_runs
 from pipeline.data import Split, as_images, load_split, read_manifest
 from pipeline.errors import PipelineError
 from pipeline.fsio import atomic_write_json
@@ -138,7 +138,7 @@ def train(params: Params, variant: str, root: Path, runs: tracking.Tracking | No
         optimizer = make_optimizer(model, config)
         run = Run(config, paths, inputs, tracker, train_split, val_split, StackedMlp(config).to(device))
         progress = start_or_resume(run, tags, model, optimizer)
-        tracker.submit(tracking.prepare_model_logging)
+        tracker.submit(variant_runs.prepare_model_logging)
         step = TrainingStep(model, optimizer, train_split, config)
         with (runs_closed_on_failure(run, progress.run_ids),
               ThreadPoolExecutor(max_workers=1, thread_name_prefix="evaluate") as evaluator):
@@ -157,7 +157,7 @@ def train(params: Params, variant: str, root: Path, runs: tracking.Tracking | No
             for call in (progress.run_ids, *progress.logged):  # an MLflow error, even with no epoch left to train
                 call.result()
         summary = finish(run, progress, model, optimizer)
-        tracker.call(tracking.set_status, progress.run_ids.result(), "FINISHED")
+        tracker.call(variant_runs.set_status, progress.run_ids.result(), "FINISHED")
         shutil.rmtree(paths.scratch)  # the run is complete and recorded: nothing left to resume
         return summary
 
@@ -179,13 +179,13 @@ def start_or_resume(run: Run, tags: dict[str, str], model: StackedMlp, optimizer
         print(f"{last_path}: resuming after epoch {state['epoch']}")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        run_ids = run.tracker.submit(tracking.resume_variant_runs, state["run_ids"], state["history"])
+        run_ids = run.tracker.submit(variant_runs.resume_variant_runs, state["run_ids"], state["history"])
         best = checkpoint.load(run.paths.scratch / "best.pt", run.train_split.labels.device)
         return Progress(state["epoch"], best, state["history"], run_ids)
     if state is not None:
         print(f"{last_path}: params, data, code or environment changed since this checkpoint; "
               "starting fresh", file=sys.stderr)
-    run_ids = run.tracker.submit(tracking.start_variant_runs, run.tracker.tracking.experiment_name, run.config,
+    run_ids = run.tracker.submit(variant_runs.start_variant_runs, run.tracker.tracking.experiment_name, run.config,
                                  tags | {tracking.INPUTS_TAG: run.inputs.digest},
                                  run.inputs.dataset | {"uri": run.paths.prepared.resolve().as_uri()},
                                  run.inputs.environment, None if state is None else state["run_ids"])
@@ -208,7 +208,7 @@ def record_epoch(run: Run, progress: Progress, epoch: int, trained: dict, train_
     checkpoint.save(run.paths.scratch / "last.pt", {"inputs_digest": run.inputs.digest, "epoch": epoch, **trained,
                                                     "history": history, "run_ids": progress.run_ids.result()})
     # Logged after the checkpoint: a crash in between is backfilled on resume.
-    logged = run.tracker.submit(tracking.log_replica_metrics, progress.run_ids.result(), metrics, epoch)
+    logged = run.tracker.submit(variant_runs.log_replica_metrics, progress.run_ids.result(), metrics, epoch)
     print(epoch_line(run.config.name, epoch, run.config.epochs, metrics, train_seconds), flush=True)
     return Progress(epoch, best, history, progress.run_ids, (*progress.logged, logged))
 
@@ -234,7 +234,7 @@ def runs_closed_on_failure(run: Run, run_ids: Future):
 
 def close_runs(tracker: TrackingProcess, run_ids: Future, status: str) -> None:
     if run_ids.exception() is None:  # waits for the runs to exist
-        tracker.call(tracking.set_status, run_ids.result(), status)
+        tracker.call(variant_runs.set_status, run_ids.result(), status)
 
 
 def raise_failed(calls: tuple[Future, ...]) -> None:
@@ -263,7 +263,7 @@ def finish(run: Run, progress: Progress, model: StackedMlp, optimizer: FusedOpti
     replica = served_replica(history["val_acc"][-1], diverged_at)
     served = None if replica is None else (unstack(model.cpu(), config, replica),
                                            as_images(run.val_split.pixels[:2]).cpu().numpy(), config.seeds[replica])
-    run.tracker.call(tracking.log_trained_model, run_ids, served, progress.best["epoch"], diverged_at, checkpoints)
+    run.tracker.call(variant_runs.log_trained_model, run_ids, served, progress.best["epoch"], diverged_at, checkpoints)
     return {"run_ids": run_ids, "final": {name: history[name][-1] for name in METRICS}}
 
 

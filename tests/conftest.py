@@ -120,7 +120,7 @@ def variant_run_ids(client, path: Path, variant: str, experiment: str = "tiny") 
     in the project at `path`, found as the compare stage finds them: by their inputs digest."""
     import json
 
-    from pipeline.tracking import find_variant_runs
+    from pipeline.variant_runs import find_variant_runs
 
     digest = json.loads((path / "data" / "train" / variant / "run.json").read_text())["inputs_digest"]
     seeds = json.loads((path / "data" / "train" / variant / "history.json").read_text())["seeds"]
