@@ -96,11 +96,15 @@ class S3:
 
 
 def start_s3() -> S3:
-    """moto's S3 server with the artifacts bucket."""
+    """moto's S3 server, empty but for the artifacts bucket. moto keeps its buckets in this
+    process, for every server it runs: those an earlier test module left are reset first."""
+    import urllib.request
+
     import boto3
 
     s3 = S3(free_port())
     s3.start()
+    urllib.request.urlopen(urllib.request.Request(f"{s3.endpoint}/moto-api/reset", method="POST"), timeout=30).read()
     boto3.client("s3", endpoint_url=s3.endpoint, **S3_CREDENTIALS).create_bucket(Bucket=BUCKET)
     return s3
 
