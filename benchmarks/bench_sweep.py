@@ -102,7 +102,7 @@ def run_way(way: str, folder: Path, grid: dict) -> dict:
     try:
         if way == "local":
             _, wall, cpu = measured(["dvc", "repro"], path, env)
-            return {"way": way, "wall_s": wall, "cores_busy": cpu / wall,
+            return {"way": way, "wall_s": wall, "cores_busy": cpu / wall, "seeds": seed_results(path),
                     "summary": (path / "data" / "compare" / "summary.md").read_text()}
         from distributed import LocalCluster
 
@@ -116,6 +116,34 @@ def run_way(way: str, folder: Path, grid: dict) -> dict:
     finally:
         os.killpg(server.pid, 15)
         server.wait(timeout=30)
+
+
+def seed_results(path: Path) -> dict:
+    """{variant: {"val_acc": last epoch's per seed, "test_acc": per seed}} of a finished repro."""
+    found = {}
+    for history in sorted((path / "data" / "train").glob("*/history.json")):
+        variant = history.parent.name
+        per_seed = json.loads((path / "data" / "evaluate" / variant / "per_seed.json").read_text())
+        found[variant] = {"val_acc": json.loads(history.read_text())["val_acc"][-1], "test_acc": per_seed["test_acc"]}
+    return found
+
+
+def batch_norm_answer(seeds: dict) -> None:
+    """Does batch norm win at each variant's best learning rate? And at each learning rate?"""
+    from pipeline.stats import holm, mean_std, welch_difference
+
+    def best(norm: str) -> str:
+        return max((v for v in seeds if f"-{norm}-" in v), key=lambda v: mean_std(seeds[v]["val_acc"])[0])
+
+    batch, none = best("batch"), best("none")
+    diff = welch_difference(seeds[batch]["test_acc"], seeds[none]["test_acc"])
+    print(f"best lr by val_acc: {batch} vs {none}: test_acc {diff.delta.mean * 100:+.2f} points "
+          f"[{diff.delta.low * 100:+.2f}, {diff.delta.high * 100:+.2f}], Welch p = {diff.p_value:.2g}")
+    pairs = [(v, v.replace("-batch-", "-none-")) for v in sorted(seeds) if "-batch-" in v]
+    diffs = [welch_difference(seeds[a]["test_acc"], seeds[b]["test_acc"]) for a, b in pairs]
+    for (a, _), d, p_holm in zip(pairs, diffs, holm([d.p_value for d in diffs]), strict=True):
+        print(f"  {a.removeprefix('sweep-batch-')}: batch - none = {d.delta.mean * 100:+.2f} points, "
+              f"Welch p = {d.p_value:.2g}, Holm p (over {len(pairs)} lrs) = {p_holm:.2g}")
 
 
 def report(results: list[dict], variants: int) -> None:
@@ -161,6 +189,7 @@ def main() -> None:
     for result in results:
         if "summary" in result:
             print(result["summary"])
+            batch_norm_answer(result["seeds"])
     if args.out:
         args.out.write_text(json.dumps(results, indent=1))
 
