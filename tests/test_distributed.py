@@ -1,4 +1,4 @@
-"""A sweep on a real Dask cluster (a scheduler and two worker processes on 127.0.0.1) with the
+"""A sweep (a 4-point grid) on a real Dask cluster (a scheduler and two worker processes on 127.0.0.1) with the
 team's stack: MLflow on PostgreSQL, artifacts and the DVC remote in S3 (moto). Each variant's
 stages run as a task in a worker's own clone; the coordinator's `dvc repro` then restores every
 one from the run-cache and trains nothing. A worker killed mid-task: the sweep completes all the
@@ -26,13 +26,12 @@ pytestmark = [
     pytest.mark.timeout(1200),
     pytest.mark.skipif(postgres_bin("initdb") is None, reason="needs Debian's postgresql (initdb, pg_ctl)"),
 ]
-VARIANTS = {"batchnorm": {"norm": "batch"}, "no_norm": {"norm": "none"}, "tanh": {"activation": "tanh"},
-            "diverges": {"lr": 1.0e30}}
+GRID = {"lr": [0.01, 1.0e30], "norm": ["batch", "none"]}  # four grid points; the two at lr 1e30 diverge
 
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory, tiny_mirror):
-    """(project, env for its commands, cluster, server, alice's login) with a 4-variant sweep committed."""
+    """(project, env for its commands, cluster, server, alice's login, variants) with a 4-point grid committed."""
     folder = tmp_path_factory.mktemp("distributed")
     (folder / "server").mkdir()
     (folder / "cluster").mkdir()
@@ -44,15 +43,19 @@ def sweep(tmp_path_factory, tiny_mirror):
             "AWS_SECRET_ACCESS_KEY": S3_CREDENTIALS["aws_secret_access_key"],
             "AWS_DEFAULT_REGION": S3_CREDENTIALS["region_name"]}
         params = yaml.safe_load((path / "params.yaml").read_text())
-        params["variants"] = VARIANTS
+        params |= {"sweep": {"axes": GRID}, "variants": {}}
+        params["compare"]["reference"] = "sweep-none-lr0p01"
         (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        run([sys.executable, "-m", "pipeline.sweep"], path, env)
+        variants = list(yaml.safe_load((path / "params.yaml").read_text())["variants"])
+        assert len(variants) == 4 and "sweep-none-lr0p01" in variants, variants
         run(["dvc", "remote", "add", "-d", "team", f"s3://{BUCKET}/dvc"], path, env)
         run(["dvc", "remote", "modify", "team", "endpointurl", server.s3.endpoint], path, env)
-        run(["git", "commit", "-qam", "a 4-variant sweep on the team's remote"], path, env)
+        run(["git", "commit", "-qam", "a 4-point grid on the team's remote"], path, env)
         cluster = Cluster(folder / "cluster", env)
         try:
             cluster.start(workers=2)
-            yield path, env | {"DASK_SCHEDULER_ADDRESS": cluster.address}, cluster, server, alice
+            yield path, env | {"DASK_SCHEDULER_ADDRESS": cluster.address}, cluster, server, alice, variants
         finally:
             cluster.stop()
 
@@ -68,12 +71,12 @@ def finish(process: subprocess.Popen) -> tuple[str, str]:
     return out, err
 
 
-def assert_one_finished_run_per_variant_and_seed(server, path, alice) -> None:
+def assert_one_finished_run_per_variant_and_seed(server, path, alice, variants) -> None:
     os.environ |= alice
     client = MlflowClient(server.uri)
     experiment = client.get_experiment_by_name("tiny").experiment_id
     assert not client.search_runs([experiment], "attributes.status = 'RUNNING'"), "no run left RUNNING"
-    for variant in VARIANTS:
+    for variant in variants:
         digest = json.loads((path / "data" / "train" / variant / "run.json").read_text())["inputs_digest"]
         finished = client.search_runs([experiment], f"tags.inputs_digest = '{digest}' AND "
                                                     "attributes.status = 'FINISHED'")
@@ -82,25 +85,26 @@ def assert_one_finished_run_per_variant_and_seed(server, path, alice) -> None:
 
 
 def test_a_sweep_on_the_cluster_trains_on_the_workers_and_the_coordinator_restores(sweep):
-    path, env, _, server, alice = sweep
+    path, env, _, server, alice, variants = sweep
     out, err = finish(distributed(path, env))
     assert "4 variants on 2 workers" in out
-    for variant in VARIANTS:
+    for variant in variants:
         assert any(line.startswith(f"{variant}: clone ") for line in out.splitlines()), out
     restored = out.split("restoring them here from the run-cache", 1)[1]
     assert "Running stage 'train@" not in restored and "Running stage 'evaluate@" not in restored, restored
-    for variant in VARIANTS:
+    for variant in variants:
         assert f"Stage 'train@{variant}' is cached - skipping run" in restored, restored
     assert "Running stage 'compare'" in restored
     summary = (path / "data" / "compare" / "summary.md").read_text()
-    assert "diverges: 2 of 2 seeds diverged" in summary
-    assert_one_finished_run_per_variant_and_seed(server, path, alice)
+    diverging = [v for v in variants if "lr1e" in v]
+    assert len(diverging) == 2 and all(f"{v}: 2 of 2 seeds diverged" in summary for v in diverging), summary
+    assert_one_finished_run_per_variant_and_seed(server, path, alice, variants)
     status = run(["dvc", "status"], path, env).stdout
     assert "Data and pipelines are up to date" in status, status
 
 
 def test_a_worker_killed_mid_task_is_retried_and_leaves_no_run_behind(sweep):
-    path, env, cluster, server, alice = sweep
+    path, env, cluster, server, alice, variants = sweep
     params = yaml.safe_load((path / "params.yaml").read_text())
     params["train"]["epochs"] = 30  # every variant trains again, long enough to be caught at it
     (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -123,4 +127,4 @@ def test_a_worker_killed_mid_task_is_retried_and_leaves_no_run_behind(sweep):
         time.sleep(0.2)
     out, _ = finish(coordinator)
     assert "Running stage 'compare'" in out.split("restoring them here from the run-cache", 1)[1]
-    assert_one_finished_run_per_variant_and_seed(server, path, alice)
+    assert_one_finished_run_per_variant_and_seed(server, path, alice, variants)
