@@ -174,6 +174,11 @@ def team_stack(folder: Path) -> Iterator[TeamServer]:
         shutil.rmtree(postgres.folder, ignore_errors=True)
 
 
+def login(user: str, password: str) -> dict[str, str]:
+    """A user's login as the stages read it: MLflow's own environment variables."""
+    return {"MLFLOW_TRACKING_USERNAME": user, "MLFLOW_TRACKING_PASSWORD": password}
+
+
 def create_user(uri: str, admin_password: str, username: str) -> str:
     """A user of the server, with a fresh password (returned)."""
     from mlflow.server.auth.client import AuthServiceClient

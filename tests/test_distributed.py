@@ -19,8 +19,7 @@ from mlflow import MlflowClient
 
 from tests.conftest import make_project, run
 from tests.dask_cluster import Cluster
-from tests.team_server import BUCKET, S3_CREDENTIALS, create_user, postgres_bin, team_stack
-from tests.test_team_server import login
+from tests.team_server import BUCKET, S3_CREDENTIALS, create_user, login, postgres_bin, team_stack
 
 pytestmark = [
     pytest.mark.timeout(1200),

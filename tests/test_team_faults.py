@@ -13,8 +13,7 @@ import yaml
 from mlflow import MlflowClient
 
 from tests.conftest import make_project, run, variant_run_ids
-from tests.team_server import create_user, postgres_bin, team_stack
-from tests.test_team_server import login
+from tests.team_server import create_user, login, postgres_bin, team_stack
 
 pytestmark = [
     pytest.mark.timeout(900),

@@ -14,9 +14,8 @@ from mlflow import MlflowClient
 
 from tests.conftest import make_project, run
 from tests.recording_proxy import RecordingProxy
-from tests.team_server import BUCKET, create_user, postgres_bin, s3_keys, team_stack
+from tests.team_server import BUCKET, create_user, login, postgres_bin, s3_keys, team_stack
 from tests.test_queue import stop_workers
-from tests.test_team_server import login
 
 pytestmark = [
     pytest.mark.timeout(1200),

@@ -16,6 +16,7 @@ from tests.conftest import make_project, run, variant_run_ids
 from tests.team_server import (
     ADMIN,
     create_user,
+    login,
     postgres_bin,
     s3_keys,
     team_stack,
@@ -35,10 +36,6 @@ def team(tmp_path_factory):
     with team_stack(tmp_path_factory.mktemp("team")) as server:
         yield server.uri, server.admin_password, server.s3.endpoint, create_user(server.uri, server.admin_password,
                                                                                   "alice")
-
-
-def login(user: str, password: str) -> dict[str, str]:
-    return {"MLFLOW_TRACKING_USERNAME": user, "MLFLOW_TRACKING_PASSWORD": password}
 
 
 def client_as(uri: str, user: str, password: str) -> MlflowClient:
