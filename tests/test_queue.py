@@ -9,14 +9,13 @@ tiny repro): each experiment changes one variant's lr, so it reruns 3 of the 7 s
 from __future__ import annotations
 
 import json
-import signal
 import time
 
-import psutil
 import pytest
 from mlflow import MlflowClient
 
 from tests.conftest import run
+from tests.dvc_queue import run_queues
 from tests.shared_project import reproduced_project
 
 pytestmark = pytest.mark.timeout(900)  # the shared repro (when first) and the queue, bounded
@@ -26,29 +25,6 @@ EXPERIMENTS = {"q-nonorm-lr": ("no_norm", 0.005), "q-bn-lr": ("batchnorm", 0.005
 SEEDS = (0, 1)
 
 
-def stop_workers(path, env) -> None:
-    """`dvc queue stop`, then end any worker of this project's queue that is still there.
-
-    A dvc-task worker that asked itself to shut down while another still ran can miss the
-    request and idle forever; its pid is in `.dvc/tmp/exps/celery/dvc-exp-worker-<n>.pid`.
-    """
-    run(["dvc", "queue", "stop"], path, env, timeout=60, check=False)
-    for pid_file in (path / ".dvc" / "tmp" / "exps" / "celery").glob("dvc-exp-worker-*.pid"):
-        try:
-            worker = psutil.Process(int(pid_file.read_text().strip()))
-            if "queue-worker" not in worker.cmdline() or worker.cwd() != str(path):
-                continue
-            worker.wait(timeout=12)  # an idle worker stops itself after 10 s
-        except (ValueError, psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-        except psutil.TimeoutExpired:
-            worker.send_signal(signal.SIGTERM)
-            try:
-                worker.wait(timeout=15)
-            except psutil.TimeoutExpired:
-                worker.kill()
-
-
 @pytest.fixture(scope="module")
 def queued(tmp_path_factory, tiny_mirror):
     path, env = reproduced_project(tmp_path_factory, tiny_mirror[0])
@@ -56,21 +32,14 @@ def queued(tmp_path_factory, tiny_mirror):
         # `+`: the variant sets no lr of its own in params.yaml, so the key is added.
         run(["dvc", "exp", "run", "--queue", "-n", name, "-S", f"+variants.{variant}.lr={lr}"], path, env, timeout=60)
     started = time.monotonic()
-    try:
-        # Blocking: starts 2 queue workers and follows every queued experiment to its end.
-        result = run(["dvc", "exp", "run", "--run-all", "-j", "2"], path, env, timeout=480, check=False)
-    finally:
-        stop_workers(path, env)
+    statuses = run_queues([path], env, EXPERIMENTS, jobs=2, timeout_s=600)
     print(f"3 queued experiments ran in {time.monotonic() - started:.0f}s")
-    return path, env, result
+    return path, env, statuses
 
 
 def test_every_queued_experiment_succeeded(queued):
-    path, env, result = queued
-    assert result.returncode == 0, result.stdout + result.stderr
-    status = run(["dvc", "queue", "status"], path, env, timeout=60).stdout
-    for name in EXPERIMENTS:
-        assert any(line.split()[1:2] == [name] and line.split()[-1] == "Success" for line in status.splitlines()), status
+    path, env, statuses = queued
+    assert statuses == dict.fromkeys(EXPERIMENTS, "Success")
     for name in EXPERIMENTS:
         logs = run(["dvc", "queue", "logs", name], path, env, timeout=60).stdout
         assert "database is locked" not in logs and "Traceback" not in logs, logs

@@ -6,16 +6,15 @@ proxy's timings give the server's throughput and latency under that load."""
 from __future__ import annotations
 
 import statistics
-import subprocess
 import time
 
 import pytest
 from mlflow import MlflowClient
 
 from tests.conftest import make_project, run
+from tests.dvc_queue import run_queues
 from tests.recording_proxy import RecordingProxy
 from tests.team_server import BUCKET, create_user, login, postgres_bin, s3_keys, team_stack
-from tests.test_queue import stop_workers
 
 pytestmark = [
     pytest.mark.timeout(1200),
@@ -41,33 +40,11 @@ def load(tmp_path_factory, tiny_mirror):
                 run(["dvc", "exp", "run", "--queue", "-n", f"load-{name}-{lr}", "-S", f"+variants.no_norm.lr={lr}"],
                     path, env, timeout=60)
         started = time.monotonic()
-        try:
-            for path in clones.values():  # two queue workers per clone, four executions at once
-                # The workers it starts live on holding its stdout: no pipe to wait for the end of.
-                subprocess.run(["dvc", "queue", "start", "-j", "2"], cwd=path, env=env, check=True, timeout=60,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            statuses = {name: status for path in clones.values() for name, status in wait_for_queue(path, env).items()}
-        finally:
-            for path in clones.values():
-                stop_workers(path, env)
+        names = [f"load-{name}-{lr}" for name, lrs in LRS.items() for lr in lrs]
+        statuses = run_queues(clones.values(), env, names, jobs=2)  # four executions at once
         seconds = time.monotonic() - started
         yield proxy, server, alice, statuses, seconds
         proxy.close()
-
-
-def wait_for_queue(path, env, timeout_s: float = 900) -> dict[str, str]:
-    """{experiment: status} once no experiment of the clone's queue is queued or running.
-
-    Polled rather than `dvc exp run --run-all`, which can wait forever on a queue worker that
-    missed its shutdown (seen here with two clones' queues at once)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        lines = run(["dvc", "queue", "status"], path, env, timeout=60).stdout.splitlines()
-        statuses = {fields[1]: fields[-1] for fields in map(str.split, lines) if fields[1:2] and "load-" in fields[1]}
-        if len(statuses) == 2 and not {"Queued", "Running"} & set(statuses.values()):
-            return statuses
-        assert time.monotonic() < deadline, lines
-        time.sleep(5)
 
 
 def test_four_executions_at_once_all_succeed(load):
