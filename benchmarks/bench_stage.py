@@ -4,7 +4,7 @@
 
 Parts (each in its own child process; `python benchmarks/bench_train.py` runs them all with
 bench_step.py's and prints the table):
-  overhead    pipeline.train.train in-process (MLflow to a temp sqlite, checkpoints to a temp
+  overhead    pipeline.stages.train.train in-process (MLflow to a temp sqlite, checkpoints to a temp
               dir) against the same epochs bare; where the non-epoch time goes
   pipeline    `dvc repro` of the whole lab in a temp copy (prepared data given), then a no-op one
 See benchmarks/README.md for what each figure means and the targets.
@@ -29,7 +29,7 @@ from common import ROOT, VARIANT, peak_rss_mb, run_alone, setup
 def part_overhead(args) -> dict:
     """The train stage in-process vs its bare epochs; every non-epoch cost timed by name."""
     started = time.perf_counter()
-    import pipeline.train as stage  # torch and the pipeline, as the stage process imports them
+    import pipeline.stages.train as stage  # torch and the pipeline, as the stage process imports them
 
     import_s = time.perf_counter() - started
     import torch

@@ -32,7 +32,7 @@ def part_baseline(args) -> dict:
     from torchvision import datasets, transforms
 
     from pipeline.model import plain_mlp
-    from pipeline.prepare import split_indices
+    from pipeline.stages.prepare import split_indices
 
     params, config = setup(args.threads)
     with tempfile.TemporaryDirectory(prefix="bench-mnist-") as tmp:

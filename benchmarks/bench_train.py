@@ -92,7 +92,7 @@ def print_table(results: dict, figures: dict) -> None:
          + f"{fmt(over.get('epochs_inside_stage_s'))} s", "", fmt(over.get("peak_rss_mb"), ".0f")),
         ("    overhead vs bare epochs  [target <= 0.05]", fmt(over.get("overhead_fraction"), ".3f"),
          "in-loop " + fmt(over.get("per_epoch_logging_checkpoint_fraction"), ".3f"), ""),
-        ("    import pipeline.train", fmt(over.get("import_pipeline_train_s"), ".2f") + " s", "", ""),
+        ("    import pipeline.stages.train", fmt(over.get("import_pipeline_train_s"), ".2f") + " s", "", ""),
         ("dvc repro, full lab, 5 seeds  [target <= 60 s]", fmt(figures["full_lab_repro_s"]) + " s", "",
          fmt(pipe.get("peak_rss_largest_stage_mb"), ".0f")),
         ("dvc repro, full lab, 1 seed  [target <= 30 s]", fmt(figures["one_seed_lab_repro_s"]) + " s", "", ""),

@@ -27,7 +27,7 @@ from pipeline import fastpath
 from pipeline.data import Split, load_split
 from pipeline.model import StackedMlp, unstack
 from pipeline.params import load_params
-from pipeline.prepare import prepare
+from pipeline.stages.prepare import prepare
 from pipeline.reference import train_alone  # the CPU equivalence test's reference loop
 from pipeline.training import (
     TrainingStep,

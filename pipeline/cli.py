@@ -1,22 +1,28 @@
-"""The thin shell every stage's `main` runs in: one clear line and an exit code on failure."""
+"""The thin shell every command's `main` runs its work in: one clear line and an exit code on failure.
+
+    def main(argv=None):
+        variant = cli.variant_argument(__doc__, argv)
+        with cli.one_line_errors():
+            train(load_params(), variant, Path.cwd())
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import sys
-from collections.abc import Callable
-from pathlib import Path
+from collections.abc import Iterator
 
 from pipeline.errors import PipelineError
-from pipeline.params import Params, load_params
-
-PARAMS_FILE = Path("params.yaml")
 
 
-def run(stage: Callable[[], object]) -> None:
+@contextlib.contextmanager
+def one_line_errors() -> Iterator[None]:
+    """A `PipelineError` (a user's mistake, a missing input) becomes `error: <one line>` on stderr
+    and its exit code; a bug keeps its traceback."""
     try:
-        stage()
+        yield
         # The process ends next. Python's last garbage collections would walk every object
         # torch and MLflow made (~0.4 s, a sixth of a short stage); the OS frees them anyway.
         gc.freeze()
@@ -29,15 +35,12 @@ def run(stage: Callable[[], object]) -> None:
         sys.exit(130)
 
 
-def run_with_params(stage: Callable[[Params], object], params_file: Path = PARAMS_FILE) -> None:
-    """Validate params.yaml before the stage does any work."""
-    run(lambda: stage(load_params(params_file)))
+def parser(doc: str) -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(description=doc.split("\n")[0])
 
 
-def run_variant_stage(stage: Callable[[Params, str, Path], object], description: str,
-                      argv: list[str] | None = None) -> None:
-    """`python -m pipeline.<stage> --variant NAME`: `stage(params, NAME, root)`, run in the project root (cwd)."""
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--variant", required=True)
-    variant = parser.parse_args(argv).variant
-    run_with_params(lambda params: stage(params, variant, Path.cwd()))
+def variant_argument(doc: str, argv: list[str] | None) -> str:
+    """The NAME of `python -m pipeline.stages.<stage> --variant NAME`."""
+    variant_parser = parser(doc)
+    variant_parser.add_argument("--variant", required=True)
+    return variant_parser.parse_args(argv).variant

@@ -12,7 +12,6 @@ elsewhere, and the new attempt closes the runs the lost one left RUNNING (tracki
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import subprocess
@@ -70,7 +69,7 @@ def run_variant(repository: str, commit: str, variant: str, environment: dict[st
     dvc(clone, "config", "--local", "cache.dir", str(folder / "dvc-cache"))
     seconds["clone"] = time.perf_counter() - started
     started = time.perf_counter()
-    check = subprocess.run([sys.executable, "-m", "pipeline.check"], cwd=clone, env=env, capture_output=True,
+    check = subprocess.run([sys.executable, "-m", "pipeline.stages.check"], cwd=clone, env=env, capture_output=True,
                            text=True)
     if check.returncode != 0:  # this worker's packages differ from the lock: its results would too
         raise PipelineError(f"worker {get_worker().address}: {check.stderr.strip()}")
@@ -105,13 +104,12 @@ def run_on_cluster(root: Path, repository: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = cli.parser(__doc__)
     parser.add_argument("--repository", help="the git URL the workers clone (default: this repository's path, "
                                              "for workers on this machine or a shared file system)")
     args = parser.parse_args(argv)
     root = Path.cwd()
-
-    def sweep() -> None:
+    with cli.one_line_errors():
         if not os.environ.get("DASK_SCHEDULER_ADDRESS"):
             print("DASK_SCHEDULER_ADDRESS not set: running here with `dvc repro`", flush=True)
             dvc(root, "repro")
@@ -120,8 +118,6 @@ def main(argv: list[str] | None = None) -> None:
             raise PipelineError("MLFLOW_TRACKING_URI: the workers need a tracking server they all reach "
                                 "(http://...); a local store would stay in their clones")
         run_on_cluster(root, args.repository or str(root))
-
-    cli.run(sweep)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ from pydantic.fields import FieldInfo
 
 from pipeline.errors import ParamsError
 
+PARAMS_FILE = Path("params.yaml")  # read from the project root, where DVC runs every stage
 MNIST_TRAIN_SIZE = 60_000
 VARIANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")  # a folder, a DVC stage key, a run name
 MLFLOW_ALIAS = re.compile(r"^[A-Za-z0-9_-]{1,255}$")  # mlflow.utils.validation's alias rule
@@ -409,6 +410,6 @@ def read_params(path: Path) -> str:
         raise ParamsError(f"{path}: cannot read: not UTF-8 text (byte {error.start})") from None
 
 
-def load_params(path: Path | str = "params.yaml") -> Params:
+def load_params(path: Path | str = PARAMS_FILE) -> Params:
     path = Path(path)
     return parse_params(parse_yaml(read_params(path), str(path)), str(path))

@@ -26,7 +26,7 @@ from pipeline.errors import PipelineError
 
 PACKAGE = "pipeline"
 PACKAGE_DIR = Path(__file__).resolve().parent
-STAGES = ("check", "download", "prepare", "train", "evaluate", "compare")  # dvc.yaml's stage modules
+STAGES = ("check", "download", "prepare", "train", "evaluate", "compare")  # dvc.yaml's stages
 # MLflow records what the stages compute; no DVC output depends on its version (or on its
 # ~100 requirements), so upgrading it reruns nothing.
 RECORDERS = {"mlflow"}
@@ -59,11 +59,20 @@ def _module_file(name: str) -> Path | None:
     return next((candidate for candidate in candidates if candidate.is_file()), None)
 
 
+def stage_module(stage: str) -> str:
+    return f"{PACKAGE}.stages.{stage}"
+
+
 def import_closure(module: str) -> list[Path]:
-    """The package files `module` (e.g. `pipeline.train`) runs, itself and `__init__` included."""
-    files, pending = set(), [f"{PACKAGE}.{module}" if not module.startswith(PACKAGE) else module, PACKAGE]
+    """The package files `module` (e.g. `pipeline.stages.train`) runs, itself and the packages'
+    `__init__` included."""
+    files, pending = set(), [module]
     while pending:
-        path = _module_file(pending.pop())
+        name = pending.pop()
+        parent = name.rpartition(".")[0]
+        if parent:
+            pending.append(parent)  # importing `a.b` runs `a/__init__.py` first
+        path = _module_file(name)
         if path is None or path in files:
             continue
         files.add(path)
@@ -104,7 +113,7 @@ def _required_distributions(roots: set[str]) -> set[str]:
 
 def stage_distributions() -> set[str]:
     """The installed distributions whose code the stages can run, recorders left out."""
-    modules = third_party_imports([path for stage in STAGES for path in import_closure(stage)])
+    modules = third_party_imports([path for stage in STAGES for path in import_closure(stage_module(stage))])
     providers = metadata.packages_distributions()
     roots = {dist for module in modules - RECORDERS for dist in providers.get(module, [module])}
     return _required_distributions(roots)
@@ -157,6 +166,6 @@ def inputs_digest(config: dict, data_digest: str, environment_record: dict, stag
     """What a stage's run computed from: config, prepared data, environment and its code."""
     blob = json.dumps({
         "config": config, "data": data_digest, "environment": environment_record,
-        "code": file_digest(import_closure(stage), PACKAGE_DIR.parent),
+        "code": file_digest(import_closure(stage_module(stage)), PACKAGE_DIR.parent),
     }, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:32]

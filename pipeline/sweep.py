@@ -12,7 +12,6 @@ written when it is invalid.
 
 from __future__ import annotations
 
-import argparse
 import io
 from pathlib import Path
 
@@ -25,7 +24,15 @@ from ruamel.yaml.util import load_yaml_guess_indent
 
 from pipeline import cli
 from pipeline.fsio import atomic_write_bytes
-from pipeline.params import GRID_PREFIX, ModelChoices, parse_params, parse_sweep, parse_yaml, read_params
+from pipeline.params import (
+    GRID_PREFIX,
+    PARAMS_FILE,
+    ModelChoices,
+    parse_params,
+    parse_sweep,
+    parse_yaml,
+    read_params,
+)
 
 
 class _Representer(RoundTripRepresenter):
@@ -130,7 +137,7 @@ def rewrite(text: str, grid: dict[str, ModelChoices]) -> str:
     return out.getvalue()
 
 
-def sweep(path: Path = cli.PARAMS_FILE) -> None:
+def sweep(path: Path = PARAMS_FILE) -> None:
     """Writes the grid of `path`'s `sweep:` into its `variants:`."""
     source = str(path)
     text = read_params(path)
@@ -148,8 +155,9 @@ def sweep(path: Path = cli.PARAMS_FILE) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    argparse.ArgumentParser(description=__doc__.split("\n")[0]).parse_args(argv)
-    cli.run(sweep)
+    cli.parser(__doc__).parse_args(argv)
+    with cli.one_line_errors():
+        sweep()
 
 
 if __name__ == "__main__":

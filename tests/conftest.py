@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.download import MNIST_SHA256
+from pipeline.stages.download import MNIST_SHA256
 from pipeline.params import Params, parse_params
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -133,7 +133,7 @@ def write_environment(root: Path) -> dict:
     """What the check stage leaves in `root`: environment.json, from a copy of the lock file."""
     import shutil
 
-    from pipeline.check import check
+    from pipeline.stages.check import check
 
     shutil.copy(ROOT / "requirements.lock", root / "requirements.lock")
     return check(tiny_params(), root)

@@ -6,13 +6,7 @@ import pytest
 
 from pipeline import cli
 from pipeline.errors import ParamsError, PipelineError
-
-
-def fail_with(error: BaseException):
-    def stage():
-        raise error
-
-    return stage
+from pipeline.params import load_params
 
 
 @pytest.mark.parametrize("error, code, line", [
@@ -21,8 +15,8 @@ def fail_with(error: BaseException):
     (KeyboardInterrupt(), 130, "error: interrupted"),
 ], ids=["pipeline-error", "params-error", "interrupt"])
 def test_failure_is_one_line_and_exit_code(capsys, error, code, line):
-    with pytest.raises(SystemExit) as caught:
-        cli.run(fail_with(error))
+    with pytest.raises(SystemExit) as caught, cli.one_line_errors():
+        raise error
     assert caught.value.code == code
     assert capsys.readouterr().err == line + "\n"
 
@@ -30,12 +24,12 @@ def test_failure_is_one_line_and_exit_code(capsys, error, code, line):
 def test_newline_in_a_params_key_still_gives_one_line(tmp_path, capsys):
     params_file = tmp_path / "params.yaml"
     params_file.write_text('variants: {no_norm: {}}\ntrain: {"learning\\nrate": 1}\n')
-    with pytest.raises(SystemExit) as caught:
-        cli.run_with_params(fail_with(AssertionError("stage must not run")), params_file)
+    with pytest.raises(SystemExit) as caught, cli.one_line_errors():
+        load_params(params_file)
     assert caught.value.code == 2
     assert capsys.readouterr().err == f"error: {params_file}: train.learning rate: unknown key\n"
 
 
 def test_a_bug_is_not_swallowed():
-    with pytest.raises(ZeroDivisionError):
-        cli.run(lambda: 1 / 0)
+    with pytest.raises(ZeroDivisionError), cli.one_line_errors():
+        1 / 0

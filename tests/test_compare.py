@@ -12,7 +12,7 @@ import pytest
 import yaml
 from scipy import stats
 
-from pipeline.compare import summary_markdown
+from pipeline.stages.compare import summary_markdown
 from pipeline.stats import mean_interval
 from tests.conftest import TINY_PARAMS, stage_env
 from tests.test_stats import BATCHNORM, LAYER_NORM, NO_NORM
@@ -78,7 +78,7 @@ def test_many_variants_are_ranked_and_their_p_values_holm_adjusted():
 
 def test_a_missing_input_is_one_line_and_touches_no_store(tmp_path):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(TINY_PARAMS))
-    result = subprocess.run([sys.executable, "-m", "pipeline.compare"], cwd=tmp_path, env=stage_env(),
+    result = subprocess.run([sys.executable, "-m", "pipeline.stages.compare"], cwd=tmp_path, env=stage_env(),
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 1
     history = tmp_path / "data" / "train" / "batchnorm" / "history.json"

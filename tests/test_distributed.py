@@ -119,7 +119,7 @@ def test_a_worker_killed_mid_task_is_retried_and_leaves_no_run_behind(sweep):
             except ProcessLookupError:
                 continue
             worker = next((w for w in cluster.workers if w.pid == group and w.poll() is None), None)
-            if worker is not None and "pipeline.train" in " ".join(process.info["cmdline"] or []):
+            if worker is not None and "pipeline.stages.train" in " ".join(process.info["cmdline"] or []):
                 cluster.kill(worker)
                 killed = worker
                 break

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.download import (
+from pipeline.stages.download import (
     MNIST_SHA256,
     DownloadError,
     Policy,
@@ -267,7 +267,7 @@ def test_malformed_mirror_url_is_an_error(url):
 
 def test_cli_with_missing_mirror_folder_exits_1_with_one_line(tmp_path):
     env = {"MNIST_MIRROR": str(tmp_path / "no_such_mirror"), "PATH": "/usr/bin:/bin"}
-    result = subprocess.run([sys.executable, "-m", "pipeline.download", "--out", str(tmp_path / "raw")],
+    result = subprocess.run([sys.executable, "-m", "pipeline.stages.download", "--out", str(tmp_path / "raw")],
                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 1
     assert result.stderr.splitlines() == [f"error: MNIST_MIRROR: folder '{tmp_path}/no_such_mirror' does not exist"]

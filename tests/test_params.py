@@ -167,7 +167,7 @@ def test_prepare_stage_rejects_bad_params_before_touching_data(stage_dir, text, 
         (stage_dir / "params.yaml").write_text(text)
     before = tree_digests(stage_dir / "data")
     result = subprocess.run(
-        [sys.executable, "-m", "pipeline.prepare", "--raw", "data/raw", "--out", "data/prepared"],
+        [sys.executable, "-m", "pipeline.stages.prepare", "--raw", "data/raw", "--out", "data/prepared"],
         cwd=stage_dir, capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 2

@@ -22,14 +22,14 @@ def stage_definition(stage: str) -> dict:
     return definition.get("do", definition)
 
 
-def stage_module(cmd: str) -> str:
-    return re.match(r"python -m pipeline\.(\w+)", cmd).group(1)
+def command_module(cmd: str) -> str:
+    return re.match(r"python -m ([\w.]+)", cmd).group(1)
 
 
 @pytest.mark.parametrize("stage", list(DVC_YAML["stages"]))
 def test_code_deps_are_exactly_the_stage_modules_import_closure(stage):
     definition = stage_definition(stage)
-    module = stage_module(definition["cmd"])
+    module = command_module(definition["cmd"])
     declared = {dep for dep in definition["deps"] if dep.startswith("pipeline/")}
     imported = {str(path.relative_to(ROOT)) for path in import_closure(module)}
     assert declared == imported, (f"dvc.yaml stage {stage}: missing {sorted(imported - declared)}, "
@@ -37,7 +37,8 @@ def test_code_deps_are_exactly_the_stage_modules_import_closure(stage):
 
 
 def test_every_stage_module_is_a_stage():
-    assert {stage_module(stage_definition(s)["cmd"]) for s in DVC_YAML["stages"]} == set(provenance.STAGES)
+    assert {command_module(stage_definition(s)["cmd"]) for s in DVC_YAML["stages"]} == {
+        provenance.stage_module(stage) for stage in provenance.STAGES}
 
 
 def test_closure_follows_imports_at_any_depth(tmp_path, monkeypatch):
@@ -49,8 +50,8 @@ def test_closure_follows_imports_at_any_depth(tmp_path, monkeypatch):
     (package / "c.py").write_text("g = 1\n")
     (package / "unused.py").write_text("")
     monkeypatch.setattr(provenance, "PACKAGE_DIR", package)
-    assert [path.name for path in import_closure("a")] == ["__init__.py", "a.py", "b.py", "c.py"]
-    assert provenance.third_party_imports(import_closure("a")) == {"numpy"}
+    assert [path.name for path in import_closure("pipeline.a")] == ["__init__.py", "a.py", "b.py", "c.py"]
+    assert provenance.third_party_imports(import_closure("pipeline.a")) == {"numpy"}
 
 
 def test_computing_stages_depend_on_the_environment_record():

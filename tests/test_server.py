@@ -48,7 +48,7 @@ def test_unreachable_server_fails_fast_with_one_line(prepared):
     path, env = prepared
     uri = f"http://127.0.0.1:{free_port()}"  # closed: nothing listens there
     started = time.monotonic()
-    result = run([sys.executable, "-m", "pipeline.train", "--variant", "batchnorm"], path,
+    result = run([sys.executable, "-m", "pipeline.stages.train", "--variant", "batchnorm"], path,
                  env | {"MLFLOW_TRACKING_URI": uri}, timeout=60, check=False)
     elapsed = time.monotonic() - started
     assert result.returncode != 0

@@ -183,7 +183,7 @@ def test_variants_that_are_not_the_expansion_are_refused_by_every_stage(variants
 def test_the_check_stage_and_the_command_exit_2_with_one_line(tmp_path):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(with_sweep(GRID), sort_keys=False))
     env = stage_env()
-    check = subprocess.run([sys.executable, "-m", "pipeline.check"], cwd=tmp_path, env=env,
+    check = subprocess.run([sys.executable, "-m", "pipeline.stages.check"], cwd=tmp_path, env=env,
                            capture_output=True, text=True, timeout=120)
     assert check.returncode == 2
     assert check.stderr == ("error: params.yaml: variants.sweep-batch-lr0p01: missing; variants are not the "

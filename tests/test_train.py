@@ -17,9 +17,9 @@ from mlflow import MlflowClient
 
 from pipeline import checkpoint
 from pipeline.params import load_params
-from pipeline.prepare import prepare
+from pipeline.stages.prepare import prepare
 from pipeline.tracking import Tracking
-from pipeline.train import Paths, train
+from pipeline.stages.train import Paths, train
 from tests.conftest import TINY_PARAMS, stage_env, tiny_mnist_arrays, write_environment, write_mirror
 
 EPOCHS = 4
@@ -35,7 +35,7 @@ def slow_mirror(tmp_path_factory):
 
 def make_prepared(path: Path, mirror: Path, **overrides) -> Path:
     """A project folder with params.yaml and prepared data, ready for the train stage."""
-    from pipeline.download import download, read_checksums
+    from pipeline.stages.download import download, read_checksums
 
     raw = yaml.safe_load(yaml.safe_dump(TINY_PARAMS))
     raw["train"] |= {"epochs": EPOCHS, "batch_size": 4} | overrides
@@ -48,7 +48,7 @@ def make_prepared(path: Path, mirror: Path, **overrides) -> Path:
     return path
 
 
-TRAIN = [sys.executable, "-m", "pipeline.train", "--variant", "batchnorm"]
+TRAIN = [sys.executable, "-m", "pipeline.stages.train", "--variant", "batchnorm"]
 
 
 def start_train(path: Path) -> subprocess.Popen:

@@ -36,10 +36,10 @@ sys.path.insert(0, str(ROOT))
 
 import pipeline.fastpath  # noqa: E402
 import pipeline.optimizer  # noqa: E402
-import pipeline.prepare  # noqa: E402
+import pipeline.stages.prepare  # noqa: E402
 import pipeline.training  # noqa: E402
 from pipeline.params import load_params  # noqa: E402
-from pipeline.prepare import prepare  # noqa: E402
+from pipeline.stages.prepare import prepare  # noqa: E402
 
 from pipeline.training import configure_runtime  # noqa: E402
 
@@ -74,7 +74,7 @@ def carry() -> None:
 def first_val() -> None:
     def split_indices(total, val_size, seed):
         return torch.arange(val_size, total), torch.arange(val_size)
-    pipeline.prepare.split_indices = split_indices
+    pipeline.stages.prepare.split_indices = split_indices
 
 
 def multiply_scale() -> None:

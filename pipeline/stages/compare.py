@@ -13,7 +13,6 @@ files into the variant runs (once per result).
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from pathlib import Path
@@ -21,7 +20,7 @@ from pathlib import Path
 from pipeline import cli, provenance, registry, tracking, variant_runs
 from pipeline.errors import PipelineError
 from pipeline.fsio import atomic_write_bytes, atomic_write_json
-from pipeline.params import Params
+from pipeline.params import Params, load_params
 from pipeline.reports import comparison_plots, markdown_table, seed_dots_plot
 from pipeline.stats import (
     BOOTSTRAP_RESAMPLES,
@@ -237,9 +236,9 @@ def publish_comparison(client, params: Params, tags: dict[str, str], run_ids: di
 
 
 def main(argv: list[str] | None = None) -> None:
-    argparse.ArgumentParser(description=__doc__.split("\n")[0]).parse_args(argv)
-
-    cli.run_with_params(lambda params: compare(params, Path.cwd()))
+    cli.parser(__doc__).parse_args(argv)
+    with cli.one_line_errors():
+        compare(load_params(), Path.cwd())
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from pipeline import checkpoint, cli
 from pipeline.data import Split, load_split
 from pipeline.fsio import atomic_write_json
 from pipeline.model import NUM_CLASSES, StackedMlp
-from pipeline.params import Params, VariantConfig
+from pipeline.params import Params, VariantConfig, load_params
 from pipeline.reports import confusion_plot
 from pipeline.stats import diverged, summarize
 from pipeline.training import configure_runtime, in_batches, score
@@ -66,7 +66,9 @@ def evaluate(params: Params, variant: str, root: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    cli.run_variant_stage(evaluate, __doc__.split("\n")[0], argv)
+    variant = cli.variant_argument(__doc__, argv)
+    with cli.one_line_errors():
+        evaluate(load_params(), variant, Path.cwd())
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from pipeline.errors import PipelineError
 from pipeline.fsio import atomic_write_json
 from pipeline.model import StackedMlp, served_replica, unstack
 from pipeline.optimizer import FusedOptimizer
-from pipeline.params import Params, VariantConfig
+from pipeline.params import Params, VariantConfig, load_params
 from pipeline.reports import METRICS, write_curves
 from pipeline.stats import diverged, diverged_epochs, summarize
 from pipeline.training import (
@@ -300,7 +300,9 @@ def epoch_line(variant: str, epoch: int, epochs: int, metrics: dict[str, list[fl
 
 
 def main(argv: list[str] | None = None) -> None:
-    cli.run_variant_stage(train, __doc__.split("\n")[0], argv)
+    variant = cli.variant_argument(__doc__, argv)
+    with cli.one_line_errors():
+        train(load_params(), variant, Path.cwd())
 
 
 if __name__ == "__main__":

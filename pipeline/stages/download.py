@@ -8,7 +8,6 @@ written under `data/raw`: a file lands there by an atomic rename after its diges
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import hashlib
 import http.client
@@ -200,18 +199,15 @@ def read_checksums(path: Path) -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = cli.parser(__doc__)
     parser.add_argument("--out", type=Path, default=Path("data/raw"))
     args = parser.parse_args(argv)
-
-    def stage() -> None:
+    with cli.one_line_errors():
         sources = parse_sources(os.environ.get("MNIST_MIRROR"), torchvision_mirrors())
         # A different data set in MNIST's format (or the tests' tiny one) brings its own digests.
         checksums_file = os.environ.get("MNIST_CHECKSUMS")
         checksums = read_checksums(Path(checksums_file)) if checksums_file else MNIST_SHA256
         download(args.out, sources, checksums)
-
-    cli.run(stage)
 
 
 if __name__ == "__main__":

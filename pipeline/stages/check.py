@@ -11,13 +11,12 @@ this machine: a CUDA device where one is asked for, and memory for the largest m
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from pipeline import cli, provenance
 from pipeline.errors import ParamsError
 from pipeline.fsio import atomic_write_json
-from pipeline.params import Params, VariantConfig
+from pipeline.params import Params, VariantConfig, load_params
 
 FLOAT_BYTES = 4
 # Copies of a replica stack's parameters alive at once: weights, gradients, Adam's two moments,
@@ -76,8 +75,9 @@ def check(params: Params, root: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    argparse.ArgumentParser(description=__doc__.split("\n")[0]).parse_args(argv)
-    cli.run_with_params(lambda params: check(params, Path()))  # relative paths in messages
+    cli.parser(__doc__).parse_args(argv)
+    with cli.one_line_errors():
+        check(load_params(), Path())  # relative paths in messages
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ that MLflow records as the runs' dataset lineage.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
 from pathlib import Path
@@ -17,7 +16,7 @@ import torch
 from pipeline import cli
 from pipeline.data import DataError, read_raw_split, split_path
 from pipeline.fsio import atomic_write, atomic_write_json
-from pipeline.params import DataParams
+from pipeline.params import DataParams, load_params
 
 
 def split_indices(total: int, val_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,11 +59,12 @@ def prepare(data_params: DataParams, raw_dir: Path, prepared_dir: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = cli.parser(__doc__)
     parser.add_argument("--raw", type=Path, default=Path("data/raw"))
     parser.add_argument("--out", type=Path, default=Path("data/prepared"))
     args = parser.parse_args(argv)
-    cli.run_with_params(lambda params: prepare(params.data, args.raw, args.out))
+    with cli.one_line_errors():
+        prepare(load_params().data, args.raw, args.out)
 
 
 if __name__ == "__main__":
