@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from pipeline import fastpath
-from pipeline.params import VariantConfig
+from pipeline.variant import VariantConfig
 
 DEFAULT_WEIGHT_DECAY = {"adam": 0.0, "adamw": 1e-2, "sgd": 0.0}  # torch.optim's defaults
 

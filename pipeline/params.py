@@ -12,183 +12,29 @@ The grid points of `sweep:` must be in `variants:` as `python -m pipeline.sweep`
 
 from __future__ import annotations
 
-import itertools
-import math
 import re
 from pathlib import Path
-from typing import Annotated, Literal, get_args
+from typing import Literal
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    PositiveInt,
-    ValidationError,
-    create_model,
-    field_validator,
-    model_validator,
-)
-from pydantic.fields import FieldInfo
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from pipeline.errors import ParamsError
+from pipeline.grid import VARIANT_NAME, SweepParams, stale_grid_point
+from pipeline.variant import ModelChoices, Seed, Strict, TrainParams, VariantConfig, variant_config
 
 PARAMS_FILE = Path("params.yaml")  # read from the project root, where DVC runs every stage
 MNIST_TRAIN_SIZE = 60_000
-VARIANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")  # a folder, a DVC stage key, a run name
 MLFLOW_ALIAS = re.compile(r"^[A-Za-z0-9_-]{1,255}$")  # mlflow.utils.validation's alias rule
 MLFLOW_VERSION_ALIAS = re.compile(r"^[vV]\d+$")  # reserved by MLflow for version numbers
-# Every seed goes into torch.Generator().manual_seed(seed * 1_000_003 + epoch) (training.py);
-# below 2**32 that stays far inside the generator's 64 bits.
-MAX_SEED = 2**32 - 1
 MAX_SEEDS = 256  # the seeds list is logged as one MLflow param (at most 6,000 characters)
-MAX_WIDTH = 65_536  # units per hidden layer
-MAX_LAYERS = 64
-MAX_THREADS = 256
-# Every grid point is a train and an evaluate stage, an MLflow run and a line in each plot.
-MAX_GRID_POINTS = 256
-GRID_PREFIX = "sweep-"  # the variants named so are the grid points of `sweep:`, and nothing else
-
-Norm = Literal["batch", "layer", "none"]
-Activation = Literal["relu", "tanh", "sigmoid", "gelu"]
-Optimizer = Literal["adam", "sgd", "adamw"]
-Device = Literal["auto", "cpu", "cuda"]
-Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
-HiddenSizes = Annotated[list[Annotated[PositiveInt, Field(le=MAX_WIDTH)]], Field(min_length=1, max_length=MAX_LAYERS)]
-LearningRate = Annotated[float, Field(gt=0)]
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
-
-
-class DataParams(_Strict):
+class DataParams(Strict):
     val_size: int = Field(5_000, gt=0, lt=MNIST_TRAIN_SIZE)
     split_seed: Seed = 0
 
 
-class _Choices(_Strict):
-    @field_validator("*", mode="before")
-    @classmethod
-    def _no_explicit_null(cls, value: object) -> object:
-        # `norm: null` reads as "no norm" but would mean "inherit train.norm": refuse the doubt.
-        if value is None:
-            raise ValueError("null is not a value here; leave the key out to use the train: default")
-        return value
-
-
-class ModelChoices(_Choices):
-    """What a variant may override: the architecture and its optimizer."""
-
-    hidden_sizes: HiddenSizes | None = None
-    norm: Norm | None = None
-    activation: Activation | None = None
-    optimizer: Optimizer | None = None
-    lr: LearningRate | None = None
-
-
-class _Axes(_Choices):
-    @field_validator("*")
-    @classmethod
-    def _distinct(cls, values: list) -> list:
-        seen = set()
-        for value in values:
-            if repr(value) in seen:  # validated values: `1` and `1.0` are both 1.0 by now
-                raise ValueError(f"the values of an axis must be distinct ({value!r} twice)")
-            seen.add(repr(value))
-        return values
-
-
-def _axis(choice: FieldInfo) -> tuple:
-    """The axis of a ModelChoices key: a non-empty list of values that the key itself accepts."""
-    (value_type,) = [arg for arg in get_args(choice.annotation) if arg is not type(None)]
-    return list[value_type] | None, Field(None, min_length=1, max_length=MAX_GRID_POINTS)
-
-
-# Built from ModelChoices so that an axis accepts exactly what a variant's key does, and a key
-# added there can be swept without a second list of types to keep in step.
-SweepAxes = create_model(
-    "SweepAxes", __base__=_Axes, __doc__="Values to cross, per key a variant may override.",
-    **{key: _axis(choice) for key, choice in ModelChoices.model_fields.items()},
-)
-
-
-def _number(value: float) -> str:
-    # repr is the shortest text that reads back as the same number, so distinct values get
-    # distinct names. '-' joins a name's parts and '.' would split the key path
-    # `variants.<name>`, so they become 'm' and 'p': 0.003 -> 0p003, 1e-05 -> 1em05.
-    return repr(value).replace(".", "p").replace("e-", "em").replace("e+", "e")
-
-
-NAME_LABELS = {"hidden_sizes": "h"}  # a number in a name follows its key's label; words go bare
-
-
-def grid_point_name(choices: dict) -> str:
-    """`sweep-h64x64-batch-tanh-lr0p003`: the prefix, then each swept key's value in ModelChoices'
-    order. Only [a-z0-9-]: no '.', which DVC would read as a key path in `variants.<name>`."""
-    parts = []
-    for key, value in choices.items():
-        if isinstance(value, str):
-            parts.append(value)  # a word of the key's Literal; no two keys share one
-        else:
-            numbers = value if isinstance(value, list) else [value]
-            parts.append(NAME_LABELS.get(key, key) + "x".join(_number(number) for number in numbers))
-    return GRID_PREFIX + "-".join(parts)
-
-
-def expand(axes: SweepAxes) -> dict[str, ModelChoices]:
-    """The grid points by name, in the order of the axes' values (the last key varies fastest)."""
-    swept = axes.model_dump(exclude_none=True)  # ModelChoices' key order, so names are stable
-    if not swept:
-        return {}
-    points = [dict(zip(swept, values)) for values in itertools.product(*swept.values())]
-    return {grid_point_name(point): ModelChoices.model_validate(point) for point in points}
-
-
-class SweepParams(_Strict):
-    """A grid of variants: every combination of the axes' values is one variant, a grid point."""
-
-    axes: SweepAxes = SweepAxes()
-
-    @field_validator("axes")
-    @classmethod
-    def _bounded(cls, axes: SweepAxes) -> SweepAxes:
-        lengths = [len(values) for values in axes.model_dump(exclude_none=True).values()]
-        if lengths and math.prod(lengths) > MAX_GRID_POINTS:
-            raise ValueError(f"{math.prod(lengths)} grid points ({' x '.join(map(str, lengths))}); "
-                             f"at most {MAX_GRID_POINTS}")
-        for name in expand(axes):
-            if not VARIANT_NAME.match(name):  # only its length can fail the rule
-                raise ValueError(f"grid point {name!r} has a name longer than 64 characters "
-                                 "(it names folders, stages and runs)")
-        return axes
-
-    def grid(self) -> dict[str, ModelChoices]:
-        return expand(self.axes)
-
-
-class TrainParams(_Strict):
-    """Shared training settings; the model and optimizer fields are every variant's defaults."""
-
-    epochs: int = Field(10, ge=1)
-    batch_size: int = Field(32, ge=1)
-    hidden_sizes: HiddenSizes = [32, 32]
-    norm: Norm = "none"
-    activation: Activation = "relu"
-    optimizer: Optimizer = "adam"
-    lr: float = Field(0.01, gt=0)
-    # TensorFlow 1 defaults, which the lab ran with: BN decay 0.99 is PyTorch momentum 0.01.
-    bn_momentum: float = Field(0.01, gt=0, lt=1)
-    norm_eps: float = Field(1e-3, gt=0)
-    adam_eps: float = Field(1e-8, gt=0)
-    # TF1's dense layer kept its bias before batch norm; the port drops it (pipeline/model.py).
-    bias_before_bn: bool = False
-    weight_decay: float | None = Field(None, ge=0)
-    device: Device = "auto"
-    threads: int = Field(1, ge=1, le=MAX_THREADS)
-    eval_batch_size: int = Field(2_000, ge=1)
-
-
-class CompareParams(_Strict):
+class CompareParams(Strict):
     reference: str = "no_norm"
     registered_model: str = Field("mnist-mlp", min_length=1, max_length=255)  # the Model Registry name
     alias: str = "champion"  # moved to a new version only when it beats the current champion
@@ -214,7 +60,7 @@ class CompareParams(_Strict):
         return alias
 
 
-class MlflowParams(_Strict):
+class MlflowParams(Strict):
     experiment_name: str = Field("mnist-batchnorm-lab", min_length=1, max_length=500)
 
     @field_validator("experiment_name")
@@ -225,27 +71,7 @@ class MlflowParams(_Strict):
         return name
 
 
-class VariantConfig(_Strict):
-    """One variant with the shared defaults filled in: everything that shapes its training."""
-
-    name: str
-    seeds: list[int]
-    epochs: int
-    batch_size: int
-    hidden_sizes: list[int]
-    norm: Norm
-    activation: Activation
-    optimizer: Optimizer
-    lr: float
-    bn_momentum: float
-    norm_eps: float
-    adam_eps: float
-    bias_before_bn: bool
-    weight_decay: float | None
-    eval_batch_size: int
-
-
-class Params(_Strict):
+class Params(Strict):
     data: DataParams = DataParams()
     seeds: list[Seed] = Field([0, 1, 2, 3, 4], min_length=1, max_length=MAX_SEEDS)
     train: TrainParams = TrainParams()
@@ -278,7 +104,7 @@ class Params(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> Params:
-        stale = _stale_grid_point(self.variants, self.sweep.grid())
+        stale = stale_grid_point(self.variants, self.sweep.grid())
         if stale:
             raise ValueError(f"variants.{stale}; variants are not the expansion of sweep: "
                              "(run `python -m pipeline.sweep`)")
@@ -305,22 +131,7 @@ class Params(_Strict):
     def variant(self, name: str) -> VariantConfig:
         if name not in self.variants:
             raise ParamsError(f"variants.{name}: no such variant (variants: {', '.join(self.variants)})")
-        overrides = self.variants[name].model_dump(exclude_none=True)
-        shared = self.train.model_dump(exclude={"device", "threads"})
-        return VariantConfig(name=name, seeds=self.seeds, **(shared | overrides))
-
-
-def _stale_grid_point(variants: dict[str, ModelChoices], grid: dict[str, ModelChoices]) -> str | None:
-    """`<name>: <what>` for the first grid point that `variants:` and `grid` disagree on; else None."""
-    written = {name: choices for name, choices in variants.items() if name.startswith(GRID_PREFIX)}
-    for name in [*grid, *written]:
-        if name not in written:
-            return f"{name}: missing"
-        if name not in grid:
-            return f"{name}: not a grid point of sweep: (names starting {GRID_PREFIX!r} are the grid's)"
-        if written[name].model_dump(exclude_none=True) != grid[name].model_dump(exclude_none=True):
-            return f"{name}: not the values of its grid point"
-    return None
+        return variant_config(name, self.seeds, self.train, self.variants[name])
 
 
 def _describe(error: ValidationError, source: str, within: tuple[str, ...]) -> str:

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from pipeline.data import Split, as_images
 from pipeline.model import plain_mlp
-from pipeline.params import VariantConfig
+from pipeline.variant import VariantConfig
 from pipeline.training import epoch_metrics, epoch_permutations
 
 

@@ -4,7 +4,7 @@ DVC makes the `train@<variant>` and `evaluate@<variant>` stages from `foreach: $
 parses dvc.yaml, from the values params.yaml holds: it cannot compute a grid. So the grid points
 are written into `variants:`, where each one is a variant like any other (its own stages, cache,
 params dep `variants.<name>` and column in `dvc exp show`). They are the variants named
-`sweep-...` (params.GRID_PREFIX), after the hand-written ones; this command replaces exactly those.
+`sweep-...` (grid.GRID_PREFIX), after the hand-written ones; this command replaces exactly those.
 The file is rewritten by ruamel.yaml's round trip, which keeps comments, quotes and the
 hand-written variants; the new text is validated as the check stage will read it, and nothing is
 written when it is invalid.
@@ -24,15 +24,9 @@ from ruamel.yaml.util import load_yaml_guess_indent
 
 from pipeline import cli
 from pipeline.fsio import atomic_write_bytes
-from pipeline.params import (
-    GRID_PREFIX,
-    PARAMS_FILE,
-    ModelChoices,
-    parse_params,
-    parse_sweep,
-    parse_yaml,
-    read_params,
-)
+from pipeline.grid import GRID_PREFIX
+from pipeline.params import PARAMS_FILE, parse_params, parse_sweep, parse_yaml, read_params
+from pipeline.variant import ModelChoices
 
 
 class _Representer(RoundTripRepresenter):

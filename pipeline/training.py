@@ -28,7 +28,7 @@ from pipeline.errors import PipelineError
 from pipeline.fastpath import gradients
 from pipeline.model import StackedMlp
 from pipeline.optimizer import FusedOptimizer
-from pipeline.params import VariantConfig
+from pipeline.variant import VariantConfig
 
 
 def configure_runtime(threads: int, device: str) -> torch.device:

@@ -15,7 +15,7 @@ from pipeline import checkpoint
 from pipeline.data import as_images, load_split
 from pipeline.errors import ParamsError
 from pipeline.model import StackedMlp
-from pipeline.params import VariantConfig
+from pipeline.variant import VariantConfig
 from pipeline.registry import select_best, settle_aliases
 from tests.conftest import run, tiny_params, variant_run_ids
 from tests.shared_project import reproduced_project

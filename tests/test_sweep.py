@@ -12,7 +12,8 @@ import pytest
 import yaml
 
 from pipeline.errors import ParamsError
-from pipeline.params import VARIANT_NAME, load_params, parse_params, parse_sweep
+from pipeline.grid import VARIANT_NAME
+from pipeline.params import load_params, parse_params, parse_sweep
 from pipeline.sweep import rewrite, sweep
 from tests.conftest import ROOT, TINY_PARAMS, make_project, run, stage_env
 

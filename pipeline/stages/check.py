@@ -16,7 +16,8 @@ from pathlib import Path
 from pipeline import cli, provenance
 from pipeline.errors import ParamsError
 from pipeline.fsio import atomic_write_json
-from pipeline.params import Params, VariantConfig, load_params
+from pipeline.params import Params, load_params
+from pipeline.variant import VariantConfig
 
 FLOAT_BYTES = 4
 # Copies of a replica stack's parameters alive at once: weights, gradients, Adam's two moments,

@@ -198,7 +198,7 @@ def restore_variant_runs(tracker: TrackingProcess, params: Params, runs: trackin
     """Runs for a variant whose train stage DVC restored from a run-cache this store never saw."""
     from pipeline.checkpoint import load
     from pipeline.model import served_model
-    from pipeline.params import VariantConfig
+    from pipeline.variant import VariantConfig
 
     print(f"{variant}: no run in {runs.uri} computed from inputs {lineage['inputs_digest']}; "
           "rebuilding it from the train stage's outputs")

@@ -32,7 +32,8 @@ from pipeline.errors import PipelineError
 from pipeline.fsio import atomic_write_json
 from pipeline.model import StackedMlp, served_replica, unstack
 from pipeline.optimizer import FusedOptimizer
-from pipeline.params import Params, VariantConfig, load_params
+from pipeline.params import Params, load_params
+from pipeline.variant import VariantConfig
 from pipeline.reports import METRICS, write_curves
 from pipeline.stats import diverged, diverged_epochs, summarize
 from pipeline.training import (
