@@ -72,14 +72,14 @@ def part_overhead(args) -> dict:
         tmp = Path(tmp)
         shutil.copytree(ROOT / "data" / "prepared", tmp / "data" / "prepared")
         shutil.copy(ROOT / "environment.json", tmp / "environment.json")  # the check stage's record
-        runs = tracking.Tracking(f"sqlite:///{tmp / 'mlflow.db'}", tmp, "bench-overhead")
-        # train(params, variant, root, runs), or the older train(params, variant, paths, runs)
+        store = tracking.Tracking(f"sqlite:///{tmp / 'mlflow.db'}", tmp, "bench-overhead")
+        # train(params, variant, root, tracking), or the older train(params, variant, paths, runs)
         where = tmp if "root" in inspect.signature(stage.train).parameters else stage.Paths.for_variant(tmp, VARIANT)
         cwd = os.getcwd()
         os.chdir(tmp)  # run tags look for git here: none
         try:
             t0 = time.perf_counter()
-            stage.train(params, VARIANT, where, runs)
+            stage.train(params, VARIANT, where, store)
             stage_s = time.perf_counter() - t0
         finally:
             os.chdir(cwd)

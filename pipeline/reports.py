@@ -121,7 +121,7 @@ def seed_dots_plot(test_acc: dict[str, list[float]], path: Path, order: list[str
         jitter = np.linspace(-0.08, 0.08, len(values)) if len(values) > 1 else [0.0]
         ax.scatter(position + np.asarray(jitter), values, zorder=3, color=styles[variant]["color"],
                    marker=styles[variant]["marker"])
-        ax.hlines(np.mean(values), position - 0.25, position + 0.25, color="black")
+        ax.hlines(mean_std(values)[0], position - 0.25, position + 0.25, color="black")
     many = len(order) > LEGEND_INSIDE
     ax.set_xticks(range(len(order)), order, rotation=45 if many else 0, ha="right" if many else "center")
     ax.set_ylabel("test_acc")

@@ -17,7 +17,7 @@ import json
 import math
 from pathlib import Path
 
-from pipeline import cli, provenance, registry, tracking, variant_runs
+from pipeline import cli, provenance, registry, variant_runs
 from pipeline.errors import PipelineError
 from pipeline.fsio import atomic_write_bytes, atomic_write_json
 from pipeline.params import Params, load_params
@@ -36,6 +36,7 @@ from pipeline.stats import (
     superiority,
     welch_difference,
 )
+from pipeline.tracking import INPUTS_TAG, PARENT_TAG, Tracking, experiment_id, run_tags, runs_page
 from pipeline.tracking_process import TrackingProcess
 
 def pct(value: float) -> str:
@@ -146,8 +147,8 @@ def publish_evaluation(client, run_ids: dict, per_seed: dict, evaluate_dir: Path
         client.log_artifact(run_ids["variant"], str(evaluate_dir / name), "evaluation")
 
 
-def compare(params: Params, root: Path, runs: tracking.Tracking | None = None) -> dict:
-    runs = runs or tracking.Tracking.from_environment(params.mlflow.experiment_name, root)
+def compare(params: Params, root: Path, tracking: Tracking | None = None) -> dict:
+    tracking = tracking or Tracking.from_environment(params.mlflow.experiment_name, root)
     data, out = root / "data", root / "data" / "compare"
     variants = list(params.variants)
     histories = {v: read_json(data / "train" / v / "history.json") for v in variants}
@@ -156,7 +157,7 @@ def compare(params: Params, root: Path, runs: tracking.Tracking | None = None) -
     test_acc = {v: per_seed[v]["test_acc"] for v in variants}
     test_loss = {v: per_seed[v]["test_loss"] for v in variants}
 
-    with TrackingProcess(runs) as tracker:  # opens MLflow there while the plots are drawn here
+    with TrackingProcess(tracking) as tracker:  # opens MLflow there while the plots are drawn here
         found = tracker.submit(variant_runs.find_variant_runs, params.mlflow.experiment_name,
                                {v: lineage[v]["inputs_digest"] for v in variants}, params.seeds)
         metric = params.compare.select_by  # the registry's score (registry.select_best), ranked
@@ -172,40 +173,40 @@ def compare(params: Params, root: Path, runs: tracking.Tracking | None = None) -
         choice = registry.select_best(params, histories, test_acc)
         run_ids = found.result()
         for variant in [v for v in variants if run_ids[v] is None]:
-            run_ids[variant] = restore_variant_runs(tracker, params, runs, root, variant, histories[variant],
+            run_ids[variant] = restore_variant_runs(tracker, params, tracking, root, variant, histories[variant],
                                                     lineage[variant])
 
         registered = tracker.call(
-            publish_comparison, params, tracking.run_tags(runs, root, "compare"), run_ids,
+            publish_comparison, params, run_tags(tracking, root, "compare"), run_ids,
             {v: (per_seed[v], data / "evaluate" / v, len(histories[v]["val_acc"])) for v in variants},
             {f"{v}.test_acc_mean": table[v]["test_acc_mean"] for v in variants},
             [*plots, out / "summary.md", out / "summary.json"], choice,
             lineage[choice.variant]["dataset"]["digest"] if choice else None,
         )
-        experiment = tracker.call(tracking.experiment_id, params.mlflow.experiment_name)
+        experiment = tracker.call(experiment_id, params.mlflow.experiment_name)
     print(text)
     if registered is None:
         print("registered nothing: no variant has a seed that trained without diverging")
     else:
         print(f"registered {choice.variant} ({choice.metric} {choice.score:.4f}) as {registered['name']} "
               f"version {registered['version']}, alias @{registered['alias']}")
-    print(f"runs: {tracking.runs_page(runs, experiment)}")
+    print(f"runs: {runs_page(tracking, experiment)}")
     return table
 
 
-def restore_variant_runs(tracker: TrackingProcess, params: Params, runs: tracking.Tracking, root: Path,
+def restore_variant_runs(tracker: TrackingProcess, params: Params, tracking: Tracking, root: Path,
                          variant: str, history: dict, lineage: dict) -> dict:
     """Runs for a variant whose train stage DVC restored from a run-cache this store never saw."""
     from pipeline.checkpoint import load
     from pipeline.model import served_model
     from pipeline.variant import VariantConfig
 
-    print(f"{variant}: no run in {runs.uri} computed from inputs {lineage['inputs_digest']}; "
+    print(f"{variant}: no run in {tracking.uri} computed from inputs {lineage['inputs_digest']}; "
           "rebuilding it from the train stage's outputs")
     checkpoints = root / "data" / "checkpoints" / variant
     state = load(checkpoints / "last.pt")
     served = served_model(state, history)
-    tags = tracking.run_tags(runs, root, f"train@{variant}") | {tracking.INPUTS_TAG: lineage["inputs_digest"]}
+    tags = run_tags(tracking, root, f"train@{variant}") | {INPUTS_TAG: lineage["inputs_digest"]}
     dataset = lineage["dataset"] | {"uri": (root / "data" / "prepared").resolve().as_uri()}
     environment = provenance.read_environment(root)
     return tracker.call(variant_runs.restore_variant_runs, params.mlflow.experiment_name, VariantConfig(**state["config"]),
@@ -216,18 +217,18 @@ def publish_comparison(client, params: Params, tags: dict[str, str], run_ids: di
                        evaluations: dict[str, tuple[dict, Path, int]], metrics: dict[str, float],
                        files: list[Path], choice: registry.Choice | None, data_digest: str) -> dict | None:
     """The comparison's MLflow run, grouping the variant runs; their evaluation; the registry."""
-    experiment_id = tracking.experiment_id(client, params.mlflow.experiment_name)
-    group_id = client.create_run(experiment_id, run_name="compare", tags=tags).info.run_id
+    experiment = experiment_id(client, params.mlflow.experiment_name)
+    group_id = client.create_run(experiment, run_name="compare", tags=tags).info.run_id
     for variant, (per_seed, evaluate_dir, epochs) in evaluations.items():
         # Adopting the variant's run (cached or fresh) makes the UI show this execution as a group.
-        client.set_tag(run_ids[variant]["variant"], tracking.PARENT_TAG, group_id)
+        client.set_tag(run_ids[variant]["variant"], PARENT_TAG, group_id)
         publish_evaluation(client, run_ids[variant], per_seed, evaluate_dir, step=epochs)
     variant_runs.log_metrics(client, group_id, metrics, 0)
     for path in files:
         client.log_artifact(group_id, str(path), "comparison")
     registered = None
     if choice is not None:
-        registered = registry.register_best(client, experiment_id, params, choice,
+        registered = registry.register_best(client, experiment, params, choice,
                                             run_ids[choice.variant]["variant"], group_id, data_digest,
                                             tags.get("dvc_exp_name"))
         client.set_tag(group_id, "registered_model", f"{registered['name']}/{registered['version']}")

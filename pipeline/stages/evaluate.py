@@ -18,10 +18,10 @@ from pipeline.data import Split, load_split
 from pipeline.fsio import atomic_write_json
 from pipeline.model import NUM_CLASSES, StackedMlp
 from pipeline.params import Params, load_params
-from pipeline.variant import VariantConfig
 from pipeline.reports import confusion_plot
 from pipeline.stats import diverged, summarize
 from pipeline.training import configure_runtime, in_batches, score
+from pipeline.variant import VariantConfig
 
 
 @torch.inference_mode()

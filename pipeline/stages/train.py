@@ -26,14 +26,13 @@ from pathlib import Path
 
 import torch
 
-from pipeline import checkpoint, cli, provenance, tracking, variant_runs
+from pipeline import checkpoint, cli, provenance, variant_runs
 from pipeline.data import Split, as_images, load_split, read_manifest
 from pipeline.errors import PipelineError
 from pipeline.fsio import atomic_write_json
 from pipeline.model import StackedMlp, served_replica, unstack
 from pipeline.optimizer import FusedOptimizer
 from pipeline.params import Params, load_params
-from pipeline.variant import VariantConfig
 from pipeline.reports import METRICS, write_curves
 from pipeline.stats import diverged, diverged_epochs, summarize
 from pipeline.training import (
@@ -44,7 +43,9 @@ from pipeline.training import (
     train_epoch,
     trained_state,
 )
+from pipeline.tracking import INPUTS_TAG, Tracking, TrackingError, run_tags
 from pipeline.tracking_process import TrackingProcess
+from pipeline.variant import VariantConfig
 
 
 @dataclass(frozen=True)
@@ -126,14 +127,14 @@ class Progress:
     logged: tuple[Future, ...] = ()  # the tracking calls of each epoch's metrics
 
 
-def train(params: Params, variant: str, root: Path, runs: tracking.Tracking | None = None) -> dict:
-    """The stage; `runs` is where MLflow records it (default: this environment's tracking store)."""
-    runs = runs or tracking.Tracking.from_environment(params.mlflow.experiment_name, root)
+def train(params: Params, variant: str, root: Path, tracking: Tracking | None = None) -> dict:
+    """The stage; `tracking` is where MLflow records it (default: this environment's tracking store)."""
+    tracking = tracking or Tracking.from_environment(params.mlflow.experiment_name, root)
     device = configure_runtime(params.train.threads, params.train.device)
     config, paths = params.variant(variant), Paths.for_variant(root, variant)
     inputs = Inputs.of(config, device, params.train.threads, root, paths.prepared)
-    with TrackingProcess(runs) as tracker:  # opens MLflow there while this process loads data
-        tags = tracking.run_tags(runs, root, f"train@{variant}")
+    with TrackingProcess(tracking) as tracker:  # opens MLflow there while this process loads data
+        tags = run_tags(tracking, root, f"train@{variant}")
         train_split, val_split = load_splits(paths.prepared, config, device)
         model = StackedMlp(config).to(device)
         optimizer = make_optimizer(model, config)
@@ -187,7 +188,7 @@ def start_or_resume(run: Run, tags: dict[str, str], model: StackedMlp, optimizer
         print(f"{last_path}: params, data, code or environment changed since this checkpoint; "
               "starting fresh", file=sys.stderr)
     run_ids = run.tracker.submit(variant_runs.start_variant_runs, run.tracker.tracking.experiment_name, run.config,
-                                 tags | {tracking.INPUTS_TAG: run.inputs.digest},
+                                 tags | {INPUTS_TAG: run.inputs.digest},
                                  run.inputs.dataset | {"uri": run.paths.prepared.resolve().as_uri()},
                                  run.inputs.environment, None if state is None else state["run_ids"])
     best = {**trained_state(model, optimizer), "val_acc": torch.full((len(run.config.seeds),), -1.0),
@@ -224,7 +225,7 @@ def runs_closed_on_failure(run: Run, run_ids: Future):
         close_runs(run.tracker, run_ids, "KILLED")
         raise PipelineError(f"train@{run.config.name}: interrupted; `dvc repro` resumes after the last "
                             f"completed epoch ({run.paths.scratch / 'last.pt'})") from None
-    except tracking.TrackingError:
+    except TrackingError:
         raise  # MLflow refused or is down: closing the runs would fail too; the rerun resumes them
     except BaseException:
         close_runs(run.tracker, run_ids, "FAILED")
