@@ -1,7 +1,7 @@
-"""The thin shell every command's `main` runs its work in: one clear line and an exit code on failure.
+"""The thin shell each command runs its work in: one clear line and an exit code on failure.
 
-    def main(argv=None):
-        variant = cli.variant_argument(__doc__, argv)
+    if __name__ == "__main__":
+        variant = cli.variant_argument(__doc__)
         with cli.one_line_errors():
             train(load_params(), variant, Path.cwd())
 """
@@ -39,7 +39,7 @@ def parser(doc: str) -> argparse.ArgumentParser:
     return argparse.ArgumentParser(description=doc.split("\n")[0])
 
 
-def variant_argument(doc: str, argv: list[str] | None) -> str:
+def variant_argument(doc: str, argv: list[str] | None = None) -> str:
     """The NAME of `python -m pipeline.stages.<stage> --variant NAME`."""
     variant_parser = parser(doc)
     variant_parser.add_argument("--variant", required=True)

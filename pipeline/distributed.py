@@ -103,22 +103,22 @@ def run_on_cluster(root: Path, repository: str) -> None:
     dvc(root, "repro", "--pull")
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = cli.parser(__doc__)
-    parser.add_argument("--repository", help="the git URL the workers clone (default: this repository's path, "
-                                             "for workers on this machine or a shared file system)")
-    args = parser.parse_args(argv)
-    root = Path.cwd()
-    with cli.one_line_errors():
-        if not os.environ.get("DASK_SCHEDULER_ADDRESS"):
-            print("DASK_SCHEDULER_ADDRESS not set: running here with `dvc repro`", flush=True)
-            dvc(root, "repro")
-            return
-        if not os.environ.get("MLFLOW_TRACKING_URI", "").startswith(("http://", "https://")):
-            raise PipelineError("MLFLOW_TRACKING_URI: the workers need a tracking server they all reach "
-                                "(http://...); a local store would stay in their clones")
-        run_on_cluster(root, args.repository or str(root))
+def sweep(root: Path, repository: str) -> None:
+    """Every variant on the cluster, then restored here; with no cluster, `dvc repro` here."""
+    if not os.environ.get("DASK_SCHEDULER_ADDRESS"):
+        print("DASK_SCHEDULER_ADDRESS not set: running here with `dvc repro`", flush=True)
+        dvc(root, "repro")
+        return
+    if not os.environ.get("MLFLOW_TRACKING_URI", "").startswith(("http://", "https://")):
+        raise PipelineError("MLFLOW_TRACKING_URI: the workers need a tracking server they all reach "
+                            "(http://...); a local store would stay in their clones")
+    run_on_cluster(root, repository)
 
 
 if __name__ == "__main__":
-    main()
+    parser = cli.parser(__doc__)
+    parser.add_argument("--repository", help="the git URL the workers clone (default: this repository's path, "
+                                             "for workers on this machine or a shared file system)")
+    args = parser.parse_args()
+    with cli.one_line_errors():
+        sweep(Path.cwd(), args.repository or str(Path.cwd()))

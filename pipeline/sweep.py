@@ -148,11 +148,8 @@ def sweep(path: Path = PARAMS_FILE) -> None:
           f"({len(grid.keys() - before)} added, {len(before - grid.keys())} removed)")
 
 
-def main(argv: list[str] | None = None) -> None:
-    cli.parser(__doc__).parse_args(argv)
+if __name__ == "__main__":
+    cli.parser(__doc__).parse_args()
     with cli.one_line_errors():
         sweep()
 
-
-if __name__ == "__main__":
-    main()

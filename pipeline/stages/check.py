@@ -75,11 +75,8 @@ def check(params: Params, root: Path) -> dict:
     return environment
 
 
-def main(argv: list[str] | None = None) -> None:
-    cli.parser(__doc__).parse_args(argv)
+if __name__ == "__main__":
+    cli.parser(__doc__).parse_args()
     with cli.one_line_errors():
         check(load_params(), Path())  # relative paths in messages
 
-
-if __name__ == "__main__":
-    main()

@@ -236,11 +236,8 @@ def publish_comparison(client, params: Params, tags: dict[str, str], run_ids: di
     return registered
 
 
-def main(argv: list[str] | None = None) -> None:
-    cli.parser(__doc__).parse_args(argv)
+if __name__ == "__main__":
+    cli.parser(__doc__).parse_args()
     with cli.one_line_errors():
         compare(load_params(), Path.cwd())
 
-
-if __name__ == "__main__":
-    main()

@@ -198,10 +198,10 @@ def read_checksums(path: Path) -> dict[str, str]:
     return checksums
 
 
-def main(argv: list[str] | None = None) -> None:
+if __name__ == "__main__":
     parser = cli.parser(__doc__)
     parser.add_argument("--out", type=Path, default=Path("data/raw"))
-    args = parser.parse_args(argv)
+    args = parser.parse_args()
     with cli.one_line_errors():
         sources = parse_sources(os.environ.get("MNIST_MIRROR"), torchvision_mirrors())
         # A different data set in MNIST's format (or the tests' tiny one) brings its own digests.
@@ -209,6 +209,3 @@ def main(argv: list[str] | None = None) -> None:
         checksums = read_checksums(Path(checksums_file)) if checksums_file else MNIST_SHA256
         download(args.out, sources, checksums)
 
-
-if __name__ == "__main__":
-    main()

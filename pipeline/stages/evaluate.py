@@ -66,11 +66,8 @@ def evaluate(params: Params, variant: str, root: Path) -> dict:
     return metrics
 
 
-def main(argv: list[str] | None = None) -> None:
-    variant = cli.variant_argument(__doc__, argv)
+if __name__ == "__main__":
+    variant = cli.variant_argument(__doc__)
     with cli.one_line_errors():
         evaluate(load_params(), variant, Path.cwd())
 
-
-if __name__ == "__main__":
-    main()

@@ -58,14 +58,11 @@ def prepare(data_params: DataParams, raw_dir: Path, prepared_dir: Path) -> dict:
     return manifest
 
 
-def main(argv: list[str] | None = None) -> None:
+if __name__ == "__main__":
     parser = cli.parser(__doc__)
     parser.add_argument("--raw", type=Path, default=Path("data/raw"))
     parser.add_argument("--out", type=Path, default=Path("data/prepared"))
-    args = parser.parse_args(argv)
+    args = parser.parse_args()
     with cli.one_line_errors():
         prepare(load_params().data, args.raw, args.out)
 
-
-if __name__ == "__main__":
-    main()

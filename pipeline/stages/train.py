@@ -301,11 +301,8 @@ def epoch_line(variant: str, epoch: int, epochs: int, metrics: dict[str, list[fl
     return f"train@{variant} epoch {epoch}/{epochs} {values} ({seconds:.1f}s){warning}"
 
 
-def main(argv: list[str] | None = None) -> None:
-    variant = cli.variant_argument(__doc__, argv)
+if __name__ == "__main__":
+    variant = cli.variant_argument(__doc__)
     with cli.one_line_errors():
         train(load_params(), variant, Path.cwd())
 
-
-if __name__ == "__main__":
-    main()
