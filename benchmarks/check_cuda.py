@@ -27,8 +27,8 @@ from pipeline import fastpath
 from pipeline.data import Split, load_split
 from pipeline.model import StackedMlp, unstack
 from pipeline.params import load_params
-from pipeline.stages.prepare import prepare
 from pipeline.reference import train_alone  # the CPU equivalence test's reference loop
+from pipeline.stages.prepare import prepare
 from pipeline.training import (
     TrainingStep,
     configure_runtime,

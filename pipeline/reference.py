@@ -9,8 +9,8 @@ import torch.nn.functional as F
 
 from pipeline.data import Split, as_images
 from pipeline.model import plain_mlp
-from pipeline.variant import VariantConfig
 from pipeline.training import epoch_metrics, epoch_permutations
+from pipeline.variant import VariantConfig
 
 
 def torch_optimizer(params, config: VariantConfig) -> torch.optim.Optimizer:

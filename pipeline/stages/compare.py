@@ -39,6 +39,7 @@ from pipeline.stats import (
 from pipeline.tracking import INPUTS_TAG, PARENT_TAG, Tracking, experiment_id, run_tags, runs_page
 from pipeline.tracking_process import TrackingProcess
 
+
 def pct(value: float) -> str:
     return "n/a" if math.isnan(value) else f"{100 * value:.2f}%"
 

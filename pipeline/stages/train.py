@@ -35,6 +35,8 @@ from pipeline.optimizer import FusedOptimizer
 from pipeline.params import Params, load_params
 from pipeline.reports import METRICS, write_curves
 from pipeline.stats import diverged, diverged_epochs, summarize
+from pipeline.tracking import INPUTS_TAG, Tracking, TrackingError, run_tags
+from pipeline.tracking_process import TrackingProcess
 from pipeline.training import (
     TrainingStep,
     configure_runtime,
@@ -43,8 +45,6 @@ from pipeline.training import (
     train_epoch,
     trained_state,
 )
-from pipeline.tracking import INPUTS_TAG, Tracking, TrackingError, run_tags
-from pipeline.tracking_process import TrackingProcess
 from pipeline.variant import VariantConfig
 
 
