@@ -79,6 +79,19 @@ def _tiny_params_dict() -> dict:
 TINY_PARAMS = _tiny_params_dict()
 
 
+def with_value(dotted: str, value: object) -> dict:
+    """TINY_PARAMS with the key at `dotted` (e.g. `train.lr`) set to `value`."""
+    import copy
+
+    raw = copy.deepcopy(TINY_PARAMS)
+    *parents, key = dotted.split(".")
+    node = raw
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[key] = value
+    return raw
+
+
 def tiny_params(**overrides) -> Params:
     """Tiny params with whole sections (or their keys, for dict sections) replaced."""
     raw = _tiny_params_dict()
