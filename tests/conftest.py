@@ -128,6 +128,13 @@ def run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: float = 600, ch
     return result
 
 
+def project_client(path: Path):
+    """An MlflowClient on the store a project's stages track into by default: `<path>/mlflow.db`."""
+    from mlflow import MlflowClient
+
+    return MlflowClient(f"sqlite:///{path / 'mlflow.db'}")
+
+
 def variant_run_ids(client, path: Path, variant: str, experiment: str = "tiny") -> dict:
     """{"variant": id, "seeds": [ids]} of the newest finished runs that computed `variant`'s outputs
     in the project at `path`, found as the compare stage finds them: by their inputs digest."""
