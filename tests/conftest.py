@@ -135,6 +135,18 @@ def project_client(path: Path):
     return MlflowClient(f"sqlite:///{path / 'mlflow.db'}")
 
 
+@pytest.fixture
+def local_tracking(tmp_path):
+    """A Tracking on a fresh sqlite store in tmp_path (experiment `lab`); MLflow's global tracking
+    URI, which `tracking.connect` sets, put back afterwards."""
+    import mlflow
+
+    from pipeline.tracking import Tracking
+
+    yield Tracking(f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path, "lab")
+    mlflow.set_tracking_uri(None)
+
+
 def variant_run_ids(client, path: Path, variant: str, experiment: str = "tiny") -> dict:
     """{"variant": id, "seeds": [ids]} of the newest finished runs that computed `variant`'s outputs
     in the project at `path`, found as the compare stage finds them: by their inputs digest."""

@@ -74,13 +74,6 @@ def test_check_server_names_the_status_of_a_server_that_is_not_mlflow(web_server
         check_server(web_server_without_mlflow)
 
 
-@pytest.fixture
-def local_tracking(tmp_path):
-    """A Tracking on a fresh sqlite store; MLflow's global tracking URI put back afterwards."""
-    yield Tracking(f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path, "lab")
-    mlflow.set_tracking_uri(None)
-
-
 def test_connect_makes_the_experiment_once_with_its_tags_and_artifacts_at_the_root(local_tracking):
     client, experiment = connect(local_tracking)
     assert connect(local_tracking)[1] == experiment  # found again, not made twice
