@@ -16,15 +16,13 @@ import yaml
 from pipeline.data import DataError, load_split, read_manifest
 from pipeline.params import DataParams
 from pipeline.stages.prepare import prepare, split_indices
-from tests.conftest import ROOT, TINY_PARAMS, with_value
+from tests.conftest import TINY_PARAMS, stage_env, with_value
 
 PREPARE = [sys.executable, "-m", "pipeline.stages.prepare", "--raw", "data/raw", "--out", "data/prepared"]
 
 
 def run_prepare(cwd: Path) -> subprocess.CompletedProcess:
-    # This tree's pipeline/, whatever the cwd (a test's tmp folder).
-    env = {"PYTHONPATH": str(ROOT), "PATH": str(Path(sys.executable).parent)}
-    return subprocess.run(PREPARE, cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+    return subprocess.run(PREPARE, cwd=cwd, env=stage_env(), capture_output=True, text=True, timeout=120)
 
 
 def assert_one_error_line(result: subprocess.CompletedProcess, first_words: str) -> None:
