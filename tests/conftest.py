@@ -79,6 +79,19 @@ def _tiny_params_dict() -> dict:
 TINY_PARAMS = _tiny_params_dict()
 
 
+def with_value(dotted: str, value: object) -> dict:
+    """TINY_PARAMS with the key at `dotted` (e.g. `train.lr`) set to `value`."""
+    import copy
+
+    raw = copy.deepcopy(TINY_PARAMS)
+    *parents, key = dotted.split(".")
+    node = raw
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[key] = value
+    return raw
+
+
 def tiny_params(**overrides) -> Params:
     """Tiny params with whole sections (or their keys, for dict sections) replaced."""
     raw = _tiny_params_dict()
@@ -113,6 +126,25 @@ def run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: float = 600, ch
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {result.returncode}\n{result.stdout}\n{result.stderr}")
     return result
+
+
+def project_client(path: Path):
+    """An MlflowClient on the store a project's stages track into by default: `<path>/mlflow.db`."""
+    from mlflow import MlflowClient
+
+    return MlflowClient(f"sqlite:///{path / 'mlflow.db'}")
+
+
+@pytest.fixture
+def local_tracking(tmp_path):
+    """A Tracking on a fresh sqlite store in tmp_path (experiment `lab`); MLflow's global tracking
+    URI, which `tracking.connect` sets, put back afterwards."""
+    import mlflow
+
+    from pipeline.tracking import Tracking
+
+    yield Tracking(f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path, "lab")
+    mlflow.set_tracking_uri(None)
 
 
 def variant_run_ids(client, path: Path, variant: str, experiment: str = "tiny") -> dict:

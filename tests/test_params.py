@@ -2,30 +2,14 @@
 
 from __future__ import annotations
 
-import copy
-import hashlib
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import yaml
 
 from pipeline.errors import ParamsError
 from pipeline.params import load_params, parse_params
-from tests.conftest import ROOT, TINY_PARAMS, tiny_params
-
-
-def with_value(dotted: str, value: object) -> dict:
-    """TINY_PARAMS with the key at `dotted` (e.g. `train.lr`) set to `value`."""
-    raw = copy.deepcopy(TINY_PARAMS)
-    *parents, key = dotted.split(".")
-    node = raw
-    for part in parents:
-        node = node.setdefault(part, {})
-    node[key] = value
-    return raw
+from tests.conftest import ROOT, TINY_PARAMS, tiny_params, with_value
 
 
 BAD_VALUES = [  # key path, value, what the one-line message says (after "params.yaml: ")
@@ -133,47 +117,6 @@ def test_bad_file_names_the_file_and_the_problem(tmp_path, content, message):
         load_params(path)
     assert caught.value.exit_code == 2
     assert re.fullmatch(re.escape(f"{path}: ") + message, str(caught.value)), str(caught.value)
-
-
-@pytest.fixture
-def stage_dir(tmp_path) -> Path:
-    """A project folder whose data/ tree already holds raw and prepared files."""
-    for name, content in {
-        "data/raw/train-images-idx3-ubyte.gz": b"raw bytes",
-        "data/prepared/train.pt": b"old prepared split",
-        "data/prepared/manifest.json": b'{"digest": "old"}\n',
-    }.items():
-        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / name).write_bytes(content)
-    return tmp_path
-
-
-def tree_digests(folder: Path) -> dict[str, str]:
-    return {str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
-            for path in sorted(folder.rglob("*")) if path.is_file()}
-
-
-STAGE_CASES = {  # params.yaml text (None: no file), what stderr's one line starts with
-    "unknown-key": (yaml.safe_dump(with_value("variants.batchnorm.learning_rate", 0.1)),
-                    "error: params.yaml: variants.batchnorm.learning_rate: unknown key"),
-    "malformed-yaml": ("train: [1\n", "error: params.yaml: malformed YAML at line 2"),
-    "missing-file": (None, "error: params.yaml: file not found"),
-}
-
-
-@pytest.mark.parametrize("text, first_words", STAGE_CASES.values(), ids=STAGE_CASES)
-def test_prepare_stage_rejects_bad_params_before_touching_data(stage_dir, text, first_words):
-    if text is not None:
-        (stage_dir / "params.yaml").write_text(text)
-    before = tree_digests(stage_dir / "data")
-    result = subprocess.run(
-        [sys.executable, "-m", "pipeline.stages.prepare", "--raw", "data/raw", "--out", "data/prepared"],
-        cwd=stage_dir, capture_output=True, text=True, timeout=120,
-    )
-    assert result.returncode == 2
-    assert len(result.stderr.splitlines()) == 1 and result.stderr.startswith(first_words), result.stderr
-    assert "Traceback" not in result.stderr + result.stdout
-    assert tree_digests(stage_dir / "data") == before
 
 
 def test_repository_params_load():

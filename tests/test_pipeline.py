@@ -12,7 +12,7 @@ import yaml
 from mlflow import MlflowClient
 
 from pipeline.tracking import INPUTS_TAG, RESTORED_TAG
-from tests.conftest import make_project, run, variant_run_ids
+from tests.conftest import make_project, project_client, run, variant_run_ids
 
 VARIANTS = ("batchnorm", "no_norm")
 
@@ -60,7 +60,7 @@ def test_repro_runs_every_stage_and_records_metrics(reproduced):
 
 def test_mlflow_holds_variant_runs_grouped_under_compare(reproduced):
     path, _, _ = reproduced
-    client = MlflowClient(f"sqlite:///{path / 'mlflow.db'}")
+    client = project_client(path)
     experiment = client.get_experiment_by_name("tiny")
     runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
     group = runs["compare"]
@@ -113,7 +113,7 @@ def test_editing_one_variant_reruns_only_that_variant(reproduced):
     (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     assert stages_run(run(["dvc", "repro"], path, env).stdout) == [
         "check", "train@no_norm", "evaluate@no_norm", "compare"]
-    client = MlflowClient(f"sqlite:///{path / 'mlflow.db'}")
+    client = project_client(path)
     experiment = client.get_experiment_by_name("tiny")
     groups = client.search_runs([experiment.experiment_id], "attributes.run_name = 'compare'",
                                 order_by=["attributes.start_time DESC"])
@@ -136,7 +136,7 @@ def test_reverting_a_param_restores_every_stage_from_the_run_cache(reproduced):
     for stage in ("check", "train@no_norm", "evaluate@no_norm", "compare"):
         assert f"Stage '{stage}' is cached - skipping run, checking out outputs" in result.stdout
     assert outputs_digest(path) != edited
-    client = MlflowClient(f"sqlite:///{path / 'mlflow.db'}")
+    client = project_client(path)
     original = variant_run(client, path, "no_norm")  # the run that computed the restored outputs
     assert original.info.status == "FINISHED" and RESTORED_TAG not in original.data.tags
     print(f"revert restored from the run-cache in {seconds:.1f} s")

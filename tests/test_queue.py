@@ -12,9 +12,8 @@ import json
 import time
 
 import pytest
-from mlflow import MlflowClient
 
-from tests.conftest import run
+from tests.conftest import project_client, run
 from tests.dvc_queue import run_queues
 from tests.shared_project import reproduced_project
 
@@ -66,7 +65,7 @@ def test_exp_show_lists_each_with_params_and_metrics(queued):
 def test_mlflow_recorded_every_run_of_every_experiment_at_the_project_root(queued):
     path, _, _ = queued
     assert sorted(path.rglob("mlflow.db")) == [path / "mlflow.db"], "one store, at the project root"
-    client = MlflowClient(f"sqlite:///{path / 'mlflow.db'}")
+    client = project_client(path)
     experiment = client.get_experiment_by_name("tiny")
     for name, (variant, lr) in EXPERIMENTS.items():
         runs = client.search_runs([experiment.experiment_id], f"tags.dvc_exp_name = '{name}'")

@@ -17,7 +17,7 @@ from pipeline.errors import ParamsError
 from pipeline.model import StackedMlp
 from pipeline.variant import VariantConfig
 from pipeline.registry import select_best, settle_aliases
-from tests.conftest import run, tiny_params, variant_run_ids
+from tests.conftest import project_client, run, tiny_params, variant_run_ids
 from tests.shared_project import reproduced_project
 
 NAME, ALIAS = "mnist-mlp", "champion"
@@ -28,7 +28,7 @@ pytestmark = pytest.mark.timeout(600)
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, tiny_mirror):
     path, env = reproduced_project(tmp_path_factory, tiny_mirror[0])
-    return path, env, MlflowClient(f"sqlite:///{path / 'mlflow.db'}")
+    return path, env, project_client(path)
 
 
 @pytest.fixture(scope="module")

@@ -13,14 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from mlflow import MlflowClient
 
 from pipeline import checkpoint
 from pipeline.params import load_params
 from pipeline.stages.prepare import prepare
 from pipeline.tracking import Tracking
 from pipeline.stages.train import Paths, train
-from tests.conftest import TINY_PARAMS, stage_env, tiny_mnist_arrays, write_environment, write_mirror
+from tests.conftest import (TINY_PARAMS, project_client, stage_env, tiny_mnist_arrays, write_environment,
+                            write_mirror)
 
 EPOCHS = 4
 
@@ -83,7 +83,7 @@ def scratch_state(path: Path) -> dict:
 
 
 def variant_runs(path: Path) -> list:
-    client = MlflowClient(f"sqlite:///{path / 'mlflow.db'}")
+    client = project_client(path)
     experiment = client.get_experiment_by_name("tiny")
     return [r for r in client.search_runs([experiment.experiment_id]) if r.info.run_name == "batchnorm"]
 
@@ -145,7 +145,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, slow_mirror, un
     assert not Paths.for_variant(path, "batchnorm").scratch.exists(), "a finished run leaves no scratch state"
     [run] = variant_runs(path)  # the same run continued, not a second one
     assert run.info.run_id == crashed.info.run_id and run.info.status == "FINISHED"
-    client = MlflowClient(f"sqlite:///{path / 'mlflow.db'}")
+    client = project_client(path)
     steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "val_acc"))
     assert steps == list(range(1, EPOCHS + 1))
 

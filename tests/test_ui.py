@@ -10,10 +10,9 @@ import shutil
 from pathlib import Path
 
 import pytest
-from mlflow import MlflowClient
 
 from pipeline.tracking import Tracking, runs_page
-from tests.conftest import variant_run_ids
+from tests.conftest import project_client, variant_run_ids
 from tests.mlflow_server import start_server, stop
 from tests.shared_project import reproduced_project
 
@@ -70,7 +69,7 @@ def test_runs_grouped_under_compare_and_a_val_acc_chart(ui, browser, tmp_path):
 
     uri, path = ui
     wait = WebDriverWait(browser, WAIT_S)
-    client = MlflowClient(f"sqlite:///{path / 'mlflow.db'}")
+    client = project_client(path)
     variant_ids = {v: variant_run_ids(client, path, v) for v in ("batchnorm", "no_norm")}
     experiment_id = client.get_experiment_by_name("tiny").experiment_id
     group_id = client.get_run(variant_ids["batchnorm"]["variant"]).data.tags["mlflow.parentRunId"]

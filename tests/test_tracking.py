@@ -1,0 +1,128 @@
+"""MLflow plumbing (pipeline/tracking.py): where the store is, a server checked in seconds with its
+failures as one line, the experiment made once with its tags, the tags every run carries."""
+
+from __future__ import annotations
+
+import functools
+import threading
+import time
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+import mlflow
+import pytest
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import PERMISSION_DENIED
+
+from pipeline.tracking import (EXPERIMENT_TAGS, Tracking, TrackingError, check_server, connect, project_root,
+                               refused, run_tags, runs_page, unavailable)
+from tests.conftest import project_client, run, stage_env
+from tests.mlflow_server import free_port
+
+
+def test_project_root_is_the_repository_also_from_a_dvc_experiment_copy(tmp_path):
+    copy = tmp_path / ".dvc" / "tmp" / "exps" / "tmpab12" / "data"
+    copy.mkdir(parents=True)
+    assert project_root(copy) == tmp_path.resolve()
+    assert project_root(tmp_path / "data") == (tmp_path / "data").resolve()
+
+
+def test_from_environment_defaults_to_the_sqlite_store_at_the_project_root(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("DVC_EXP_NAME", "lr-sweep")
+    local = Tracking.from_environment("lab", tmp_path / ".dvc" / "tmp" / "exps" / "x")
+    assert (local.uri, local.root, local.dvc_exp_name) == (f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}",
+                                                          tmp_path.resolve(), "lr-sweep")
+    assert local.is_local
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    shared = Tracking.from_environment("lab", tmp_path)
+    assert shared.uri == "http://127.0.0.1:5000" and not shared.is_local
+
+
+def test_runs_page_says_how_to_open_a_local_store_and_links_a_server(tmp_path):
+    local = runs_page(Tracking(f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path, "lab"), "3")
+    assert local == (f"`mlflow ui --backend-store-uri sqlite:///{tmp_path / 'mlflow.db'}`, then "
+                     "http://127.0.0.1:5000/#/experiments/3/runs?workflowType=machine_learning")
+    served = runs_page(Tracking("http://mlflow.example:5000/", tmp_path, "lab"), "3")
+    assert served == "http://mlflow.example:5000/#/experiments/3/runs?workflowType=machine_learning"
+
+
+def test_check_server_fails_in_seconds_on_a_port_nobody_listens_on():
+    uri = f"http://127.0.0.1:{free_port()}"
+    started = time.monotonic()
+    with pytest.raises(TrackingError) as caught:
+        check_server(uri)
+    assert time.monotonic() - started < 5
+    message = str(caught.value)
+    assert message.startswith(f"MLFLOW_TRACKING_URI: cannot reach {uri} (") and "\n" not in message
+
+
+@pytest.fixture
+def web_server_without_mlflow(tmp_path):
+    """A plain HTTP server on loopback (an empty folder): what a mistyped port may point at."""
+    quiet = type("Quiet", (SimpleHTTPRequestHandler,), {"log_message": lambda *args: None})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(quiet, directory=str(tmp_path)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_check_server_names_the_status_of_a_server_that_is_not_mlflow(web_server_without_mlflow):
+    with pytest.raises(TrackingError, match=r"^MLFLOW_TRACKING_URI: http://127\.0\.0\.1:\d+ answered HTTP 404 "
+                                            r"on /health$"):
+        check_server(web_server_without_mlflow)
+
+
+def test_connect_makes_the_experiment_once_with_its_tags_and_artifacts_at_the_root(local_tracking):
+    client, experiment = connect(local_tracking)
+    assert connect(local_tracking)[1] == experiment  # found again, not made twice
+    made = project_client(local_tracking.root).get_experiment(experiment)
+    assert made.name == "lab" and EXPERIMENT_TAGS.items() <= made.tags.items()
+    assert made.artifact_location == (local_tracking.root / "mlartifacts").as_uri()
+    assert mlflow.get_tracking_uri() == local_tracking.uri
+
+
+def test_connect_tags_an_experiment_made_before_the_tags_existed(local_tracking):
+    older = project_client(local_tracking.root).create_experiment("lab")
+    _, experiment = connect(local_tracking)
+    assert experiment == older
+    assert EXPERIMENT_TAGS.items() <= project_client(local_tracking.root).get_experiment(older).tags.items()
+
+
+def test_run_tags_name_the_stage_the_git_commit_and_the_dvc_experiment(tmp_path):
+    env = stage_env()
+    run(["git", "init", "-q"], tmp_path, env)
+    run(["git", "commit", "-q", "--allow-empty", "-m", "init"], tmp_path, env)
+    head = run(["git", "rev-parse", "HEAD"], tmp_path, env).stdout.strip()
+    tracking = Tracking("sqlite:///unused.db", tmp_path, "lab", dvc_exp_name="lr-sweep")
+    assert run_tags(tracking, tmp_path, "train@batchnorm") == {
+        "mlflow.source.name": "dvc stage train@batchnorm", "mlflow.source.type": "LOCAL",
+        "mlflow.source.git.commit": head, "dvc_exp_name": "lr-sweep"}
+
+
+def test_run_tags_outside_git_carry_no_commit(tmp_path):
+    tags = run_tags(Tracking("sqlite:///unused.db", tmp_path, "lab"), tmp_path, "compare")
+    assert tags == {"mlflow.source.name": "dvc stage compare", "mlflow.source.type": "LOCAL"}
+
+
+def test_refused_names_the_user_and_ignores_other_errors(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "carol")
+    denial = MlflowException("Permission denied for experiment 1.\nmore detail", error_code=PERMISSION_DENIED)
+    assert str(refused(denial)) == ("MLflow refused user 'carol': PERMISSION_DENIED "
+                                    "(Permission denied for experiment 1.)")
+    with pytest.raises(MlflowException) as missing:
+        project_client(tmp_path).get_run("0" * 32)
+    assert refused(missing.value) is None
+
+
+def test_unavailable_turns_an_exhausted_request_into_one_line(monkeypatch):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    uri = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(MlflowException) as caught:
+        MlflowClient(uri).get_experiment_by_name("lab")
+    message = str(unavailable(caught.value, uri))
+    assert message.startswith(f"MLflow at {uri} is unavailable (API request to {uri}/api/")
+    assert message.endswith("rerun the stage when it is back: it resumes and completes the record")
+    assert "\n" not in message
+    assert unavailable(ValueError("something else"), uri) is None

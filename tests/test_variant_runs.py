@@ -1,0 +1,143 @@
+"""A variant's runs in MLflow (pipeline/variant_runs.py), on a real sqlite store: a run per variant
+with a child per seed, epochs logged once (backfilled after a crash), runs a lost attempt left
+RUNNING closed, finished runs found again by their inputs, and runs rebuilt from DVC outputs."""
+
+from __future__ import annotations
+
+import math
+
+import mlflow.pytorch
+import pytest
+import torch
+
+from pipeline.model import plain_mlp
+from pipeline.reports import METRICS
+from pipeline.tracking import INPUTS_TAG, PARENT_TAG, RESTORED_TAG, connect
+from pipeline.variant_runs import (backfill_metrics, close_abandoned, find_variant_runs, flatten, log_params,
+                                   log_replica_metrics, log_trained_model, restore_variant_runs,
+                                   resume_variant_runs, set_status, start_variant_runs)
+from tests.conftest import tiny_params
+
+DATASET = {"digest": "d1g3st", "uri": "data/prepared", "sizes": {"train": 500, "val": 100, "test": 200}}
+ENVIRONMENT = {"python": "3.12.1", "packages": {"torch": "2.9.0"}}
+CONFIG = tiny_params().variant("batchnorm")  # seeds 0 and 1
+
+
+@pytest.fixture
+def store(local_tracking):
+    """(client, experiment id) on a fresh store with the experiment `lab`."""
+    return connect(local_tracking)
+
+
+def start(client, digest: str = "inputs-1", **tags) -> dict:
+    return start_variant_runs(client, "lab", CONFIG, {INPUTS_TAG: digest, **tags}, DATASET, ENVIRONMENT)
+
+
+def epoch_history(epochs: int) -> dict[str, list[list[float]]]:
+    """[epoch][seed] values of every metric: epoch e, seed s holds e + s / 10."""
+    return {name: [[epoch + seed / 10 for seed in (0, 1)] for epoch in range(1, epochs + 1)] for name in METRICS}
+
+
+def test_flatten_gives_mlflows_dotted_keys():
+    assert flatten("", {"a": 1, "b": {"c": [2, 3], "d": {"e": None}}}) == {"a": "1", "b.c": "[2, 3]", "b.d.e": "None"}
+    assert flatten("env", {"torch": "2.9"}) == {"env.torch": "2.9"}
+
+
+def test_log_params_stores_more_than_one_calls_limit(store):
+    client, experiment = store
+    run_id = client.create_run(experiment).info.run_id
+    log_params(client, run_id, {f"p{i}": str(i) for i in range(250)})
+    assert client.get_run(run_id).data.params == {f"p{i}": str(i) for i in range(250)}
+
+
+def test_start_makes_a_variant_run_and_a_child_per_seed_with_params_and_dataset(store):
+    client, _ = store
+    run_ids = start(client)
+    variant = client.get_run(run_ids["variant"])
+    assert variant.info.run_name == "batchnorm" and variant.data.tags[INPUTS_TAG] == "inputs-1"
+    assert variant.data.params["norm"] == "batch" and variant.data.params["replicas"] == "2"
+    assert variant.data.params["env.torch"] == "2.9.0" and "name" not in variant.data.params
+    children = [client.get_run(run_id) for run_id in run_ids["seeds"]]
+    assert [c.info.run_name for c in children] == ["batchnorm-seed0", "batchnorm-seed1"]
+    assert [c.data.params["seed"] for c in children] == ["0", "1"]
+    assert all(c.data.tags[PARENT_TAG] == run_ids["variant"] for c in children)
+    for run in (variant, *children):
+        assert [d.dataset.digest for d in client.get_run(run.info.run_id).inputs.dataset_inputs] == ["d1g3st"]
+
+
+def statuses(client, run_ids: dict) -> list[str]:
+    return [client.get_run(run_id).info.status for run_id in (run_ids["variant"], *run_ids["seeds"])]
+
+
+def test_close_abandoned_fails_only_the_running_runs_of_those_inputs(store):
+    client, experiment = store
+    abandoned, other_inputs, finished = start(client, "same"), start(client, "other"), start(client, "same")
+    set_status(client, finished, "FINISHED")
+    close_abandoned(client, experiment, "same")
+    assert statuses(client, abandoned) == ["FAILED"] * 3
+    assert statuses(client, other_inputs) == ["RUNNING"] * 3
+    assert statuses(client, finished) == ["FINISHED"] * 3
+
+
+def test_starting_again_closes_a_lost_attempt_and_the_checkpoint_it_replaces(store):
+    client, _ = store
+    lost, replaced = start(client, "same"), start(client, "older")
+    fresh = start_variant_runs(client, "lab", CONFIG, {INPUTS_TAG: "same"}, DATASET, ENVIRONMENT,
+                               replaces=replaced | {"seeds": [*replaced["seeds"], "0" * 32]})  # one gone: skipped
+    assert statuses(client, lost) == statuses(client, replaced) == ["FAILED"] * 3
+    assert statuses(client, fresh) == ["RUNNING"] * 3
+
+
+def test_backfill_logs_only_the_epochs_mlflow_missed_and_the_mean_over_seeds(store):
+    client, _ = store
+    run_ids = start(client)
+    history = epoch_history(3)
+    log_replica_metrics(client, run_ids, {name: values[0] for name, values in history.items()}, step=1)
+    resume_variant_runs(client, run_ids, history)  # a crash after epoch 3 reached the checkpoint only
+    for replica, run_id in enumerate(run_ids["seeds"]):
+        logged = client.get_metric_history(run_id, "val_acc")
+        assert [(m.step, m.value) for m in logged] == [(e, e + replica / 10) for e in (1, 2, 3)]
+    means = client.get_metric_history(run_ids["variant"], "val_acc")
+    assert [(m.step, m.value) for m in means] == [(e, pytest.approx(e + 0.05)) for e in (1, 2, 3)]
+    [spread] = {m.value for m in client.get_metric_history(run_ids["variant"], "val_acc_std")}
+    assert math.isclose(spread, math.sqrt(0.005))
+    backfill_metrics(client, run_ids, history)  # nothing missing: nothing logged twice
+    assert len(client.get_metric_history(run_ids["variant"], "val_acc")) == 3
+
+
+def test_find_returns_the_newest_finished_complete_runs_of_those_inputs(store):
+    client, _ = store
+    older, newer, unfinished = start(client), start(client), start(client)
+    for run_ids in (older, newer):
+        set_status(client, run_ids, "FINISHED")
+    found = find_variant_runs(client, "lab", {"batchnorm": "inputs-1", "no_norm": "inputs-1"}, [0, 1])
+    assert found == {"batchnorm": newer, "no_norm": None}  # not `unfinished`, though it started last
+    assert find_variant_runs(client, "lab", {"batchnorm": "inputs-2"}, [0, 1]) == {"batchnorm": None}
+    assert find_variant_runs(client, "lab", {"batchnorm": "inputs-1"}, [0, 1, 2]) == {"batchnorm": None}
+
+
+def test_log_trained_model_tags_each_seed_and_keeps_the_checkpoints(store, tmp_path):
+    client, _ = store
+    run_ids = start(client)
+    (tmp_path / "last.pt").write_bytes(b"checkpoint")
+    log_trained_model(client, run_ids, None, [2, 1], [None, 2], [tmp_path / "last.pt"])
+    seeds = [client.get_run(run_id).data.tags for run_id in run_ids["seeds"]]
+    assert [(t["best_epoch"], t["diverged"]) for t in seeds] == [("2", "false"), ("1", "true (epoch 2)")]
+    assert client.get_run(run_ids["variant"]).data.tags["diverged_seeds"] == "1 of 2"
+    assert [a.path for a in client.list_artifacts(run_ids["variant"], "checkpoints")] == ["checkpoints/last.pt"]
+
+
+def test_restore_rebuilds_finished_runs_with_every_epoch_and_the_model(store, tmp_path):
+    client, experiment = store
+    history = epoch_history(2) | {"best_epoch": [2, 2], "diverged_epoch": [None, None]}
+    (tmp_path / "best.pt").write_bytes(b"checkpoint")
+    run_ids = restore_variant_runs(client, "lab", CONFIG, {INPUTS_TAG: "inputs-1"}, DATASET, ENVIRONMENT, history,
+                                   (plain_mlp(CONFIG, 0), 0), [tmp_path / "best.pt"])
+    assert statuses(client, run_ids) == ["FINISHED"] * 3
+    variant = client.get_run(run_ids["variant"])
+    assert variant.data.tags[RESTORED_TAG] == "dvc-outputs" and variant.data.tags["served_seed"] == "0"
+    assert [m.step for m in client.get_metric_history(run_ids["variant"], "train_loss")] == [1, 2]
+    [model] = client.search_logged_models([experiment], filter_string=f"source_run_id = '{run_ids['variant']}'")
+    loaded = mlflow.pytorch.load_model(model.model_uri)
+    assert loaded(torch.zeros(1, 784)).shape == (1, 10)
+    assert find_variant_runs(client, "lab", {"batchnorm": "inputs-1"}, [0, 1]) == {"batchnorm": run_ids}
