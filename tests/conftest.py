@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.stages.download import MNIST_SHA256
 from pipeline.params import Params, parse_params
+from pipeline.stages.download import MNIST_SHA256
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_MNIST = ROOT.parent / "shared" / "data" / "mnist"

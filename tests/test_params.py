@@ -11,7 +11,6 @@ from pipeline.errors import ParamsError
 from pipeline.params import load_params, parse_params
 from tests.conftest import ROOT, TINY_PARAMS, tiny_params, with_value
 
-
 BAD_VALUES = [  # key path, value, what the one-line message says (after "params.yaml: ")
     ("train.learning_rate", 0.1, "train.learning_rate: unknown key"),
     ("variants.batchnorm.learning_rate", 0.1, "variants.batchnorm.learning_rate: unknown key"),

@@ -14,8 +14,18 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import PERMISSION_DENIED
 
-from pipeline.tracking import (EXPERIMENT_TAGS, Tracking, TrackingError, check_server, connect, project_root,
-                               refused, run_tags, runs_page, unavailable)
+from pipeline.tracking import (
+    EXPERIMENT_TAGS,
+    Tracking,
+    TrackingError,
+    check_server,
+    connect,
+    project_root,
+    refused,
+    run_tags,
+    runs_page,
+    unavailable,
+)
 from tests.conftest import project_client, run, stage_env
 from tests.mlflow_server import free_port
 

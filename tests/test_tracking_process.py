@@ -24,8 +24,8 @@ def refuse(client, reason: str) -> None:
 
 
 def test_calls_run_in_another_process_in_order_and_errors_come_back(tmp_path):
-    runs = Tracking(f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path, "lab")
-    with TrackingProcess(runs) as tracker:
+    tracking = Tracking(f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path, "lab")
+    with TrackingProcess(tracking) as tracker:
         pending = [tracker.submit(create_run, "lab", f"run-{i}") for i in range(3)]
         with pytest.raises(TrackingError, match="^no such run$"):
             tracker.call(refuse, "no such run")
@@ -35,6 +35,6 @@ def test_calls_run_in_another_process_in_order_and_errors_come_back(tmp_path):
     assert [seen for seen, _ in results] == [["run-0"], ["run-0", "run-1"], ["run-0", "run-1", "run-2"]]
     assert seen_last[-1] == "after the error"  # the same worker went on after the error
     assert {pid for _, pid in results} == {worker} and worker != os.getpid()
-    client = MlflowClient(runs.uri)
+    client = MlflowClient(tracking.uri)
     names = {run.info.run_name for run in client.search_runs([experiment_id(client, "lab")])}
     assert names == {"run-0", "run-1", "run-2", "after the error"}

@@ -17,10 +17,9 @@ import yaml
 from pipeline import checkpoint
 from pipeline.params import load_params
 from pipeline.stages.prepare import prepare
-from pipeline.tracking import Tracking
 from pipeline.stages.train import Paths, train
-from tests.conftest import (TINY_PARAMS, project_client, stage_env, tiny_mnist_arrays, write_environment,
-                            write_mirror)
+from pipeline.tracking import Tracking
+from tests.conftest import TINY_PARAMS, project_client, stage_env, tiny_mnist_arrays, write_environment, write_mirror
 
 EPOCHS = 4
 

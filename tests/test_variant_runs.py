@@ -13,9 +13,19 @@ import torch
 from pipeline.model import plain_mlp
 from pipeline.reports import METRICS
 from pipeline.tracking import INPUTS_TAG, PARENT_TAG, RESTORED_TAG, connect
-from pipeline.variant_runs import (backfill_metrics, close_abandoned, find_variant_runs, flatten, log_params,
-                                   log_replica_metrics, log_trained_model, restore_variant_runs,
-                                   resume_variant_runs, set_status, start_variant_runs)
+from pipeline.variant_runs import (
+    backfill_metrics,
+    close_abandoned,
+    find_variant_runs,
+    flatten,
+    log_params,
+    log_replica_metrics,
+    log_trained_model,
+    restore_variant_runs,
+    resume_variant_runs,
+    set_status,
+    start_variant_runs,
+)
 from tests.conftest import tiny_params
 
 DATASET = {"digest": "d1g3st", "uri": "data/prepared", "sizes": {"train": 500, "val": 100, "test": 200}}
@@ -107,11 +117,12 @@ def test_backfill_logs_only_the_epochs_mlflow_missed_and_the_mean_over_seeds(sto
 
 def test_find_returns_the_newest_finished_complete_runs_of_those_inputs(store):
     client, _ = store
-    older, newer, unfinished = start(client), start(client), start(client)
+    older, newer = start(client), start(client)
+    start(client)  # started last, never finished
     for run_ids in (older, newer):
         set_status(client, run_ids, "FINISHED")
     found = find_variant_runs(client, "lab", {"batchnorm": "inputs-1", "no_norm": "inputs-1"}, [0, 1])
-    assert found == {"batchnorm": newer, "no_norm": None}  # not `unfinished`, though it started last
+    assert found == {"batchnorm": newer, "no_norm": None}  # not the unfinished one, though it started last
     assert find_variant_runs(client, "lab", {"batchnorm": "inputs-2"}, [0, 1]) == {"batchnorm": None}
     assert find_variant_runs(client, "lab", {"batchnorm": "inputs-1"}, [0, 1, 2]) == {"batchnorm": None}
 
