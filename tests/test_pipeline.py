@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
+import statistics
 import time
 from importlib import metadata
 
+import numpy as np
 import pytest
+import torch
 import yaml
 from mlflow import MlflowClient
 
+from pipeline import checkpoint
+from pipeline.model import StackedMlp, unstack
 from pipeline.tracking import INPUTS_TAG, RESTORED_TAG
+from pipeline.variant import VariantConfig
 from tests.conftest import make_project, project_client, run, variant_run_ids
 
 VARIANTS = ("batchnorm", "no_norm")
@@ -25,6 +32,22 @@ def outputs_digest(path) -> dict[str, str]:
 
 def stages_run(output: str) -> list[str]:
     return [line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage")]
+
+
+def accuracy_recomputed(path, variant: str) -> list[float]:
+    """Each seed's test accuracy, recomputed apart from prepare and evaluate: the downloaded test
+    IDX files decoded with numpy, each replica of the final checkpoint as a plain module."""
+    raw = path / "data" / "raw"
+    images = np.frombuffer(gzip.decompress((raw / "t10k-images-idx3-ubyte.gz").read_bytes()), np.uint8, offset=16)
+    labels = np.frombuffer(gzip.decompress((raw / "t10k-labels-idx1-ubyte.gz").read_bytes()), np.uint8, offset=8)
+    inputs = torch.from_numpy(images.reshape(len(labels), 784).astype(np.float32) / 255)
+    state = checkpoint.load(path / "data" / "checkpoints" / variant / "last.pt")
+    config = VariantConfig(**state["config"])
+    stacked = StackedMlp(config)
+    stacked.load_state_dict(state["model"])
+    with torch.no_grad():
+        return [(unstack(stacked, config, k)(inputs).argmax(1).numpy() == labels).mean()
+                for k in range(len(config.seeds))]
 
 
 def variant_run(client: MlflowClient, path, variant: str):
@@ -52,7 +75,9 @@ def test_repro_runs_every_stage_and_records_metrics(reproduced):
     files = next(iter(metrics.values()))["data"]
     for variant in VARIANTS:
         values = files[f"data/evaluate/{variant}/metrics.json"]["data"]
-        assert 0.3 < values["test_acc"] <= 1.0  # tiny MNIST is learnable: far above chance (0.1)
+        recomputed = accuracy_recomputed(path, variant)
+        assert values["test_acc"] == pytest.approx(statistics.fmean(recomputed), abs=1e-12)
+        assert 0.3 < values["test_acc"]  # tiny MNIST is learnable: far above chance (0.1)
         assert values["test_loss"] > 0
     for name in ("train_loss.png", "train_acc.png", "val_loss.png", "val_acc.png", "summary.md"):
         assert (path / "data" / "compare" / name).stat().st_size > 0
