@@ -69,6 +69,20 @@ def summary_markdown(test_acc: dict, test_loss: dict, reference: str, *, seeds: 
     compare.select_by score; without it the variants are ranked by their test_acc mean."""
     metric, scores = rank_by or ("test_acc", {v: mean_std(test_acc[v])[0] for v in test_acc})
     order = ranking(scores)
+    text, table = ranking_section(test_acc, test_loss, metric, scores, order)
+    text = f"# Test results\n\n{seeds_sentence(seeds, split_seed)}\n\n" + text
+    others = [v for v in order if v != reference]
+    if others:
+        against, differences = reference_section(test_acc, reference, others)
+        text += against
+        for variant in others:
+            table[variant] |= differences[variant]
+    return text, table
+
+
+def ranking_section(test_acc: dict, test_loss: dict, metric: str, scores: dict[str, float],
+                    order: list[str]) -> tuple[str, dict]:
+    """The variants in rank order with their test accuracy (mean, std, 95% CI) and loss."""
     rows, table, notes = [], {}, []
     for rank, variant in enumerate(order, start=1):
         acc, loss = mean_interval(test_acc[variant]), mean_interval(test_loss[variant])
@@ -84,19 +98,20 @@ def summary_markdown(test_acc: dict, test_loss: dict, reference: str, *, seeds: 
                           "test_acc_mean": acc.mean, "test_acc_std": std, "test_acc_ci95": [acc.low, acc.high],
                           "test_loss_mean": loss.mean, "diverged_seeds": count}
     by = "test_acc" if metric == "test_acc" else f"last-epoch {metric}"
-    text = (f"# Test results\n\n{seeds_sentence(seeds, split_seed)}\n\n"
-            f"Ranked by mean {by} over seeds (`compare.select_by`), equal means by name.\n\n")
+    text = f"Ranked by mean {by} over seeds (`compare.select_by`), equal means by name.\n\n"
     text += markdown_table(["rank", "variant", "seeds", *([f"{metric} mean"] if metric != "test_acc" else []),
                             "test_acc mean", "std", "95% CI", "test_loss mean"], rows)
     if notes:
         text += "\n" + "\n".join(notes) + "\n"
-    others = [v for v in order if v != reference]
-    if not others:
-        return text, table
+    return text, table
+
+
+def reference_section(test_acc: dict, reference: str, others: list[str]) -> tuple[str, dict]:
+    """Each other variant's test accuracy against the reference's: Welch, Holm, bootstrap, P(beats)."""
     welch = {v: welch_difference(test_acc[v], test_acc[reference]) for v in others}
     adjusted = dict(zip(others, holm([welch[v].p_value for v in others])))
     family = sum(not math.isnan(p) for p in adjusted.values())
-    rows, sentences = [], []
+    rows, sentences, differences = [], [], {}
     for variant in others:
         diff, p_holm = welch[variant], adjusted[variant]
         boot = bootstrap_difference(test_acc[variant], test_acc[reference])
@@ -114,19 +129,18 @@ def summary_markdown(test_acc: dict, test_loss: dict, reference: str, *, seeds: 
             f"{reference} seed {percent(beats)} of the time; Welch's t-test p = {p_text(diff.p_value)}, "
             f"Holm-adjusted p = {p_text(p_holm)}: {verdict}."
         )
-        table[variant] |= {"diff_vs_reference": diff.delta.mean, "diff_ci95": [diff.delta.low, diff.delta.high],
-                           "diff_ci95_bootstrap": [boot.low, boot.high], "p_superiority": beats,
-                           "p_value": diff.p_value, "p_holm": p_holm, "significant": significant}
-    text += (f"\n## Against the reference ({reference})\n\n"
-             f"Differences in test accuracy, in percentage points, with 95% intervals by Welch's t and by a "
-             f"percentile bootstrap ({BOOTSTRAP_RESAMPLES:,} resamples of the seeds, numpy seed {BOOTSTRAP_SEED}). "
-             f"P(beats) is the chance that a random seed of the variant scores higher than a random seed of "
-             f"{reference}, ties counting half (Mann-Whitney U / nm). Holm p adjusts Welch's p over the "
-             f"{family} testable comparison{'s' * (family != 1)} with {reference}; the verdict uses it.\n\n")
+        differences[variant] = {"diff_vs_reference": diff.delta.mean, "diff_ci95": [diff.delta.low, diff.delta.high],
+                                "diff_ci95_bootstrap": [boot.low, boot.high], "p_superiority": beats,
+                                "p_value": diff.p_value, "p_holm": p_holm, "significant": significant}
+    text = (f"\n## Against the reference ({reference})\n\n"
+            f"Differences in test accuracy, in percentage points, with 95% intervals by Welch's t and by a "
+            f"percentile bootstrap ({BOOTSTRAP_RESAMPLES:,} resamples of the seeds, numpy seed {BOOTSTRAP_SEED}). "
+            f"P(beats) is the chance that a random seed of the variant scores higher than a random seed of "
+            f"{reference}, ties counting half (Mann-Whitney U / nm). Holm p adjusts Welch's p over the "
+            f"{family} testable comparison{'s' * (family != 1)} with {reference}; the verdict uses it.\n\n")
     text += markdown_table(["variant", "difference", "95% CI (Welch)", "95% CI (bootstrap)",
                             f"P(beats {reference})", "Welch p", "Holm p", "verdict"], rows)
-    text += "\n" + "\n".join(sentences) + "\n"
-    return text, table
+    return text + "\n" + "\n".join(sentences) + "\n", differences
 
 
 def read_json(path: Path) -> dict:
