@@ -54,6 +54,17 @@ class Postgres:
         """Stop the server, keeping its data: `start` brings it back."""
         as_postgres([postgres_bin("pg_ctl"), "-D", str(self.folder / "data"), "-m", "fast", "stop"])
 
+    def scalar(self, sql: str) -> object:
+        """One value straight from the database, as MLflow's server stored it."""
+        import sqlalchemy
+
+        engine = sqlalchemy.create_engine(self.uri)
+        try:
+            with engine.connect() as connection:
+                return connection.execute(sqlalchemy.text(sql)).scalar_one()
+        finally:
+            engine.dispose()
+
 
 def start_postgres() -> Postgres:
     """A PostgreSQL cluster with database `mlflow` owned by user `mlflow`, on a loopback port."""
