@@ -1,8 +1,9 @@
 """A sweep (a 4-point grid) on a real Dask cluster (a scheduler and two worker processes on 127.0.0.1) with the
 team's stack: MLflow on PostgreSQL, artifacts and the DVC remote in S3 (moto). Each variant's
 stages run as a task in a worker's own clone; the coordinator's `dvc repro` then restores every
-one from the run-cache and trains nothing. A worker killed mid-task: the sweep completes all the
-same, with exactly one finished MLflow run per variant and seed and none left RUNNING."""
+one from the run-cache and trains nothing. A worker killed mid-training: the sweep completes all the
+same, with exactly one finished MLflow run per variant and seed, none left RUNNING, and the killed
+attempt's runs closed FAILED."""
 
 from __future__ import annotations
 
@@ -102,28 +103,42 @@ def test_a_sweep_on_the_cluster_trains_on_the_workers_and_the_coordinator_restor
     assert "Data and pipelines are up to date" in status, status
 
 
-def test_a_worker_killed_mid_task_is_retried_and_leaves_no_run_behind(sweep):
-    path, env, cluster, server, alice, variants = sweep
-    params = yaml.safe_load((path / "params.yaml").read_text())
-    params["train"]["epochs"] = 30  # every variant trains again, long enough to be caught at it
-    (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    run(["git", "commit", "-qam", "30 epochs"], path, env)
-    coordinator = distributed(path, env)
-    killed = None
+def kill_a_worker_mid_training(cluster, server, alice, coordinator) -> str:
+    """Kill the worker whose train stage has its MLflow runs open; the variant it was training."""
+    os.environ |= alice
+    client = MlflowClient(server.uri)
+    experiment = client.get_experiment_by_name("tiny").experiment_id
     deadline = time.monotonic() + 300
-    while killed is None:
-        assert time.monotonic() < deadline and coordinator.poll() is None, "no train stage seen on a worker"
+    while True:
+        assert time.monotonic() < deadline and coordinator.poll() is None, "no train stage seen with open runs"
+        open_runs = {r.info.run_name for r in client.search_runs([experiment], "attributes.status = 'RUNNING'")}
         for process in psutil.process_iter(["cmdline"]):
+            cmdline = process.info["cmdline"] or []
+            if "pipeline.stages.train" not in cmdline or cmdline[-1] not in open_runs:
+                continue
             try:
                 group = os.getpgid(process.pid)
             except ProcessLookupError:
                 continue
             worker = next((w for w in cluster.workers if w.pid == group and w.poll() is None), None)
-            if worker is not None and "pipeline.stages.train" in " ".join(process.info["cmdline"] or []):
+            if worker is not None:
                 cluster.kill(worker)
-                killed = worker
-                break
+                return cmdline[-1]
         time.sleep(0.2)
+
+
+def test_a_worker_killed_mid_training_is_retried_and_leaves_no_run_behind(sweep):
+    path, env, cluster, server, alice, variants = sweep
+    params = yaml.safe_load((path / "params.yaml").read_text())
+    params["train"]["epochs"] = 8  # every variant trains again, its runs open for a few seconds
+    (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run(["git", "commit", "-qam", "8 epochs"], path, env)
+    coordinator = distributed(path, env)
+    killed = kill_a_worker_mid_training(cluster, server, alice, coordinator)
     out, _ = finish(coordinator)
     assert "Running stage 'compare'" in out.split("restoring them here from the run-cache", 1)[1]
     assert_one_finished_run_per_variant_and_seed(server, path, alice, variants)
+    # The killed attempt's runs, left RUNNING, were closed FAILED by the retry (close_abandoned).
+    client = MlflowClient(server.uri)
+    experiment = client.get_experiment_by_name("tiny").experiment_id
+    assert client.search_runs([experiment], f"attributes.run_name = '{killed}' AND attributes.status = 'FAILED'")
