@@ -75,3 +75,13 @@ def merge_replicas(best: object, current: object, improved: torch.Tensor) -> obj
         mask = improved.to(current.device).view(-1, *([1] * (current.dim() - 1)))
         return torch.where(mask, current, best)
     return copied(current)
+
+
+def update_best(best: dict, trained: dict, val_acc: list[float], epoch: int) -> dict:
+    """Replica k's weights and optimizer state from this epoch where its val_acc improved."""
+    current = torch.tensor(val_acc)
+    improved = current > best["val_acc"]
+    return merge_replicas(best, {
+        **trained, "val_acc": current,
+        "epoch": [epoch if up else kept for up, kept in zip(improved.tolist(), best["epoch"])],
+    }, improved)

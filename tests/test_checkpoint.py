@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.checkpoint import FORMAT, CheckpointError, load, merge_replicas, save
+from pipeline.checkpoint import FORMAT, CheckpointError, load, merge_replicas, save, update_best
 from pipeline.fsio import atomic_write, atomic_write_bytes
 
 STATE = {"epoch": 3, "model": {"w": torch.arange(6.0).view(3, 2)}, "run_ids": ["a", "b", "c"]}
@@ -109,3 +109,13 @@ def test_merge_replicas_takes_improved_replicas_from_current():
     current["model"]["b"].zero_()
     current["optimizer"]["state"][0]["step"].zero_()
     assert merged["model"]["b"].sum() == 3 and merged["optimizer"]["state"][0]["step"] == 6  # copies
+
+
+def test_update_best_keeps_each_replica_from_the_epoch_of_its_best_val_acc():
+    best = {"model": {"w": torch.zeros(2, 3)}, "val_acc": torch.tensor([0.5, 0.9]), "epoch": [1, 1]}
+    best = update_best(best, {"model": {"w": torch.ones(2, 3)}}, [0.7, 0.8], epoch=2)
+    assert best["epoch"] == [2, 1] and best["val_acc"].tolist() == pytest.approx([0.7, 0.9])
+    assert best["model"]["w"].sum(dim=1).tolist() == [3.0, 0.0]
+    best = update_best(best, {"model": {"w": torch.full((2, 3), 2.0)}}, [0.7, 0.95], epoch=3)
+    assert best["epoch"] == [2, 3]  # a tie is no improvement
+    assert best["model"]["w"].sum(dim=1).tolist() == [3.0, 6.0]

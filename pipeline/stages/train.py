@@ -205,7 +205,7 @@ def record_epoch(run: Run, progress: Progress, epoch: int, trained: dict, train_
     run.evaluated.load_state_dict(trained["model"])
     metrics = epoch_metrics(run.evaluated, run.train_split, run.val_split, run.config.eval_batch_size)
     history = {name: [*progress.history[name], metrics[name]] for name in METRICS}
-    best = update_best(progress.best, trained, metrics["val_acc"], epoch)
+    best = checkpoint.update_best(progress.best, trained, metrics["val_acc"], epoch)
     checkpoint.save(run.paths.scratch / "best.pt", best)
     checkpoint.save(run.paths.scratch / "last.pt", {"inputs_digest": run.inputs.digest, "epoch": epoch, **trained,
                                                     "history": history, "run_ids": progress.run_ids.result()})
@@ -244,16 +244,6 @@ def raise_failed(calls: tuple[Future, ...]) -> None:
     for call in calls:
         if call.done() and call.exception() is not None:
             raise call.exception()
-
-
-def update_best(best: dict, trained: dict, val_acc: list[float], epoch: int) -> dict:
-    """Replica k's weights and optimizer state from this epoch where its val_acc improved."""
-    current = torch.tensor(val_acc)
-    improved = current > best["val_acc"]
-    return checkpoint.merge_replicas(best, {
-        **trained, "val_acc": current,
-        "epoch": [epoch if up else kept for up, kept in zip(improved.tolist(), best["epoch"])],
-    }, improved)
 
 
 def finish(run: Run, progress: Progress, model: StackedMlp, optimizer: FusedOptimizer) -> dict:
