@@ -39,8 +39,8 @@ def parser(doc: str) -> argparse.ArgumentParser:
     return argparse.ArgumentParser(description=doc.split("\n")[0])
 
 
-def variant_argument(doc: str, argv: list[str] | None = None) -> str:
+def variant_argument(doc: str) -> str:
     """The NAME of `python -m pipeline.stages.<stage> --variant NAME`."""
     variant_parser = parser(doc)
     variant_parser.add_argument("--variant", required=True)
-    return variant_parser.parse_args(argv).variant
+    return variant_parser.parse_args().variant

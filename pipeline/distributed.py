@@ -103,7 +103,7 @@ def run_on_cluster(root: Path, repository: str) -> None:
     dvc(root, "repro", "--pull")
 
 
-def sweep(root: Path, repository: str) -> None:
+def run_sweep(root: Path, repository: str) -> None:
     """Every variant on the cluster, then restored here; with no cluster, `dvc repro` here."""
     if not os.environ.get("DASK_SCHEDULER_ADDRESS"):
         print("DASK_SCHEDULER_ADDRESS not set: running here with `dvc repro`", flush=True)
@@ -121,4 +121,4 @@ if __name__ == "__main__":
                                              "for workers on this machine or a shared file system)")
     args = parser.parse_args()
     with cli.one_line_errors():
-        sweep(Path.cwd(), args.repository or str(Path.cwd()))
+        run_sweep(Path.cwd(), args.repository or str(Path.cwd()))

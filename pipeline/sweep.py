@@ -152,4 +152,3 @@ if __name__ == "__main__":
     cli.parser(__doc__).parse_args()
     with cli.one_line_errors():
         sweep()
-

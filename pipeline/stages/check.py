@@ -79,4 +79,3 @@ if __name__ == "__main__":
     cli.parser(__doc__).parse_args()
     with cli.one_line_errors():
         check(load_params(), Path())  # relative paths in messages
-

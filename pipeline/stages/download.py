@@ -208,4 +208,3 @@ if __name__ == "__main__":
         checksums_file = os.environ.get("MNIST_CHECKSUMS")
         checksums = read_checksums(Path(checksums_file)) if checksums_file else MNIST_SHA256
         download(args.out, sources, checksums)
-

@@ -65,4 +65,3 @@ if __name__ == "__main__":
     args = parser.parse_args()
     with cli.one_line_errors():
         prepare(load_params().data, args.raw, args.out)
-

@@ -295,4 +295,3 @@ if __name__ == "__main__":
     variant = cli.variant_argument(__doc__)
     with cli.one_line_errors():
         train(load_params(), variant, Path.cwd())
-
