@@ -14,7 +14,8 @@ from pipeline.model import StackedBatchNorm, StackedMlp
 from pipeline.training import score
 from tests.conftest import tiny_mnist_arrays, tiny_params
 
-CASES = [(norm, activation) for norm in ("batch", "layer", "none") for activation in ("relu", "tanh", "sigmoid", "gelu")]
+NORMS, ACTIVATIONS = ("batch", "layer", "none"), ("relu", "tanh", "sigmoid", "gelu")
+CASES = [(norm, activation) for norm in NORMS for activation in ACTIVATIONS]
 
 
 def trained_like(norm: str, activation: str, seeds: list[int], **choices) -> tuple[StackedMlp, object]:

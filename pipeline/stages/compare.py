@@ -2,9 +2,9 @@
 
     python -m pipeline.stages.compare --train DIR --evaluate DIR --checkpoints DIR --prepared DIR --out DIR
 
-reads each variant's outputs of the train and evaluate stages in `<DIR>/<variant>/` (dvc.yaml
-names the folders) and writes to --out: the lab's four plots (mean curve per variant with a ±1 std band),
-`test_acc_seeds.png`, and `summary.md` (how many seeds and what they vary; the variants ranked
+reads each variant's train and evaluate outputs in `<DIR>/<variant>/` (dvc.yaml names the
+folders) and writes to --out: the lab's four plots (mean curve per variant with a ±1 std
+band), `test_acc_seeds.png`, and `summary.md` (how many seeds and what they vary; the variants ranked
 by `compare.select_by`'s mean with mean, std and 95% CI of the test metrics; each variant's
 difference from the reference in points with its Welch and seeded-bootstrap 95% CIs, the chance
 that its seed beats a reference seed, and Welch's p beside Holm's adjustment over all the
