@@ -83,8 +83,8 @@ def largest_imports(copy: Path, command: list[str], env: dict, count: int = 8) -
     """The top-level imports of `command` that cost the most, cumulative (python -X importtime)."""
     result = sh([command[0], "-X", "importtime", *command[1:]], copy, env)
     rows = [line.split("|") for line in result.stderr.splitlines() if line.startswith("import time:")]
-    top = [(int(row[1]), row[2].strip()) for row in rows if len(row) == 3 and row[2].startswith(" ") and
-           not row[2].startswith("  ")]
+    top = [(int(row[1]), row[2].strip()) for row in rows[1:]  # after the header line
+           if len(row) == 3 and row[2].startswith(" ") and not row[2].startswith("  ")]
     return [f"{name} {micros / 1e6:.3f} s" for micros, name in sorted(top, reverse=True)[:count]]
 
 
@@ -98,6 +98,7 @@ def measure(copies: dict[str, Path], repeats: int, env: dict) -> dict:
                 started = time.perf_counter()
                 sh(runs[name][stage], copy, env)
                 walls[stage][name].append(time.perf_counter() - started)
+                print(f"{stage} {name} {walls[stage][name][-1]:.2f} s", file=sys.stderr, flush=True)
     medians = {stage: {name: statistics.median(values) for name, values in by.items()} for stage, by in walls.items()}
     return {"median_s": medians, "all_s": walls,
             "current_over_baseline": {stage: m["current"] / m["baseline"] for stage, m in medians.items()},
