@@ -4,10 +4,11 @@
 
 Writes to DIR `metrics.json` (test_loss and test_acc, mean over seeds, and their std: what
 `dvc metrics show` lists), `per_seed.json`, `per_class.json` and a confusion matrix PNG.
-The forward pass runs in numpy (pipeline/inference.py): importing torch was 1.8 s of this
-stage's 2.2 s. The compare stage, which opens MLflow anyway, logs the results into the
-variant's runs: opening MLflow here would triple this stage's time (~3 s of imports and
-store start-up).
+The forward pass runs in numpy (pipeline/inference.py) and the figure is drawn with Pillow
+(pipeline/reports.py): importing torch was 1.8 s of this stage's 2.2 s; the stage now takes
+0.13-0.15x its former time (benchmarks/bench_startup.py). The compare stage, which opens
+MLflow anyway, logs the results into the variant's runs: opening MLflow here would triple
+this stage's time (~3 s of imports and store start-up).
 """
 
 from __future__ import annotations
