@@ -32,6 +32,7 @@ def part_baseline(args) -> dict:
     from torchvision import datasets, transforms
 
     from pipeline.model import plain_mlp
+    from pipeline.data import read_split
     from pipeline.stages.prepare import split_indices
 
     params, config = setup(args.threads)
@@ -42,8 +43,8 @@ def part_baseline(args) -> dict:
             (raw / gz.stem).write_bytes(gzip.decompress(gz.read_bytes()))
         mnist = datasets.MNIST(tmp, train=True, download=False, transform=transforms.ToTensor())
         train_idx, _ = split_indices(len(mnist), params.data.val_size, params.data.split_seed)
-        prepared = torch.load(ROOT / "data" / "prepared" / "train.pt", weights_only=True)
-        same_split = torch.equal(mnist.targets[train_idx], prepared["labels"])
+        _, prepared_labels = read_split(ROOT / "data" / "prepared" / "train")
+        same_split = torch.equal(mnist.targets[train_idx], torch.from_numpy(prepared_labels))
         loader = DataLoader(Subset(mnist, train_idx.tolist()), batch_size=config.batch_size,
                             shuffle=True, generator=torch.Generator().manual_seed(0))
 

@@ -217,3 +217,16 @@ def http_mirror(tiny_mirror):
     yield f"http://127.0.0.1:{server.server_address[1]}/"
     server.shutdown()
     server.server_close()
+
+
+def stage_command(stage: str, key: str | None = None) -> list[str]:
+    """A stage's command line as dvc.yaml writes it, `${key}` filled in, run by this interpreter."""
+    import shlex
+    import sys
+
+    import yaml
+
+    definition = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"][stage]
+    command = definition.get("do", definition)["cmd"]
+    _python, *arguments = shlex.split(command if key is None else command.replace("${key}", key))
+    return [sys.executable, *arguments]

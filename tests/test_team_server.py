@@ -12,7 +12,7 @@ import pytest
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from tests.conftest import make_project, run, variant_run_ids
+from tests.conftest import make_project, run, stage_command, variant_run_ids
 from tests.team_server import (
     ADMIN,
     create_user,
@@ -97,7 +97,7 @@ def test_a_read_only_user_running_the_stage_gets_one_line(team, reproduced):
     uri, admin_password, _, _ = team
     path, env, _ = reproduced
     carol = create_user(uri, admin_password, "carol")
-    result = subprocess.run([sys.executable, "-m", "pipeline.stages.compare"], cwd=path, capture_output=True, text=True,
+    result = subprocess.run(stage_command("compare"), cwd=path, capture_output=True, text=True,
                             env=env | login("carol", carol), timeout=300)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1].startswith("error: MLflow refused user 'carol': PERMISSION_DENIED")

@@ -5,9 +5,10 @@ and on validation, logged to MLflow; the resumable state written atomically to t
 scratch folder, `.dvc/tmp/train/<variant>/`, outside DVC's outputs. A killed stage rerun
 resumes from the last completed epoch and continues the same MLflow runs; the result is
 bit-identical to an uninterrupted run. At the end the outputs are written once: final and
-best checkpoints, curves, history and `run.json`, all a function of the stage's inputs alone
-(no run ids, times or paths), so DVC's run-cache can restore them. MLflow's calls run in the
-stage's tracking process (pipeline/tracking_process.py).
+best checkpoints, the final weights for numpy (`weights.npz`, pipeline/inference.py), curves,
+history and `run.json`, all a function of the stage's inputs alone (no run ids, times or
+paths), so DVC's run-cache can restore them. MLflow's calls run in the stage's tracking
+process (pipeline/tracking_process.py).
 
 `train` reads top to bottom: start or resume, the epoch loop, finish. What one epoch hands
 the next is a `Progress`, returned by `record_epoch` (on the evaluation thread), not shared.
@@ -26,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline import checkpoint, cli, provenance, variant_runs
+from pipeline import checkpoint, cli, inference, provenance, variant_runs
 from pipeline.data import Split, as_images, load_split, read_manifest
 from pipeline.errors import PipelineError
 from pipeline.fsio import atomic_write_json
@@ -265,6 +266,8 @@ def write_outputs(paths: Paths, config: VariantConfig, trained: dict, best: dict
     checkpoints = [paths.checkpoints / "last.pt", paths.checkpoints / "best.pt"]
     checkpoint.save(checkpoints[0], {"config": config.model_dump(), "epoch": config.epochs, **trained})
     checkpoint.save(checkpoints[1], best)
+    inference.save_weights(paths.checkpoints / inference.WEIGHTS_FILE, config.model_dump(),
+                           {name: tensor.cpu().numpy() for name, tensor in trained["model"].items()})
     write_curves(paths.out / "curves.csv", history)
     atomic_write_json(paths.out / "history.json", {"seeds": config.seeds, "best_epoch": best["epoch"],
                                                    "diverged_epoch": diverged_at, **history})
