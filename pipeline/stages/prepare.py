@@ -1,6 +1,6 @@
 """Stage `prepare`: a seeded train/validation split of MNIST's training images, test kept whole.
 
-Writes `data/prepared/{train,val,test}.pt` (uint8 images [N, 28, 28], int64 labels), ready to
+Writes `{train,val,test}.pt` into `--out` (uint8 images [N, 28, 28], int64 labels), ready to
 be loaded whole by the training loop, and `manifest.json` with sizes and a content digest
 that MLflow records as the runs' dataset lineage.
 """
@@ -60,8 +60,8 @@ def prepare(data_params: DataParams, raw_dir: Path, prepared_dir: Path) -> dict:
 
 if __name__ == "__main__":
     parser = cli.parser(__doc__)
-    parser.add_argument("--raw", type=Path, default=Path("data/raw"))
-    parser.add_argument("--out", type=Path, default=Path("data/prepared"))
+    parser.add_argument("--raw", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     with cli.one_line_errors():
         prepare(load_params().data, args.raw, args.out)
