@@ -119,6 +119,19 @@ def stage_env(mirror: Path | str | None = None, **extra: str) -> dict[str, str]:
     return env | extra
 
 
+def stage_command(stage: str, variant: str = "") -> list[str]:
+    """dvc.yaml's command of `stage` (`train@<variant>`'s for a variant), with this Python: the paths
+    a test runs a stage with are the ones dvc.yaml names."""
+    import shlex
+    import sys
+
+    import yaml
+
+    definition = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"][stage]
+    python, *args = shlex.split(definition.get("do", definition)["cmd"].replace("${key}", variant))
+    return [sys.executable, *args]
+
+
 def run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: float = 600, check: bool = True):
     import subprocess
 
