@@ -201,6 +201,7 @@ def make_project(path: Path, mirror: Path) -> tuple[Path, dict[str, str]]:
     env = stage_env(mirror)
     run(["git", "init", "-q", "-b", "main"], path, env)
     run(["dvc", "init", "-q"], path, env)
+    shutil.copytree(ROOT / ".dvc" / "plots", path / ".dvc" / "plots")  # the comparison plots' template
     run(["git", "add", "-A"], path, env)
     run(["git", "commit", "-qm", "init"], path, env)
     return path, env

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+import statistics
 import subprocess
 import sys
 
@@ -14,6 +15,7 @@ import yaml
 from pipeline.errors import ParamsError
 from pipeline.grid import VARIANT_NAME
 from pipeline.params import load_params, parse_params, parse_sweep
+from pipeline.reports import TITLES
 from pipeline.commands.sweep import rewrite, sweep
 from tests.conftest import ROOT, TINY_PARAMS, make_project, run, stage_env
 
@@ -221,10 +223,21 @@ def test_dvc_repro_runs_a_train_and_an_evaluate_stage_per_grid_point(tmp_path, t
         assert 0 < metrics["test_acc"] <= 1
         assert variant in (path / "data" / "compare" / "summary.md").read_text()
 
+    # Each of `dvc plots show`'s four comparison plots draws every variant, the grid points included.
+    shown = json.loads(run(["dvc", "plots", "show", "--json"], path, env).stdout)["data"]
+    assert set(shown) == set(TITLES.values())
+    for metric, title in TITLES.items():
+        [plot] = shown[title]
+        rows = plot["content"]["data"]["values"]
+        for variant in ["no_norm", *points]:
+            history = json.loads((path / "data" / "train" / variant / "history.json").read_text())
+            assert [float(row[metric]) for row in rows if row["variant"] == variant] == pytest.approx(
+                [statistics.fmean(epoch) for epoch in history[metric]], abs=1e-6), (title, variant)
+
     # A narrower grid: the remaining points are still cached, nothing trains again.
     raw = yaml.safe_load((path / "params.yaml").read_text())
     raw["sweep"]["axes"]["lr"] = [0.01]
     (path / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     run([sys.executable, "-m", "pipeline.commands.sweep"], path, env)
     status = run(["dvc", "status"], path, env).stdout
-    assert set(re.findall(r"^(\S+):$", status, re.MULTILINE)) == {"check", "compare"}
+    assert set(re.findall(r"^(\S+):$", status, re.MULTILINE)) == {"check", "curves", "compare"}
