@@ -128,7 +128,7 @@ def stage_command(stage: str, variant: str = "") -> list[str]:
     import yaml
 
     definition = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"][stage]
-    python, *args = shlex.split(definition.get("do", definition)["cmd"].replace("${key}", variant))
+    _, *args = shlex.split(definition.get("do", definition)["cmd"].replace("${key}", variant))  # _: "python"
     return [sys.executable, *args]
 
 

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import subprocess
+
 import pytest
+import yaml
 
 from pipeline.errors import PipelineError
 from pipeline.reports import write_curves
 from pipeline.stages.curves import curves
+from tests.conftest import TINY_PARAMS, stage_command, stage_env
 
 
 def history(loss: float) -> dict[str, list[list[float]]]:
@@ -39,3 +43,16 @@ def test_a_missing_or_different_curves_file_is_one_line_naming_it(tmp_path):
     with pytest.raises(PipelineError, match=r"b/curves.csv: columns 'epoch,loss', not 'epoch,train_loss,"):
         curves(["a", "b"], tmp_path, tmp_path / "curves.csv")
     assert not (tmp_path / "curves.csv").exists()
+
+
+def test_the_stage_command_reads_the_variants_from_params_and_fails_in_one_line(tmp_path):
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(TINY_PARAMS, sort_keys=False))
+    result = subprocess.run(stage_command("curves"), cwd=tmp_path, env=stage_env(), capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        "error: data/train/batchnorm/curves.csv: cannot read it (No such file or directory); train@batchnorm writes it"]
+    (tmp_path / "data" / "train" / "batchnorm").mkdir(parents=True)
+    write_curves(tmp_path / "data" / "train" / "batchnorm" / "curves.csv", history(1.0))
+    assert "train@no_norm writes it" in subprocess.run(stage_command("curves"), cwd=tmp_path, env=stage_env(),
+                                                       capture_output=True, text=True, timeout=120).stderr
