@@ -73,13 +73,18 @@ def part_overhead(args) -> dict:
         shutil.copytree(ROOT / "data" / "prepared", tmp / "data" / "prepared")
         shutil.copy(ROOT / "environment.json", tmp / "environment.json")  # the check stage's record
         store = tracking.Tracking(f"sqlite:///{tmp / 'mlflow.db'}", tmp, "bench-overhead")
-        # train(params, variant, root, tracking), or the older train(params, variant, paths, runs)
-        where = tmp if "root" in inspect.signature(stage.train).parameters else stage.Paths.for_variant(tmp, VARIANT)
+        # train(params, variant, root, paths, tracking), paths as dvc.yaml names them; or the older
+        # train(params, variant, root, tracking), which made them itself
+        where = [tmp]
+        if "paths" in inspect.signature(stage.train).parameters:
+            data = tmp / "data"
+            where.append(stage.Paths.of(tmp, VARIANT, data / "prepared", data / "checkpoints" / VARIANT,
+                                        data / "train" / VARIANT))
         cwd = os.getcwd()
         os.chdir(tmp)  # run tags look for git here: none
         try:
             t0 = time.perf_counter()
-            stage.train(params, VARIANT, where, store)
+            stage.train(params, VARIANT, *where, store)
             stage_s = time.perf_counter() - t0
         finally:
             os.chdir(cwd)

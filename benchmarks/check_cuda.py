@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 import warnings
 from functools import partial
@@ -27,7 +28,6 @@ from pipeline import fastpath
 from pipeline.data import Split, load_split
 from pipeline.model import StackedMlp, unstack
 from pipeline.params import load_params
-from pipeline.reference import train_alone  # the CPU equivalence test's reference loop
 from pipeline.stages.prepare import prepare
 from pipeline.training import (
     TrainingStep,
@@ -42,6 +42,8 @@ from pipeline.training import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as a script: the repository root holds tests/, test support
+from tests.reference import train_alone  # noqa: E402  the CPU equivalence test's reference loop
 
 
 def timed(fn) -> float:

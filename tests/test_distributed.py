@@ -46,7 +46,7 @@ def sweep(tmp_path_factory, tiny_mirror):
         params |= {"sweep": {"axes": GRID}, "variants": {}}
         params["compare"]["reference"] = "sweep-none-lr0p01"
         (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-        run([sys.executable, "-m", "pipeline.sweep"], path, env)
+        run([sys.executable, "-m", "pipeline.commands.sweep"], path, env)
         variants = list(yaml.safe_load((path / "params.yaml").read_text())["variants"])
         assert len(variants) == 4 and "sweep-none-lr0p01" in variants, variants
         run(["dvc", "remote", "add", "-d", "team", f"s3://{BUCKET}/dvc"], path, env)
@@ -61,7 +61,7 @@ def sweep(tmp_path_factory, tiny_mirror):
 
 
 def distributed(path, env) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "pipeline.distributed"], cwd=path, env=env, text=True,
+    return subprocess.Popen([sys.executable, "-m", "pipeline.commands.distributed"], cwd=path, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 

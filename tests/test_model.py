@@ -7,7 +7,7 @@ import torch
 
 from pipeline.data import Split, as_images
 from pipeline.model import StackedLinear, StackedMlp, unstack
-from pipeline.reference import train_alone
+from tests.reference import train_alone
 from pipeline.training import TrainingStep, epoch_metrics, make_optimizer, score, train_epoch
 from tests.conftest import tiny_mnist_arrays, tiny_params
 

@@ -115,7 +115,7 @@ def test_bad_credentials_fail_the_stage_in_seconds_before_training(team, reprodu
     path, env, _ = reproduced
     env = {k: v for k, v in env.items() if not k.startswith("MLFLOW_TRACKING_") or k == "MLFLOW_TRACKING_URI"}
     started = time.monotonic()
-    result = subprocess.run([sys.executable, "-m", "pipeline.stages.train", "--variant", "batchnorm"], cwd=path,
+    result = subprocess.run(stage_command("train", "batchnorm"), cwd=path,
                             capture_output=True, text=True, env=env | credentials, timeout=120)
     seconds = time.monotonic() - started
     assert result.returncode == 1

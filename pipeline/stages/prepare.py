@@ -60,8 +60,8 @@ def prepare(data_params: DataParams, raw_dir: Path, prepared_dir: Path) -> dict:
 
 if __name__ == "__main__":
     parser = cli.parser(__doc__)
-    parser.add_argument("--raw", type=Path, default=Path("data/raw"))
-    parser.add_argument("--out", type=Path, default=Path("data/prepared"))
+    parser.add_argument("--raw", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     with cli.one_line_errors():
         prepare(load_params().data, args.raw, args.out)
