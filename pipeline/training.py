@@ -25,7 +25,7 @@ from torch import nn
 from pipeline.checkpoint import copied
 from pipeline.data import Split, as_images
 from pipeline.errors import PipelineError
-from pipeline.fastpath import gradients
+from pipeline.backprop import Backprop, autograd_gradients
 from pipeline.model import StackedMlp
 from pipeline.optimizer import FusedOptimizer
 from pipeline.variant import VariantConfig
@@ -99,16 +99,22 @@ class TrainingStep:
         self.graphed_rows = len(config.seeds) * config.batch_size if train.labels.is_cuda else None  # full batches
         self.graph = None
         self.static_rows = None
+        self.backprops: dict[int, Backprop] = {}  # rows per replica -> its buffers
 
-    def eager(self, rows: torch.Tensor) -> None:
+    def gradients(self, rows: torch.Tensor) -> list[torch.Tensor]:
+        """d(loss / B)/d(parameters), the loss summed over replicas (their gradients stay apart)."""
         replicas = len(self.config.seeds)
         batch = rows.shape[0] // replicas
-        images = as_images(self.train.pixels.index_select(0, rows))
-        logits = self.model(images.view(replicas, batch, -1))  # [K, B, 10]
-        # Sum over replicas of each replica's mean loss: gradients stay independent.
-        loss = F.cross_entropy(logits.flatten(0, 1), self.train.labels.index_select(0, rows), reduction="sum")
-        # The gradient of loss / B, seeded as (loss / B).backward() would; no .grad to zero.
-        self.optimizer.step(gradients(loss, self.optimizer.params, self.one / batch, self.optimizer.private))
+        if not self.optimizer.private:
+            images = as_images(self.train.pixels.index_select(0, rows)).view(replicas, batch, -1)
+            return autograd_gradients(self.model, images, self.train.labels.index_select(0, rows), self.one / batch)
+        backprop = self.backprops.get(batch)
+        if backprop is None:  # the full batches' buffers, and the partial last batch's
+            backprop = self.backprops[batch] = Backprop(self.model.layers, replicas, batch, self.train.pixels.shape[1])
+        return backprop.gradients(self.train.pixels, self.train.labels, rows)
+
+    def eager(self, rows: torch.Tensor) -> None:
+        self.optimizer.step(self.gradients(rows))
 
     def __call__(self, rows: torch.Tensor) -> None:
         if rows.shape[0] != self.graphed_rows:
