@@ -62,7 +62,13 @@ class Linear:
 
 
 class BatchNorm:
-    """StackedBatchNorm's one `batch_norm` over K*F channels, and the backward of that kernel."""
+    """StackedBatchNorm's one `batch_norm` over K*F channels, and the backward of that kernel.
+
+    On the CPU `F.batch_norm` runs `native_batch_norm`, called here directly (X us a layer less
+    than the dispatching call); elsewhere it may pick cuDNN's, and `_batch_norm_impl_index`
+    picks as `F.batch_norm` does, its backward following the pick."""
+
+    NATIVE = ("cpu",)  # the device types where F.batch_norm's kernel is native_batch_norm
 
     def __init__(self, layer: StackedBatchNorm, batch: int) -> None:
         replicas, _, features = layer.weight.shape
@@ -71,6 +77,7 @@ class BatchNorm:
         self.weight, self.bias = layer.weight.detach().view(-1), layer.bias.detach().view(-1)
         self.running = layer.running_mean.view(-1), layer.running_var.view(-1)
         self.momentum, self.eps = layer.momentum, layer.eps
+        self.native = layer.weight.device.type in self.NATIVE
 
     def to_channels(self, x: torch.Tensor) -> torch.Tensor:
         """[K, B, F] as [B, K * F]: a view for one replica, a copy for more (as the module's reshape)."""
@@ -82,14 +89,23 @@ class BatchNorm:
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.x = self.to_channels(x)
-        out, self.mean, self.invstd = torch.native_batch_norm(
-            self.x, self.weight, self.bias, *self.running, True, self.momentum, self.eps)
+        arguments = (self.x, self.weight, self.bias, *self.running, True, self.momentum, self.eps)
+        if self.native:
+            out, *self.saved = torch.native_batch_norm(*arguments)
+        else:
+            out, *self.saved, self.impl = torch._batch_norm_impl_index(*arguments, torch.backends.cudnn.enabled)
         return self.from_channels(out)
 
     def backward(self, grad: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        grad_in, grad_weight, grad_bias = aten.native_batch_norm_backward.default(
-            self.to_channels(grad), self.x, self.weight, *self.running, self.mean, self.invstd, True, self.eps,
-            [True, True, True])
+        grad, mask = self.to_channels(grad), [True, True, True]
+        if self.native:
+            grads = aten.native_batch_norm_backward.default(
+                grad, self.x, self.weight, *self.running, *self.saved, True, self.eps, mask)
+        else:
+            save_mean, save_var, reserve = self.saved
+            grads = aten._batch_norm_impl_index_backward.default(
+                self.impl, self.x, grad, self.weight, *self.running, save_mean, save_var, True, self.eps, mask, reserve)
+        grad_in, grad_weight, grad_bias = grads
         return self.from_channels(grad_in), [grad_weight.view(self.parameter), grad_bias.view(self.parameter)]
 
 

@@ -90,3 +90,11 @@ def test_self_check_passes_on_this_torch():
 def test_self_check_sees_a_backward_kernel_that_changed(monkeypatch):
     monkeypatch.setitem(backprop.Activation.KERNELS, nn.ReLU, (torch.relu_, lambda grad, y: grad))  # no mask
     assert backprop.differs_from_autograd(torch.device("cpu")) == "the hand-derived backward differs from autograd's"
+
+
+def test_batch_norm_through_the_dispatching_call_as_off_the_cpu(monkeypatch):
+    """Where F.batch_norm may pick another kernel (CUDA), the step calls the dispatching one."""
+    monkeypatch.setattr(backprop.BatchNorm, "NATIVE", ())
+    for replicas in (1, 3):
+        expected, got, by_autograd, by_hand = both_ways(config_of(replicas=replicas), batch=32)
+        assert_same_step(expected, got, by_autograd, by_hand)
