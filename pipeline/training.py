@@ -8,9 +8,10 @@ needs no saved RNG state and replays exactly the batches an uninterrupted run wo
 At batch 32 a step costs well under a millisecond, so per-step overhead is what counts
 (benchmarks/README.md): each step's rows of every replica are one contiguous index vector,
 gathered with a single `index_select`; the 1/B of the mean loss is the gradient seeded
-into the backward pass rather than a division node (the same bits as the plain form), and
-the gradients go straight to the fused optimizer (pipeline/optimizer.py); pipeline/fastpath.py
-makes both calls.
+into the backward pass rather than a division node (the same bits as the plain form); the
+gradients come from the step by hand (pipeline/backprop.py) or, on the public path, from
+autograd, and go straight to the fused optimizer (pipeline/optimizer.py); pipeline/fastpath.py
+picks the path.
 """
 
 from __future__ import annotations
@@ -22,10 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.backprop import Backprop, autograd_gradients
 from pipeline.checkpoint import copied
 from pipeline.data import Split, as_images
 from pipeline.errors import PipelineError
-from pipeline.backprop import Backprop, autograd_gradients
 from pipeline.model import StackedMlp
 from pipeline.optimizer import FusedOptimizer
 from pipeline.variant import VariantConfig
@@ -90,7 +91,9 @@ class TrainingStep:
     fused update) is captured once as a CUDA graph and replayed: at batch 32 an eager
     step is ~2 ms of kernel launches for ~0.2 ms of GPU work. The capture's warm-up runs on
     the real tensors and is then undone, so every full batch, first or resumed, goes through
-    the same graph; the partial last batch has another shape and runs eagerly.
+    the same graph; the partial last batch has another shape and runs eagerly. The step by
+    hand's buffers (one set per batch shape) are made in that warm-up, outside the capture, and
+    it makes no host sync: everything it branches on is a shape.
     """
 
     def __init__(self, model: StackedMlp, optimizer: FusedOptimizer, train: Split, config: VariantConfig) -> None:
