@@ -159,7 +159,7 @@ def main() -> None:
     eager = final_weights(config, train, 3, graphed=False)
     report["eager_s_for_3_epochs"] = time.perf_counter() - started
     report["graph_equals_eager"] = equal(first, eager)
-    report["fastpath_private"] = fastpath.private_path()
+    report["fastpath_private"] = fastpath.private_path("cuda")
     report["public_path_equals_private"] = equal(final_weights(config, train, 3, private=True),
                                                  final_weights(config, train, 3, private=False))
     report["stack_vs_alone"] = stack_matches_alone(config, train, steps=208)
