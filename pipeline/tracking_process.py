@@ -28,7 +28,7 @@ _outage: list[Exception] = []  # in the worker: the store found down, once MLflo
 
 def _client(tracking: Tracking):
     if tracking not in _clients:  # a failure is not kept: the next call tries again and raises
-        _clients[tracking] = connect(tracking)[0]
+        _clients[tracking] = connect(tracking, checked=True)[0]  # TrackingProcess checked the server
     return _clients[tracking]
 
 
@@ -49,10 +49,14 @@ def _call(tracking: Tracking, fn: Callable, args: tuple):
 # 0+2+4+8+16 s: a server restart (~8 s here) is ridden out, an outage fails the stage in ~30 s and
 # the rerun resumes. MLflow's own variables, so a user's setting wins.
 RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "5", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+# MLflow prints "View run ... at: <url>" for every run it closes, and asks the server for the run
+# to do so: a request per run and a line per run on the stage's terminal. The compare stage
+# prints where the runs are, once.
+QUIET = {"MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
 
 
 def _start_worker(stage_pid: int) -> None:
-    for name, value in RETRIES.items():
+    for name, value in (RETRIES | QUIET).items():
         os.environ.setdefault(name, value)
     # Ctrl-C reaches the whole process group; the stage decides what its runs become (KILLED)
     # and says so through this process, which ends when the stage closes it or is gone.
