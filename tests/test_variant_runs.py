@@ -4,9 +4,11 @@ RUNNING closed, finished runs found again by their inputs, and runs rebuilt from
 
 from __future__ import annotations
 
+import logging
 import math
 
 import mlflow.pytorch
+import numpy as np
 import pytest
 import torch
 
@@ -195,3 +197,22 @@ def test_log_epoch_sends_the_seed_runs_only_what_it_is_given(store):
         logged = client.get_metric_history(run_id, "val_acc")
         assert [(m.step, m.timestamp, m.value) for m in logged] == [(e, 1000 * e, e + replica / 10) for e in (1, 2, 3)]
     assert [m.step for m in client.get_metric_history(run_ids["variant"], "val_acc")] == [1, 2, 3]
+
+
+def test_mlflows_pickle_warning_is_not_repeated_by_every_train_stage(store, tmp_path):
+    client, _ = store
+    seen = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    logger = logging.getLogger("mlflow.pytorch")
+    logger.addHandler(handler)
+    try:
+        model = plain_mlp(CONFIG, 0)
+        mlflow.pytorch.save_model(model, tmp_path / "saved", serialization_format="pickle")
+        assert any(message.startswith("Saving pytorch model by Pickle") for message in seen)  # MLflow says it
+        seen.clear()
+        log_trained_model(client, start(client), (model, np.zeros((2, 784), dtype=np.float32), 0), [1, 1],
+                          [None, None], [])
+        assert not any("Pickle" in message for message in seen)
+    finally:
+        logger.removeHandler(handler)
