@@ -75,7 +75,9 @@ def register_best(client, experiment_id: str, params: Params, choice: Choice, ru
     model_id = logged_model_id(client, experiment_id, run_id)
     try:
         client.create_registered_model(
-            name, description="The best variant of the batch-norm MNIST lab, picked by the compare stage.")
+            name, description="The best variant of the batch-norm MNIST lab, picked by the compare stage. Its "
+                              "versions are pickled torch models (MLflow's pickle format, which runs code when "
+                              "loaded): load them only from a tracking server you trust.")
     except MlflowException as error:
         if error.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
             raise

@@ -12,6 +12,7 @@ import os
 import subprocess
 import urllib.error
 import urllib.request
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,36 +155,44 @@ def _file_lock(path: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def connect(tracking: Tracking):
-    """Point MLflow at the store and return (client, experiment_id).
+def connect(tracking: Tracking, checked: bool = False):
+    """Point MLflow at the store and return (client, experiment_id); `checked`: the server is
+    known to answer (`check_server` ran), do not ask it again.
 
     A fresh SQLite store runs its schema migrations on first open; several stages (a DVC
     queue with -j 2) opening it at once would race on them, so the first open is serialised.
     """
     import mlflow
     from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
 
-    if tracking.uri.startswith(("http://", "https://")):
+    if tracking.uri.startswith(("http://", "https://")) and not checked:
         check_server(tracking.uri)
     mlflow.set_tracking_uri(tracking.uri)
     with _file_lock(tracking.root / ".mlflow.lock"):
         client = MlflowClient(tracking.uri)
-        experiment = client.get_experiment_by_name(tracking.experiment_name)
-        if experiment is not None:
-            for key, value in EXPERIMENT_TAGS.items():
-                if key not in experiment.tags:  # an experiment made before these tags existed
-                    client.set_experiment_tag(experiment.experiment_id, key, value)
-            return client, experiment.experiment_id
-        # The embedded store keeps artifacts beside the database, not under the cwd.
-        location = (tracking.root / "mlartifacts").as_uri() if tracking.is_local else None
-        try:
-            return client, client.create_experiment(tracking.experiment_name, artifact_location=location,
-                                                    tags=EXPERIMENT_TAGS)
-        except MlflowException as error:  # a stage of another clone, on a shared server, made it first
-            if error.error_code != "RESOURCE_ALREADY_EXISTS":
-                raise
-            return client, client.get_experiment_by_name(tracking.experiment_name).experiment_id
+        _experiment_ids[client] = {tracking.experiment_name: _open_experiment(client, tracking)}
+        return client, _experiment_ids[client][tracking.experiment_name]
+
+
+def _open_experiment(client, tracking: Tracking) -> str:
+    """The experiment's id, made with its tags where the store has none of that name."""
+    from mlflow.exceptions import MlflowException
+
+    experiment = client.get_experiment_by_name(tracking.experiment_name)
+    if experiment is not None:
+        for key, value in EXPERIMENT_TAGS.items():
+            if key not in experiment.tags:  # an experiment made before these tags existed
+                client.set_experiment_tag(experiment.experiment_id, key, value)
+        return experiment.experiment_id
+    # The embedded store keeps artifacts beside the database, not under the cwd.
+    location = (tracking.root / "mlartifacts").as_uri() if tracking.is_local else None
+    try:
+        return client.create_experiment(tracking.experiment_name, artifact_location=location,
+                                        tags=EXPERIMENT_TAGS)
+    except MlflowException as error:  # a stage of another clone, on a shared server, made it first
+        if error.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        return client.get_experiment_by_name(tracking.experiment_name).experiment_id
 
 
 def git_commit(root: Path) -> str | None:
@@ -207,9 +216,13 @@ def run_tags(tracking: Tracking, cwd: Path, stage: str) -> dict[str, str]:
     return tags
 
 
+_experiment_ids: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # client -> {name: the id connect found}
+
+
 def experiment_id(client, name: str) -> str:
-    """The id of an experiment that `connect` made sure of."""
-    return client.get_experiment_by_name(name).experiment_id
+    """The id of an experiment that `connect` made sure of (as it found it: no second request)."""
+    known = _experiment_ids.get(client, {})
+    return known[name] if name in known else client.get_experiment_by_name(name).experiment_id
 
 
 def runs_page(tracking: Tracking, experiment: str) -> str:

@@ -28,12 +28,12 @@ _outage: list[Exception] = []  # in the worker: the store found down, once MLflo
 
 def _client(tracking: Tracking):
     if tracking not in _clients:  # a failure is not kept: the next call tries again and raises
-        _clients[tracking] = connect(tracking)[0]
+        _clients[tracking] = connect(tracking, checked=True)[0]  # TrackingProcess checked the server
     return _clients[tracking]
 
 
 def _call(tracking: Tracking, fn: Callable, args: tuple):
-    if _outage:  # the calls queued behind one that found the store down fail at once, not ~30 s each
+    if _outage:  # the calls queued behind one that found the store down fail at once, not ~60 s each
         raise _outage[0]
     try:
         return fn(_client(tracking), *args)
@@ -45,14 +45,19 @@ def _call(tracking: Tracking, fn: Callable, args: tuple):
 
 
 # MLflow retries a call that meets a down server (connection refused, 5xx) 7 times with backoff
-# factor 2: ~4 minutes before a stage learns that its store is gone. 5 retries with factor 1 wait
-# 0+2+4+8+16 s: a server restart (~8 s here) is ridden out, an outage fails the stage in ~30 s and
-# the rerun resumes. MLflow's own variables, so a user's setting wins.
-RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "5", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+# factor 2: ~4 minutes before a stage learns that its store is gone. 6 retries with factor 1 wait
+# 0+2+4+8+16+32 s: a restart of the team server (deploy/, 4 workers: 22-28 s here on 2 busy
+# cores) is ridden out, an outage fails the stage in ~60 s and the rerun resumes. MLflow's own
+# variables, so a user's setting wins.
+RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "6", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+# MLflow prints "View run ... at: <url>" for every run it closes, and asks the server for the run
+# to do so: a request per run and a line per run on the stage's terminal. The compare stage
+# prints where the runs are, once.
+QUIET = {"MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
 
 
 def _start_worker(stage_pid: int) -> None:
-    for name, value in RETRIES.items():
+    for name, value in (RETRIES | QUIET).items():
         os.environ.setdefault(name, value)
     # Ctrl-C reaches the whole process group; the stage decides what its runs become (KILLED)
     # and says so through this process, which ends when the stage closes it or is gone.
@@ -101,5 +106,5 @@ class TrackingProcess:
 
     def __exit__(self, exc_type, *exc) -> None:
         # A failed stage drops the calls still queued: against a store that is down each would
-        # retry for ~30 s; the rerun resumes from the checkpoint and backfills what they carried.
+        # retry for ~60 s; the rerun resumes from the checkpoint and backfills what they carried.
         self._pool.shutdown(wait=True, cancel_futures=exc_type is not None)

@@ -11,6 +11,7 @@ through their tracking process (pipeline/tracking_process.py), which supplies th
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -31,10 +32,27 @@ def flatten(prefix: str, value: object) -> dict[str, str]:
 
 def log_metrics(client, run_id: str, metrics: dict[str, float], step: int) -> None:
     """All of one epoch's metrics in a single call: the store costs ms per call, not per value."""
+    log_epochs(client, run_id, [(step, int(time.time() * 1000), metrics)])
+
+
+def log_epochs(client, run_id: str, epochs: list[tuple[int, int, dict[str, float]]]) -> None:
+    """Epochs of one run, each (epoch, time in ms, {metric: value}), in as few calls as MLflow's
+    limit of 1000 metrics a call allows. No epoch is split between two calls: a call cut short
+    leaves each epoch logged whole or not at all, which is what backfill counts on."""
     from mlflow.entities import Metric
 
-    now = int(time.time() * 1000)
-    client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+    per_call = max(1, 1000 // max((len(metrics) for _, _, metrics in epochs), default=1))
+    for start in range(0, len(epochs), per_call):
+        client.log_batch(run_id, metrics=[Metric(name, float(value), timestamp, epoch)
+                                          for epoch, timestamp, metrics in epochs[start : start + per_call]
+                                          for name, value in metrics.items()])
+
+
+def log_tags(client, run_id: str, tags: dict[str, str]) -> None:
+    """A run's tags in one call, not one call each."""
+    from mlflow.entities import RunTag
+
+    client.log_batch(run_id, tags=[RunTag(key, value) for key, value in tags.items()])
 
 
 def log_params(client, run_id: str, params: dict[str, str]) -> None:
@@ -135,25 +153,36 @@ def log_trained_model(client, run_ids: dict, served: tuple | None, best_epochs: 
     from mlflow.models import infer_signature
 
     for run_id, best_epoch, diverged in zip(run_ids["seeds"], best_epochs, diverged_epochs, strict=True):
-        client.set_tag(run_id, "best_epoch", str(best_epoch))
-        client.set_tag(run_id, "diverged", "false" if diverged is None else f"true (epoch {diverged})")
+        log_tags(client, run_id, {"best_epoch": str(best_epoch),
+                                  "diverged": "false" if diverged is None else f"true (epoch {diverged})"})
     count = sum(epoch is not None for epoch in diverged_epochs)
-    client.set_tag(run_ids["variant"], "diverged_seeds", f"{count} of {len(diverged_epochs)}")
-    for path in checkpoints:
+    log_tags(client, run_ids["variant"], {"diverged_seeds": f"{count} of {len(diverged_epochs)}"}
+             | ({} if served is None else {"served_seed": str(served[2])}))
+    for path in checkpoints:  # the run's artifact store is looked up once, then cached by MLflow
         client.log_artifact(run_ids["variant"], str(path), "checkpoints")
     if served is None:
         return
-    model, example, served_seed = served
+    model, example, _ = served
     with torch.no_grad():
         signature = infer_signature(example, model(torch.from_numpy(example)).numpy())
-    with mlflow.start_run(run_id=run_ids["variant"]):
-        mlflow.set_tag("served_seed", str(served_seed))
-        # Explicit requirements: inferring them imports the model in a subprocess (~6 s).
-        # Pickle, not MLflow's default pt2: torch.export costs ~2.3 s here (importing
-        # torch._dynamo, tracing), and the model is a plain nn.Sequential of torch.nn layers.
-        mlflow.pytorch.log_model(model, name="model", signature=signature, input_example=example,
-                                 serialization_format="pickle",
-                                 pip_requirements=mlflow.pytorch.get_default_pip_requirements())
+    # Pickle, not MLflow's default pt2: torch.export costs ~2.3 s here (importing torch._dynamo,
+    # tracing), and the model is a plain nn.Sequential of torch.nn layers. MLflow warns about
+    # pickle on every train stage; the warning is for whoever loads the model, so it is said
+    # once, in the registered model's description (pipeline/registry.py), not here.
+    pickle_warning = logging.getLogger("mlflow.pytorch")
+    pickle_warning.addFilter(_not_the_pickle_warning)
+    try:
+        with mlflow.start_run(run_id=run_ids["variant"]):  # in the run's experiment: so is its logged model
+            # Explicit requirements: inferring them imports the model in a subprocess (~6 s).
+            mlflow.pytorch.log_model(model, name="model", signature=signature, input_example=example,
+                                     serialization_format="pickle",
+                                     pip_requirements=mlflow.pytorch.get_default_pip_requirements())
+    finally:
+        pickle_warning.removeFilter(_not_the_pickle_warning)
+
+
+def _not_the_pickle_warning(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Saving pytorch model by Pickle")
 
 
 def find_variant_runs(client, experiment_name: str, digests: dict[str, str], seeds: list[int]) -> dict:
@@ -205,9 +234,28 @@ def set_status(client, run_ids: dict, status: str) -> None:
 
 def log_replica_metrics(client, run_ids: dict, metrics: dict[str, list[float]], step: int) -> None:
     """Each seed's values into its child run; their mean (and spread) into the variant run."""
-    for replica, run_id in enumerate(run_ids["seeds"]):
-        log_metrics(client, run_id, {name: values[replica] for name, values in metrics.items()}, step)
-    log_metrics(client, run_ids["variant"], summarize(metrics), step)
+    epoch = (step, int(time.time() * 1000), metrics)
+    log_epoch(client, run_ids, epoch, [epoch])
+
+
+# The variant's run gets each epoch's mean and spread over seeds as the epoch ends: one request.
+# The seed runs get their epochs every 30 s and after the last one, a request a seed for all of
+# them: a variant costs its server about one request an epoch instead of 1 + seeds (6 with the
+# lab's 5), and a seed's curve is at most 30 s behind. A crash between two sends loses nothing:
+# the epochs are in the checkpoint, and the resumed stage backfills what the runs miss.
+SEED_RUNS_EVERY_S = 30.0
+
+
+def log_epoch(client, run_ids: dict, epoch: tuple[int, int, dict[str, list[float]]],
+              seed_epochs: list[tuple[int, int, dict[str, list[float]]]]) -> None:
+    """An epoch's mean and spread over seeds into the variant run (epoch, time in ms, {metric:
+    per-seed values}), and the seed runs' `seed_epochs` (those not yet sent), one call a run."""
+    if seed_epochs:
+        for replica, run_id in enumerate(run_ids["seeds"]):
+            log_epochs(client, run_id, [(step, timestamp, {name: values[replica] for name, values in metrics.items()})
+                                        for step, timestamp, metrics in seed_epochs])
+    step, timestamp, metrics = epoch
+    log_epochs(client, run_ids["variant"], [(step, timestamp, summarize(metrics))])
 
 
 def backfill_metrics(client, run_ids: dict, history: dict[str, list[list[float]]]) -> None:
@@ -220,7 +268,7 @@ def backfill_metrics(client, run_ids: dict, history: dict[str, list[list[float]]
 
 
 def _backfill(client, run_id: str, metrics_by_epoch: list[dict[str, float]]) -> None:
-    logged = {m.step for m in client.get_metric_history(run_id, "val_acc")}  # one log_batch: all or none
-    for epoch, metrics in enumerate(metrics_by_epoch, start=1):
-        if epoch not in logged:
-            log_metrics(client, run_id, metrics, epoch)
+    logged = {m.step for m in client.get_metric_history(run_id, "val_acc")}  # an epoch is logged whole or not at all
+    now = int(time.time() * 1000)
+    log_epochs(client, run_id, [(epoch, now, metrics) for epoch, metrics in enumerate(metrics_by_epoch, start=1)
+                                if epoch not in logged])

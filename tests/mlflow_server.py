@@ -53,12 +53,16 @@ def start_server(folder: Path, backend_store_uri: str, *extra: str, env: dict[st
                  port: int | None = None):
     """`mlflow server` on a loopback port (a free one by default); returns (process, uri) once /health answers."""
     port = port or free_port()
+    return launch([MLFLOW, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+                   "--backend-store-uri", backend_store_uri, *extra], folder, port, env)
+
+
+def launch(command: list[str], folder: Path, port: int, env: dict[str, str] | None = None, timeout_s: float = 60):
+    """A server `command` listening on `port`, its output in `folder`; (process, uri) once /health answers."""
     log = folder / f"server-{port}.log"
     with open(log, "w") as out:
         process = subprocess.Popen(
-            [MLFLOW, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-             "--backend-store-uri", backend_store_uri, *extra],
-            cwd=folder, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            command, cwd=folder, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
             # No background job runner (GenAI jobs: several worker processes) on 2 shared cores,
             # and no usage telemetry.
             env=os.environ | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
@@ -66,7 +70,7 @@ def start_server(folder: Path, backend_store_uri: str, *extra: str, env: dict[st
         )
     uri = f"http://127.0.0.1:{port}"
     try:
-        wait_healthy(uri, process, log)
+        wait_healthy(uri, process, log, timeout_s)
     except BaseException:
         stop(process)
         raise

@@ -3,7 +3,8 @@
 PostgreSQL is Debian's: a throwaway cluster in a temporary folder, run as the `postgres` system
 user (initdb and pg_ctl refuse root). S3 is moto's server speaking the S3 HTTP API; the MLflow
 server reaches it through `MLFLOW_S3_ENDPOINT_URL`, exactly as it would reach MinIO or AWS.
-MLflow runs with `--app-name basic-auth` and `--serve-artifacts`: clients need a login, no S3 keys.
+MLflow starts as a team starts it, from deploy/ (start_server.py, basic_auth.ini): basic-auth
+logins, artifacts served by MLflow (clients need a login, no S3 keys), the credential cache on.
 Passwords are drawn per run and live in environment variables only.
 """
 
@@ -11,18 +12,22 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import secrets
 import shutil
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.mlflow_server import free_port, start_server, stop
+from tests.mlflow_server import free_port, launch, stop
 
 BUCKET = "mlflow"
+DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
+START_SCRIPT, AUTH_CONFIG = DEPLOY / "start_server.py", DEPLOY / "basic_auth.ini"
 ADMIN = "admin"
 
 
@@ -133,47 +138,62 @@ def s3_keys(endpoint: str) -> list[str]:
 
 @dataclass
 class TeamServer:
-    """`mlflow server` (basic-auth) on PostgreSQL with artifacts in S3, on a fixed loopback port."""
+    """`mlflow server` (basic-auth) on PostgreSQL with artifacts in S3, on a fixed loopback port,
+    started as a team starts theirs: deploy/start_server.py, secrets in its environment only.
+    `auth_config`: another auth config than deploy/basic_auth.ini (MLFLOW_AUTH_CONFIG_PATH)."""
 
-    folder: Path
+    folder: Path  # the server's state folder: its user store and its log
     postgres: Postgres
     s3: S3
     port: int
     admin_password: str
+    auth_config: Path | None = None
+    artifacts: str = f"s3://{BUCKET}/artifacts"
+    secret_key: str = field(default_factory=lambda: secrets.token_urlsafe(32))  # CSRF key of the auth app
     process: subprocess.Popen | None = None
 
     @property
     def uri(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    def environment(self) -> dict[str, str]:
+        """What the start script reads: the database, the bucket, the secrets, S3's endpoint."""
+        return {"MLFLOW_BACKEND_STORE_URI": self.postgres.uri, "MLFLOW_ARTIFACTS_DESTINATION": self.artifacts,
+                "MLFLOW_AUTH_ADMIN_PASSWORD": self.admin_password, "MLFLOW_FLASK_SERVER_SECRET_KEY": self.secret_key,
+                "MLFLOW_S3_ENDPOINT_URL": self.s3.endpoint,
+                "AWS_ACCESS_KEY_ID": S3_CREDENTIALS["aws_access_key_id"],
+                "AWS_SECRET_ACCESS_KEY": S3_CREDENTIALS["aws_secret_access_key"],
+                "AWS_DEFAULT_REGION": S3_CREDENTIALS["region_name"]} | (
+            {"MLFLOW_AUTH_CONFIG_PATH": str(self.auth_config)} if self.auth_config else {})
+
     def start(self) -> None:
-        config = self.folder / "basic_auth.ini"
-        config.write_text("[mlflow]\ndefault_permission = READ\n"
-                          f"database_uri = sqlite:///{self.folder / 'basic_auth.db'}\n"
-                          f"admin_username = {ADMIN}\nadmin_password = {self.admin_password}\n"
-                          "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
-        env = {"MLFLOW_AUTH_CONFIG_PATH": str(config), "MLFLOW_S3_ENDPOINT_URL": self.s3.endpoint,
-               "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_urlsafe(32),  # CSRF protection of the auth app
-               "AWS_ACCESS_KEY_ID": S3_CREDENTIALS["aws_access_key_id"],
-               "AWS_SECRET_ACCESS_KEY": S3_CREDENTIALS["aws_secret_access_key"],
-               "AWS_DEFAULT_REGION": S3_CREDENTIALS["region_name"]}
-        try:
-            self.process, _ = start_server(self.folder, self.postgres.uri, "--app-name", "basic-auth",
-                                           "--serve-artifacts", "--artifacts-destination", f"s3://{BUCKET}/artifacts",
-                                           env=env, port=self.port)
-        finally:
-            config.unlink()  # read at start; the admin password lives on in this process only
+        self.process, _ = launch([sys.executable, str(START_SCRIPT), "--state-dir", str(self.folder),
+                                  "--host", "127.0.0.1", "--port", str(self.port)],
+                                 self.folder, self.port, self.environment(),
+                                 timeout_s=180)  # its workers import MLflow at once: ~60 s on 2 busy cores
 
     def stop(self) -> None:
         stop(self.process)
 
 
+def auth_config_with(folder: Path, **settings: object) -> Path:
+    """deploy/basic_auth.ini with some of its settings changed (each must be there), in `folder`."""
+    text = AUTH_CONFIG.read_text()
+    for key, value in settings.items():
+        text, count = re.subn(rf"^{key} = .*$", f"{key} = {value}", text, flags=re.MULTILINE)
+        assert count == 1, f"{AUTH_CONFIG} has no setting {key}"
+    path = folder / "basic_auth.ini"
+    path.write_text(text)
+    return path
+
+
 @contextmanager
-def team_stack(folder: Path) -> Iterator[TeamServer]:
-    """PostgreSQL, S3 and the MLflow server in front of them, all stopped and removed afterwards."""
+def team_stack(folder: Path, **server_options) -> Iterator[TeamServer]:
+    """PostgreSQL, S3 and the MLflow server in front of them, all stopped and removed afterwards.
+    `server_options`: TeamServer's own (auth_config, artifacts)."""
     postgres = start_postgres()
     s3 = start_s3()
-    server = TeamServer(folder, postgres, s3, free_port(), secrets.token_urlsafe(16))
+    server = TeamServer(folder, postgres, s3, free_port(), secrets.token_urlsafe(16), **server_options)
     try:
         server.start()
         yield server

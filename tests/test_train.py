@@ -15,6 +15,7 @@ import yaml
 
 from pipeline import checkpoint
 from pipeline.params import load_params
+from pipeline.reports import METRICS
 from pipeline.stages.prepare import prepare
 from pipeline.stages.train import Paths, train
 from pipeline.tracking import Tracking
@@ -24,6 +25,7 @@ from tests.conftest import (
     stage_command,
     stage_env,
     tiny_mnist_arrays,
+    variant_run_ids,
     write_environment,
     write_mirror,
 )
@@ -158,8 +160,11 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, slow_mirror, un
     [run] = variant_runs(path)  # the same run continued, not a second one
     assert run.info.run_id == crashed.info.run_id and run.info.status == "FINISHED"
     client = project_client(path)
-    steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "val_acc"))
-    assert steps == list(range(1, EPOCHS + 1))
+    ids = variant_run_ids(client, path, "batchnorm")  # the seed runs too: sent every 30 s, backfilled here
+    for run_id in [ids["variant"], *ids["seeds"]]:
+        for metric in METRICS:
+            steps = sorted(m.step for m in client.get_metric_history(run_id, metric))
+            assert steps == list(range(1, EPOCHS + 1)), (run_id, metric, steps)  # every epoch, once
 
 
 def test_sigterm_ends_run_killed_and_params_change_starts_fresh(tmp_path, slow_mirror):

@@ -4,9 +4,11 @@ RUNNING closed, finished runs found again by their inputs, and runs rebuilt from
 
 from __future__ import annotations
 
+import logging
 import math
 
 import mlflow.pytorch
+import numpy as np
 import pytest
 import torch
 
@@ -18,6 +20,8 @@ from pipeline.variant_runs import (
     close_abandoned,
     find_variant_runs,
     flatten,
+    log_epoch,
+    log_epochs,
     log_params,
     log_replica_metrics,
     log_trained_model,
@@ -152,3 +156,63 @@ def test_restore_rebuilds_finished_runs_with_every_epoch_and_the_model(store, tm
     loaded = mlflow.pytorch.load_model(model.model_uri)
     assert loaded(torch.zeros(1, 784)).shape == (1, 10)
     assert find_variant_runs(client, "lab", {"batchnorm": "inputs-1"}, [0, 1]) == {"batchnorm": run_ids}
+
+
+class CountingClient:
+    """The real client, counting its log_batch calls and the epochs each carried."""
+
+    def __init__(self, client) -> None:
+        self.client, self.batches = client, []
+
+    def log_batch(self, run_id, metrics=(), **kwargs):
+        self.batches.append((run_id, sorted({m.step for m in metrics})))
+        return self.client.log_batch(run_id, metrics=metrics, **kwargs)
+
+
+def test_log_epochs_never_splits_an_epoch_between_two_calls(store):
+    client, experiment = store
+    run_id = client.create_run(experiment).info.run_id
+    counting = CountingClient(client)
+    epochs = [(epoch, 1000 + epoch, {f"m{i}": epoch + i / 10 for i in range(7)}) for epoch in range(1, 301)]
+    log_epochs(counting, run_id, epochs)  # 2,100 metrics: over the limit of 1,000 a call
+    assert [len(steps) for _, steps in counting.batches] == [142, 142, 16]  # 994 metrics at most a call
+    history = client.get_metric_history(run_id, "m6")
+    assert [(m.step, m.timestamp, m.value) for m in history] == [(e, 1000 + e, pytest.approx(e + 0.6)) for e in
+                                                                  range(1, 301)]
+
+
+def test_log_epoch_sends_the_seed_runs_only_what_it_is_given(store):
+    client, _ = store
+    run_ids = start(client)
+    history = epoch_history(3)
+    epochs = [(e, 1000 * e, {name: values[e - 1] for name, values in history.items()}) for e in (1, 2, 3)]
+    counting = CountingClient(client)
+    log_epoch(counting, run_ids, epochs[0], [])
+    log_epoch(counting, run_ids, epochs[1], [])
+    assert [run_id for run_id, _ in counting.batches] == [run_ids["variant"]] * 2  # one request an epoch
+    log_epoch(counting, run_ids, epochs[2], epochs)
+    assert counting.batches[2:] == [(run_ids["seeds"][0], [1, 2, 3]), (run_ids["seeds"][1], [1, 2, 3]),
+                                    (run_ids["variant"], [3])]
+    for replica, run_id in enumerate(run_ids["seeds"]):
+        logged = client.get_metric_history(run_id, "val_acc")
+        assert [(m.step, m.timestamp, m.value) for m in logged] == [(e, 1000 * e, e + replica / 10) for e in (1, 2, 3)]
+    assert [m.step for m in client.get_metric_history(run_ids["variant"], "val_acc")] == [1, 2, 3]
+
+
+def test_mlflows_pickle_warning_is_not_repeated_by_every_train_stage(store, tmp_path):
+    client, _ = store
+    seen = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    logger = logging.getLogger("mlflow.pytorch")
+    logger.addHandler(handler)
+    try:
+        model = plain_mlp(CONFIG, 0)
+        mlflow.pytorch.save_model(model, tmp_path / "saved", serialization_format="pickle")
+        assert any(message.startswith("Saving pytorch model by Pickle") for message in seen)  # MLflow says it
+        seen.clear()
+        log_trained_model(client, start(client), (model, np.zeros((2, 784), dtype=np.float32), 0), [1, 1],
+                          [None, None], [])
+        assert not any("Pickle" in message for message in seen)
+    finally:
+        logger.removeHandler(handler)

@@ -22,7 +22,7 @@ import signal
 import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -127,6 +127,8 @@ class Progress:
     history: dict[str, list[list[float]]]  # per metric, the K values of each epoch
     run_ids: Future  # the variant's MLflow runs, started or resumed in the tracking process
     logged: tuple[Future, ...] = ()  # the tracking calls of each epoch's metrics
+    unsent: tuple = ()  # (epoch, time in ms, metrics) of the epochs not yet sent to the seed runs
+    seeds_sent_at: float = field(default_factory=time.monotonic)  # see variant_runs.SEED_RUNS_EVERY_S
 
 
 def train(params: Params, variant: str, root: Path, paths: Paths, tracking: Tracking | None = None) -> dict:
@@ -213,9 +215,14 @@ def record_epoch(run: Run, progress: Progress, epoch: int, trained: dict, train_
     checkpoint.save(run.paths.scratch / "last.pt", {"inputs_digest": run.inputs.digest, "epoch": epoch, **trained,
                                                     "history": history, "run_ids": progress.run_ids.result()})
     # Logged after the checkpoint: a crash in between is backfilled on resume.
-    logged = run.tracker.submit(variant_runs.log_replica_metrics, progress.run_ids.result(), metrics, epoch)
+    unsent, sent_at = (*progress.unsent, (epoch, int(time.time() * 1000), metrics)), progress.seeds_sent_at
+    send_seeds = epoch == run.config.epochs or time.monotonic() - sent_at >= variant_runs.SEED_RUNS_EVERY_S
+    logged = run.tracker.submit(variant_runs.log_epoch, progress.run_ids.result(), unsent[-1],
+                                list(unsent) if send_seeds else [])
+    if send_seeds:
+        unsent, sent_at = (), time.monotonic()
     print(epoch_line(run.config.name, epoch, run.config.epochs, metrics, train_seconds), flush=True)
-    return Progress(epoch, best, history, progress.run_ids, (*progress.logged, logged))
+    return Progress(epoch, best, history, progress.run_ids, (*progress.logged, logged), unsent, sent_at)
 
 
 @contextlib.contextmanager
