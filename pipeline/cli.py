@@ -1,9 +1,9 @@
 """The thin shell each command runs its work in: one clear line and an exit code on failure.
 
     if __name__ == "__main__":
-        variant = cli.variant_argument(__doc__)
+        arguments = cli.parser(__doc__).parse_args()   # after the stage's add_argument calls
         with cli.one_line_errors():
-            train(load_params(), variant, Path.cwd())
+            evaluate(load_params(), ...)
 """
 
 from __future__ import annotations
@@ -38,9 +38,3 @@ def one_line_errors() -> Iterator[None]:
 def parser(doc: str) -> argparse.ArgumentParser:
     return argparse.ArgumentParser(description=doc.split("\n")[0])
 
-
-def variant_argument(doc: str) -> str:
-    """The NAME of `python -m pipeline.stages.<stage> --variant NAME`."""
-    variant_parser = parser(doc)
-    variant_parser.add_argument("--variant", required=True)
-    return variant_parser.parse_args().variant
