@@ -1,9 +1,11 @@
 """The thin shell each command runs its work in: one clear line and an exit code on failure.
 
     if __name__ == "__main__":
-        arguments = cli.parser(__doc__).parse_args()   # after the stage's add_argument calls
+        parser = cli.parser(__doc__)
+        parser.add_argument("--out", type=Path, required=True)
+        arguments = parser.parse_args()
         with cli.one_line_errors():
-            evaluate(load_params(), ...)
+            compare(load_params(), arguments.out, ...)
 """
 
 from __future__ import annotations
