@@ -13,6 +13,7 @@ import pytest
 
 from pipeline.params import Params, parse_params
 from pipeline.stages.download import MNIST_SHA256
+from tests.team_server import create_user, postgres_bin, team_stack
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_MNIST = ROOT.parent / "shared" / "data" / "mnist"
@@ -219,6 +220,24 @@ def http_mirror(tiny_mirror):
     yield f"http://127.0.0.1:{server.server_address[1]}/"
     server.shutdown()
     server.server_close()
+
+
+@pytest.fixture(scope="session")
+def team_server(tmp_path_factory):
+    """One team stack (tests/team_server.py) for the session's tests that stop none of its parts;
+    each module tracks into an experiment and registers a model of its own names."""
+    import shutil
+
+    if postgres_bin("initdb") is None or shutil.which("runuser") is None:
+        pytest.skip("needs Debian's postgresql (initdb, pg_ctl) and runuser")
+    with team_stack(tmp_path_factory.mktemp("team")) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def alice_password(team_server) -> str:
+    """The password of `alice`, a user of the session's team server (READ on what others made)."""
+    return create_user(team_server.uri, team_server.admin_password, "alice")
 
 
 # The tiers: a test is marked by the test helpers that it, its fixtures and the helpers they call

@@ -22,7 +22,6 @@ from pathlib import Path
 
 from tests.mlflow_server import free_port, start_server, stop
 
-BUCKET = "mlflow"
 ADMIN = "admin"
 
 
@@ -87,9 +86,11 @@ def start_postgres() -> Postgres:
 
 @dataclass
 class S3:
-    """moto's S3 server on a loopback port; its buckets live in this process, across restarts."""
+    """moto's S3 server on a loopback port. moto keeps the buckets of every server it runs in this
+    process, across restarts: each server has a bucket of its own."""
 
     port: int
+    bucket: str
     server: object = None
 
     @property
@@ -105,30 +106,25 @@ class S3:
     def stop(self) -> None:
         self.server.stop()
 
+    def keys(self, prefix: str = "") -> list[str]:
+        import boto3
+
+        s3 = boto3.client("s3", endpoint_url=self.endpoint, **S3_CREDENTIALS)
+        return [item["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
+                for item in page.get("Contents", [])]
+
 
 def start_s3() -> S3:
-    """moto's S3 server, empty but for the artifacts bucket. moto keeps its buckets in this
-    process, for every server it runs: those an earlier test module left are reset first."""
-    import urllib.request
-
+    """moto's S3 server with an empty bucket of its own (the artifacts' and the DVC remotes')."""
     import boto3
 
-    s3 = S3(free_port())
+    s3 = S3(free_port(), f"mlflow-{secrets.token_hex(4)}")
     s3.start()
-    urllib.request.urlopen(urllib.request.Request(f"{s3.endpoint}/moto-api/reset", method="POST"), timeout=30).read()
-    boto3.client("s3", endpoint_url=s3.endpoint, **S3_CREDENTIALS).create_bucket(Bucket=BUCKET)
+    boto3.client("s3", endpoint_url=s3.endpoint, **S3_CREDENTIALS).create_bucket(Bucket=s3.bucket)
     return s3
 
 
 S3_CREDENTIALS = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing", "region_name": "us-east-1"}
-
-
-def s3_keys(endpoint: str) -> list[str]:
-    import boto3
-
-    s3 = boto3.client("s3", endpoint_url=endpoint, **S3_CREDENTIALS)
-    return [item["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET)
-            for item in page.get("Contents", [])]
 
 
 @dataclass
@@ -158,8 +154,8 @@ class TeamServer:
                "AWS_SECRET_ACCESS_KEY": S3_CREDENTIALS["aws_secret_access_key"],
                "AWS_DEFAULT_REGION": S3_CREDENTIALS["region_name"]}
         try:
-            self.process, _ = start_server(self.folder, self.postgres.uri, "--app-name", "basic-auth",
-                                           "--serve-artifacts", "--artifacts-destination", f"s3://{BUCKET}/artifacts",
+            self.process, _ = start_server(self.folder, self.postgres.uri, "--app-name", "basic-auth", "--serve-artifacts",
+                                           "--artifacts-destination", f"s3://{self.s3.bucket}/artifacts",
                                            env=env, port=self.port)
         finally:
             config.unlink()  # read at start; the admin password lives on in this process only
