@@ -14,7 +14,10 @@ INSTALLED := $(VENV)/.installed-from-lock
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
 TIERS := team cluster queue server repro ui lab
-PYTEST := python -m pytest
+# Two pytest processes (pytest-xdist), a test file each at a time: one keeps about one core busy
+# (each stage trains on one thread). JOBS=0 runs the tests in this process.
+JOBS ?= 2
+PYTEST := python -m pytest -n $(JOBS) --dist loadfile --no-loadscope-reorder
 SPACE := $(subst ,, )
 FAST := not ($(subst $(SPACE), or ,$(TIERS)))
 
