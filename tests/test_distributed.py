@@ -18,7 +18,9 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from tests.conftest import make_project, run
+from pipeline.distributed import committed_head, run_sweep
+from pipeline.errors import PipelineError
+from tests.conftest import make_project, run, stage_env
 from tests.dask_cluster import Cluster
 from tests.team_server import S3_CREDENTIALS, login
 
@@ -55,6 +57,24 @@ def sweep(tmp_path_factory, tiny_mirror, team_server, alice_password):
         yield path, env | {"DASK_SCHEDULER_ADDRESS": cluster.address}, cluster, server, alice, variants
     finally:
         cluster.stop()
+
+
+def test_a_local_store_or_an_uncommitted_change_is_refused_before_the_cluster(tmp_path, monkeypatch):
+    monkeypatch.setenv("DASK_SCHEDULER_ADDRESS", "tcp://127.0.0.1:1")  # nothing listens: never reached
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    with pytest.raises(PipelineError, match=r"^MLFLOW_TRACKING_URI: the workers need a tracking server they all "):
+        run_sweep(tmp_path, str(tmp_path))
+    env = stage_env()
+    run(["git", "init", "-q", "-b", "main"], tmp_path, env)
+    for name in ("params.yaml", "dvc.lock"):
+        (tmp_path / name).write_text("a: 1\n")
+    run(["git", "add", "-A"], tmp_path, env)
+    run(["git", "commit", "-qm", "init"], tmp_path, env)
+    (tmp_path / "dvc.lock").write_text("a: 2\n")  # the coordinator's own repro rewrites it
+    assert committed_head(tmp_path) == run(["git", "rev-parse", "HEAD"], tmp_path, env).stdout.strip()
+    (tmp_path / "params.yaml").write_text("a: 2\n")
+    with pytest.raises(PipelineError, match=r"^params.yaml: uncommitted change; the workers run the committed code"):
+        committed_head(tmp_path)
 
 
 def distributed(path, env) -> subprocess.Popen:
