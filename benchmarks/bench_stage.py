@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import ROOT, VARIANT, peak_rss_mb, run_alone, setup
+from common import ROOT, VARIANT, children_cpu_s, peak_rss_mb, run_alone, setup
 
 
 def part_overhead(args) -> dict:
@@ -73,13 +73,18 @@ def part_overhead(args) -> dict:
         shutil.copytree(ROOT / "data" / "prepared", tmp / "data" / "prepared")
         shutil.copy(ROOT / "environment.json", tmp / "environment.json")  # the check stage's record
         store = tracking.Tracking(f"sqlite:///{tmp / 'mlflow.db'}", tmp, "bench-overhead")
-        # train(params, variant, root, tracking), or the older train(params, variant, paths, runs)
-        where = tmp if "root" in inspect.signature(stage.train).parameters else stage.Paths.for_variant(tmp, VARIANT)
+        # train(params, variant, root, paths, tracking), paths as dvc.yaml names them; or the older
+        # train(params, variant, root, tracking), which made them itself
+        where = [tmp]
+        if "paths" in inspect.signature(stage.train).parameters:
+            data = tmp / "data"
+            where.append(stage.Paths.of(tmp, VARIANT, data / "prepared", data / "checkpoints" / VARIANT,
+                                        data / "train" / VARIANT))
         cwd = os.getcwd()
         os.chdir(tmp)  # run tags look for git here: none
         try:
             t0 = time.perf_counter()
-            stage.train(params, VARIANT, where, store)
+            stage.train(params, VARIANT, *where, store)
             stage_s = time.perf_counter() - t0
         finally:
             os.chdir(cwd)
@@ -117,56 +122,87 @@ def part_overhead(args) -> dict:
             "breakdown_s": spent}
 
 
+def lab_env(tmp: Path) -> dict[str, str]:
+    """The environment `dvc repro` runs with in a copy: this venv's dvc, MLflow to a sqlite db in it."""
+    env = {k: v for k, v in os.environ.items() if k not in ("DVC_EXP_NAME", "MLFLOW_TRACKING_URI")}
+    return env | {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+                  "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}",
+                  "MNIST_MIRROR": str(ROOT.parent / "shared" / "data" / "mnist"), "DVC_NO_ANALYTICS": "1",
+                  "PYTHONUNBUFFERED": "1"}
+
+
+def sh(tmp: Path, env: dict[str, str], *cmd: str) -> None:
+    subprocess.run(cmd, cwd=tmp, env=env, check=True, capture_output=True, text=True)
+
+
+def lab_copy(tmp: Path, env: dict[str, str]) -> None:
+    """A copy of the project in `tmp` (git and DVC initialised) whose data/raw and data/prepared
+    are given: the check stage run, then `dvc commit download prepare`, so `dvc repro` starts
+    from the prepared data."""
+    shutil.copytree(ROOT / "pipeline", tmp / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("dvc.yaml", "params.yaml", "dvc.lock", ".gitignore", "requirements.lock"):
+        if (ROOT / name).exists():  # requirements.lock: the check stage's dependency
+            shutil.copy(ROOT / name, tmp / name)
+    sh(tmp, env, "git", "init", "-q")
+    sh(tmp, env, "dvc", "init", "-q")
+    shutil.copy(ROOT / ".dvc" / "config", tmp / ".dvc" / "config")
+    for sub in ("raw", "prepared"):
+        shutil.copytree(ROOT / "data" / sub, tmp / "data" / sub)
+    sh(tmp, env, "dvc", "repro", "-q", "check")  # environment.json, which prepare depends on
+    sh(tmp, env, "dvc", "commit", "-f", "-q", "download", "prepare")  # data given: download excluded
+
+
+def set_param(tmp: Path, key: str, value) -> None:
+    """One line of the copy's params.yaml, `key: value`; `key` with its indent ("seeds", "  epochs")."""
+    params_file = tmp / "params.yaml"
+    text, found = re.subn(rf"(?m)^{key}: .*$", f"{key}: {value}", params_file.read_text())
+    if found != 1:
+        raise ValueError(f"params.yaml: {found} lines for {key.strip()!r}, expected 1")
+    params_file.write_text(text)
+
+
+def repro(tmp: Path, env: dict[str, str], log_name: str, *options: str) -> dict:
+    """Wall and CPU seconds of `dvc repro [options]`, and each stage's seconds: `stages_s` from
+    when dvc announces it to the next announcement, `commands_s` from its command's start (dvc's
+    `> cmd` line) to dvc's `Updating lock file` after it (the command, then saving its outputs);
+    `dvc_s` is the rest of the wall time (dvc's start, its checks between stages)."""
+    stages = []  # [name, announced, command started, lock updated]
+    cpu0, t0 = children_cpu_s(), time.perf_counter()
+    with open(tmp / log_name, "w") as log:
+        proc = subprocess.Popen(["dvc", "repro", *options], cwd=tmp, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+        for line in proc.stdout:
+            log.write(line)
+            now = time.perf_counter()
+            if line.startswith("Running stage '"):
+                stages.append([line.split("'")[1], now, None, None])
+            elif stages and stages[-1][2] is None and line.startswith("> "):
+                stages[-1][2] = now
+            elif stages and stages[-1][3] is None and line.startswith("Updating lock file"):
+                stages[-1][3] = now
+        code = proc.wait()
+    wall, cpu = time.perf_counter() - t0, children_cpu_s() - cpu0
+    ends = [stage[1] for stage in stages[1:]] + [t0 + wall]
+    commands = {name: (updated or end) - (started or announced)
+                for (name, announced, started, updated), end in zip(stages, ends)}
+    tail = (tmp / log_name).read_text().splitlines()[-15:]
+    return {"wall_s": wall, "cpu_s": cpu, "returncode": code,
+            "stages_s": {stage[0]: end - stage[1] for stage, end in zip(stages, ends)},
+            "commands_s": commands, "dvc_s": wall - sum(commands.values()),
+            **({"log_tail": tail} if code else {})}
+
+
 def part_pipeline(args) -> dict:
     """`dvc repro` of the lab in a temp copy that already holds raw and prepared data."""
     keep = args.keep_temp
     tmp = Path(tempfile.mkdtemp(prefix="bench-lab-"))
-    env = {k: v for k, v in os.environ.items() if k not in ("DVC_EXP_NAME", "MLFLOW_TRACKING_URI")}
-    env |= {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
-            "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}",
-            "MNIST_MIRROR": str(ROOT.parent / "shared" / "data" / "mnist"), "DVC_NO_ANALYTICS": "1",
-            "PYTHONUNBUFFERED": "1"}
-
-    def sh(*cmd: str) -> None:
-        subprocess.run(cmd, cwd=tmp, env=env, check=True, capture_output=True, text=True)
-
-    def repro(log_name: str) -> dict:
-        """Wall time of `dvc repro`, and of each stage (from when dvc announces it)."""
-        stages, marks = [], []
-        t0 = time.perf_counter()
-        with open(tmp / log_name, "w") as log:
-            proc = subprocess.Popen(["dvc", "repro"], cwd=tmp, env=env, stdout=subprocess.PIPE,
-                                    stderr=subprocess.STDOUT, text=True)
-            for line in proc.stdout:
-                log.write(line)
-                if line.startswith("Running stage '"):
-                    stages.append(line.split("'")[1])
-                    marks.append(time.perf_counter())
-            code = proc.wait()
-        wall = time.perf_counter() - t0
-        marks.append(t0 + wall)
-        tail = (tmp / log_name).read_text().splitlines()[-15:]
-        return {"wall_s": wall, "returncode": code,
-                "stages_s": {s: marks[i + 1] - marks[i] for i, s in enumerate(stages)},
-                **({"log_tail": tail} if code else {})}
-
+    env = lab_env(tmp)
     try:
-        shutil.copytree(ROOT / "pipeline", tmp / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
-        for name in ("dvc.yaml", "params.yaml", "dvc.lock", ".gitignore"):
-            if (ROOT / name).exists():
-                shutil.copy(ROOT / name, tmp / name)
-        sh("git", "init", "-q")
-        sh("dvc", "init", "-q")
-        shutil.copy(ROOT / ".dvc" / "config", tmp / ".dvc" / "config")
-        for sub in ("raw", "prepared"):
-            shutil.copytree(ROOT / "data" / sub, tmp / "data" / sub)
-        sh("dvc", "commit", "-f", "-q", "download", "prepare")  # data given: download excluded
-        full = repro("repro_full.log")
-        noop = repro("repro_noop.log")
-        # The lab as published: one run per variant (params.yaml's default is 5 seeds).
-        params_file = tmp / "params.yaml"
-        params_file.write_text(re.sub(r"(?m)^seeds: .*$", "seeds: [0]", params_file.read_text()))
-        one_seed = repro("repro_one_seed.log")
+        lab_copy(tmp, env)
+        full = repro(tmp, env, "repro_full.log")
+        noop = repro(tmp, env, "repro_noop.log")
+        set_param(tmp, "seeds", [0])  # the lab as published: one run per variant
+        one_seed = repro(tmp, env, "repro_one_seed.log")
     finally:
         if not keep:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -9,7 +9,8 @@ bench_stage.py's and prints the table):
   project     pipeline.training.train_epoch on a StackedMlp with K=1
   stacked     K=5 stacked vs 5 sequential K=1 runs (and bit-identical repeats)
   threads     a K=5 step and one evaluation at 1 and at 2 torch threads
-  fastpath    K=1 and K=5 steps on pipeline/fastpath.py's private calls against its public ones
+  fastpath    ms/step of the step by hand (pipeline/backprop.py, fastpath's private calls) against
+              autograd's (the public calls): K=1 with and without batch norm, K=5
 See benchmarks/README.md for what each figure means and the targets.
 """
 
@@ -32,6 +33,7 @@ def part_baseline(args) -> dict:
     from torchvision import datasets, transforms
 
     from pipeline.model import plain_mlp
+    from pipeline.data import read_split
     from pipeline.stages.prepare import split_indices
 
     params, config = setup(args.threads)
@@ -42,8 +44,8 @@ def part_baseline(args) -> dict:
             (raw / gz.stem).write_bytes(gzip.decompress(gz.read_bytes()))
         mnist = datasets.MNIST(tmp, train=True, download=False, transform=transforms.ToTensor())
         train_idx, _ = split_indices(len(mnist), params.data.val_size, params.data.split_seed)
-        prepared = torch.load(ROOT / "data" / "prepared" / "train.pt", weights_only=True)
-        same_split = torch.equal(mnist.targets[train_idx], prepared["labels"])
+        _, prepared_labels = read_split(ROOT / "data" / "prepared" / "train")
+        same_split = torch.equal(mnist.targets[train_idx], torch.from_numpy(prepared_labels))
         loader = DataLoader(Subset(mnist, train_idx.tolist()), batch_size=config.batch_size,
                             shuffle=True, generator=torch.Generator().manual_seed(0))
 
@@ -136,24 +138,33 @@ def part_threads(args) -> dict:
 
 
 def part_fastpath(args) -> dict:
-    """Median steps per second on the private calls and on the public ones, K=1 and K=5.
+    """ms per step on the private path (pipeline/backprop.py's step by hand, torch's fused kernels)
+    and on the public one (autograd, torch.optim's functional update), alternated 3 times, medians:
+    K=1 with batch norm (`k1`), K=1 without (`k1_no_norm`), the lab's K=5 with batch norm (`k5`).
 
     Both paths run the same kernels, so they end with equal weights (`same_weights`)."""
     params, config, train, _ = lab_splits(args.threads)
     result = {}
-    for seeds in (params.seeds[:1], params.seeds):
+    for key, seeds, norm in (("k1", params.seeds[:1], "batch"), ("k1_no_norm", params.seeds[:1], "none"),
+                             ("k5", params.seeds, "batch")):
+        variant = config.model_copy(update={"norm": norm})
         for private in (True, False):  # warm-up: each path's first-use costs stay out of the timings
-            project_steps(seeds, config, train, 50, private=private)
+            project_steps(seeds, variant, train, 50, private=private)
         walls, models = {True: [], False: []}, {}
         for _ in range(3):  # alternated, so both see the same machine load
             for private in (True, False):
                 started = time.perf_counter()
-                models[private] = project_steps(seeds, config, train, args.steps, private=private)
+                models[private] = project_steps(seeds, variant, train, args.steps, private=private)
                 walls[private].append(time.perf_counter() - started)
-        rate = {private: args.steps / statistics.median(w) for private, w in walls.items()}
-        result[f"k{len(seeds)}"] = {
-            "private_median_steps_per_s": rate[True], "public_median_steps_per_s": rate[False],
-            "private_vs_public": rate[True] / rate[False], "same_weights": same_weights(models[True], models[False]),
+        median = {private: statistics.median(w) for private, w in walls.items()}
+        result[key] = {
+            "replicas": len(seeds), "norm": norm,
+            "private_median_ms_per_step": 1e3 * median[True] / args.steps,
+            "public_median_ms_per_step": 1e3 * median[False] / args.steps,
+            "private_median_steps_per_s": args.steps / median[True],
+            "public_median_steps_per_s": args.steps / median[False],
+            "private_vs_public": median[False] / median[True],
+            "same_weights": same_weights(models[True], models[False]),
             "private_s": walls[True], "public_s": walls[False],
         }
     return {"steps": args.steps, **result}

@@ -1,6 +1,6 @@
 """Scaling of a sweep on real MNIST: a 12-point grid (6 learning rates x batch norm or none),
 5 seeds, 10 epochs, run three ways from scratch: plain `dvc repro`, then
-`python -m pipeline.distributed` on a Dask cluster of 1 worker, then of 2 workers.
+`python -m pipeline.commands.distributed` on a Dask cluster of 1 worker, then of 2 workers.
 
 Each way runs in a fresh clone of HEAD with its own DVC cache and remote (a folder) and its own
 MLflow server (SQLite, loopback), so no way restores what another trained. Reports wall times,
@@ -61,7 +61,7 @@ def project(folder: Path, env: dict[str, str], grid: dict) -> Path:
     params["compare"]["reference"] = "sweep-none-lr0p01"
     with open(path / "params.yaml", "w") as handle:
         yaml.dump(params, handle)
-    sh([sys.executable, "-m", "pipeline.sweep"], path, env)
+    sh([sys.executable, "-m", "pipeline.commands.sweep"], path, env)
     sh(["dvc", "remote", "add", "-d", "bench", str(folder / "remote")], path, env)
     sh(["git", "commit", "-qam", "12-point grid"], path, env)
     return path
@@ -108,7 +108,7 @@ def run_way(way: str, folder: Path, grid: dict) -> dict:
 
         with LocalCluster(n_workers=int(way), threads_per_worker=1, processes=True, dashboard_address=None,
                           host="127.0.0.1", local_directory=str(folder / "workers")) as cluster:
-            out, wall, _ = measured([sys.executable, "-m", "pipeline.distributed"], path,
+            out, wall, _ = measured([sys.executable, "-m", "pipeline.commands.distributed"], path,
                                     env | {"DASK_SCHEDULER_ADDRESS": cluster.scheduler_address})
         tasks = {m[0]: dict(zip(("clone", "check", "repro", "push"), map(float, m[1:]))) for m in TASK_LINE.findall(out)}
         setup = float(re.search(r"all variants in ([\d.]+)s", out).group(1))

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 import warnings
 from functools import partial
@@ -27,7 +28,6 @@ from pipeline import fastpath
 from pipeline.data import Split, load_split
 from pipeline.model import StackedMlp, unstack
 from pipeline.params import load_params
-from pipeline.reference import train_alone  # the CPU equivalence test's reference loop
 from pipeline.stages.prepare import prepare
 from pipeline.training import (
     TrainingStep,
@@ -42,6 +42,8 @@ from pipeline.training import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as a script: the repository root holds tests/, test support
+from tests.reference import train_alone  # noqa: E402  the CPU equivalence test's reference loop
 
 
 def timed(fn) -> float:
@@ -157,7 +159,7 @@ def main() -> None:
     eager = final_weights(config, train, 3, graphed=False)
     report["eager_s_for_3_epochs"] = time.perf_counter() - started
     report["graph_equals_eager"] = equal(first, eager)
-    report["fastpath_private"] = fastpath.private_path()
+    report["fastpath_private"] = fastpath.private_path("cuda")
     report["public_path_equals_private"] = equal(final_weights(config, train, 3, private=True),
                                                  final_weights(config, train, 3, private=False))
     report["stack_vs_alone"] = stack_matches_alone(config, train, steps=208)

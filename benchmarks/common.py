@@ -4,6 +4,7 @@ in a child process of its own (so each has its own imports, allocator and peak R
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import platform
@@ -48,6 +49,25 @@ def lab_splits(threads: int):
     train = load_split(prepared, "train", torch.device("cpu"))
     val = load_split(prepared, "val", torch.device("cpu"))
     return params, config, train, val
+
+
+def children_cpu_s() -> float:
+    """CPU seconds (user + system) of this process's finished children so far."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def machine_info() -> dict:
+    """The machine and the moment measured: cores (all, and those this process may run on), the
+    CPU's model, Python, the UTC time and the load average."""
+    cpuinfo = Path("/proc/cpuinfo")
+    models = [line.split(":", 1)[1].strip() for line in (cpuinfo.read_text().splitlines() if cpuinfo.exists() else [])
+              if line.startswith("model name")]
+    return {"cpus": os.cpu_count(), "cpus_usable": len(os.sched_getaffinity(0)),
+            "cpu": platform.processor() or platform.machine(), "cpu_model": models[0] if models else None,
+            "python": platform.python_version(),
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "loadavg_start": os.getloadavg()}
 
 
 def timed(fn, repeats: int) -> dict:
@@ -154,9 +174,7 @@ def measure(parts: dict, args) -> dict:
     import torch
 
     wanted = [p for p in args.parts.split(",") if p and (p != "pipeline" or args.pipeline)]
-    results = {"machine": {"cpus": os.cpu_count(), "cpu": platform.processor() or platform.machine(),
-                           "torch": torch.__version__, "threads": args.threads,
-                           "loadavg_start": os.getloadavg()},
+    results = {"machine": machine_info() | {"torch": torch.__version__, "threads": args.threads},
                "code": code_state()}
     for name in wanted:
         print(f"running {name} ...", file=sys.stderr, flush=True)

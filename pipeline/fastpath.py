@@ -1,23 +1,28 @@
 """torch's private fast calls of a training step, each behind the public call it shortcuts.
 
 At batch 32 a step costs well under a millisecond, so per-step Python overhead is what counts
-(benchmarks/README.md). Two private calls skip it:
-  gradients  the autograd engine's `run_backward`, where `torch.autograd.grad` ends after its
-             argument checks (whose first seeded use imports sympy, 0.32 s here);
+(benchmarks/README.md). Two private paths skip it:
+  gradients  pipeline/backprop.py's step by hand: the ATen kernels autograd runs for the step
+             (`torch.ops.aten.*_backward` among them), called directly on preallocated buffers,
+             where `torch.autograd.grad` records a graph through nn.Module calls and walks it;
   update     `torch._fused_adam_` / `_fused_adamw_` / `_fused_sgd_`, where the functional
              `torch.optim.adam.adam` / `adamw.adamw` / `sgd.sgd` (fused=True) end after
              grouping tensors by device and dtype. Those functions are what
              `torch.optim.<Adam|AdamW|SGD>(fused=True).step()` calls; the classes themselves
              would import `torch._dynamo` in every train stage (1.3-1.5 s measured here).
-Both paths run the same kernels with the same arguments: the same bits (tests/test_optimizer.py,
-tests/test_fastpath.py), so the path taken changes no output. The private one saves 65-90 us a
-step on this 2-core machine: 2,162 against 1,895 steps/s for one seed, 1,179 against 1,064 for
-the lab's stack of 5 (medians of 3 x 2,000 steps, `python benchmarks/bench_step.py --parts fastpath`).
+Both paths run the same kernels with the same arguments: the same bits (tests/test_backprop.py,
+tests/test_optimizer.py, tests/test_training.py), so the path taken changes no output. Against
+the step before it (autograd's engine called through `run_backward`, the same fused update),
+the step by hand takes 1.88x less CPU time at K=1 with batch norm (0.829 -> 0.442 ms) and
+without (0.681 -> 0.363 ms), 1.33x at the lab's K=5 (1.467 -> 1.101 ms): medians of 3
+alternating runs of 1,000 steps on this 2-core machine, shared (load 8-13);
+`python benchmarks/bench_step.py --parts fastpath` times it against the public path.
 
-A torch release may rename or change a private call: `private_path()` decides once per
-process, at the first optimizer, and takes the private calls only where they exist and give
-the public result bit for bit on a few-element tensor; otherwise the public ones, with one
-line on stderr. PIPELINE_FASTPATH=0 takes the public path outright (benchmarks, tests).
+A torch release may rename or change a private call: `private_path(device)` decides once per
+process and device type, at the first optimizer, and takes the private calls only where they
+exist and give the public result bit for bit on a few-element problem (every layer type of the
+step by hand, every optimizer); otherwise the public ones, with one line on stderr.
+PIPELINE_FASTPATH=0 takes the public path outright (benchmarks, tests).
 """
 
 from __future__ import annotations
@@ -31,25 +36,20 @@ from torch.optim.adam import adam
 from torch.optim.adamw import adamw
 from torch.optim.sgd import sgd
 
+from pipeline import backprop
+
 BETAS = (0.9, 0.999)  # torch.optim's Adam defaults, as the lab's
-
-
-def gradients(loss: torch.Tensor, inputs: tuple[torch.Tensor, ...], seed: torch.Tensor,
-              private: bool) -> tuple[torch.Tensor, ...]:
-    """d(seed * loss)/d(inputs), as `torch.autograd.grad(loss, inputs, seed)` returns them."""
-    if private:
-        engine = torch.autograd.Variable._execution_engine
-        return engine.run_backward((loss,), (seed,), False, False, inputs, False, False)
-    return torch.autograd.grad(loss, inputs, seed)
 
 
 @torch.no_grad()
 def update(kind: str, params: list[torch.Tensor], grads: list[torch.Tensor], exp_avg: list[torch.Tensor],
            exp_avg_sq: list[torch.Tensor], steps: list[torch.Tensor], *, lr: float, weight_decay: float,
-           eps: float, private: bool) -> None:
+           eps: float, private: bool, counts: torch.Tensor | None = None) -> None:
     """One step of `kind` in place, as `torch.optim.<Adam|AdamW|SGD>(fused=True).step()` takes it.
 
-    `steps` holds one float32 count per parameter, as torch.optim keeps them (SGD uses none).
+    `steps` holds one float32 count per parameter, as torch.optim keeps them (SGD uses none);
+    where they are the views of one tensor, `counts`, the private path adds 1 to that: one call
+    (4 us) instead of `_foreach_add_`'s one per parameter on the CPU (25 us for 8 parameters).
     """
     if kind == "sgd":
         options = dict(weight_decay=weight_decay, momentum=0.0, lr=lr, dampening=0.0, nesterov=False,
@@ -62,63 +62,55 @@ def update(kind: str, params: list[torch.Tensor], grads: list[torch.Tensor], exp
     options = dict(lr=lr, beta1=BETAS[0], beta2=BETAS[1], weight_decay=weight_decay, eps=eps, amsgrad=False,
                    maximize=False)
     if private:
-        torch._foreach_add_(steps, 1)
+        if counts is None:
+            torch._foreach_add_(steps, 1)
+        else:
+            counts.add_(1)
         kernel = torch._fused_adam_ if kind == "adam" else torch._fused_adamw_
         kernel(params, grads, exp_avg, exp_avg_sq, [], steps, **options)
     else:
         (adam if kind == "adam" else adamw)(params, grads, exp_avg, exp_avg_sq, [], steps, fused=True, **options)
 
 
-def _tiny_problem() -> tuple[torch.Tensor, torch.Tensor]:
+def _tiny_problem(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(0)
-    return torch.randn(2, 3, generator=generator), torch.randn(2, 3, generator=generator)
+    return torch.randn(2, 3, generator=generator).to(device), torch.randn(2, 3, generator=generator).to(device)
 
 
-def _gradients_both_ways() -> tuple[tuple[torch.Tensor, ...], ...]:
-    """The private call's gradients of a few-element loss, and torch.autograd.grad's.
-
-    The public side takes the seed as a factor of the loss (its gradient is then seed * 1.0, the
-    same bits): given as grad_outputs it would import sympy, 0.32 s of every train stage here."""
-    weight, x = _tiny_problem()
-    weight.requires_grad_(True)
-    seed = torch.tensor(1 / 3)
-
-    def loss() -> torch.Tensor:
-        return (weight * x).tanh().square().sum()
-
-    return gradients(loss(), (weight,), seed, private=True), torch.autograd.grad(loss() * seed, (weight,))
-
-
-def _updated(kind: str, private: bool) -> list[torch.Tensor]:
+def _updated(kind: str, private: bool, device: torch.device) -> list[torch.Tensor]:
     """Every tensor of a few-element optimizer after two steps with weight decay."""
-    param, grad = _tiny_problem()
-    exp_avg, exp_avg_sq, step = torch.zeros_like(param), torch.zeros_like(param), torch.zeros(())
+    param, grad = _tiny_problem(device)
+    exp_avg, exp_avg_sq, counts = torch.zeros_like(param), torch.zeros_like(param), torch.zeros(1, device=device)
     for _ in range(2):
-        update(kind, [param], [grad], [exp_avg], [exp_avg_sq], [step], lr=0.01, weight_decay=0.1, eps=1e-8,
-               private=private)
-    return [param, exp_avg, exp_avg_sq, step]
+        update(kind, [param], [grad], [exp_avg], [exp_avg_sq], list(counts.unbind()), lr=0.01, weight_decay=0.1,
+               eps=1e-8, private=private, counts=counts)
+    return [param, exp_avg, exp_avg_sq, counts]
 
 
-def private_calls_fail() -> str | None:
-    """Why the private calls cannot stand in for the public ones, or None where they can (~1 ms)."""
+def private_calls_fail(device: torch.device) -> str | None:
+    """Why the private calls cannot stand in for the public ones on `device`, or None (~X ms)."""
     try:
-        via_engine, via_grad = _gradients_both_ways()
-        if not all(map(torch.equal, via_engine, via_grad)):
-            return "run_backward differs from torch.autograd.grad"
+        reason = backprop.differs_from_autograd(device)
+        if reason is not None:
+            return reason
         for kind in ("adam", "adamw", "sgd"):
-            if not all(map(torch.equal, _updated(kind, True), _updated(kind, False))):
+            if not all(map(torch.equal, _updated(kind, True, device), _updated(kind, False, device))):
                 return f"the fused {kind} kernel differs from torch.optim's"
     except Exception as error:  # a private call renamed, removed or re-signed
         return f"{type(error).__name__}: {error}"
     return None
 
 
+def private_path(device: torch.device | str = "cpu") -> bool:
+    """Whether this process takes the private calls on `device` (decided at its first call)."""
+    return _private_path(torch.device(device).type)
+
+
 @functools.cache
-def private_path() -> bool:
-    """Whether this process takes torch's private calls (decided on the first call)."""
+def _private_path(device_type: str) -> bool:
     if os.environ.get("PIPELINE_FASTPATH") == "0":
         return False
-    reason = private_calls_fail()
+    reason = private_calls_fail(torch.device(device_type))
     if reason is not None:
         print(f"pipeline: torch's public training calls in use, the private ones failed a self-check ({reason})",
               file=sys.stderr)

@@ -1,7 +1,7 @@
 """The grid of `sweep:`: axes of values per key a variant may override, crossed into grid points.
 
 Each grid point is a variant named from its values (`sweep-batch-lr0p003`), which
-`python -m pipeline.sweep` writes into `variants:`; `Params` refuses a `variants:` that is not
+`python -m pipeline.commands.sweep` writes into `variants:`; `Params` refuses a `variants:` that is not
 the expansion of its `sweep:`.
 """
 

@@ -81,6 +81,9 @@ class StackedBatchNorm(nn.Module):
 
 
 class StackedLayerNorm(nn.Module):
+    """LayerNorm per replica: `layer_norm` without affine (one kernel), then each replica's own
+    scale and shift, which `layer_norm`'s shared [F] weight could not take."""
+
     def __init__(self, replicas: int, features: int, eps: float) -> None:
         super().__init__()
         self.eps = eps
@@ -88,8 +91,7 @@ class StackedLayerNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(replicas, 1, features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        var, mean = torch.var_mean(x, dim=-1, keepdim=True, correction=0)
-        return (x - mean) * torch.rsqrt(var + self.eps) * self.weight + self.bias
+        return torch.addcmul(self.bias, F.layer_norm(x, x.shape[-1:], eps=self.eps), self.weight)
 
 
 def _layers(config: VariantConfig, linear, batch_norm, layer_norm) -> list[nn.Module]:

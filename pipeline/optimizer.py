@@ -21,25 +21,28 @@ DEFAULT_WEIGHT_DECAY = {"adam": 0.0, "adamw": 1e-2, "sgd": 0.0}  # torch.optim's
 class FusedOptimizer:
     """`step(grads)` updates `params` in place; `state_dict()` is what a checkpoint keeps.
 
-    `private` picks fastpath's private or public calls (default: `fastpath.private_path()`);
+    `private` picks fastpath's private or public calls (default: `fastpath.private_path(device)`);
     either way the state and its `state_dict()` are the same, so a checkpoint written on one
     path resumes on the other.
     """
 
     def __init__(self, params: list[torch.Tensor], config: VariantConfig, private: bool | None = None) -> None:
         self.params = tuple(params)
-        self.private = fastpath.private_path() if private is None else private
+        self.private = fastpath.private_path(params[0].device) if private is None else private
         self.kind, self.lr, self.eps = config.optimizer, config.lr, config.adam_eps
         wd = config.weight_decay
         self.weight_decay = DEFAULT_WEIGHT_DECAY[self.kind] if wd is None else wd
-        # Adam's t per parameter, float32 as torch.optim's fused path keeps it: all equal.
-        self.steps = [torch.zeros((), device=params[0].device) for _ in params]
+        # Adam's t per parameter, float32 as torch.optim's fused path keeps it: all equal, views of
+        # one tensor so the private path counts them in one call (fastpath.update).
+        self.counts = torch.zeros(len(params), device=params[0].device)
+        self.steps = list(self.counts.unbind())
         self.exp_avg = [torch.zeros_like(p) for p in params] if self.kind != "sgd" else []
         self.exp_avg_sq = [torch.zeros_like(p) for p in params] if self.kind != "sgd" else []
 
     def step(self, grads: list[torch.Tensor]) -> None:
         fastpath.update(self.kind, list(self.params), list(grads), self.exp_avg, self.exp_avg_sq, self.steps,
-                        lr=self.lr, weight_decay=self.weight_decay, eps=self.eps, private=self.private)
+                        lr=self.lr, weight_decay=self.weight_decay, eps=self.eps, private=self.private,
+                        counts=self.counts)
 
     def state_dict(self) -> dict:
         return {"kind": self.kind, "step": self.steps[0], "exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq}

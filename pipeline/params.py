@@ -7,7 +7,7 @@ The YAML is read as DVC reads it (ruamel.yaml, YAML 1.2: `1e-3` is a number, `ye
 so the values checked here are the values `dvc.lock` records. Types are strict: `true` is no
 epoch count and `"0.01"` no learning rate; numbers are finite; every bound is what the code
 that consumes the value can run (seeds fit torch's generator, names are what MLflow accepts).
-The grid points of `sweep:` must be in `variants:` as `python -m pipeline.sweep` writes them.
+The grid points of `sweep:` must be in `variants:` as `python -m pipeline.commands.sweep` writes them.
 """
 
 from __future__ import annotations
@@ -107,7 +107,7 @@ class Params(Strict):
         stale = stale_grid_point(self.variants, self.sweep.grid())
         if stale:
             raise ValueError(f"variants.{stale}; variants are not the expansion of sweep: "
-                             "(run `python -m pipeline.sweep`)")
+                             "(run `python -m pipeline.commands.sweep`)")
         train_size = MNIST_TRAIN_SIZE - self.data.val_size
         if self.train.batch_size > train_size:
             raise ValueError(
@@ -164,7 +164,7 @@ def parse_params(raw: object, source: str = "params.yaml") -> Params:
 
 
 def parse_sweep(raw: dict, source: str = "params.yaml") -> SweepParams:
-    """The `sweep:` section alone: its grid, before `variants:` holds it (pipeline/sweep.py)."""
+    """The `sweep:` section alone: its grid, before `variants:` holds it (pipeline/commands/sweep.py)."""
     return _validate(SweepParams, raw.get("sweep", {}), source, ("sweep",))
 
 

@@ -26,7 +26,7 @@ from pipeline.errors import PipelineError
 
 PACKAGE = "pipeline"
 PACKAGE_DIR = Path(__file__).resolve().parent
-STAGES = ("check", "download", "prepare", "train", "evaluate", "compare")  # dvc.yaml's stages
+STAGES = ("check", "download", "prepare", "train", "curves", "evaluate", "compare")  # dvc.yaml's stages
 # MLflow records what the stages compute; no DVC output depends on its version (or on its
 # ~100 requirements), so upgrading it reruns nothing.
 RECORDERS = {"mlflow"}

@@ -8,9 +8,10 @@ needs no saved RNG state and replays exactly the batches an uninterrupted run wo
 At batch 32 a step costs well under a millisecond, so per-step overhead is what counts
 (benchmarks/README.md): each step's rows of every replica are one contiguous index vector,
 gathered with a single `index_select`; the 1/B of the mean loss is the gradient seeded
-into the backward pass rather than a division node (the same bits as the plain form), and
-the gradients go straight to the fused optimizer (pipeline/optimizer.py); pipeline/fastpath.py
-makes both calls.
+into the backward pass rather than a division node (the same bits as the plain form); the
+gradients come from the step by hand (pipeline/backprop.py) or, on the public path, from
+autograd, and go straight to the fused optimizer (pipeline/optimizer.py); pipeline/fastpath.py
+picks the path.
 """
 
 from __future__ import annotations
@@ -22,10 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.backprop import Backprop, autograd_gradients
 from pipeline.checkpoint import copied
 from pipeline.data import Split, as_images
 from pipeline.errors import PipelineError
-from pipeline.fastpath import gradients
 from pipeline.model import StackedMlp
 from pipeline.optimizer import FusedOptimizer
 from pipeline.variant import VariantConfig
@@ -90,7 +91,9 @@ class TrainingStep:
     fused update) is captured once as a CUDA graph and replayed: at batch 32 an eager
     step is ~2 ms of kernel launches for ~0.2 ms of GPU work. The capture's warm-up runs on
     the real tensors and is then undone, so every full batch, first or resumed, goes through
-    the same graph; the partial last batch has another shape and runs eagerly.
+    the same graph; the partial last batch has another shape and runs eagerly. The step by
+    hand's buffers (one set per batch shape) are made in that warm-up, outside the capture, and
+    it makes no host sync: everything it branches on is a shape.
     """
 
     def __init__(self, model: StackedMlp, optimizer: FusedOptimizer, train: Split, config: VariantConfig) -> None:
@@ -99,16 +102,22 @@ class TrainingStep:
         self.graphed_rows = len(config.seeds) * config.batch_size if train.labels.is_cuda else None  # full batches
         self.graph = None
         self.static_rows = None
+        self.backprops: dict[int, Backprop] = {}  # rows per replica -> its buffers
 
-    def eager(self, rows: torch.Tensor) -> None:
+    def gradients(self, rows: torch.Tensor) -> list[torch.Tensor]:
+        """d(loss / B)/d(parameters), the loss summed over replicas (their gradients stay apart)."""
         replicas = len(self.config.seeds)
         batch = rows.shape[0] // replicas
-        images = as_images(self.train.pixels.index_select(0, rows))
-        logits = self.model(images.view(replicas, batch, -1))  # [K, B, 10]
-        # Sum over replicas of each replica's mean loss: gradients stay independent.
-        loss = F.cross_entropy(logits.flatten(0, 1), self.train.labels.index_select(0, rows), reduction="sum")
-        # The gradient of loss / B, seeded as (loss / B).backward() would; no .grad to zero.
-        self.optimizer.step(gradients(loss, self.optimizer.params, self.one / batch, self.optimizer.private))
+        if not self.optimizer.private:
+            images = as_images(self.train.pixels.index_select(0, rows)).view(replicas, batch, -1)
+            return autograd_gradients(self.model, images, self.train.labels.index_select(0, rows), self.one / batch)
+        backprop = self.backprops.get(batch)
+        if backprop is None:  # the full batches' buffers, and the partial last batch's
+            backprop = self.backprops[batch] = Backprop(self.model.layers, replicas, batch, self.train.pixels.shape[1])
+        return backprop.gradients(self.train.pixels, self.train.labels, rows)
+
+    def eager(self, rows: torch.Tensor) -> None:
+        self.optimizer.step(self.gradients(rows))
 
     def __call__(self, rows: torch.Tensor) -> None:
         if rows.shape[0] != self.graphed_rows:

@@ -122,6 +122,19 @@ def stage_env(mirror: Path | str | None = None, **extra: str) -> dict[str, str]:
     return env | extra
 
 
+def stage_command(stage: str, variant: str = "") -> list[str]:
+    """dvc.yaml's command of `stage` (`train@<variant>`'s for a variant), with this Python: the paths
+    a test runs a stage with are the ones dvc.yaml names."""
+    import shlex
+    import sys
+
+    import yaml
+
+    definition = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"][stage]
+    _, *args = shlex.split(definition.get("do", definition)["cmd"].replace("${key}", variant))  # _: "python"
+    return [sys.executable, *args]
+
+
 def run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: float = 600, check: bool = True):
     import subprocess
 
@@ -191,6 +204,7 @@ def make_project(path: Path, mirror: Path) -> tuple[Path, dict[str, str]]:
     env = stage_env(mirror)
     run(["git", "init", "-q", "-b", "main"], path, env)
     run(["dvc", "init", "-q"], path, env)
+    shutil.copytree(ROOT / ".dvc" / "plots", path / ".dvc" / "plots")  # the comparison plots' template
     run(["git", "add", "-A"], path, env)
     run(["git", "commit", "-qm", "init"], path, env)
     return path, env

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import subprocess
-import sys
 
 import pytest
 import yaml
@@ -14,7 +13,7 @@ from scipy import stats
 
 from pipeline.stages.compare import summary_markdown
 from pipeline.stats import mean_interval
-from tests.conftest import TINY_PARAMS, stage_env
+from tests.conftest import TINY_PARAMS, stage_command, stage_env
 from tests.test_stats import BATCHNORM, LAYER_NORM, NO_NORM
 
 
@@ -22,7 +21,9 @@ def test_one_seed_gives_no_interval_and_says_so():
     assert math.isnan(mean_interval([0.97]).low)
     text, table = summary_markdown({"batchnorm": [0.97], "no_norm": [0.95]},
                                    {"batchnorm": [0.1], "no_norm": [0.2]}, reference="no_norm", seeds=[0], split_seed=0)
-    assert "untestable with one seed" in text and table["batchnorm"]["test_acc_std"] == 0.0
+    assert "untestable with one seed" in text and math.isnan(table["batchnorm"]["test_acc_std"])
+    [row] = [line for line in text.splitlines() if line.startswith("| 1 | batchnorm |")]
+    assert row == "| 1 | batchnorm | 1 | 97.00% | n/a | [n/a, n/a] | 0.1000 |"  # no spread: n/a, not 0.00%
     assert "1 seed (0):" in text and "over the 0 testable comparisons" in text
     assert math.isnan(table["batchnorm"]["p_holm"]) and table["batchnorm"]["significant"] is False
 
@@ -78,10 +79,10 @@ def test_many_variants_are_ranked_and_their_p_values_holm_adjusted():
 
 def test_a_missing_input_is_one_line_and_touches_no_store(tmp_path):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(TINY_PARAMS))
-    result = subprocess.run([sys.executable, "-m", "pipeline.stages.compare"], cwd=tmp_path, env=stage_env(),
+    result = subprocess.run(stage_command("compare"), cwd=tmp_path, env=stage_env(),
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 1
-    history = tmp_path / "data" / "train" / "batchnorm" / "history.json"
+    history = "data/train/batchnorm/history.json"  # as dvc.yaml's command line names it
     assert result.stderr.splitlines() == [f"error: {history}: unreadable ([Errno 2] No such file or directory: "
                                           f"'{history}'); rerun its stage"]
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "data" / "compare").exists()

@@ -18,7 +18,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from pipeline.distributed import committed_head, run_sweep
+from pipeline.commands.distributed import committed_head, run_sweep
 from pipeline.errors import PipelineError
 from tests.conftest import make_project, run, stage_env
 from tests.dask_cluster import Cluster
@@ -45,7 +45,7 @@ def sweep(tmp_path_factory, tiny_mirror, team_server, alice_password):
     params["compare"] |= {"reference": "sweep-none-lr0p01", "registered_model": MODEL}
     params["mlflow"]["experiment_name"] = EXPERIMENT
     (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    run([sys.executable, "-m", "pipeline.sweep"], path, env)
+    run([sys.executable, "-m", "pipeline.commands.sweep"], path, env)
     variants = list(yaml.safe_load((path / "params.yaml").read_text())["variants"])
     assert len(variants) == 4 and "sweep-none-lr0p01" in variants, variants
     run(["dvc", "remote", "add", "-d", "team", f"s3://{server.s3.bucket}/dvc"], path, env)
@@ -78,7 +78,7 @@ def test_a_local_store_or_an_uncommitted_change_is_refused_before_the_cluster(tm
 
 
 def distributed(path, env) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "pipeline.distributed"], cwd=path, env=env, text=True,
+    return subprocess.Popen([sys.executable, "-m", "pipeline.commands.distributed"], cwd=path, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 

@@ -23,7 +23,7 @@ from pipeline.stages.download import (
     fetch_verified,
     parse_sources,
 )
-from tests.conftest import SHARED_MNIST
+from tests.conftest import SHARED_MNIST, stage_env
 
 POLICY = Policy(timeout_s=1, deadline_s=5, attempts=2, backoff_s=0.01)
 FIRST = next(iter(MNIST_SHA256))  # the file `download` fetches first
@@ -221,6 +221,7 @@ def test_all_sources_failing_is_one_error_naming_each_source_and_why(server, dig
         f"{missing}: HTTP 404 Not Found; "
         f"{forbidden}: got an HTML page instead of {FIRST}.gz; "
         f"{empty}: {empty / FIRST}.gz does not exist"
+        " (set MNIST_MIRROR to a local folder or an http(s) URL prefix holding MNIST's four .gz files)"
     )
     assert list(raw.iterdir()) == []
 
@@ -266,7 +267,7 @@ def test_malformed_mirror_url_is_an_error(url):
 
 
 def test_cli_with_missing_mirror_folder_exits_1_with_one_line(tmp_path):
-    env = {"MNIST_MIRROR": str(tmp_path / "no_such_mirror"), "PATH": "/usr/bin:/bin"}
+    env = stage_env(MNIST_MIRROR=str(tmp_path / "no_such_mirror"))  # this tree's pipeline/, not the installed one
     result = subprocess.run([sys.executable, "-m", "pipeline.stages.download", "--out", str(tmp_path / "raw")],
                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 1

@@ -7,7 +7,7 @@ import torch
 
 from pipeline.data import Split, as_images
 from pipeline.model import StackedLinear, StackedMlp, unstack
-from pipeline.reference import train_alone
+from tests.reference import train_alone
 from pipeline.training import TrainingStep, epoch_metrics, make_optimizer, score, train_epoch
 from tests.conftest import tiny_mnist_arrays, tiny_params
 
@@ -47,9 +47,10 @@ def test_replica_in_a_stack_trains_like_the_seed_alone(splits, norm, optimizer):
             assert stacked[name][replica] == pytest.approx(value, rel=1e-4, abs=1e-5), (epoch, name)
 
 
-def test_unstacked_replica_predicts_like_the_stack(splits):
+@pytest.mark.parametrize("norm", ["batch", "layer", "none"])
+def test_unstacked_replica_predicts_like_the_stack(splits, norm):
     _, val = splits
-    config = tiny_params(seeds=SEEDS).variant("batchnorm")
+    config = tiny_params(seeds=SEEDS).variant("batchnorm").model_copy(update={"norm": norm})
     stack = StackedMlp(config).eval()
     with torch.no_grad():
         images = as_images(val.pixels)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pipeline.optimizer import FusedOptimizer
-from pipeline.reference import torch_optimizer
+from tests.reference import torch_optimizer
 from tests.conftest import tiny_params
 
 SHAPES = [(3, 784, 4), (3, 1, 4), (3, 4, 10)]  # stacked kernel, BN weight, output kernel

@@ -66,7 +66,7 @@ def reproduced(tmp_path_factory, tiny_mirror, http_mirror):
 def test_repro_runs_every_stage_and_records_metrics(reproduced):
     path, env, result = reproduced
     assert stages_run(result.stdout) == [
-        "check", "download", "prepare", "train@batchnorm", "train@no_norm",
+        "check", "download", "prepare", "train@batchnorm", "train@no_norm", "curves",
         "evaluate@batchnorm", "evaluate@no_norm", "compare",
     ]
     assert f"runs: `mlflow ui --backend-store-uri sqlite:///{path / 'mlflow.db'}`, then " \
@@ -126,7 +126,7 @@ def test_forced_repro_leaves_every_output_and_dvc_lock_byte_identical(reproduced
     path, env, _ = reproduced
     lock, before = (path / "dvc.lock").read_bytes(), outputs_digest(path)
     result = run(["dvc", "repro", "--force"], path, env)
-    assert len(stages_run(result.stdout)) == 8
+    assert len(stages_run(result.stdout)) == 9
     assert (path / "dvc.lock").read_bytes() == lock
     assert outputs_digest(path) == before
 
@@ -137,7 +137,7 @@ def test_editing_one_variant_reruns_only_that_variant(reproduced):
     params["variants"]["no_norm"]["lr"] = 0.005
     (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     assert stages_run(run(["dvc", "repro"], path, env).stdout) == [
-        "check", "train@no_norm", "evaluate@no_norm", "compare"]
+        "check", "train@no_norm", "curves", "evaluate@no_norm", "compare"]
     client = project_client(path)
     experiment = client.get_experiment_by_name("tiny")
     groups = client.search_runs([experiment.experiment_id], "attributes.run_name = 'compare'",
@@ -158,7 +158,7 @@ def test_reverting_a_param_restores_every_stage_from_the_run_cache(reproduced):
     result = run(["dvc", "repro"], path, env)
     seconds = time.monotonic() - started
     assert stages_run(result.stdout) == [], result.stdout  # no stage command ran
-    for stage in ("check", "train@no_norm", "evaluate@no_norm", "compare"):
+    for stage in ("check", "train@no_norm", "curves", "evaluate@no_norm", "compare"):
         assert f"Stage '{stage}' is cached - skipping run, checking out outputs" in result.stdout
     assert outputs_digest(path) != edited
     client = project_client(path)

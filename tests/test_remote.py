@@ -14,9 +14,11 @@ pytestmark = pytest.mark.timeout(600)
 
 def outputs(root) -> list[str]:
     """Every stage output a teammate should get back from the remote."""
-    files = [f"data/prepared/{split}.pt" for split in ("train", "val", "test")] + ["data/prepared/manifest.json"]
+    files = [f"data/prepared/{split}/{name}.npy" for split in ("train", "val", "test")
+             for name in ("images", "labels")] + ["data/prepared/manifest.json"]
     for variant in VARIANTS:
         files += [f"data/checkpoints/{variant}/last.pt", f"data/checkpoints/{variant}/best.pt",
+                  f"data/checkpoints/{variant}/weights.npz",
                   f"data/train/{variant}/history.json", f"data/train/{variant}/run.json",
                   f"data/train/{variant}/curves.csv", f"data/evaluate/{variant}/metrics.json",
                   f"data/evaluate/{variant}/per_seed.json", f"data/evaluate/{variant}/confusion.png"]

@@ -54,3 +54,24 @@ def test_legends_list_the_variants_by_rank_beside_the_axes():
     fig.canvas.draw()
     assert legend.get_window_extent().x0 > ax.get_window_extent().x1  # outside, not over the curves
     plt.close(fig)
+
+
+def test_confusion_colors_are_matplotlibs_imshow_blues(tmp_path):
+    from matplotlib import colormaps
+    from matplotlib.colors import Normalize
+    from PIL import Image
+
+    from pipeline.reports import CELL, LEFT, TOP, blues_lut, cell_colors, confusion_plot
+
+    assert np.array_equal(blues_lut(), colormaps["Blues"](np.arange(256), bytes=True)[:, :3])
+    matrix = np.random.default_rng(0).integers(0, 40, (10, 10)).astype(float)
+    matrix[np.diag_indices(10)] = np.linspace(900, 1130, 10)
+    matrix[3, 4] = 0.4  # a mean over seeds: fractional, written as 0
+    expected = colormaps["Blues"](Normalize()(matrix), bytes=True)[..., :3]  # what imshow draws
+    assert np.array_equal(cell_colors(matrix), expected)
+    assert np.array_equal(cell_colors(np.full((3, 3), 7.0)), colormaps["Blues"](np.zeros((3, 3)), bytes=True)[..., :3])
+    path = confusion_plot(matrix, "test confusion", tmp_path / "confusion.png")
+    pixels = np.asarray(Image.open(path).convert("RGB"))
+    corners = pixels[TOP + 2 : TOP + 10 * CELL : CELL, LEFT + 2 : LEFT + 10 * CELL : CELL]  # beside each count
+    assert np.array_equal(corners, expected)
+    assert path.read_bytes() == confusion_plot(matrix, "test confusion", tmp_path / "again.png").read_bytes()

@@ -8,14 +8,13 @@ the stage in seconds, before any training.
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
 
-from tests.conftest import make_project, run, variant_run_ids
+from tests.conftest import make_project, run, stage_command, variant_run_ids
 from tests.mlflow_server import free_port, start_server, stop
 
 VARIANTS = ("batchnorm", "no_norm")
@@ -48,7 +47,7 @@ def test_unreachable_server_fails_fast_with_one_line(prepared):
     path, env = prepared
     uri = f"http://127.0.0.1:{free_port()}"  # closed: nothing listens there
     started = time.monotonic()
-    result = run([sys.executable, "-m", "pipeline.stages.train", "--variant", "batchnorm"], path,
+    result = run(stage_command("train", "batchnorm"), path,
                  env | {"MLFLOW_TRACKING_URI": uri}, timeout=60, check=False)
     elapsed = time.monotonic() - started
     assert result.returncode != 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+import statistics
 import subprocess
 import sys
 
@@ -14,7 +15,8 @@ import yaml
 from pipeline.errors import ParamsError
 from pipeline.grid import VARIANT_NAME
 from pipeline.params import load_params, parse_params, parse_sweep
-from pipeline.sweep import rewrite, sweep
+from pipeline.reports import TITLES
+from pipeline.commands.sweep import rewrite, sweep
 from tests.conftest import ROOT, TINY_PARAMS, make_project, run, stage_env
 
 
@@ -163,7 +165,7 @@ def test_a_bad_sweep_is_one_line_and_leaves_params_yaml_unchanged(tmp_path, raw,
 GRID = {"lr": [0.01], "norm": ["batch", "none"]}
 STALE = {  # variants: as written, the one line after "params.yaml: "
     "not-expanded": ({"no_norm": {}}, "variants.sweep-batch-lr0p01: missing; variants are not the expansion of "
-                                      "sweep: (run `python -m pipeline.sweep`)"),
+                                      "sweep: (run `python -m pipeline.commands.sweep`)"),
     "point-edited": ({"no_norm": {}, "sweep-batch-lr0p01": {"norm": "batch", "lr": 0.02},
                       "sweep-none-lr0p01": {"norm": "none", "lr": 0.01}},
                      "variants.sweep-batch-lr0p01: not the values of its grid point"),
@@ -188,11 +190,11 @@ def test_the_check_stage_and_the_command_exit_2_with_one_line(tmp_path):
                            capture_output=True, text=True, timeout=120)
     assert check.returncode == 2
     assert check.stderr == ("error: params.yaml: variants.sweep-batch-lr0p01: missing; variants are not the "
-                            "expansion of sweep: (run `python -m pipeline.sweep`)\n")
+                            "expansion of sweep: (run `python -m pipeline.commands.sweep`)\n")
     assert not (tmp_path / "environment.json").exists()
 
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(with_sweep({"lr": []}), sort_keys=False))
-    command = subprocess.run([sys.executable, "-m", "pipeline.sweep"], cwd=tmp_path, env=env,
+    command = subprocess.run([sys.executable, "-m", "pipeline.commands.sweep"], cwd=tmp_path, env=env,
                              capture_output=True, text=True, timeout=120)
     assert command.returncode == 2
     assert command.stderr.startswith("error: params.yaml: sweep.axes.lr: List should have at least 1 item")
@@ -210,7 +212,7 @@ def test_dvc_repro_runs_a_train_and_an_evaluate_stage_per_grid_point(tmp_path, t
     # fast tier's longest test); the grid's names over more values are the unit tests' above.
     raw = with_sweep({"lr": [0.01, 0.03], "norm": ["batch"]}, variants={"no_norm": {"norm": "none"}})
     (path / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    run([sys.executable, "-m", "pipeline.sweep"], path, env)
+    run([sys.executable, "-m", "pipeline.commands.sweep"], path, env)
     points = ["sweep-batch-lr0p01", "sweep-batch-lr0p03"]
 
     ran = stages_run(run(["dvc", "repro"], path, env, timeout=900).stdout)
@@ -223,10 +225,21 @@ def test_dvc_repro_runs_a_train_and_an_evaluate_stage_per_grid_point(tmp_path, t
         assert 0 < metrics["test_acc"] <= 1
         assert variant in (path / "data" / "compare" / "summary.md").read_text()
 
+    # Each of `dvc plots show`'s four comparison plots draws every variant, the grid points included.
+    shown = json.loads(run(["dvc", "plots", "show", "--json"], path, env).stdout)["data"]
+    assert set(shown) == set(TITLES.values())
+    for metric, title in TITLES.items():
+        [plot] = shown[title]
+        rows = plot["content"]["data"]["values"]
+        for variant in ["no_norm", *points]:
+            history = json.loads((path / "data" / "train" / variant / "history.json").read_text())
+            assert [float(row[metric]) for row in rows if row["variant"] == variant] == pytest.approx(
+                [statistics.fmean(epoch) for epoch in history[metric]], abs=1e-6), (title, variant)
+
     # A narrower grid: the remaining points are still cached, nothing trains again.
     raw = yaml.safe_load((path / "params.yaml").read_text())
     raw["sweep"]["axes"]["lr"] = [0.01]
     (path / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    run([sys.executable, "-m", "pipeline.sweep"], path, env)
+    run([sys.executable, "-m", "pipeline.commands.sweep"], path, env)
     status = run(["dvc", "status"], path, env).stdout
-    assert set(re.findall(r"^(\S+):$", status, re.MULTILINE)) == {"check", "compare"}
+    assert set(re.findall(r"^(\S+):$", status, re.MULTILINE)) == {"check", "curves", "compare"}

@@ -5,14 +5,13 @@ from the scratch checkpoint and backfills what MLflow missed; no epoch is lost o
 from __future__ import annotations
 
 import subprocess
-import sys
 import time
 
 import pytest
 import yaml
 from mlflow import MlflowClient
 
-from tests.conftest import make_project, run, variant_run_ids
+from tests.conftest import make_project, run, stage_command, variant_run_ids
 from tests.team_server import create_user, login, postgres_bin, team_stack
 
 pytestmark = [
@@ -46,7 +45,7 @@ def alice(stack, monkeypatch):
 
 
 def train(path, env, variant: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "pipeline.stages.train", "--variant", variant], cwd=path, env=env,
+    return subprocess.Popen(stage_command("train", variant), cwd=path, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -99,14 +98,14 @@ def test_postgres_gone_fails_in_one_line_and_the_rerun_completes_the_record(alic
     assert err.startswith(f"error: MLflow at {server.uri} is unavailable (") and "rerun the stage" in err
 
     started = time.monotonic()  # a stage started while it is down: refused before training
-    refused = run([sys.executable, "-m", "pipeline.stages.train", "--variant", "no_norm"], path, env, check=False)
+    refused = run(stage_command("train", "no_norm"), path, env, check=False)
     print(f"refused in {time.monotonic() - started:.1f} s")
     assert refused.returncode == 1 and "epoch" not in refused.stdout
     assert len(refused.stderr.strip().splitlines()) == 1
     assert "cannot use its backend store (HTTP 503: (psycopg2.OperationalError)" in refused.stderr
 
     server.postgres.start()
-    rerun = run([sys.executable, "-m", "pipeline.stages.train", "--variant", "no_norm"], path, env)
+    rerun = run(stage_command("train", "no_norm"), path, env)
     assert "resuming after epoch" in rerun.stdout
     assert_complete(server, path, env, "no_norm")
 
@@ -115,13 +114,13 @@ def test_s3_gone_fails_in_one_line_and_the_rerun_completes_the_record(alice):
     server, path, env = alice
     server.s3.stop()
     started = time.monotonic()
-    refused = run([sys.executable, "-m", "pipeline.stages.train", "--variant", "batchnorm"], path, env, check=False)
+    refused = run(stage_command("train", "batchnorm"), path, env, check=False)
     print(f"refused in {time.monotonic() - started:.1f} s")
     assert refused.returncode == 1 and "epoch" not in refused.stdout
     assert refused.stderr.strip().splitlines() == [
         f"error: MLFLOW_TRACKING_URI: {server.uri} cannot use its artifact store (HTTP 500: internal server error)"]
     server.s3.start()
-    run([sys.executable, "-m", "pipeline.stages.train", "--variant", "batchnorm"], path, env)
+    run(stage_command("train", "batchnorm"), path, env)
     assert_complete(server, path, env, "batchnorm")
     assert {a.path for a in MlflowClient(server.uri).list_artifacts(
         variant_run_ids(MlflowClient(server.uri), path, "batchnorm")["variant"], "checkpoints")} == {

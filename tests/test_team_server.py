@@ -11,7 +11,7 @@ import pytest
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from tests.conftest import make_project, run, variant_run_ids
+from tests.conftest import make_project, run, stage_command, variant_run_ids
 from tests.team_server import ADMIN, create_user, login
 
 pytestmark = pytest.mark.timeout(900)
@@ -83,7 +83,7 @@ def test_a_read_only_user_running_the_stage_gets_one_line(team, reproduced):
     uri, admin_password, _, _ = team
     path, env, _ = reproduced
     carol = create_user(uri, admin_password, "carol")
-    result = subprocess.run([sys.executable, "-m", "pipeline.stages.compare"], cwd=path, capture_output=True, text=True,
+    result = subprocess.run(stage_command("compare"), cwd=path, capture_output=True, text=True,
                             env=env | login("carol", carol), timeout=300)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1].startswith("error: MLflow refused user 'carol': PERMISSION_DENIED")
@@ -101,7 +101,7 @@ def test_bad_credentials_fail_the_stage_in_seconds_before_training(team, reprodu
     path, env, _ = reproduced
     env = {k: v for k, v in env.items() if not k.startswith("MLFLOW_TRACKING_") or k == "MLFLOW_TRACKING_URI"}
     started = time.monotonic()
-    result = subprocess.run([sys.executable, "-m", "pipeline.stages.train", "--variant", "batchnorm"], cwd=path,
+    result = subprocess.run(stage_command("train", "batchnorm"), cwd=path,
                             capture_output=True, text=True, env=env | credentials, timeout=120)
     seconds = time.monotonic() - started
     assert result.returncode == 1

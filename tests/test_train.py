@@ -6,7 +6,6 @@ import json
 import math
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,7 +18,15 @@ from pipeline.params import load_params
 from pipeline.stages.prepare import prepare
 from pipeline.stages.train import Paths, train
 from pipeline.tracking import Tracking
-from tests.conftest import TINY_PARAMS, project_client, stage_env, tiny_mnist_arrays, write_environment, write_mirror
+from tests.conftest import (
+    TINY_PARAMS,
+    project_client,
+    stage_command,
+    stage_env,
+    tiny_mnist_arrays,
+    write_environment,
+    write_mirror,
+)
 
 EPOCHS = 4
 
@@ -47,7 +54,13 @@ def make_prepared(path: Path, mirror: Path, **overrides) -> Path:
     return path
 
 
-TRAIN = [sys.executable, "-m", "pipeline.stages.train", "--variant", "batchnorm"]
+TRAIN = stage_command("train", "batchnorm")
+
+
+def paths(path: Path) -> Paths:
+    """train@batchnorm's paths in the project at `path`: those its dvc.yaml command names."""
+    args = dict(zip(TRAIN[3::2], TRAIN[4::2]))  # --prepared data/prepared --checkpoints ...
+    return Paths.of(path, "batchnorm", *(path / args[f"--{name}"] for name in ("prepared", "checkpoints", "out")))
 
 
 def start_train(path: Path) -> subprocess.Popen:
@@ -72,13 +85,13 @@ def wait_for_epoch(process: subprocess.Popen, epoch: int, timeout_s: float = 120
 
 def final_state(path: Path) -> dict:
     """The stage's final checkpoint with its history (outputs of a finished run)."""
-    history = json.loads((path / "data" / "train" / "batchnorm" / "history.json").read_text())
-    return checkpoint.load(path / "data" / "checkpoints" / "batchnorm" / "last.pt") | {"history": history}
+    history = json.loads((paths(path).out / "history.json").read_text())
+    return checkpoint.load(paths(path).checkpoints / "last.pt") | {"history": history}
 
 
 def scratch_state(path: Path) -> dict:
     """What a killed run left to resume from."""
-    return checkpoint.load(Paths.for_variant(path, "batchnorm").scratch / "last.pt")
+    return checkpoint.load(paths(path).scratch / "last.pt")
 
 
 def variant_runs(path: Path) -> list:
@@ -119,7 +132,7 @@ def uninterrupted(tmp_path_factory, slow_mirror):
 
 def test_rerun_is_bit_identical(tmp_path, slow_mirror, uninterrupted):
     path = make_prepared(tmp_path, slow_mirror)
-    train(load_params(path / "params.yaml"), "batchnorm", path,
+    train(load_params(path / "params.yaml"), "batchnorm", path, paths(path),
           Tracking(f"sqlite:///{path / 'mlflow.db'}", path, "tiny"))
     assert_same_result(final_state(path), uninterrupted)
 
@@ -133,7 +146,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, slow_mirror, un
     assert_no_process_left_in(path)  # the stage's MLflow process goes with it
     killed_at = scratch_state(path)["epoch"]
     assert 1 <= killed_at < EPOCHS
-    assert not (path / "data" / "checkpoints" / "batchnorm").exists(), "outputs are written at the end only"
+    assert not paths(path).checkpoints.exists(), "outputs are written at the end only"
     [crashed] = variant_runs(path)
     assert crashed.info.status == "RUNNING"
 
@@ -141,7 +154,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, slow_mirror, un
     assert resumed.returncode == 0, resumed.stderr
     assert f"resuming after epoch {killed_at}" in resumed.stdout
     assert_same_result(final_state(path), uninterrupted)
-    assert not Paths.for_variant(path, "batchnorm").scratch.exists(), "a finished run leaves no scratch state"
+    assert not paths(path).scratch.exists(), "a finished run leaves no scratch state"
     [run] = variant_runs(path)  # the same run continued, not a second one
     assert run.info.run_id == crashed.info.run_id and run.info.status == "FINISHED"
     client = project_client(path)
@@ -173,7 +186,7 @@ def test_sigterm_ends_run_killed_and_params_change_starts_fresh(tmp_path, slow_m
 
 def test_damaged_checkpoint_is_skipped_with_a_warning(tmp_path, slow_mirror):
     path = make_prepared(tmp_path, slow_mirror, epochs=1)
-    last = Paths.for_variant(path, "batchnorm").scratch / "last.pt"
+    last = paths(path).scratch / "last.pt"
     last.parent.mkdir(parents=True)
     last.write_bytes(b"\x50\x4b\x03\x04 truncated")
     result = run_train(path)
@@ -184,7 +197,7 @@ def test_damaged_checkpoint_is_skipped_with_a_warning(tmp_path, slow_mirror):
 
 def test_a_diverging_seed_is_recorded_and_the_stage_succeeds(tmp_path, slow_mirror):
     path = make_prepared(tmp_path, slow_mirror, epochs=1, lr=1e30)
-    summary = train(load_params(path / "params.yaml"), "batchnorm", path,
+    summary = train(load_params(path / "params.yaml"), "batchnorm", path, paths(path),
                     Tracking(f"sqlite:///{path / 'mlflow.db'}", path, "tiny"))
     history = final_state(path)["history"]
     assert history["diverged_epoch"] == [1, 1]

@@ -5,7 +5,10 @@ where TF2 forces it: `tf.contrib.layers.flatten` is `tf.compat.v1.layers.flatten
 removed `tensorflow.examples.tutorials.mnist` reader is rewritten below in numpy with its
 semantics (validation = the first 5,000 training images, pixels `x * (1.0 / 255.0)` in float32,
 one-hot labels, `next_batch` as in TF 1.x `contrib/learn/python/learn/datasets/mnist.py`).
-Each run has its own graph, graph seed and numpy seed, and one intra-op and one inter-op thread.
+Each run has its own graph, graph seed and numpy seed, and one intra-op and one inter-op thread:
+one variant per run, so that seeds and variants can be run and resumed one at a time. The lab
+itself built both nets in one graph and trained them on the same batches: that layout, for
+timing the lab, is `lab_tf1.py`, which builds its nets with `network` below.
 
 Runs in its own environment (requirements.txt next to this file), not the project's:
 
@@ -113,11 +116,16 @@ def read_data_sets(folder: Path) -> dict[str, DataSet]:
     }
 
 
-def build(batch_norm: bool):
-    """The lab's graph: dense -> (batch norm) -> relu twice, dense to 10 logits, Adam(0.01)."""
-    x = tf1.placeholder(tf.float32, [None, 784])
-    y = tf1.placeholder(tf.float32, [None, 10])
-    training = tf1.placeholder(tf.bool)
+def inputs():
+    """The lab's placeholders: images, one-hot labels, and whether batch norm is training."""
+    return (tf1.placeholder(tf.float32, [None, 784]), tf1.placeholder(tf.float32, [None, 10]),
+            tf1.placeholder(tf.bool))
+
+
+def network(x, y, training, batch_norm: bool, scope: str | None = None):
+    """The lab's net on the given inputs: dense -> (batch norm) -> relu twice, dense to 10 logits,
+    Adam(0.01). `scope`: the variable scope it is built in, where one graph holds both nets (its
+    own batch-norm updates and variables only); None: the whole graph is this net."""
     h = tf1.layers.flatten(x)
     for size in HIDDEN:
         h = tf1.layers.dense(h, size)  # Glorot-uniform kernel, zero bias (also before batch norm)
@@ -127,21 +135,38 @@ def build(batch_norm: bool):
     logits = tf1.layers.dense(h, 10)
     loss = tf.reduce_mean(tf.nn.softmax_cross_entropy_with_logits(labels=y, logits=logits))
     accuracy = tf.reduce_mean(tf.cast(tf.equal(tf.argmax(logits, 1), tf.argmax(y, 1)), tf.float32))
-    with tf.control_dependencies(tf1.get_collection(tf1.GraphKeys.UPDATE_OPS)):
-        train_op = tf1.train.AdamOptimizer(LEARNING_RATE).minimize(loss)
-    return x, y, training, loss, accuracy, train_op
+    with tf.control_dependencies(tf1.get_collection(tf1.GraphKeys.UPDATE_OPS, scope)):
+        optimizer = tf1.train.AdamOptimizer(LEARNING_RATE)
+        train_op = optimizer.minimize(loss, var_list=tf1.trainable_variables(scope))
+    return loss, accuracy, train_op
+
+
+def build(batch_norm: bool):
+    """A graph of one net (this runner's layout): its placeholders, loss, accuracy, train op."""
+    x, y, training = inputs()
+    return (x, y, training, *network(x, y, training, batch_norm))
+
+
+def one_thread() -> tf1.ConfigProto:
+    """A session on 1 intra-op and 1 inter-op thread (the project's `train.threads: 1`)."""
+    return tf1.ConfigProto(intra_op_parallelism_threads=1, inter_op_parallelism_threads=1)
+
+
+def fresh_reader(data: DataSet) -> DataSet:
+    """A reader of `data` from its first batch (its own next_batch state), sharing the decoded arrays."""
+    reader = DataSet.__new__(DataSet)
+    reader.__dict__.update(data.__dict__)
+    return reader
 
 
 def run(mnist: dict[str, DataSet], batch_norm: bool, seed: int) -> dict:
     np.random.seed(seed)
-    train = DataSet.__new__(DataSet)  # a fresh reader state per run, sharing the decoded arrays
-    train.__dict__.update(mnist["train"].__dict__)
+    train = fresh_reader(mnist["train"])
     graph = tf1.Graph()
     with graph.as_default():
         tf1.set_random_seed(seed)
         x, y, training, loss, accuracy, train_op = build(batch_norm)
-        config = tf1.ConfigProto(intra_op_parallelism_threads=1, inter_op_parallelism_threads=1)
-        with tf1.Session(graph=graph, config=config) as sess:
+        with tf1.Session(graph=graph, config=one_thread()) as sess:
             sess.run(tf1.global_variables_initializer())
             curves = {name: [] for name in ("train_loss", "train_acc", "val_loss", "val_acc")}
             for _ in range(EPOCHS):

@@ -42,8 +42,7 @@ def trace_tf(mnist: Path, out: Path, seed: int) -> None:
         tf1.set_random_seed(seed)
         x, y, training, loss, accuracy, train_op = reference.build(batch_norm=False)
         weights = tf1.trainable_variables()
-        config = tf1.ConfigProto(intra_op_parallelism_threads=1, inter_op_parallelism_threads=1)
-        with tf1.Session(graph=graph, config=config) as sess:
+        with tf1.Session(graph=graph, config=reference.one_thread()) as sess:
             sess.run(tf1.global_variables_initializer())
             saved["init"] = sess.run(weights)
             for step in range(1, SAVED_STEPS[-1] + 1):

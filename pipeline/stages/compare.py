@@ -1,7 +1,10 @@
 """Stage `compare`: the variants against each other, with error bars over seeds.
 
-Writes to `data/compare/`: the lab's four plots (mean curve per variant with a ±1 std band),
-`test_acc_seeds.png`, and `summary.md` (how many seeds and what they vary; the variants ranked
+    python -m pipeline.stages.compare --train DIR --evaluate DIR --checkpoints DIR --prepared DIR --out DIR
+
+reads each variant's train and evaluate outputs in `<DIR>/<variant>/` (dvc.yaml names the
+folders) and writes to --out: the lab's four plots (mean curve per variant with a ±1 std
+band), `test_acc_seeds.png`, and `summary.md` (how many seeds and what they vary; the variants ranked
 by `compare.select_by`'s mean with mean, std and 95% CI of the test metrics; each variant's
 difference from the reference in points with its Welch and seeded-bootstrap 95% CIs, the chance
 that its seed beats a reference seed, and Welch's p beside Holm's adjustment over all the
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline import cli, provenance, registry, variant_runs
@@ -28,6 +32,7 @@ from pipeline.stats import (
     CONFIDENCE,
     bootstrap_difference,
     diverged,
+    finite,
     holm,
     mean_interval,
     mean_std,
@@ -86,7 +91,7 @@ def ranking_section(test_acc: dict, test_loss: dict, metric: str, scores: dict[s
     rows, table, notes = [], {}, []
     for rank, variant in enumerate(order, start=1):
         acc, loss = mean_interval(test_acc[variant]), mean_interval(test_loss[variant])
-        std = mean_std(test_acc[variant])[1]
+        std = mean_std(test_acc[variant])[1] if len(finite(test_acc[variant])) > 1 else math.nan  # n/a: one seed
         count = diverged(test_loss[variant])
         if count:
             notes.append(f"- {variant}: {count} of {len(test_loss[variant])} seeds diverged (non-finite loss); "
@@ -162,13 +167,24 @@ def publish_evaluation(client, run_ids: dict, per_seed: dict, evaluate_dir: Path
         client.log_artifact(run_ids["variant"], str(evaluate_dir / name), "evaluation")
 
 
-def compare(params: Params, root: Path, tracking: Tracking | None = None) -> dict:
+@dataclass(frozen=True)
+class Paths:
+    """Where the stage reads and writes: the folders dvc.yaml passes on its command line."""
+
+    train: Path  # the train stages' outputs, a folder per variant
+    evaluate: Path  # the evaluate stages' outputs, a folder per variant
+    checkpoints: Path  # the train stages' checkpoints, a folder per variant (to rebuild a missing run)
+    prepared: Path  # the data the train stages read (a rebuilt run's dataset URI)
+    out: Path
+
+
+def compare(params: Params, paths: Paths, root: Path, tracking: Tracking | None = None) -> dict:
     tracking = tracking or Tracking.from_environment(params.mlflow.experiment_name, root)
-    data, out = root / "data", root / "data" / "compare"
+    out = paths.out
     variants = list(params.variants)
-    histories = {v: read_json(data / "train" / v / "history.json") for v in variants}
-    per_seed = {v: read_json(data / "evaluate" / v / "per_seed.json") for v in variants}
-    lineage = {v: read_json(data / "train" / v / "run.json") for v in variants}
+    histories = {v: read_json(paths.train / v / "history.json") for v in variants}
+    per_seed = {v: read_json(paths.evaluate / v / "per_seed.json") for v in variants}
+    lineage = {v: read_json(paths.train / v / "run.json") for v in variants}
     test_acc = {v: per_seed[v]["test_acc"] for v in variants}
     test_loss = {v: per_seed[v]["test_loss"] for v in variants}
 
@@ -188,12 +204,12 @@ def compare(params: Params, root: Path, tracking: Tracking | None = None) -> dic
         choice = registry.select_best(params, histories, test_acc)
         run_ids = found.result()
         for variant in [v for v in variants if run_ids[v] is None]:
-            run_ids[variant] = restore_variant_runs(tracker, params, tracking, root, variant, histories[variant],
-                                                    lineage[variant])
+            run_ids[variant] = restore_variant_runs(tracker, params, tracking, root, paths, variant,
+                                                    histories[variant], lineage[variant])
 
         registered = tracker.call(
             publish_comparison, params, run_tags(tracking, root, "compare"), run_ids,
-            {v: (per_seed[v], data / "evaluate" / v, len(histories[v]["val_acc"])) for v in variants},
+            {v: (per_seed[v], paths.evaluate / v, len(histories[v]["val_acc"])) for v in variants},
             {f"{v}.test_acc_mean": table[v]["test_acc_mean"] for v in variants},
             [*plots, out / "summary.md", out / "summary.json"], choice,
             lineage[choice.variant]["dataset"]["digest"] if choice else None,
@@ -209,7 +225,7 @@ def compare(params: Params, root: Path, tracking: Tracking | None = None) -> dic
     return table
 
 
-def restore_variant_runs(tracker: TrackingProcess, params: Params, tracking: Tracking, root: Path,
+def restore_variant_runs(tracker: TrackingProcess, params: Params, tracking: Tracking, root: Path, paths: Paths,
                          variant: str, history: dict, lineage: dict) -> dict:
     """Runs for a variant whose train stage DVC restored from a run-cache this store never saw."""
     from pipeline.checkpoint import load
@@ -218,11 +234,11 @@ def restore_variant_runs(tracker: TrackingProcess, params: Params, tracking: Tra
 
     print(f"{variant}: no run in {tracking.uri} computed from inputs {lineage['inputs_digest']}; "
           "rebuilding it from the train stage's outputs")
-    checkpoints = root / "data" / "checkpoints" / variant
+    checkpoints = paths.checkpoints / variant
     state = load(checkpoints / "last.pt")
     served = served_model(state, history)
     tags = run_tags(tracking, root, f"train@{variant}") | {INPUTS_TAG: lineage["inputs_digest"]}
-    dataset = lineage["dataset"] | {"uri": (root / "data" / "prepared").resolve().as_uri()}
+    dataset = lineage["dataset"] | {"uri": paths.prepared.resolve().as_uri()}
     environment = provenance.read_environment(root)
     return tracker.call(variant_runs.restore_variant_runs, params.mlflow.experiment_name, VariantConfig(**state["config"]),
                         tags, dataset, environment, history, served, [checkpoints / "last.pt", checkpoints / "best.pt"])
@@ -252,6 +268,9 @@ def publish_comparison(client, params: Params, tags: dict[str, str], run_ids: di
 
 
 if __name__ == "__main__":
-    cli.parser(__doc__).parse_args()
+    parser = cli.parser(__doc__)
+    for name in Paths.__dataclass_fields__:
+        parser.add_argument(f"--{name}", type=Path, required=True)
+    paths = Paths(**vars(parser.parse_args()))
     with cli.one_line_errors():
-        compare(load_params(), Path.cwd())
+        compare(load_params(), paths, Path.cwd())

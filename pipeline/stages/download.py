@@ -1,9 +1,9 @@
-"""Stage `download`: fetch MNIST's four IDX files into `data/raw`, verified by SHA-256.
+"""Stage `download`: fetch MNIST's four IDX files into the folder `--out` names, verified by SHA-256.
 
 Sources are tried in order: `MNIST_MIRROR` (an http(s) URL prefix or a local folder) when
 set, then torchvision's mirror list. The check is on each file's *decompressed* content, so
 a mirror that recompressed a file is as good as the original. Nothing unverified is ever
-written under `data/raw`: a file lands there by an atomic rename after its digest matched.
+written into the output folder: a file lands there by an atomic rename after its digest matched.
 """
 
 from __future__ import annotations
@@ -32,6 +32,10 @@ MNIST_SHA256 = {
     "t10k-images-idx3-ubyte": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
     "t10k-labels-idx1-ubyte": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
 }
+
+
+# The way out when every source failed (offline, say), at the end of that one line.
+MIRROR_HINT = " (set MNIST_MIRROR to a local folder or an http(s) URL prefix holding MNIST's four .gz files)"
 
 
 class DownloadError(PipelineError):
@@ -149,7 +153,7 @@ def fetch_verified(name: str, sources: list[str], expected: str, policy: Policy)
                     break
                 time.sleep(delay)
                 delay *= 2
-    raise DownloadError(f"{name}.gz: every source failed: " + "; ".join(failures))
+    raise DownloadError(f"{name}.gz: every source failed: " + "; ".join(failures) + MIRROR_HINT)
 
 
 def is_verified(path: Path, name: str, expected: str) -> bool:
@@ -200,7 +204,7 @@ def read_checksums(path: Path) -> dict[str, str]:
 
 if __name__ == "__main__":
     parser = cli.parser(__doc__)
-    parser.add_argument("--out", type=Path, default=Path("data/raw"))
+    parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     with cli.one_line_errors():
         sources = parse_sources(os.environ.get("MNIST_MIRROR"), torchvision_mirrors())

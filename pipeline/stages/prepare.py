@@ -1,36 +1,38 @@
 """Stage `prepare`: a seeded train/validation split of MNIST's training images, test kept whole.
 
-Writes `data/prepared/{train,val,test}.pt` (uint8 images [N, 28, 28], int64 labels), ready to
-be loaded whole by the training loop, and `manifest.json` with sizes and a content digest
-that MLflow records as the runs' dataset lineage.
+Writes `<out>/{train,val,test}/` (uint8 images [N, 28, 28], int64 labels, as `.npy`:
+pipeline/data.py), ready to be loaded whole by the training loop, and `manifest.json` with
+sizes and a content digest that MLflow records as the runs' dataset lineage.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from pipeline import cli
-from pipeline.data import DataError, read_raw_split, split_path
-from pipeline.fsio import atomic_write, atomic_write_json
+from pipeline.data import DataError, read_raw_split, write_split
+from pipeline.fsio import atomic_write_json
 from pipeline.params import DataParams, load_params
 
 
-def split_indices(total: int, val_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def split_indices(total: int, val_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, validation) rows. torch's seeded permutation, not numpy's: that would draw
+    another split than the one every result so far was computed on."""
     if not 0 < val_size < total:
         raise DataError(f"data.val_size: {val_size} must be between 0 and {total} "
                         f"(the number of training images)")
     order = torch.randperm(total, generator=torch.Generator().manual_seed(seed))
-    return order[val_size:], order[:val_size]
+    return order[val_size:].numpy(), order[:val_size].numpy()
 
 
-def tensor_digest(tensors: list[torch.Tensor]) -> str:
+def array_digest(arrays: list[np.ndarray]) -> str:
     hasher = hashlib.sha256()
-    for tensor in tensors:
-        hasher.update(tensor.contiguous().numpy().tobytes())
+    for array in arrays:
+        hasher.update(np.ascontiguousarray(array).tobytes())
     return hasher.hexdigest()
 
 
@@ -44,11 +46,9 @@ def prepare(data_params: DataParams, raw_dir: Path, prepared_dir: Path) -> dict:
         "test": (test_images, test_labels),
     }
     for split, (images, labels) in splits.items():
-        buffer = io.BytesIO()
-        torch.save({"images": images.contiguous(), "labels": labels.contiguous()}, buffer)
-        atomic_write(split_path(prepared_dir, split), lambda handle: handle.write(buffer.getvalue()))
+        write_split(prepared_dir, split, images, labels)
     manifest = {
-        "digest": tensor_digest([t for pair in splits.values() for t in pair])[:16],
+        "digest": array_digest([a for pair in splits.values() for a in pair])[:16],
         "sizes": {split: len(labels) for split, (_, labels) in splits.items()},
         "val_size": data_params.val_size,
         "split_seed": data_params.split_seed,
@@ -60,8 +60,8 @@ def prepare(data_params: DataParams, raw_dir: Path, prepared_dir: Path) -> dict:
 
 if __name__ == "__main__":
     parser = cli.parser(__doc__)
-    parser.add_argument("--raw", type=Path, default=Path("data/raw"))
-    parser.add_argument("--out", type=Path, default=Path("data/prepared"))
+    parser.add_argument("--raw", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     with cli.one_line_errors():
         prepare(load_params().data, args.raw, args.out)

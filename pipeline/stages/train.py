@@ -5,9 +5,10 @@ and on validation, logged to MLflow; the resumable state written atomically to t
 scratch folder, `.dvc/tmp/train/<variant>/`, outside DVC's outputs. A killed stage rerun
 resumes from the last completed epoch and continues the same MLflow runs; the result is
 bit-identical to an uninterrupted run. At the end the outputs are written once: final and
-best checkpoints, curves, history and `run.json`, all a function of the stage's inputs alone
-(no run ids, times or paths), so DVC's run-cache can restore them. MLflow's calls run in the
-stage's tracking process (pipeline/tracking_process.py).
+best checkpoints, the final weights for numpy (`weights.npz`, pipeline/inference.py), curves,
+history and `run.json`, all a function of the stage's inputs alone (no run ids, times or
+paths), so DVC's run-cache can restore them. MLflow's calls run in the stage's tracking
+process (pipeline/tracking_process.py).
 
 `train` reads top to bottom: start or resume, the epoch loop, finish. What one epoch hands
 the next is a `Progress`, returned by `record_epoch` (on the evaluation thread), not shared.
@@ -26,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline import checkpoint, cli, provenance, variant_runs
+from pipeline import checkpoint, cli, inference, provenance, variant_runs
 from pipeline.data import Split, as_images, load_split, read_manifest
 from pipeline.errors import PipelineError
 from pipeline.fsio import atomic_write_json
@@ -50,16 +51,17 @@ from pipeline.variant import VariantConfig
 
 @dataclass(frozen=True)
 class Paths:
-    prepared: Path
-    scratch: Path  # what a killed run resumes from; DVC neither hashes nor deletes it
+    """Where the stage reads and writes: the paths dvc.yaml's command line names, and the scratch folder."""
+
+    prepared: Path  # the prepared splits (DVC dep)
     checkpoints: Path  # the final and best checkpoints (DVC output)
     out: Path  # curves, history and run.json for the later stages (DVC outputs)
+    scratch: Path  # what a killed run resumes from; DVC neither hashes nor deletes it
 
     @classmethod
-    def for_variant(cls, root: Path, variant: str) -> Paths:
-        data = root / "data"
-        return cls(data / "prepared", root / ".dvc" / "tmp" / "train" / variant, data / "checkpoints" / variant,
-                   data / "train" / variant)
+    def of(cls, root: Path, variant: str, prepared: Path, checkpoints: Path, out: Path) -> Paths:
+        # Scratch is no DVC path (DVC deletes outputs before a stage runs): derived, not in dvc.yaml.
+        return cls(prepared, checkpoints, out, root / ".dvc" / "tmp" / "train" / variant)
 
 
 def unfinished_checkpoint(path: Path) -> dict | None:
@@ -127,11 +129,12 @@ class Progress:
     logged: tuple[Future, ...] = ()  # the tracking calls of each epoch's metrics
 
 
-def train(params: Params, variant: str, root: Path, tracking: Tracking | None = None) -> dict:
-    """The stage; `tracking` is where MLflow records it (default: this environment's tracking store)."""
+def train(params: Params, variant: str, root: Path, paths: Paths, tracking: Tracking | None = None) -> dict:
+    """The stage, run in the repository `root`; `tracking` is where MLflow records it (default: this
+    environment's tracking store)."""
     tracking = tracking or Tracking.from_environment(params.mlflow.experiment_name, root)
     device = configure_runtime(params.train.threads, params.train.device)
-    config, paths = params.variant(variant), Paths.for_variant(root, variant)
+    config = params.variant(variant)
     inputs = Inputs.of(config, device, params.train.threads, root, paths.prepared)
     with TrackingProcess(tracking) as tracker:  # opens MLflow there while this process loads data
         tags = run_tags(tracking, root, f"train@{variant}")
@@ -265,6 +268,8 @@ def write_outputs(paths: Paths, config: VariantConfig, trained: dict, best: dict
     checkpoints = [paths.checkpoints / "last.pt", paths.checkpoints / "best.pt"]
     checkpoint.save(checkpoints[0], {"config": config.model_dump(), "epoch": config.epochs, **trained})
     checkpoint.save(checkpoints[1], best)
+    inference.save_weights(paths.checkpoints / inference.WEIGHTS_FILE, config.model_dump(),
+                           {name: tensor.cpu().numpy() for name, tensor in trained["model"].items()})
     write_curves(paths.out / "curves.csv", history)
     atomic_write_json(paths.out / "history.json", {"seeds": config.seeds, "best_epoch": best["epoch"],
                                                    "diverged_epoch": diverged_at, **history})
@@ -292,6 +297,11 @@ def epoch_line(variant: str, epoch: int, epochs: int, metrics: dict[str, list[fl
 
 
 if __name__ == "__main__":
-    variant = cli.variant_argument(__doc__)
+    parser = cli.parser(__doc__)
+    for name in ("--prepared", "--checkpoints", "--out"):  # the paths dvc.yaml names
+        parser.add_argument(name, type=Path, required=True)
+    parser.add_argument("--variant", required=True)
+    args = parser.parse_args()
     with cli.one_line_errors():
-        train(load_params(), variant, Path.cwd())
+        root = Path.cwd()
+        train(load_params(), args.variant, root, Paths.of(root, args.variant, args.prepared, args.checkpoints, args.out))

@@ -1,4 +1,4 @@
-"""`python -m pipeline.sweep`: the grid points of params.yaml's `sweep:` written into its `variants:`.
+"""`python -m pipeline.commands.sweep`: the grid points of params.yaml's `sweep:` written into its `variants:`.
 
 DVC makes the `train@<variant>` and `evaluate@<variant>` stages from `foreach: ${variants}` as it
 parses dvc.yaml, from the values params.yaml holds: it cannot compute a grid. So the grid points

@@ -1,6 +1,6 @@
 """The textbook loop the replica stack is checked against: one seed, an ordinary nn.Module,
-torch.optim. No stage imports it; tests/test_model.py (on the CPU) and benchmarks/check_cuda.py
-(on a GPU) compare the stack's replica k with seed k trained here."""
+torch.optim. Test support, not the product: tests/test_model.py (on the CPU) and
+benchmarks/check_cuda.py (on a GPU) compare the stack's replica k with seed k trained here."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`python -m pipeline.distributed`: every variant's train and evaluate stages as tasks on a Dask
+"""`python -m pipeline.commands.distributed`: every variant's train and evaluate stages as tasks on a Dask
 cluster, then this repository's `dvc repro` restores them all from DVC's run-cache and compares.
 
 The cluster's address comes from the environment, as Dask reads it (`DASK_SCHEDULER_ADDRESS`);

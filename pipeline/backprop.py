@@ -1,0 +1,243 @@
+"""The replica stack's training step by hand: its forward and backward as flat tensor calls.
+
+At batch 32 autograd's bookkeeping (recording the graph, walking it back) and nn.Module's calls
+cost more than the arithmetic. `Backprop` runs the kernels autograd runs for the same step, on
+the same views and in the same order, without either: the gradients and running statistics are
+autograd's bit for bit (tests/test_backprop.py), so the path taken changes no output. The
+backward kernels (`torch.ops.aten.*_backward`) are ATen's own, those autograd's nodes call;
+pipeline/fastpath.py checks the whole step against autograd once per process and device, and
+falls back to `autograd_gradients` where a torch release changed something. What it saves:
+half a K=1 step's CPU time (0.83 -> 0.44 ms with batch norm), a quarter of K=5's, where the
+first layer's two 784-wide products and Adam are most of what is left (pipeline/fastpath.py).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.model import StackedBatchNorm, StackedLayerNorm, StackedLinear
+
+aten = torch.ops.aten
+
+
+def autograd_gradients(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                       seed: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The gradients of seed * (summed cross-entropy of model(images) [K, B, C]) by autograd.
+
+    The seed is a factor of the loss (its gradient is then seed * 1.0, the same bits as seeding
+    it into the backward pass): given as grad_outputs it would import sympy, 0.32 s here."""
+    loss = F.cross_entropy(model(images).flatten(0, 1), labels, reduction="sum")
+    return torch.autograd.grad(loss * seed, tuple(model.parameters()))
+
+
+class Linear:
+    """x [K, B, in] @ W [K, in, out] (+ b [K, 1, out]), per replica."""
+
+    def __init__(self, layer: StackedLinear, batch: int, first: bool) -> None:
+        self.weight = layer.weight.detach()
+        self.weight_t = self.weight.transpose(1, 2)
+        self.bias = None if layer.bias is None else layer.bias.detach()
+        replicas, fan_in, fan_out = self.weight.shape
+        self.out = self.weight.new_empty(replicas, batch, fan_out)
+        self.grads = [torch.empty_like(self.weight)] + ([] if self.bias is None else [torch.empty_like(self.bias)])
+        self.grad_in = None if first else self.weight.new_empty(replicas, batch, fan_in)  # the images need none
+        self.x = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x is not self.x:  # a new input (a buffer, as the images or an in-place activation, stays)
+            self.x, self.x_t = x, x.transpose(1, 2)
+        if self.bias is None:
+            return torch.bmm(x, self.weight, out=self.out)
+        return torch.baddbmm(self.bias, x, self.weight, out=self.out)
+
+    def backward(self, grad: torch.Tensor) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+        torch.bmm(self.x_t, grad, out=self.grads[0])
+        if self.bias is not None:
+            torch.sum(grad, 1, keepdim=True, out=self.grads[1])
+        if self.grad_in is None:
+            return None, self.grads
+        return torch.bmm(grad, self.weight_t, out=self.grad_in), self.grads
+
+
+class BatchNorm:
+    """StackedBatchNorm's one `batch_norm` over K*F channels, and the backward of that kernel.
+
+    On the CPU `F.batch_norm` runs `native_batch_norm`, called here directly (18 against 26 us
+    a layer, forward and backward, through the dispatching call); elsewhere it may pick cuDNN's,
+    and `_batch_norm_impl_index` picks as `F.batch_norm` does, its backward following the pick."""
+
+    NATIVE = ("cpu",)  # the device types where F.batch_norm's kernel is native_batch_norm
+
+    def __init__(self, layer: StackedBatchNorm, batch: int) -> None:
+        replicas, _, features = layer.weight.shape
+        self.stacked, self.channels = (replicas, batch, features), (batch, replicas * features)
+        self.parameter = (replicas, 1, features)
+        self.weight, self.bias = layer.weight.detach().view(-1), layer.bias.detach().view(-1)
+        self.running = layer.running_mean.view(-1), layer.running_var.view(-1)
+        self.momentum, self.eps = layer.momentum, layer.eps
+        self.native = layer.weight.device.type in self.NATIVE
+
+    def to_channels(self, x: torch.Tensor) -> torch.Tensor:
+        """[K, B, F] as [B, K * F]: a view for one replica, a copy for more (as the module's reshape)."""
+        return x.view(self.channels) if self.stacked[0] == 1 else x.transpose(0, 1).reshape(self.channels)
+
+    def from_channels(self, c: torch.Tensor) -> torch.Tensor:
+        replicas, batch, features = self.stacked
+        return c.view(self.stacked) if replicas == 1 else c.view(batch, replicas, features).transpose(0, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.x = self.to_channels(x)
+        arguments = (self.x, self.weight, self.bias, *self.running, True, self.momentum, self.eps)
+        if self.native:
+            out, *self.saved = torch.native_batch_norm(*arguments)
+        else:
+            out, *self.saved, self.impl = torch._batch_norm_impl_index(*arguments, torch.backends.cudnn.enabled)
+        return self.from_channels(out)
+
+    def backward(self, grad: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        grad, mask = self.to_channels(grad), [True, True, True]
+        if self.native:
+            grads = aten.native_batch_norm_backward.default(
+                grad, self.x, self.weight, *self.running, *self.saved, True, self.eps, mask)
+        else:
+            save_mean, save_var, reserve = self.saved
+            grads = aten._batch_norm_impl_index_backward.default(
+                self.impl, self.x, grad, self.weight, *self.running, save_mean, save_var, True, self.eps, mask, reserve)
+        grad_in, grad_weight, grad_bias = grads
+        return self.from_channels(grad_in), [grad_weight.view(self.parameter), grad_bias.view(self.parameter)]
+
+
+class LayerNorm:
+    """StackedLayerNorm: `layer_norm` without affine, then each replica's scale and shift."""
+
+    def __init__(self, layer: StackedLayerNorm) -> None:
+        self.weight, self.bias, self.eps = layer.weight.detach(), layer.bias.detach(), layer.eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.x = x
+        self.normed, self.mean, self.rstd = torch.native_layer_norm(x, x.shape[-1:], None, None, self.eps)
+        return torch.addcmul(self.bias, self.normed, self.weight)
+
+    def backward(self, grad: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        grad_in, _, _ = aten.native_layer_norm_backward.default(
+            grad * self.weight, self.x, self.x.shape[-1:], self.mean, self.rstd, None, None, [True, False, False])
+        return grad_in, [(grad * self.normed).sum(1, keepdim=True), grad.sum(1, keepdim=True)]
+
+
+class Activation:
+    """relu, tanh or sigmoid, in place: their backward reads the output."""
+
+    KERNELS = {nn.ReLU: (torch.relu_, lambda grad, y: aten.threshold_backward.default(grad, y, 0)),
+               nn.Tanh: (torch.tanh_, aten.tanh_backward.default),
+               nn.Sigmoid: (torch.sigmoid_, aten.sigmoid_backward.default)}
+
+    def __init__(self, layer: nn.Module) -> None:
+        self.forward_kernel, self.backward_kernel = self.KERNELS[type(layer)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.y = self.forward_kernel(x)
+        return self.y
+
+    def backward(self, grad: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        return self.backward_kernel(grad, self.y), []
+
+
+class Gelu:
+    """nn.GELU's default, the exact erf form; its backward reads the input."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.x = x
+        return F.gelu(x)
+
+    def backward(self, grad: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        return aten.gelu_backward.default(grad, self.x), []
+
+
+def _manual(layer: nn.Module, batch: int, first: bool):
+    if isinstance(layer, StackedLinear):
+        return Linear(layer, batch, first)
+    if isinstance(layer, StackedBatchNorm):
+        return BatchNorm(layer, batch)
+    if isinstance(layer, StackedLayerNorm):
+        return LayerNorm(layer)
+    return Gelu() if isinstance(layer, nn.GELU) else Activation(layer)
+
+
+class Backprop:
+    """The gradients of one step of a stack whose replicas each take `batch` rows.
+
+    What it writes (gathered rows, layer outputs, gradients) lives in buffers made once for
+    that shape, so a step allocates little; the train split's partial last batch gets its own.
+    """
+
+    def __init__(self, layers: nn.Sequential, replicas: int, batch: int, width: int) -> None:
+        self.layers = [_manual(layer, batch, first=depth == 0) for depth, layer in enumerate(layers)]
+        device = layers[0].weight.device
+        self.pixels = torch.empty(replicas * batch, width, dtype=torch.uint8, device=device)
+        self.images = torch.empty(replicas * batch, width, device=device)
+        self.stacked_images = self.images.view(replicas, batch, width)
+        self.labels = torch.empty(replicas * batch, dtype=torch.long, device=device)
+        self.label_columns = self.labels.unsqueeze(1)
+        self.logits = self.layers[-1].out.flatten(0, 1)  # [K * B, C]: the output Linear's buffer
+        # d(sum of -log p[label]) / d(log p), seeded with 1 / B: -1/B at each row's label, as
+        # nll_loss's backward writes it, then through log_softmax's backward.
+        self.minus_seed = -torch.ones((), device=device).div(batch).expand(replicas * batch, 1)
+        self.grad_log_p = torch.empty_like(self.logits)
+        self.grad_logits = torch.empty_like(self.logits)
+        self.stacked_grad_logits = self.grad_logits.view_as(self.layers[-1].out)
+
+    def gradients(self, pixels: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor) -> list[torch.Tensor]:
+        """Every parameter's gradient, in `model.parameters()` order, for the rows [K * B]."""
+        torch.index_select(pixels, 0, rows, out=self.pixels)
+        self.images.copy_(self.pixels).div_(255)  # pipeline.data.as_images
+        x = self.stacked_images
+        for layer in self.layers:
+            x = layer.forward(x)
+        log_p = torch._log_softmax(self.logits, 1, False)
+        torch.index_select(labels, 0, rows, out=self.labels)
+        self.grad_log_p.zero_().scatter_(1, self.label_columns, self.minus_seed)
+        torch._log_softmax_backward_data(self.grad_log_p, log_p, 1, log_p.dtype, out=self.grad_logits)
+        grad, grads = self.stacked_grad_logits, []
+        for layer in reversed(self.layers):
+            grad, own = layer.backward(grad)
+            grads += reversed(own)
+        grads.reverse()
+        return grads
+
+
+def _every_layer_type(replicas: int, generator: torch.Generator) -> nn.Sequential:
+    """A few-unit stack with each layer type once: 6 inputs, 3 classes."""
+    def linear(fan_in: int, fan_out: int, bias: bool) -> StackedLinear:
+        layer = StackedLinear(torch.randn(replicas, fan_in, fan_out, generator=generator), bias)
+        if bias:
+            layer.bias.data.normal_(generator=generator)
+        return layer
+
+    return nn.Sequential(linear(6, 5, True), StackedBatchNorm(replicas, 5, 0.1, 1e-3), nn.ReLU(),
+                         linear(5, 4, False), StackedLayerNorm(replicas, 4, 1e-3), nn.Tanh(),
+                         linear(4, 4, True), nn.Sigmoid(), linear(4, 4, True), nn.GELU(), linear(4, 3, True))
+
+
+def differs_from_autograd(device: torch.device) -> str | None:
+    """How `Backprop` departs from autograd on a few-element stack, or None where it gives the
+    same bits: every gradient, and the running statistics."""
+    generator = torch.Generator().manual_seed(0)
+    replicas, batch = 2, 4
+    pixels = torch.randint(0, 256, (12, 6), dtype=torch.uint8, generator=generator).to(device)
+    labels = torch.randint(0, 3, (12,), generator=generator).to(device)
+    rows = torch.randperm(12, generator=generator)[: replicas * batch].to(device)
+    by_hand = _every_layer_type(replicas, generator).to(device)
+    by_autograd = copy.deepcopy(by_hand)
+    images = (pixels.index_select(0, rows).float() / 255).view(replicas, batch, -1)
+    seed = torch.ones((), device=device) / batch
+    expected = autograd_gradients(by_autograd, images, labels.index_select(0, rows), seed)
+    got = Backprop(by_hand, replicas, batch, pixels.shape[1]).gradients(pixels, labels, rows)
+    if len(got) != len(expected) or not all(map(torch.equal, got, expected)):
+        return "the hand-derived backward differs from autograd's"
+    if not all(map(torch.equal, by_hand.buffers(), by_autograd.buffers())):
+        return "the hand-derived batch norm's running statistics differ from autograd's"
+    return None
