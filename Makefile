@@ -2,20 +2,38 @@
 # Each first makes .venv from requirements.lock when it is missing or older than the lock:
 # every package pinned, with its hashes, installed by pip, which also looks in the pip
 # configuration's local wheel folders (uv and poetry do not). Extra arguments: ARGS, e.g.
-# `make repro ARGS=--force`, `make test ARGS="-m 'not slow'"`.
+# `make repro ARGS=--force`, `make test ARGS="-k sweep"`.
+#
+# The tests in tiers, by pytest markers (pyproject.toml; tests/conftest.py marks each test by what
+# it starts): `make test-fast` runs every test that starts no server, cluster or queue and trains
+# nothing on real MNIST, in a few minutes; `make test-team`, `make test-lab`, ... one tier each.
 
 PYTHON ?= python3
 VENV := .venv
 INSTALLED := $(VENV)/.installed-from-lock
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: repro test env lock
+TIERS := team cluster queue server repro ui lab
+# Two pytest processes (pytest-xdist), a test file each at a time: one keeps about one core busy
+# (each stage trains on one thread). JOBS=0 runs the tests in this process.
+JOBS ?= 2
+PYTEST := python -m pytest -n $(JOBS) --dist loadfile --no-loadscope-reorder
+SPACE := $(subst ,, )
+FAST := not ($(subst $(SPACE), or ,$(TIERS)))
+
+.PHONY: repro test test-fast $(TIERS:%=test-%) env lock
 
 repro: $(INSTALLED)
 	dvc repro $(ARGS)
 
 test: $(INSTALLED)
-	python -m pytest $(ARGS)
+	$(PYTEST) $(ARGS)
+
+test-fast: $(INSTALLED)
+	$(PYTEST) -m "$(FAST)" $(ARGS)
+
+$(TIERS:%=test-%): test-%: $(INSTALLED)
+	$(PYTEST) -m $* $(ARGS)
 
 env: $(INSTALLED)
 

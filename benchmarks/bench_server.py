@@ -35,11 +35,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tests.team_server import (  # noqa: E402  (the repository's root first)
-    BUCKET,
     TeamServer,
     create_user,
     free_port,
-    s3_keys,
     start_postgres,
     start_s3,
 )
@@ -160,7 +158,7 @@ def start_servers(folder: Path, s3, servers: dict) -> None:
     for name, auth_config in (("shipped", None), ("mlflow-default", mlflow_default_auth_config())):
         (folder / name).mkdir()
         server = TeamServer(folder / name, start_postgres(), s3, free_port(), secrets.token_urlsafe(16),
-                            auth_config=auth_config, artifacts=f"s3://{BUCKET}/{name}")
+                            auth_config=auth_config, artifacts_prefix=name)
         servers[name] = {"server": server}  # stopped at the end, even if what follows fails
         server.start()
         password = create_user(server.uri, server.admin_password, USER)
@@ -171,7 +169,7 @@ def start_servers(folder: Path, s3, servers: dict) -> None:
 
 def stored(server: TeamServer, name: str) -> dict:
     """What the configuration's PostgreSQL and S3 prefix hold."""
-    keys = [key.removeprefix(f"{name}/") for key in s3_keys(server.s3.endpoint) if key.startswith(f"{name}/")]
+    keys = [key.removeprefix(f"{name}/") for key in server.s3.keys(f"{name}/")]
     return {"metric_points": server.postgres.scalar("SELECT count(*) FROM metrics"), "artifacts": sorted(keys)}
 
 

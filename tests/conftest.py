@@ -1,9 +1,11 @@
-"""Fixtures that make data: tiny MNIST-format IDX files, and params for tiny runs."""
+"""Fixtures that make data (tiny MNIST-format IDX files, params for tiny runs), the session's
+team stack, and the tiers: each test marked by what it starts."""
 
 from __future__ import annotations
 
 import gzip
 import hashlib
+import types
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +13,7 @@ import pytest
 
 from pipeline.params import Params, parse_params
 from pipeline.stages.download import MNIST_SHA256
+from tests.team_server import create_user, postgres_bin, team_stack
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_MNIST = ROOT.parent / "shared" / "data" / "mnist"
@@ -231,3 +234,71 @@ def http_mirror(tiny_mirror):
     yield f"http://127.0.0.1:{server.server_address[1]}/"
     server.shutdown()
     server.server_close()
+
+
+@pytest.fixture(scope="session")
+def team_server(tmp_path_factory):
+    """One team stack (tests/team_server.py) for the session's tests that stop none of its parts;
+    each module tracks into an experiment and registers a model of its own names."""
+    import shutil
+
+    if postgres_bin("initdb") is None or shutil.which("runuser") is None:
+        pytest.skip("needs Debian's postgresql (initdb, pg_ctl) and runuser")
+    with team_stack(tmp_path_factory.mktemp("team")) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def alice_password(team_server) -> str:
+    """The password of `alice`, a user of the session's team server (READ on what others made)."""
+    return create_user(team_server.uri, team_server.admin_password, "alice")
+
+
+# The tiers: a test is marked by the test helpers that it, its fixtures and the helpers they call
+# name, so a new test lands in its tier by itself; `make test-fast` runs the tests left unmarked.
+TIER_OF_HELPER = {
+    "tests.team_server.team_stack": "team",
+    "tests.dask_cluster.Cluster": "cluster",
+    "tests.dvc_queue.run_queues": "queue",
+    "tests.mlflow_server.start_server": "server",
+    "tests.mlflow_server.wait_healthy": "server",
+    "tests.mlflow_server.launch": "server",
+    "tests.shared_project.reproduced_project": "repro",
+}
+
+
+def helper_tiers(function: types.FunctionType, seen: set) -> set[str]:
+    """The tiers of the helpers `function`'s code names, directly or through the test code it calls
+    (imported at the top of its module: a name imported inside a function is not seen)."""
+    tiers, codes = set(), [function.__code__]
+    while codes:
+        code = codes.pop()
+        codes += [const for const in code.co_consts if isinstance(const, types.CodeType)]  # nested functions
+        for name in code.co_names:
+            target = function.__globals__.get(name)
+            helper = f"{getattr(target, '__module__', '')}.{getattr(target, '__qualname__', '')}"
+            if helper in TIER_OF_HELPER:
+                tiers.add(TIER_OF_HELPER[helper])
+            elif isinstance(target, types.FunctionType) and target not in seen and is_test_code(target):
+                seen.add(target)
+                tiers |= helper_tiers(target, seen)
+    return tiers
+
+
+def is_test_code(function) -> bool:
+    return Path(function.__code__.co_filename).is_relative_to(ROOT / "tests")
+
+
+LONG_TIERS = {"team", "cluster", "queue", "lab"}  # minutes a module: run first, for the workers' balance
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the items
+def pytest_collection_modifyitems(items):
+    for item in items:
+        functions = [item.function] + [fixture.func for name in item.fixturenames
+                                       for fixture in item._fixtureinfo.name2fixturedefs.get(name, ())]
+        seen = set()
+        for tier in set().union(*(helper_tiers(f, seen) for f in functions if is_test_code(f))):
+            item.add_marker(tier)
+    long_modules = {item.module for item in items if LONG_TIERS & {mark.name for mark in item.iter_markers()}}
+    items.sort(key=lambda item: item.module not in long_modules)  # stable: each module's order kept

@@ -25,7 +25,6 @@ from pathlib import Path
 
 from tests.mlflow_server import free_port, launch, stop
 
-BUCKET = "mlflow"
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 START_SCRIPT, AUTH_CONFIG = DEPLOY / "start_server.py", DEPLOY / "basic_auth.ini"
 ADMIN = "admin"
@@ -92,9 +91,11 @@ def start_postgres() -> Postgres:
 
 @dataclass
 class S3:
-    """moto's S3 server on a loopback port; its buckets live in this process, across restarts."""
+    """moto's S3 server on a loopback port. moto keeps the buckets of every server it runs in this
+    process, across restarts: each server has a bucket of its own."""
 
     port: int
+    bucket: str
     server: object = None
 
     @property
@@ -110,30 +111,25 @@ class S3:
     def stop(self) -> None:
         self.server.stop()
 
+    def keys(self, prefix: str = "") -> list[str]:
+        import boto3
+
+        s3 = boto3.client("s3", endpoint_url=self.endpoint, **S3_CREDENTIALS)
+        return [item["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
+                for item in page.get("Contents", [])]
+
 
 def start_s3() -> S3:
-    """moto's S3 server, empty but for the artifacts bucket. moto keeps its buckets in this
-    process, for every server it runs: those an earlier test module left are reset first."""
-    import urllib.request
-
+    """moto's S3 server with an empty bucket of its own (the artifacts' and the DVC remotes')."""
     import boto3
 
-    s3 = S3(free_port())
+    s3 = S3(free_port(), f"mlflow-{secrets.token_hex(4)}")
     s3.start()
-    urllib.request.urlopen(urllib.request.Request(f"{s3.endpoint}/moto-api/reset", method="POST"), timeout=30).read()
-    boto3.client("s3", endpoint_url=s3.endpoint, **S3_CREDENTIALS).create_bucket(Bucket=BUCKET)
+    boto3.client("s3", endpoint_url=s3.endpoint, **S3_CREDENTIALS).create_bucket(Bucket=s3.bucket)
     return s3
 
 
 S3_CREDENTIALS = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing", "region_name": "us-east-1"}
-
-
-def s3_keys(endpoint: str) -> list[str]:
-    import boto3
-
-    s3 = boto3.client("s3", endpoint_url=endpoint, **S3_CREDENTIALS)
-    return [item["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET)
-            for item in page.get("Contents", [])]
 
 
 @dataclass
@@ -148,7 +144,7 @@ class TeamServer:
     port: int
     admin_password: str
     auth_config: Path | None = None
-    artifacts: str = f"s3://{BUCKET}/artifacts"
+    artifacts_prefix: str = "artifacts"  # where in the S3 server's bucket the artifacts go
     secret_key: str = field(default_factory=lambda: secrets.token_urlsafe(32))  # CSRF key of the auth app
     process: subprocess.Popen | None = None
 
@@ -158,7 +154,7 @@ class TeamServer:
 
     def environment(self) -> dict[str, str]:
         """What the start script reads: the database, the bucket, the secrets, S3's endpoint."""
-        return {"MLFLOW_BACKEND_STORE_URI": self.postgres.uri, "MLFLOW_ARTIFACTS_DESTINATION": self.artifacts,
+        return {"MLFLOW_BACKEND_STORE_URI": self.postgres.uri, "MLFLOW_ARTIFACTS_DESTINATION": f"s3://{self.s3.bucket}/{self.artifacts_prefix}",
                 "MLFLOW_AUTH_ADMIN_PASSWORD": self.admin_password, "MLFLOW_FLASK_SERVER_SECRET_KEY": self.secret_key,
                 "MLFLOW_S3_ENDPOINT_URL": self.s3.endpoint,
                 "AWS_ACCESS_KEY_ID": S3_CREDENTIALS["aws_access_key_id"],
@@ -190,7 +186,7 @@ def auth_config_with(folder: Path, **settings: object) -> Path:
 @contextmanager
 def team_stack(folder: Path, **server_options) -> Iterator[TeamServer]:
     """PostgreSQL, S3 and the MLflow server in front of them, all stopped and removed afterwards.
-    `server_options`: TeamServer's own (auth_config, artifacts)."""
+    `server_options`: TeamServer's own (auth_config, artifacts_prefix)."""
     postgres = start_postgres()
     s3 = start_s3()
     server = TeamServer(folder, postgres, s3, free_port(), secrets.token_urlsafe(16), **server_options)

@@ -18,46 +18,63 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from tests.conftest import make_project, run
+from pipeline.commands.distributed import committed_head, run_sweep
+from pipeline.errors import PipelineError
+from tests.conftest import make_project, run, stage_env
 from tests.dask_cluster import Cluster
-from tests.team_server import BUCKET, S3_CREDENTIALS, create_user, login, postgres_bin, team_stack
+from tests.team_server import S3_CREDENTIALS, login
 
-pytestmark = [
-    pytest.mark.timeout(1200),
-    pytest.mark.skipif(postgres_bin("initdb") is None, reason="needs Debian's postgresql (initdb, pg_ctl)"),
-]
+pytestmark = pytest.mark.timeout(1200)
 GRID = {"lr": [0.01, 1.0e30], "norm": ["batch", "none"]}  # four grid points; the two at lr 1e30 diverge
+EXPERIMENT, MODEL = "sweep", "sweep-mlp"  # of this module's own on the session's server
 
 
 @pytest.fixture(scope="module")
-def sweep(tmp_path_factory, tiny_mirror):
+def sweep(tmp_path_factory, tiny_mirror, team_server, alice_password):
     """(project, env for its commands, cluster, server, alice's login, variants) with a 4-point grid committed."""
     folder = tmp_path_factory.mktemp("distributed")
-    (folder / "server").mkdir()
     (folder / "cluster").mkdir()
-    with team_stack(folder / "server") as server:
-        alice = login("alice", create_user(server.uri, server.admin_password, "alice"))
-        path, env = make_project(folder / "project", tiny_mirror[0])
-        env = env | {"MLFLOW_TRACKING_URI": server.uri} | alice | {
-            "AWS_ACCESS_KEY_ID": S3_CREDENTIALS["aws_access_key_id"],
-            "AWS_SECRET_ACCESS_KEY": S3_CREDENTIALS["aws_secret_access_key"],
-            "AWS_DEFAULT_REGION": S3_CREDENTIALS["region_name"]}
-        params = yaml.safe_load((path / "params.yaml").read_text())
-        params |= {"sweep": {"axes": GRID}, "variants": {}}
-        params["compare"]["reference"] = "sweep-none-lr0p01"
-        (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-        run([sys.executable, "-m", "pipeline.commands.sweep"], path, env)
-        variants = list(yaml.safe_load((path / "params.yaml").read_text())["variants"])
-        assert len(variants) == 4 and "sweep-none-lr0p01" in variants, variants
-        run(["dvc", "remote", "add", "-d", "team", f"s3://{BUCKET}/dvc"], path, env)
-        run(["dvc", "remote", "modify", "team", "endpointurl", server.s3.endpoint], path, env)
-        run(["git", "commit", "-qam", "a 4-point grid on the team's remote"], path, env)
-        cluster = Cluster(folder / "cluster", env)
-        try:
-            cluster.start(workers=2)
-            yield path, env | {"DASK_SCHEDULER_ADDRESS": cluster.address}, cluster, server, alice, variants
-        finally:
-            cluster.stop()
+    server, alice = team_server, login("alice", alice_password)
+    path, env = make_project(folder / "project", tiny_mirror[0])
+    env = env | {"MLFLOW_TRACKING_URI": server.uri} | alice | {
+        "AWS_ACCESS_KEY_ID": S3_CREDENTIALS["aws_access_key_id"],
+        "AWS_SECRET_ACCESS_KEY": S3_CREDENTIALS["aws_secret_access_key"],
+        "AWS_DEFAULT_REGION": S3_CREDENTIALS["region_name"]}
+    params = yaml.safe_load((path / "params.yaml").read_text())
+    params |= {"sweep": {"axes": GRID}, "variants": {}}
+    params["compare"] |= {"reference": "sweep-none-lr0p01", "registered_model": MODEL}
+    params["mlflow"]["experiment_name"] = EXPERIMENT
+    (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run([sys.executable, "-m", "pipeline.commands.sweep"], path, env)
+    variants = list(yaml.safe_load((path / "params.yaml").read_text())["variants"])
+    assert len(variants) == 4 and "sweep-none-lr0p01" in variants, variants
+    run(["dvc", "remote", "add", "-d", "team", f"s3://{server.s3.bucket}/dvc"], path, env)
+    run(["dvc", "remote", "modify", "team", "endpointurl", server.s3.endpoint], path, env)
+    run(["git", "commit", "-qam", "a 4-point grid on the team's remote"], path, env)
+    cluster = Cluster(folder / "cluster", env)
+    try:
+        cluster.start(workers=2)
+        yield path, env | {"DASK_SCHEDULER_ADDRESS": cluster.address}, cluster, server, alice, variants
+    finally:
+        cluster.stop()
+
+
+def test_a_local_store_or_an_uncommitted_change_is_refused_before_the_cluster(tmp_path, monkeypatch):
+    monkeypatch.setenv("DASK_SCHEDULER_ADDRESS", "tcp://127.0.0.1:1")  # nothing listens: never reached
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    with pytest.raises(PipelineError, match=r"^MLFLOW_TRACKING_URI: the workers need a tracking server they all "):
+        run_sweep(tmp_path, str(tmp_path))
+    env = stage_env()
+    run(["git", "init", "-q", "-b", "main"], tmp_path, env)
+    for name in ("params.yaml", "dvc.lock"):
+        (tmp_path / name).write_text("a: 1\n")
+    run(["git", "add", "-A"], tmp_path, env)
+    run(["git", "commit", "-qm", "init"], tmp_path, env)
+    (tmp_path / "dvc.lock").write_text("a: 2\n")  # the coordinator's own repro rewrites it
+    assert committed_head(tmp_path) == run(["git", "rev-parse", "HEAD"], tmp_path, env).stdout.strip()
+    (tmp_path / "params.yaml").write_text("a: 2\n")
+    with pytest.raises(PipelineError, match=r"^params.yaml: uncommitted change; the workers run the committed code"):
+        committed_head(tmp_path)
 
 
 def distributed(path, env) -> subprocess.Popen:
@@ -74,7 +91,7 @@ def finish(process: subprocess.Popen) -> tuple[str, str]:
 def assert_one_finished_run_per_variant_and_seed(server, path, alice, variants) -> None:
     os.environ |= alice
     client = MlflowClient(server.uri)
-    experiment = client.get_experiment_by_name("tiny").experiment_id
+    experiment = client.get_experiment_by_name(EXPERIMENT).experiment_id
     assert not client.search_runs([experiment], "attributes.status = 'RUNNING'"), "no run left RUNNING"
     for variant in variants:
         digest = json.loads((path / "data" / "train" / variant / "run.json").read_text())["inputs_digest"]
@@ -107,7 +124,7 @@ def kill_a_worker_mid_training(cluster, server, alice, coordinator) -> str:
     """Kill the worker whose train stage has its MLflow runs open; the variant it was training."""
     os.environ |= alice
     client = MlflowClient(server.uri)
-    experiment = client.get_experiment_by_name("tiny").experiment_id
+    experiment = client.get_experiment_by_name(EXPERIMENT).experiment_id
     deadline = time.monotonic() + 300
     while True:
         assert time.monotonic() < deadline and coordinator.poll() is None, "no train stage seen with open runs"
@@ -140,5 +157,5 @@ def test_a_worker_killed_mid_training_is_retried_and_leaves_no_run_behind(sweep)
     assert_one_finished_run_per_variant_and_seed(server, path, alice, variants)
     # The killed attempt's runs, left RUNNING, were closed FAILED by the retry (close_abandoned).
     client = MlflowClient(server.uri)
-    experiment = client.get_experiment_by_name("tiny").experiment_id
+    experiment = client.get_experiment_by_name(EXPERIMENT).experiment_id
     assert client.search_runs([experiment], f"attributes.run_name = '{killed}' AND attributes.status = 'FAILED'")

@@ -11,7 +11,7 @@ import yaml
 from tests.conftest import ROOT, SHARED_MNIST, make_project, run
 
 pytestmark = [
-    pytest.mark.slow,
+    pytest.mark.lab,
     pytest.mark.skipif(not SHARED_MNIST.is_dir(), reason=f"real MNIST mirror {SHARED_MNIST} not present"),
 ]
 

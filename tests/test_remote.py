@@ -67,7 +67,7 @@ def s3_remote(tmp_path_factory, tiny_mirror):
                  "AWS_SECRET_ACCESS_KEY": S3_CREDENTIALS["aws_secret_access_key"],
                  "AWS_DEFAULT_REGION": S3_CREDENTIALS["region_name"]}
     folder = tmp_path_factory.mktemp("s3_remote")
-    run(["dvc", "remote", "add", "team", "s3://mlflow/dvc"], path, env, timeout=60)
+    run(["dvc", "remote", "add", "team", f"s3://{s3.bucket}/dvc"], path, env, timeout=60)
     run(["dvc", "remote", "modify", "team", "endpointurl", s3.endpoint], path, env, timeout=60)
     run(["git", "add", "-A"], path, env)
     run(["git", "commit", "-qm", "DVC remote 'team' on S3"], path, env)

@@ -208,10 +208,12 @@ def stages_run(output: str) -> list[str]:
 @pytest.mark.timeout(900)
 def test_dvc_repro_runs_a_train_and_an_evaluate_stage_per_grid_point(tmp_path, tiny_mirror):
     path, env = make_project(tmp_path / "project", tiny_mirror[0])
-    raw = with_sweep({"lr": [0.01, 0.03], "norm": ["batch", "none"]}, variants={"no_norm": {"norm": "none"}})
+    # Two axes, two points (one value of norm): 3 variants to train with the reference, not 5 (the
+    # fast tier's longest test); the grid's names over more values are the unit tests' above.
+    raw = with_sweep({"lr": [0.01, 0.03], "norm": ["batch"]}, variants={"no_norm": {"norm": "none"}})
     (path / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     run([sys.executable, "-m", "pipeline.commands.sweep"], path, env)
-    points = ["sweep-batch-lr0p01", "sweep-batch-lr0p03", "sweep-none-lr0p01", "sweep-none-lr0p03"]
+    points = ["sweep-batch-lr0p01", "sweep-batch-lr0p03"]
 
     ran = stages_run(run(["dvc", "repro"], path, env, timeout=900).stdout)
     for stage in ("train", "evaluate"):

@@ -9,42 +9,42 @@ import statistics
 import time
 
 import pytest
+import yaml
 from mlflow import MlflowClient
 
 from tests.conftest import make_project, run
 from tests.dvc_queue import run_queues
 from tests.recording_proxy import RecordingProxy
-from tests.team_server import BUCKET, create_user, login, postgres_bin, s3_keys, team_stack
+from tests.team_server import login
 
-pytestmark = [
-    pytest.mark.timeout(1200),
-    pytest.mark.skipif(postgres_bin("initdb") is None, reason="needs Debian's postgresql (initdb, pg_ctl)"),
-]
+pytestmark = pytest.mark.timeout(1200)
 LRS = {"a": (0.005, 0.002), "b": (0.02, 0.001)}  # clone -> its two experiments' no_norm lr
+EXPERIMENT, MODEL = "load", "load-mlp"  # of this module's own on the session's server
 
 
 @pytest.fixture(scope="module")
-def load(tmp_path_factory, tiny_mirror):
+def load(tmp_path_factory, tiny_mirror, team_server, alice_password):
     """(proxy, server, alice's password, {experiment: status}, seconds) after four executions at once."""
     folder = tmp_path_factory.mktemp("load")
-    (folder / "server").mkdir()
-    with team_stack(folder / "server") as server:
-        alice = create_user(server.uri, server.admin_password, "alice")
-        proxy = RecordingProxy(server.port)
-        first, env = make_project(folder / "a", tiny_mirror[0])
-        env = env | {"MLFLOW_TRACKING_URI": proxy.uri} | login("alice", alice)
-        clones = {"a": first, "b": folder / "b"}
-        run(["git", "clone", "-q", str(first), str(clones["b"])], folder, env)
-        for name, path in clones.items():
-            for lr in LRS[name]:
-                run(["dvc", "exp", "run", "--queue", "-n", f"load-{name}-{lr}", "-S", f"+variants.no_norm.lr={lr}"],
-                    path, env, timeout=60)
-        started = time.monotonic()
-        names = [f"load-{name}-{lr}" for name, lrs in LRS.items() for lr in lrs]
-        statuses = run_queues(clones.values(), env, names, jobs=2)  # four executions at once
-        seconds = time.monotonic() - started
-        yield proxy, server, alice, statuses, seconds
-        proxy.close()
+    proxy = RecordingProxy(team_server.port)
+    first, env = make_project(folder / "a", tiny_mirror[0])
+    env = env | {"MLFLOW_TRACKING_URI": proxy.uri} | login("alice", alice_password)
+    params = yaml.safe_load((first / "params.yaml").read_text())
+    params["mlflow"]["experiment_name"], params["compare"]["registered_model"] = EXPERIMENT, MODEL
+    (first / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run(["git", "commit", "-qam", f"experiment {EXPERIMENT}, model {MODEL}"], first, env)
+    clones = {"a": first, "b": folder / "b"}
+    run(["git", "clone", "-q", str(first), str(clones["b"])], folder, env)
+    for name, path in clones.items():
+        for lr in LRS[name]:
+            run(["dvc", "exp", "run", "--queue", "-n", f"load-{name}-{lr}", "-S", f"+variants.no_norm.lr={lr}"],
+                path, env, timeout=60)
+    started = time.monotonic()
+    names = [f"load-{name}-{lr}" for name, lrs in LRS.items() for lr in lrs]
+    statuses = run_queues(clones.values(), env, names, jobs=2)  # four executions at once
+    seconds = time.monotonic() - started
+    yield proxy, team_server, alice_password, statuses, seconds
+    proxy.close()
 
 
 def test_four_executions_at_once_all_succeed(load):
@@ -57,24 +57,25 @@ def test_every_run_metric_point_and_artifact_sent_is_recorded(load, monkeypatch)
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "alice")
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", alice)
     client = MlflowClient(server.uri)
-    experiment = client.get_experiment_by_name("tiny").experiment_id
+    experiment = client.get_experiment_by_name(EXPERIMENT).experiment_id
     runs = client.search_runs([experiment], max_results=1000)
     assert len(runs) == len(proxy.acknowledged("POST", "/runs/create")) == 4 * (1 + 2 * 3)  # compare, 2 x (variant + 2 seeds)
     assert all(r.info.status == "FINISHED" for r in runs)
     # Every point of every metric's history, counted in PostgreSQL itself: one query, where reading
     # each run's and key's history through the basic-auth server takes about 90 s.
-    stored_points = server.postgres.scalar("SELECT count(*) FROM metrics")
+    stored_points = server.postgres.scalar("SELECT count(*) FROM metrics WHERE run_uuid IN "
+                                           f"(SELECT run_uuid FROM runs WHERE experiment_id = {int(experiment)})")
     sent_points = sum(e.metric_points for e in proxy.exchanges)
     assert stored_points == sent_points > 0
     uploaded = {e.path.split("/mlflow-artifacts/artifacts/", 1)[1].split("?")[0]
                 for e in proxy.acknowledged("PUT", "/mlflow-artifacts/artifacts/")}
-    stored = {key.removeprefix("artifacts/") for key in s3_keys(server.s3.endpoint)}
+    stored = {key.removeprefix("artifacts/") for key in server.s3.keys(f"artifacts/{experiment}/")}
     assert uploaded == stored and len(uploaded) > 0, uploaded ^ stored
     assert not [e for e in proxy.exchanges if e.status >= 500], "no server error under load"
-    versions = client.search_model_versions("name = 'mnist-mlp'")
-    assert len(versions) == 4 and client.get_model_version_by_alias("mnist-mlp", "champion")
+    versions = client.search_model_versions(f"name = '{MODEL}'")
+    assert len(versions) == 4 and client.get_model_version_by_alias(MODEL, "champion")
     print(f"load: {len(runs)} runs, {sent_points} metric points, {len(uploaded)} artifacts sent and stored "
-          f"(bucket {BUCKET})")
+          f"(bucket {server.s3.bucket})")
 
 
 def test_throughput_and_latency(load):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -13,29 +12,16 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from tests.conftest import make_project, run, stage_command, variant_run_ids
-from tests.team_server import (
-    ADMIN,
-    create_user,
-    login,
-    postgres_bin,
-    s3_keys,
-    team_stack,
-)
+from tests.team_server import ADMIN, create_user, login
 
-pytestmark = [
-    pytest.mark.timeout(900),
-    pytest.mark.skipif(postgres_bin("initdb") is None or shutil.which("runuser") is None,
-                       reason="needs Debian's postgresql (initdb, pg_ctl) and runuser"),
-]
+pytestmark = pytest.mark.timeout(900)
 VARIANTS = ("batchnorm", "no_norm")
 
 
 @pytest.fixture(scope="module")
-def team(tmp_path_factory):
-    """(server uri, admin password, S3 endpoint, alice's password) of a running stack."""
-    with team_stack(tmp_path_factory.mktemp("team")) as server:
-        yield server.uri, server.admin_password, server.s3.endpoint, create_user(server.uri, server.admin_password,
-                                                                                  "alice")
+def team(team_server, alice_password):
+    """(server uri, admin password, its S3, alice's password) of the session's stack."""
+    return team_server.uri, team_server.admin_password, team_server.s3, alice_password
 
 
 def client_as(uri: str, user: str, password: str) -> MlflowClient:
@@ -55,7 +41,7 @@ def reproduced(team, tmp_path_factory, tiny_mirror):
 
 
 def test_everything_is_recorded_in_postgres_and_s3(team, reproduced):
-    uri, _, endpoint, alice = team
+    uri, _, s3, alice = team
     path, _, _ = reproduced
     client = client_as(uri, "alice", alice)
     experiment = client.get_experiment_by_name("tiny")
@@ -68,7 +54,7 @@ def test_everything_is_recorded_in_postgres_and_s3(team, reproduced):
         assert "test_acc" in run_info.data.metrics
         assert {a.path for a in client.list_artifacts(ids["variant"], "checkpoints")} == {
             "checkpoints/last.pt", "checkpoints/best.pt"}
-    keys = s3_keys(endpoint)
+    keys = s3.keys(f"artifacts/{experiment.experiment_id}/")  # this experiment's, not the session's others
     assert any(key.endswith("checkpoints/last.pt") for key in keys)
     assert any(key.endswith("comparison/summary.md") for key in keys)
     assert any(key.endswith("MLmodel") for key in keys), "the logged models are in S3"

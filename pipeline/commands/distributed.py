@@ -29,7 +29,8 @@ FORWARDED = ("MLFLOW_TRACKING_URI", "MNIST_MIRROR", "MNIST_CHECKSUMS")
 
 
 def git(root: Path, *args: str) -> str:
-    return subprocess.run(["git", *args], cwd=root, check=True, capture_output=True, text=True).stdout.strip()
+    # rstrip: `git status --porcelain` lines start with a space where the index is unchanged
+    return subprocess.run(["git", *args], cwd=root, check=True, capture_output=True, text=True).stdout.rstrip()
 
 
 def committed_head(root: Path) -> str:
