@@ -65,10 +65,12 @@ class Tracking:
         return cls(uri, root, experiment_name, os.environ.get("DVC_EXP_NAME"))
 
 
-def check_server(uri: str, timeout_s: float = 3.0) -> None:
+def check_server(uri: str, timeout_s: float = 10.0) -> None:
     """Fail in seconds, before any training, when a tracking server is not there, refuses this
     environment's credentials (MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD), or cannot
-    reach its own stores: the database behind its runs, the object store behind its artifacts."""
+    reach its own stores: the database behind its runs, the object store behind its artifacts.
+    A server that is not there refuses at once; `timeout_s` bounds one that hangs, and leaves a busy
+    one its time (a basic-auth login's first check took over 3 s on 2 loaded cores here)."""
     base = uri.rstrip("/")
     try:
         with urllib.request.urlopen(base + "/health", timeout=timeout_s) as response:
