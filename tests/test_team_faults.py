@@ -97,14 +97,20 @@ def test_postgres_gone_fails_in_one_line_and_the_rerun_completes_the_record(alic
     assert len(err.strip().splitlines()) == 1, err
     assert err.startswith(f"error: MLflow at {server.uri} is unavailable (") and "rerun the stage" in err
 
-    started = time.monotonic()  # a stage started while it is down: refused before training
-    refused = run(stage_command("train", "no_norm"), path, env, check=False)
-    print(f"refused in {time.monotonic() - started:.1f} s")
+    try:
+        started = time.monotonic()  # a stage started while it is down: refused before training
+        refused = run(stage_command("train", "no_norm"), path, env, check=False)
+        print(f"refused in {time.monotonic() - started:.1f} s")
+    finally:
+        server.postgres.start()  # the module's next test needs it, whatever this one found
     assert refused.returncode == 1 and "epoch" not in refused.stdout
     assert len(refused.stderr.strip().splitlines()) == 1
-    assert "cannot use its backend store (HTTP 503: (psycopg2.OperationalError)" in refused.stderr
+    # The server answers 503 (psycopg2.OperationalError), or, with its workers still busy with the
+    # failed stage's retries on 2 loaded cores, not within the check's 10 s: either way one line.
+    assert refused.stderr.startswith(f"error: MLFLOW_TRACKING_URI: {server.uri} ")
+    assert ("cannot use its backend store (HTTP 503: (psycopg2.OperationalError)" in refused.stderr
+            or "did not answer in 10 s when asked to use its backend store" in refused.stderr), refused.stderr
 
-    server.postgres.start()
     rerun = run(stage_command("train", "no_norm"), path, env)
     assert "resuming after epoch" in rerun.stdout
     assert_complete(server, path, env, "no_norm")
