@@ -89,9 +89,20 @@ def test_runs_grouped_under_compare_and_a_val_acc_chart(ui, browser, tmp_path):
     def row(run_id: str):
         return wait.until(EC.visibility_of_element_located((By.CSS_SELECTOR, f"[role='row'][row-id='{run_id}']")))
 
-    def expand(run_id: str, name: str) -> None:
-        cell = row(run_id).find_element(By.XPATH, f".//*[@role='gridcell'][.//a[normalize-space(.)='{name}']]")
-        click(cell.find_element(By.TAG_NAME, "button"))
+    def expand(run_id: str, name: str, child_id: str) -> None:
+        """Unfold a run until its child's row shows: a click the UI takes while it is still
+        rendering (CI, two busy cores) is lost without a sign, so a lost click is clicked again."""
+        child = (By.CSS_SELECTOR, f"[role='row'][row-id='{child_id}']")
+        for _ in range(3):
+            cell = row(run_id).find_element(By.XPATH, f".//*[@role='gridcell'][.//a[normalize-space(.)='{name}']]")
+            click(cell.find_element(By.TAG_NAME, "button"))
+            try:
+                WebDriverWait(browser, WAIT_S / 3).until(EC.visibility_of_element_located(child))
+                return
+            except TimeoutException:
+                continue
+        browser.save_screenshot(str(tmp_path / f"unfold-{name}.png"))
+        raise AssertionError(f"{name}: its child run {child_id} never showed after three clicks")
 
     # A person opens the link the compare stage prints and sees the training runs, nothing to
     # dismiss or switch first. (MLflow 3.17's UI opens on its global workflow type, GenAI by
@@ -106,10 +117,10 @@ def test_runs_grouped_under_compare_and_a_val_acc_chart(ui, browser, tmp_path):
 
     # The comparison is a parent run; unfolded, it holds both variants, and each its seeds.
     assert row(group_id).find_element(By.TAG_NAME, "a").text == "compare"
-    expand(group_id, "compare")
+    expand(group_id, "compare", variant_ids["batchnorm"]["variant"])
     for variant, ids in variant_ids.items():
         assert row(ids["variant"]).find_element(By.TAG_NAME, "a").text == variant
-    expand(variant_ids["batchnorm"]["variant"], "batchnorm")
+    expand(variant_ids["batchnorm"]["variant"], "batchnorm", variant_ids["batchnorm"]["seeds"][0])
     for seed, seed_run_id in zip((0, 1), variant_ids["batchnorm"]["seeds"], strict=True):
         assert row(seed_run_id).find_element(By.TAG_NAME, "a").text == f"batchnorm-seed{seed}"
     browser.save_screenshot(str(tmp_path / "runs.png"))
