@@ -23,8 +23,10 @@ FAST := not ($(subst $(SPACE), or ,$(TIERS)))
 
 .PHONY: repro test test-fast $(TIERS:%=test-%) env lock
 
+# `dvc repro`, the variants' train stages side by side (pipeline/commands/repro.py); ARGS takes
+# --force and --jobs N.
 repro: $(INSTALLED)
-	dvc repro $(ARGS)
+	python -m pipeline.commands.repro $(ARGS)
 
 test: $(INSTALLED)
 	$(PYTEST) $(ARGS)

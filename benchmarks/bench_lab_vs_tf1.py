@@ -9,6 +9,8 @@ Each repeat runs its parts one after another (A B C D, A B C D, ...):
   published  `dvc repro --force -s` of train, evaluate (both variants) and compare, seeds: [0]
   default    the same with params.yaml's seeds (5 per variant)
   seeds20    the same with 20 seeds per variant
+  <part>_side  the same as `make repro` runs it (pipeline/commands/repro.py): the train stages
+             side by side, a `dvc repro -s` each, then `dvc repro --force -s` of the rest
 each project part in a temp copy of its own that holds raw and prepared data (bench_stage.lab_copy).
 Ratios are taken pair by pair within a repeat (published / tf1, default / tf1), then their median.
 --quick: 1 epoch on both sides and 1 repeat, to test the benchmark (not the lab's figures; nothing
@@ -36,6 +38,8 @@ HERE = Path(__file__).resolve().parent
 VARIANTS = ("batchnorm", "no_norm")
 STAGES = [*(f"train@{v}" for v in VARIANTS), *(f"evaluate@{v}" for v in VARIANTS), "compare"]
 SEEDS = {"published": [0], "default": None, "seeds20": list(range(20))}  # None: params.yaml's own
+SIDE = "_side"  # a part's suffix: its train stages side by side, as `make repro` runs them
+PARTS = ["tf1", *SEEDS, *(f"{part}{SIDE}" for part in SEEDS)]
 # Issue 19's targets: (figure, at most).
 TARGETS = {"published": ("wall_ratio_vs_tf1", 0.5), "default": ("wall_ratio_vs_tf1", 1.0),
            "seeds20": ("wall_s", 60.0)}
@@ -46,7 +50,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, help="alternating rounds of every part (default 3; --quick: 1)")
     parser.add_argument("--quick", action="store_true", help="1 epoch, 1 repeat: tests the benchmark")
-    parser.add_argument("--parts", default="tf1," + ",".join(SEEDS), help="comma-separated, in run order")
+    parser.add_argument("--parts", default="tf1," + ",".join(SEEDS),
+                        help=f"comma-separated, in run order, of {', '.join(PARTS)}")
     parser.add_argument("--tf-python", type=Path, default=ROOT / ".venv-tf" / "bin" / "python",
                         help="the python of the reference's environment (fidelity/requirements.txt)")
     parser.add_argument("--mnist", type=Path, default=ROOT.parent / "shared" / "data" / "mnist",
@@ -66,8 +71,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def problem(args) -> str | None:
     """What stops the run before it starts, in one line; None when nothing does."""
-    if unknown := sorted(set(args.parts) - {"tf1", *SEEDS}):
-        return f"--parts: unknown {unknown}, choose from tf1, {', '.join(SEEDS)}"
+    if unknown := sorted(set(args.parts) - set(PARTS)):
+        return f"--parts: unknown {unknown}, choose from {', '.join(PARTS)}"
     if args.repeats < 1:
         return f"--repeats: {args.repeats}, expected at least 1"
     if "tf1" in args.parts and not args.tf_python.exists():
@@ -75,7 +80,7 @@ def problem(args) -> str | None:
                 ".venv-tf && .venv-tf/bin/pip install -r benchmarks/fidelity/requirements.txt")
     if "tf1" in args.parts and not (args.mnist / "train-images-idx3-ubyte.gz").exists():
         return f"--mnist: {args.mnist} has no train-images-idx3-ubyte.gz"
-    if set(args.parts) & set(SEEDS) and not all((ROOT / "data" / sub).is_dir() for sub in ("raw", "prepared")):
+    if set(args.parts) - {"tf1"} and not all((ROOT / "data" / sub).is_dir() for sub in ("raw", "prepared")):
         return "data/raw or data/prepared missing: run `MNIST_MIRROR=../shared/data/mnist dvc repro prepare` first"
     return None
 
@@ -103,21 +108,39 @@ def project_copy(folder: Path, part: str, epochs: int) -> tuple[Path, dict]:
     tmp.mkdir()
     env = lab_env(tmp)
     lab_copy(tmp, env)
-    if SEEDS[part] is not None:
-        set_param(tmp, "seeds", SEEDS[part])
+    if SEEDS[part.removesuffix(SIDE)] is not None:
+        set_param(tmp, "seeds", SEEDS[part.removesuffix(SIDE)])
     set_param(tmp, "  epochs", epochs)
     subprocess.run([sys.executable, "-c", "import mlflow; mlflow.MlflowClient().search_experiments()"],
                    cwd=tmp, env=env, check=True, capture_output=True)
     return tmp, env
 
 
-def run_project(tmp: Path, env: dict, log_name: str) -> dict:
-    """The forced stages as `dvc repro` runs them, and the test accuracy they give."""
-    result = repro(tmp, env, log_name, "--force", "-s", *STAGES)
+def run_project(tmp: Path, env: dict, log_name: str, side: bool) -> dict:
+    """The forced stages as `dvc repro` runs them (`side`: as `make repro` does), and the test
+    accuracy they give."""
+    result = side_by_side(tmp, env, log_name) if side else repro(tmp, env, log_name, "--force", "-s", *STAGES)
     if result["returncode"]:
         raise SystemExit(f"error: dvc repro failed in {tmp}:\n" + "\n".join(result["log_tail"]))
     metrics = {v: json.loads((tmp / "data" / "evaluate" / v / "metrics.json").read_text()) for v in VARIANTS}
     return result | {"test_acc": {v: m["test_acc"] for v, m in metrics.items()}}
+
+
+def side_by_side(tmp: Path, env: dict, log_name: str) -> dict:
+    """The train stages forced side by side (pipeline/commands/repro.py's `side_by_side`, two at a
+    time on this machine's cores), then the rest forced by one `dvc repro`; its `commands_s` has
+    the train stages' span as one entry."""
+    trains = [stage for stage in STAGES if stage.startswith("train@")]
+    code = f"from pipeline.commands.repro import side_by_side; side_by_side({trains!r}, {len(os.sched_getaffinity(0))}, True)"
+    cpu0, t0 = children_cpu_s(), time.perf_counter()
+    with open(tmp / f"side_{log_name}", "w") as log:
+        trained = subprocess.run([sys.executable, "-c", code], cwd=tmp, env=env, stdout=log, stderr=subprocess.STDOUT)
+    span, cpu = time.perf_counter() - t0, children_cpu_s() - cpu0
+    if trained.returncode:
+        return {"returncode": trained.returncode, "log_tail": (tmp / f"side_{log_name}").read_text().splitlines()[-15:]}
+    rest = repro(tmp, env, log_name, "--force", "-s", *(stage for stage in STAGES if stage not in trains))
+    return rest | {"wall_s": span + rest["wall_s"], "cpu_s": cpu + rest["cpu_s"],
+                   "commands_s": {"train (side by side)": span, **rest["commands_s"]}}
 
 
 def median_of(runs: list[dict], key: str) -> dict:
@@ -147,7 +170,7 @@ def summarize(runs: dict, epochs: int, quick: bool) -> dict:
                 entry |= {"wall_ratio_vs_tf1": statistics.median(ratios), "wall_ratios_vs_tf1": ratios,
                           "cpu_ratio_vs_tf1": statistics.median(r["cpu_s"] / t["cpu_s"] for r, t in zip(results, tf1))}
         entry["same_test_acc_every_repeat"] = all(r["test_acc"] == results[0]["test_acc"] for r in results)
-        figure, limit = TARGETS.get(part, (None, None))
+        figure, limit = TARGETS.get(part.removesuffix(SIDE), (None, None))
         if figure in entry:
             entry["target"] = {"figure": figure, "at_most": limit, "met": None if quick else entry[figure] <= limit}
         summary[part] = entry
@@ -164,6 +187,7 @@ def table(results: dict) -> str:
     lines.append(f"{'part':<34} {'wall s':>7} {'cpu s':>7} {'wall/tf1':>8} {'cpu/tf1':>8}  target")
     names = {"tf1": "TF1 lab code (seed 0, both nets)", "published": "published lab (1 seed per variant)",
              "default": "default lab (params.yaml's seeds)", "seeds20": "20 seeds x 2 variants"}
+    names |= {f"{part}{SIDE}": f"{names[part].split(' (')[0]}, side by side" for part in SEEDS}
     for part, e in s.items():
         ratio = f"{e['wall_ratio_vs_tf1']:8.2f} {e['cpu_ratio_vs_tf1']:8.2f}" if "wall_ratio_vs_tf1" in e else " " * 17
         target = e.get("target")
@@ -203,7 +227,7 @@ def main(argv: list[str] | None = None) -> dict:
             for part in args.parts:
                 load = os.getloadavg()[0]
                 ran = (run_tf1(args, folder / f"tf1_{repeat}.json") if part == "tf1" else
-                       run_project(*copies[part], f"repro_{repeat}.log"))
+                       run_project(*copies[part], f"repro_{repeat}.log", part.endswith(SIDE)))
                 runs[part].append(ran | {"loadavg_1min_before": load})
                 print(f"repeat {repeat + 1}/{args.repeats} {part}: {ran['wall_s']:.1f} s wall, {ran['cpu_s']:.1f} s CPU",
                       file=sys.stderr, flush=True)

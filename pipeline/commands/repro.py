@@ -1,0 +1,136 @@
+"""`python -m pipeline.commands.repro [--force] [--jobs N]` (`make repro`): `dvc repro`, with the
+variants' train stages side by side.
+
+DVC runs a pipeline's stages one at a time, and each train stage trains on `train.threads`
+threads (1 by default, for bit-identical results): on a 2-core machine one core idles through
+most of the lab. The train stages do not depend on one another, and DVC lets independent stages
+run from separate `dvc repro` processes: it releases its repository lock while a stage's command
+runs, keeps each stage's dependencies and outputs under read/write locks of their own, and
+`dvc --wait-for-lock` waits for the repository lock where another process holds it (to write
+dvc.lock) instead of failing. So this command runs, in order:
+
+  1. `dvc status`: nothing to do, nothing more is run;
+  2. `dvc repro prepare`, where one of the stages the train stages read from changed;
+  3. `dvc repro -s train@<variant>` of every variant whose train stage is stale, `--jobs` at a
+     time (default: the cores this process may use over `train.threads`);
+  4. `dvc repro`: the rest (curves, evaluate, compare), exactly as DVC would.
+
+Each stage runs its own command with its own inputs, so the outputs and dvc.lock are the ones
+`dvc repro` writes (tests/test_pipeline.py holds them byte-identical). The published lab's
+training, two variants of one seed, takes ~17 s side by side against ~25 s one after another
+(2 cores; docs/performance.md). `--force` forces every stage, as `dvc repro --force` does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from pipeline import cli
+from pipeline.errors import PipelineError
+from pipeline.params import load_params
+
+TRAIN_PREFIX = "train@"  # dvc.yaml's `train: foreach: ${variants}`
+# The stages every train stage reads from, in dvc.yaml's order (tests/test_repro.py holds them to
+# it); `dvc repro prepare` brings them all up to date.
+UPSTREAM = ("check", "download", "prepare")
+
+
+class DvcFailed(PipelineError):
+    """A dvc command that failed (it said why on this terminal), with its exit code."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def run_dvc(*args: str) -> None:
+    """`dvc <args>` on this terminal; its failure ends the command with its exit code."""
+    code = subprocess.run(["dvc", *args]).returncode
+    if code != 0:
+        raise DvcFailed(f"dvc {' '.join(args)} exited with {code}", exit_code=code)
+
+
+def dvc_output(*args: str) -> str:
+    result = subprocess.run(["dvc", *args], capture_output=True, text=True)
+    if result.returncode != 0:
+        sys.stderr.write(result.stderr)
+        raise DvcFailed(f"dvc {' '.join(args)} exited with {result.returncode}", exit_code=result.returncode)
+    return result.stdout
+
+
+def stale_stages() -> set[str]:
+    """The stages `dvc repro` would run now (a dvc.yaml stage is named by itself in the answer)."""
+    return {name.rpartition(":")[2] for name in json.loads(dvc_output("status", "--json") or "{}")}
+
+
+def upstream_outputs() -> dict:
+    """What dvc.lock says the upstream stages wrote: the train stages' inputs among them."""
+    if not Path("dvc.lock").exists():
+        return {}
+    stages = yaml.safe_load(Path("dvc.lock").read_text()).get("stages", {})
+    return {name: stages.get(name, {}).get("outs") for name in UPSTREAM}
+
+
+def stale_trains(stale: set[str], trains: list[str], upstream_changed: bool) -> list[str]:
+    """The train stages to run: all where an input they share changed, else the stale ones."""
+    return list(trains) if upstream_changed else [name for name in trains if name in stale]
+
+
+def side_by_side(stages: list[str], jobs: int, force: bool) -> None:
+    """`dvc repro -s <stage>` of each stage, `jobs` at a time. After a failure no new one starts;
+    the error names the first that failed once the running ones have ended."""
+    options = ["--force"] if force else []
+    pending, running, failed = list(stages), {}, []
+    while pending or running:
+        while pending and len(running) < jobs and not failed:
+            stage = pending.pop(0)
+            running[stage] = subprocess.Popen(["dvc", "--wait-for-lock", "repro", *options, "-s", stage])
+        time.sleep(0.1)
+        for name, process in list(running.items()):
+            if process.poll() is not None:
+                del running[name]
+                if process.returncode != 0:
+                    failed.append((name, process.returncode))
+        if failed and not running:
+            name, code = failed[0]
+            raise DvcFailed(f"dvc repro -s {name} exited with {code}; the stages that had started "
+                                "with it ran to their end", exit_code=code)
+
+
+def repro(force: bool = False, jobs: int | None = None) -> None:
+    params = load_params()  # a mistake in params.yaml: one line, before DVC runs anything
+    trains = [f"{TRAIN_PREFIX}{variant}" for variant in params.variants]
+    jobs = jobs or max(1, len(os.sched_getaffinity(0)) // params.train.threads)
+    force_option = ["--force"] if force else []
+    stale = set() if force else stale_stages()
+    if not force and not stale:
+        print("Data and pipelines are up to date.")
+        return
+    before = upstream_outputs()
+    if force or stale & set(UPSTREAM):
+        run_dvc("repro", *force_option, UPSTREAM[-1])
+    to_train = stale_trains(stale, trains, force or upstream_outputs() != before)
+    together = len(to_train) > 1 and jobs > 1
+    if together:
+        side_by_side(to_train, jobs, force)
+    if force:  # the rest, forced once
+        done = {*UPSTREAM, *(to_train if together else [])}
+        run_dvc("repro", "--force", "-s",
+                *[name for name in dvc_output("stage", "list", "--name-only").split() if name not in done])
+    else:
+        run_dvc("repro")
+
+if __name__ == "__main__":
+    parser = cli.parser(__doc__)
+    parser.add_argument("--force", action="store_true", help="run every stage, as `dvc repro --force`")
+    parser.add_argument("--jobs", type=int, help="train stages at once (default: cores / train.threads)")
+    arguments = parser.parse_args()
+    with cli.one_line_errors():
+        repro(arguments.force, arguments.jobs)
