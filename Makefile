@@ -5,8 +5,8 @@
 # `make repro ARGS=--force`, `make test ARGS="-k sweep"`.
 #
 # The tests in tiers, by pytest markers (pyproject.toml; tests/conftest.py marks each test by what
-# it starts): `make test-fast` runs every test that starts no server, cluster or queue and trains
-# nothing on real MNIST, in a few minutes; `make test-team`, `make test-lab`, ... one tier each.
+# it starts): `make test-fast` runs every test that starts no server, cluster, queue or whole
+# `dvc repro` and trains nothing on real MNIST, in a few minutes; `make test-team`, `make test-lab`, ... one tier each.
 
 PYTHON ?= python3
 VENV := .venv

@@ -144,6 +144,12 @@ def run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: float = 600, ch
     return result
 
 
+def repro_pipeline(path: Path, env: dict[str, str], timeout: float = 600):
+    """`dvc repro` of a project's whole pipeline: a process per stage, each importing torch and
+    MLflow, about a minute even on tiny data. The tests that call it form the `repro` tier."""
+    return run(["dvc", "repro"], path, env, timeout=timeout)
+
+
 def project_client(path: Path):
     """An MlflowClient on the store a project's stages track into by default: `<path>/mlflow.db`."""
     from mlflow import MlflowClient
@@ -264,6 +270,7 @@ TIER_OF_HELPER = {
     "tests.mlflow_server.wait_healthy": "server",
     "tests.mlflow_server.launch": "server",
     "tests.shared_project.reproduced_project": "repro",
+    "tests.conftest.repro_pipeline": "repro",
 }
 
 

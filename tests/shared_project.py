@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.conftest import make_project, run
+from tests.conftest import make_project, repro_pipeline, run
 
 _SHARED: dict[str, object] = {}
 
@@ -24,7 +24,7 @@ def reproduced_project(tmp_path_factory, mirror: Path) -> tuple[Path, dict[str, 
         try:
             path, env = make_project(tmp_path_factory.mktemp("shared") / "project", mirror)
             env = env | {"DVC_NO_ANALYTICS": "1"}  # no analytics process per dvc command
-            run(["dvc", "repro"], path, env, timeout=480)
+            repro_pipeline(path, env, timeout=480)
             run(["git", "add", "-A"], path, env)
             run(["git", "commit", "-qm", "tiny repro"], path, env)
         except Exception as error:  # one failed repro, not one per module

@@ -20,7 +20,7 @@ from pipeline import checkpoint
 from pipeline.model import StackedMlp, unstack
 from pipeline.tracking import INPUTS_TAG, RESTORED_TAG
 from pipeline.variant import VariantConfig
-from tests.conftest import make_project, project_client, run, variant_run_ids
+from tests.conftest import make_project, project_client, repro_pipeline, run, variant_run_ids
 
 VARIANTS = ("batchnorm", "no_norm")
 
@@ -60,7 +60,7 @@ def reproduced(tmp_path_factory, tiny_mirror, http_mirror):
     """One `dvc repro` shared by this module's tests, which run in order: later ones edit it."""
     path, env = make_project(tmp_path_factory.mktemp("repro") / "project", tiny_mirror[0])
     env = env | {"MNIST_MIRROR": http_mirror}
-    result = run(["dvc", "repro"], path, env)
+    result = repro_pipeline(path, env)
     return path, env, result
 
 

@@ -17,7 +17,7 @@ from pipeline.grid import VARIANT_NAME
 from pipeline.params import load_params, parse_params, parse_sweep
 from pipeline.reports import TITLES
 from pipeline.commands.sweep import rewrite, sweep
-from tests.conftest import ROOT, TINY_PARAMS, make_project, run, stage_env
+from tests.conftest import ROOT, TINY_PARAMS, make_project, repro_pipeline, run, stage_env
 
 
 def with_sweep(axes: dict, **sections) -> dict:
@@ -209,13 +209,13 @@ def stages_run(output: str) -> list[str]:
 def test_dvc_repro_runs_a_train_and_an_evaluate_stage_per_grid_point(tmp_path, tiny_mirror):
     path, env = make_project(tmp_path / "project", tiny_mirror[0])
     # Two axes, two points (one value of norm): 3 variants to train with the reference, not 5 (the
-    # fast tier's longest test); the grid's names over more values are the unit tests' above.
+    # repro tier's longest test); the grid's names over more values are the unit tests' above.
     raw = with_sweep({"lr": [0.01, 0.03], "norm": ["batch"]}, variants={"no_norm": {"norm": "none"}})
     (path / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     run([sys.executable, "-m", "pipeline.commands.sweep"], path, env)
     points = ["sweep-batch-lr0p01", "sweep-batch-lr0p03"]
 
-    ran = stages_run(run(["dvc", "repro"], path, env, timeout=900).stdout)
+    ran = stages_run(repro_pipeline(path, env, timeout=900).stdout)
     for stage in ("train", "evaluate"):
         assert [name for name in ran if name.startswith(f"{stage}@")] == [
             f"{stage}@{variant}" for variant in ["no_norm", *points]]
