@@ -18,7 +18,8 @@ dvc.lock) instead of failing. So this command runs, in order:
 Each stage runs its own command with its own inputs, so the outputs and dvc.lock are the ones
 `dvc repro` writes (tests/test_pipeline.py holds them byte-identical). The published lab's
 training, two variants of one seed, takes ~17 s side by side against ~25 s one after another
-(2 cores; docs/performance.md). `--force` forces every stage, as `dvc repro --force` does.
+(2 cores; docs/performance.md). `--force` forces every stage, as `dvc repro --force` does; any
+other argument (targets, `-s`, `--dry`, ...) goes to one plain `dvc repro`.
 """
 
 from __future__ import annotations
@@ -131,6 +132,11 @@ if __name__ == "__main__":
     parser = cli.parser(__doc__)
     parser.add_argument("--force", action="store_true", help="run every stage, as `dvc repro --force`")
     parser.add_argument("--jobs", type=int, help="train stages at once (default: cores / train.threads)")
-    arguments = parser.parse_args()
+    arguments, others = parser.parse_known_args()
+    if arguments.jobs is not None and arguments.jobs < 1:
+        parser.error(f"--jobs: {arguments.jobs}, expected at least 1")
     with cli.one_line_errors():
-        repro(arguments.force, arguments.jobs)
+        if others:  # targets or other options of dvc repro's: DVC's own plan, one stage at a time
+            run_dvc("repro", *(["--force"] if arguments.force else []), *others)
+        else:
+            repro(arguments.force, arguments.jobs)
