@@ -100,13 +100,17 @@ def client_load(uri: str, password: str, start_at: float, seconds: float, folder
     environment = {"python": platform.python_version(), "packages": {"torch": "2", "numpy": "2", "mlflow": "3"}}
     dataset = {"digest": "bench", "uri": "data/prepared", "sizes": {"train": 55000, "val": 5000, "test": 10000}}
     checkpoints = sorted(Path(folder).glob("*.pt"))
+    # A client is one variant, trained again and again: its inputs digest is its own, as each
+    # variant's is in a sweep. (One digest for every client had each start close the others'
+    # running runs as abandoned: hundreds of updates a measurement that no sweep makes.)
+    digest = f"bench-{os.getpid()}"
     client = MlflowClient(uri)
     exchanges: list = []
     time.sleep(max(0.0, start_at - time.time()))
     record_requests(uri, start_at + seconds, exchanges)
     try:
         while True:
-            run_ids = variant_runs.start_variant_runs(client, EXPERIMENT, config, {"inputs_digest": "bench"}, dataset,
+            run_ids = variant_runs.start_variant_runs(client, EXPERIMENT, config, {"inputs_digest": digest}, dataset,
                                                       environment)
             epochs = []
             for epoch in range(1, config.epochs + 1):
