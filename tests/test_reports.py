@@ -1,20 +1,24 @@
-"""Comparison plots stay readable and byte-identical with many variants."""
+"""Comparison plots stay readable and byte-identical with many variants, and are matplotlib's own."""
 
 from __future__ import annotations
 
-import numpy as np
+import io
 
-from pipeline.reports import METRICS, comparison_plots, seed_dots_plot, variant_styles
+import numpy as np
+import pytest
+
+from pipeline.reports import (DPI, METRICS, comparison_figures, comparison_plots, seed_dots_figure, seed_dots_plot,
+                              tight_png, variant_styles)
 from pipeline.stats import mean_std, ranking
 
 VARIANTS = [f"variant_{index:02d}" for index in range(12)]
 
 
-def many_variants(epochs: int = 4, seeds: int = 3) -> tuple[dict, dict]:
+def many_variants(epochs: int = 4, seeds: int = 3, variants: list[str] = VARIANTS) -> tuple[dict, dict]:
     rng = np.random.default_rng(0)
     histories = {v: {metric: (0.9 + 0.1 * rng.random((epochs, seeds))).tolist() for metric in METRICS}
-                 for v in VARIANTS}
-    test_acc = {v: (0.95 + 0.02 * rng.random(seeds)).tolist() for v in VARIANTS}
+                 for v in variants}
+    test_acc = {v: (0.95 + 0.02 * rng.random(seeds)).tolist() for v in variants}
     return histories, test_acc
 
 
@@ -35,6 +39,23 @@ def test_twelve_variant_plots_render_identically_twice(tmp_path):
     assert sorted(outputs[0]) == sorted([f"{metric}.png" for metric in METRICS] + ["curves.png", "test_acc_seeds.png"])
     assert all(content.startswith(b"\x89PNG") for content in outputs[0].values())
     assert outputs[0] == outputs[1]
+
+
+@pytest.mark.parametrize("variants, seeds", [(["batchnorm", "no_norm"], 1), (VARIANTS, 3)])
+def test_figures_drawn_once_are_savefigs_tight_pngs(variants, seeds):
+    """tight_png draws a figure once where savefig(bbox_inches="tight") draws it twice: the same
+    bytes, with the legend inside or beside, one seed or several, the grid's constrained layout."""
+    histories, test_acc = many_variants(epochs=10, seeds=seeds, variants=variants)
+    order = ranking({v: mean_std(test_acc[v])[0] for v in variants})
+
+    def figures() -> dict:
+        return comparison_figures(histories, order) | {"test_acc_seeds": seed_dots_figure(test_acc, order)}
+
+    drawn_once = {stem: tight_png(fig) for stem, fig in figures().items()}
+    for stem, fig in figures().items():
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", dpi=DPI, bbox_inches="tight")
+        assert drawn_once[stem] == buffer.getvalue(), stem
 
 
 def test_legends_list_the_variants_by_rank_beside_the_axes():
