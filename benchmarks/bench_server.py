@@ -12,8 +12,10 @@ epochs after the last one, as with epochs shorter than SEED_RUNS_EVERY_S), `log_
 with two checkpoints, `set_status` (the lab's 5 seeds and 10 epochs, no torch model). The
 configurations alternate within each round. Every request's latency is taken in the client;
 afterwards the metric points and artifacts acknowledged are counted against what PostgreSQL
-and S3 hold. `--quick`: one round of 15 s per measurement (about 3 minutes), for a busy machine;
-the default is 3 rounds of 30 s (about 10 minutes).
+and S3 hold. Those clients log as fast as the server answers (its capacity); the `8 paced` rows
+give 8 clients the lab's epoch time (PACED), as a sweep's train stages log, for 45 s. `--quick`:
+one round of 15 s per unpaced measurement (about 5 minutes), for a busy machine; the default is 3
+rounds of 30 s (about 14 minutes).
 """
 
 from __future__ import annotations
@@ -43,6 +45,11 @@ from tests.team_server import (  # noqa: E402  (the repository's root first)
 )
 
 CLIENTS = (1, 4, 8)
+# Clients that log as fast as the server answers measure its capacity, and their latency is queueing:
+# with N clients always waiting, the mean is N / (requests/s) (Little's law). A sweep's clients
+# train between their calls: the paced rows give each of 8 clients the default lab's epoch time here
+# (a train stage of 5 seeds: ~18 s for 10 epochs), the load the issue sized (about 17 requests/s).
+PACED = (8, 1.8)  # (clients, seconds an epoch takes)
 EXPERIMENT = "bench"
 USER = "bench"
 
@@ -87,8 +94,11 @@ def record_requests(uri: str, deadline: float, exchanges: list) -> None:
     _window.update(uri=uri, deadline=deadline, exchanges=exchanges)
 
 
-def client_load(uri: str, password: str, start_at: float, seconds: float, folder: str) -> list:
-    """One client: variants logged as a train stage logs them, from `start_at` for `seconds`."""
+def client_load(uri: str, password: str, start_at: float, seconds: float, folder: str, epoch_s: float = 0.0,
+                offset_s: float = 0.0) -> list:
+    """One client: variants logged as a train stage logs them, from `start_at` for `seconds`; each
+    epoch `epoch_s` long (0: the next call as soon as the last is answered), the first call
+    `offset_s` after `start_at`."""
     os.environ |= {"MLFLOW_TRACKING_USERNAME": USER, "MLFLOW_TRACKING_PASSWORD": password,
                    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
     from mlflow import MlflowClient
@@ -106,7 +116,7 @@ def client_load(uri: str, password: str, start_at: float, seconds: float, folder
     digest = f"bench-{os.getpid()}"
     client = MlflowClient(uri)
     exchanges: list = []
-    time.sleep(max(0.0, start_at - time.time()))
+    time.sleep(max(0.0, start_at + offset_s - time.time()))
     record_requests(uri, start_at + seconds, exchanges)
     try:
         while True:
@@ -114,6 +124,7 @@ def client_load(uri: str, password: str, start_at: float, seconds: float, folder
                                                       environment)
             epochs = []
             for epoch in range(1, config.epochs + 1):
+                time.sleep(max(0.0, min(epoch_s, start_at + seconds - time.time())))  # training
                 metrics = {name: [0.5 + epoch / 100 + seed / 1000 for seed in config.seeds]
                            for name in ("train_loss", "train_acc", "val_loss", "val_acc")}
                 epochs.append((epoch, int(time.time() * 1000), metrics))
@@ -134,10 +145,12 @@ def warm(seconds: float) -> None:
     time.sleep(seconds)
 
 
-def measure(pool, server: dict, clients: int, seconds: float, folder: Path) -> dict:
+def measure(pool, server: dict, clients: int, seconds: float, folder: Path, epoch_s: float = 0.0) -> dict:
     start_at = time.time() + 1.0  # every client waiting before the first request
-    futures = [pool.submit(client_load, server["uri"], server["password"], start_at, seconds, str(folder))
-               for _ in range(clients)]
+    # Paced clients start an epoch's fraction apart, as independent machines do (started together,
+    # all would log at the same instants).
+    futures = [pool.submit(client_load, server["uri"], server["password"], start_at, seconds, str(folder), epoch_s,
+                           index * epoch_s / clients) for index in range(clients)]
     exchanges = [exchange for future in futures for exchange in future.result()]
     latencies = sorted(seconds for _, _, _, seconds, _ in exchanges)
     return {"requests": len(exchanges), "requests_per_s": len(exchanges) / seconds,
@@ -230,18 +243,21 @@ def main() -> None:
     started = time.time()
     try:
         start_servers(folder, s3, servers)
-        results = {name: {clients: [] for clients in CLIENTS} for name in servers}
+        paced = f"{PACED[0]} paced"
+        results = {name: {**{str(clients): [] for clients in CLIENTS}, paced: []} for name in servers}
         context = get_context("spawn")  # clean client processes: no thread of the S3 server forked into them
         with ProcessPoolExecutor(max(CLIENTS), mp_context=context) as pool:
             for future in [pool.submit(warm, 2.0) for _ in range(max(CLIENTS))]:
                 future.result()
             for index in range(rounds):
-                for clients in CLIENTS:
+                # Paced: long enough for each client's variants to end (10 epochs of 1.8 s and more).
+                for clients, key, span, epoch_s in [*((c, str(c), seconds, 0.0) for c in CLIENTS),
+                                                    (PACED[0], paced, max(seconds, 45.0), PACED[1])]:
                     order = list(servers) if (index + clients) % 2 == 0 else list(reversed(servers))
                     for name in order:  # alternating, so drift on a shared machine hits both alike
-                        results[name][clients].append(measure(pool, servers[name], clients, seconds, folder))
-                        row = results[name][clients][-1]
-                        print(f"round {index + 1} {name} {clients} clients: {row['requests_per_s']:.1f} requests/s, "
+                        results[name][key].append(measure(pool, servers[name], clients, span, folder, epoch_s))
+                        row = results[name][key][-1]
+                        print(f"round {index + 1} {name} {key} clients: {row['requests_per_s']:.1f} requests/s, "
                               f"p95 {1000 * percentile(row['latencies_s'], 0.95):.0f} ms", flush=True)
         result = summary(results, servers) | {
             "rounds": rounds, "seconds_per_measurement": seconds, "wall_s": time.time() - started,
