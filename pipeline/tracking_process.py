@@ -64,8 +64,9 @@ def _call(tracking: Tracking, fn: Callable, args: tuple):
 # MLflow retries a call that meets a down server (connection refused, 5xx) 7 times with backoff
 # factor 2: ~4 minutes before a stage learns that its store is gone. 6 retries with factor 1 wait
 # 0+2+4+8+16+32 s: a restart of the team server (deploy/, 4 workers: 22-28 s here on 2 busy
-# cores) is ridden out, an outage fails the stage in ~60 s and the rerun resumes. MLflow's own
-# variables, so a user's setting wins.
+# cores) is ridden out, an outage fails the stage after ~60 s of waits and the rerun resumes. A
+# server whose database is gone answers each try slowly, not at once: the stage failed 168 s after
+# PostgreSQL stopped (test_team_faults, 2 cores). MLflow's own variables, so a user's setting wins.
 RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "6", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
 # MLflow prints "View run ... at: <url>" for every run it closes, and asks the server for the run
 # to do so: a request per run and a line per run on the stage's terminal. The compare stage
