@@ -8,7 +8,15 @@ import torch.nn.functional as F
 
 from pipeline.data import Split, as_images
 from pipeline.model import StackedMlp
-from pipeline.training import TrainingStep, epoch_permutations, make_optimizer, score, step_rows, train_epoch
+from pipeline.training import (
+    TrainingStep,
+    configure_runtime,
+    epoch_permutations,
+    make_optimizer,
+    score,
+    step_rows,
+    train_epoch,
+)
 from tests.conftest import tiny_params
 
 GENERATOR = torch.Generator().manual_seed(0)
@@ -78,3 +86,21 @@ def test_the_step_by_hand_trains_as_autograd_does_bit_for_bit(norm, optimizer):
     hand, auto = by_hand.state_dict(), by_autograd.state_dict()
     assert all(torch.equal(hand[name], auto[name]) for name in auto)
     assert not torch.equal(hand["layers.0.weight"], StackedMlp(config).state_dict()["layers.0.weight"])
+
+
+def test_the_runtime_flushes_denormals_to_zero_in_the_training_thread_and_those_it_starts():
+    import threading
+
+    threads, tiny = torch.get_num_threads(), torch.tensor([1e-40])  # 1e-40: a float32 denormal
+    assert (tiny * 1.0).item() != 0.0
+    try:
+        configure_runtime(threads, "cpu")
+        assert (tiny * 1.0).item() == 0.0
+        other = []
+        thread = threading.Thread(target=lambda: other.append((tiny * 1.0).item()))
+        thread.start()
+        thread.join()
+        assert other[0] == 0.0  # inherited: the train stage's evaluation thread starts after it
+    finally:
+        torch.set_flush_denormal(False)
+        torch.set_num_threads(threads)
