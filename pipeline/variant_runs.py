@@ -124,12 +124,22 @@ def log_dataset(client, run_ids: dict, dataset: dict) -> None:
     Through the client, not `mlflow.start_run`: leaving that context would end the run.
     """
     from mlflow.entities import Dataset, DatasetInput, InputTag
+    from mlflow.exceptions import MlflowException
 
     entity = Dataset(name=f"mnist-{dataset['digest']}", digest=dataset["digest"], source_type="local",
                      source=json.dumps({"uri": dataset["uri"]}), profile=json.dumps(dataset["sizes"]))
     lineage = DatasetInput(entity, [InputTag("mlflow.data.context", "training")])
     for run_id in all_run_ids(run_ids):
-        client.log_inputs(run_id, datasets=[lineage])
+        try:
+            client.log_inputs(run_id, datasets=[lineage])
+        except MlflowException as error:
+            # MLflow's store looks the dataset up, then inserts it: two stages logging the same
+            # dataset at once (train stages side by side, queued experiments) race, and the loser's
+            # insert breaks the unique key (seen in CI: PostgreSQL's UniqueViolation). Once the
+            # winner's row is there, the same call finds it.
+            if "unique" not in str(error).lower():
+                raise
+            client.log_inputs(run_id, datasets=[lineage])
 
 
 def prepare_model_logging(client) -> None:
