@@ -30,7 +30,9 @@ def run_queues(paths: Iterable[Path], env: dict[str, str], names: Iterable[str],
             # The workers it starts live on holding its stdout: no pipe to wait for the end of.
             subprocess.run(["dvc", "queue", "start", "-j", str(jobs)], cwd=path, env=env, check=True, timeout=60,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        return wait_for_queues(paths, env, set(names), timeout_s)
+        statuses = wait_for_queues(paths, env, set(names), timeout_s)
+        print_failed_logs(paths, env, statuses)
+        return statuses
     finally:
         for path in paths:
             stop_workers(path, env)
@@ -45,6 +47,17 @@ def wait_for_queues(paths: list[Path], env: dict[str, str], names: set[str], tim
             return statuses
         assert time.monotonic() < deadline, "\n".join(lines)
         time.sleep(5)
+
+
+def print_failed_logs(paths: list[Path], env: dict[str, str], statuses: dict[str, str]) -> None:
+    """The output of each experiment that did not succeed, for the failing test's report: the status
+    alone says nothing of why (a CI run's `load-b-0.02` showed only `Failed`)."""
+    for name in sorted(n for n, status in statuses.items() if status != "Success"):
+        for path in paths:
+            logs = run(["dvc", "queue", "logs", name], path, env, timeout=60, check=False)
+            if logs.returncode == 0:
+                print(f"--- {name} ({statuses[name]}), `dvc queue logs` in {path}:\n{logs.stdout[-20000:]}{logs.stderr[-4000:]}")
+                break
 
 
 def stop_workers(path: Path, env: dict[str, str]) -> None:
