@@ -27,11 +27,10 @@ SEEDS = (0, 1)
 @pytest.fixture(scope="module")
 def queued(tmp_path_factory, tiny_mirror):
     path, env = reproduced_project(tmp_path_factory, tiny_mirror[0])
-    for name, (variant, lr) in EXPERIMENTS.items():
-        # `+`: the variant sets no lr of its own in params.yaml, so the key is added.
-        run(["dvc", "exp", "run", "--queue", "-n", name, "-S", f"+variants.{variant}.lr={lr}"], path, env, timeout=60)
+    # `+`: the variant sets no lr of its own in params.yaml, so the key is added.
+    queued = {name: ["-S", f"+variants.{variant}.lr={lr}"] for name, (variant, lr) in EXPERIMENTS.items()}
     started = time.monotonic()
-    statuses = run_queues([path], env, EXPERIMENTS, jobs=2, timeout_s=600)
+    statuses = run_queues({path: queued}, env, jobs=2, timeout_s=600)
     print(f"3 queued experiments ran in {time.monotonic() - started:.0f}s")
     return path, env, statuses
 

@@ -35,13 +35,10 @@ def load(tmp_path_factory, tiny_mirror, team_server, alice_password):
     run(["git", "commit", "-qam", f"experiment {EXPERIMENT}, model {MODEL}"], first, env)
     clones = {"a": first, "b": folder / "b"}
     run(["git", "clone", "-q", str(first), str(clones["b"])], folder, env)
-    for name, path in clones.items():
-        for lr in LRS[name]:
-            run(["dvc", "exp", "run", "--queue", "-n", f"load-{name}-{lr}", "-S", f"+variants.no_norm.lr={lr}"],
-                path, env, timeout=60)
+    experiments = {path: {f"load-{name}-{lr}": ["-S", f"+variants.no_norm.lr={lr}"] for lr in LRS[name]}
+                   for name, path in clones.items()}
     started = time.monotonic()
-    names = [f"load-{name}-{lr}" for name, lrs in LRS.items() for lr in lrs]
-    statuses = run_queues(clones.values(), env, names, jobs=2)  # four executions at once
+    statuses = run_queues(experiments, env, jobs=2)  # four executions at once
     seconds = time.monotonic() - started
     yield proxy, team_server, alice_password, statuses, seconds
     proxy.close()
