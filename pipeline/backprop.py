@@ -168,38 +168,40 @@ def _manual(layer: nn.Module, batch: int, first: bool):
 
 
 class Backprop:
-    """The gradients of one step of a stack whose replicas each take `batch` rows.
+    """The gradients of one step on a split's rows, for a stack whose replicas each take `batch`.
 
     What it writes (gathered rows, layer outputs, gradients) lives in buffers made once for
     that shape, so a step allocates little; the train split's partial last batch gets its own.
     """
 
-    def __init__(self, layers: nn.Sequential, replicas: int, batch: int, width: int) -> None:
+    def __init__(self, layers: nn.Sequential, replicas: int, batch: int, pixels: torch.Tensor,
+                 labels: torch.Tensor) -> None:
         self.layers = [_manual(layer, batch, first=depth == 0) for depth, layer in enumerate(layers)]
-        device = layers[0].weight.device
-        self.pixels = torch.empty(replicas * batch, width, dtype=torch.uint8, device=device)
-        self.images = torch.empty(replicas * batch, width, device=device)
-        self.stacked_images = self.images.view(replicas, batch, width)
-        self.labels = torch.empty(replicas * batch, dtype=torch.long, device=device)
-        self.label_columns = self.labels.unsqueeze(1)
+        self.split_pixels = pixels
+        self.pixels = pixels.new_empty(replicas * batch, pixels.shape[1])
+        self.images = torch.empty(replicas * batch, pixels.shape[1], device=pixels.device)
+        self.stacked_images = self.images.view(replicas, batch, -1)
         self.logits = self.layers[-1].out.flatten(0, 1)  # [K * B, C]: the output Linear's buffer
-        # d(sum of -log p[label]) / d(log p), seeded with 1 / B: -1/B at each row's label, as
-        # nll_loss's backward writes it, then through log_softmax's backward.
-        self.minus_seed = -torch.ones((), device=device).div(batch).expand(replicas * batch, 1)
+        # d(sum of -log p[label]) / d(log p) of every row of the split, seeded with 1 / B: -1/B at
+        # the row's label, as nll_loss's backward writes it. A step gathers its rows' in one call,
+        # where gathering the labels, zeroing and scattering took three: 0.292 -> 0.275 ms a K=1
+        # batch-norm step, 0.192 -> 0.187 ms without (AMD EPYC, one thread), the same bits.
+        minus_seed = -torch.ones((), device=pixels.device).div(batch).expand(len(labels), 1)
+        self.grad_log_p_of_row = torch.zeros(len(labels), self.logits.shape[1], device=pixels.device).scatter_(
+            1, labels.unsqueeze(1), minus_seed)
         self.grad_log_p = torch.empty_like(self.logits)
         self.grad_logits = torch.empty_like(self.logits)
         self.stacked_grad_logits = self.grad_logits.view_as(self.layers[-1].out)
 
-    def gradients(self, pixels: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor) -> list[torch.Tensor]:
+    def gradients(self, rows: torch.Tensor) -> list[torch.Tensor]:
         """Every parameter's gradient, in `model.parameters()` order, for the rows [K * B]."""
-        torch.index_select(pixels, 0, rows, out=self.pixels)
+        torch.index_select(self.split_pixels, 0, rows, out=self.pixels)
         self.images.copy_(self.pixels).div_(255)  # pipeline.data.as_images
         x = self.stacked_images
         for layer in self.layers:
             x = layer.forward(x)
         log_p = torch._log_softmax(self.logits, 1, False)
-        torch.index_select(labels, 0, rows, out=self.labels)
-        self.grad_log_p.zero_().scatter_(1, self.label_columns, self.minus_seed)
+        torch.index_select(self.grad_log_p_of_row, 0, rows, out=self.grad_log_p)
         torch._log_softmax_backward_data(self.grad_log_p, log_p, 1, log_p.dtype, out=self.grad_logits)
         grad, grads = self.stacked_grad_logits, []
         for layer in reversed(self.layers):
@@ -235,7 +237,7 @@ def differs_from_autograd(device: torch.device) -> str | None:
     images = (pixels.index_select(0, rows).float() / 255).view(replicas, batch, -1)
     seed = torch.ones((), device=device) / batch
     expected = autograd_gradients(by_autograd, images, labels.index_select(0, rows), seed)
-    got = Backprop(by_hand, replicas, batch, pixels.shape[1]).gradients(pixels, labels, rows)
+    got = Backprop(by_hand, replicas, batch, pixels, labels).gradients(rows)
     if len(got) != len(expected) or not all(map(torch.equal, got, expected)):
         return "the hand-derived backward differs from autograd's"
     if not all(map(torch.equal, by_hand.buffers(), by_autograd.buffers())):

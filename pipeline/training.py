@@ -120,8 +120,9 @@ class TrainingStep:
             return autograd_gradients(self.model, images, self.train.labels.index_select(0, rows), self.one / batch)
         backprop = self.backprops.get(batch)
         if backprop is None:  # the full batches' buffers, and the partial last batch's
-            backprop = self.backprops[batch] = Backprop(self.model.layers, replicas, batch, self.train.pixels.shape[1])
-        return backprop.gradients(self.train.pixels, self.train.labels, rows)
+            backprop = self.backprops[batch] = Backprop(self.model.layers, replicas, batch, self.train.pixels,
+                                                        self.train.labels)
+        return backprop.gradients(rows)
 
     def eager(self, rows: torch.Tensor) -> None:
         self.optimizer.step(self.gradients(rows))
@@ -169,9 +170,15 @@ class Scores:
 
 
 def in_batches(split: Split, batch_size: int):
-    """(images, labels) of a whole split in order, `batch_size` at a time (for evaluation)."""
+    """(images, labels) of a whole split in order, `batch_size` at a time (for evaluation).
+
+    Each batch's images are written into one buffer, valid until the next batch: a new one each
+    batch was page-faulted in anew every time (freed memory goes back to the system), a third of a
+    K=1 evaluation (125 -> 83 ms an epoch at 1,000 images a batch; AMD EPYC, one thread)."""
+    buffer = torch.empty(min(batch_size, len(split)), split.pixels.shape[1], device=split.pixels.device)
     for start in range(0, len(split), batch_size):
-        yield as_images(split.pixels[start : start + batch_size]), split.labels[start : start + batch_size]
+        pixels = split.pixels[start : start + batch_size]
+        yield as_images(pixels, out=buffer[: len(pixels)]), split.labels[start : start + batch_size]
 
 
 @torch.inference_mode()

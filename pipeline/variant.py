@@ -51,7 +51,7 @@ class TrainParams(Strict):
     weight_decay: float | None = Field(None, ge=0)
     device: Device = "auto"
     threads: int = Field(1, ge=1, le=MAX_THREADS)
-    eval_batch_size: int = Field(2_000, ge=1)
+    eval_batch_size: int = Field(1_000, ge=1)
 
 
 VARIANT_CHOICES = ("hidden_sizes", "norm", "activation", "optimizer", "lr")  # the architecture and its optimizer

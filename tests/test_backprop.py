@@ -35,7 +35,7 @@ def both_ways(config, batch: int, seed: int = 0):
     rows = torch.randperm(ROWS, generator=torch.Generator().manual_seed(seed))[: replicas * batch]
     images = as_images(PIXELS.index_select(0, rows)).view(replicas, batch, -1)
     expected = autograd_gradients(by_autograd, images, LABELS.index_select(0, rows), torch.ones(()) / batch)
-    got = Backprop(by_hand.layers, replicas, batch, 784).gradients(PIXELS, LABELS, rows)
+    got = Backprop(by_hand.layers, replicas, batch, PIXELS, LABELS).gradients(rows)
     return expected, got, by_autograd, by_hand
 
 
@@ -75,11 +75,11 @@ def test_running_statistics_move_as_batch_norms():
 def test_buffers_carry_nothing_from_one_step_to_the_next():
     config = config_of(replicas=2)
     model = StackedMlp(config)
-    step = Backprop(model.layers, 2, 8, 784)
+    step = Backprop(model.layers, 2, 8, PIXELS, LABELS)
     first, other = torch.arange(16), torch.arange(16, 32)
-    before = [grad.clone() for grad in step.gradients(PIXELS, LABELS, first)]
-    step.gradients(PIXELS, LABELS, other)
-    after = step.gradients(PIXELS, LABELS, first)  # batch statistics: the running ones do not enter
+    before = [grad.clone() for grad in step.gradients(first)]
+    step.gradients(other)
+    after = step.gradients(first)  # batch statistics: the running ones do not enter
     assert all(map(torch.equal, before, after))
 
 

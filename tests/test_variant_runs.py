@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import logging
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import mlflow.pytorch
 import numpy as np
@@ -25,6 +28,8 @@ from pipeline.variant_runs import (
     log_params,
     log_replica_metrics,
     log_trained_model,
+    model_requirement_modules,
+    prepare_model_logging,
     restore_variant_runs,
     resume_variant_runs,
     set_status,
@@ -216,3 +221,39 @@ def test_mlflows_pickle_warning_is_not_repeated_by_every_train_stage(store, tmp_
         assert not any("Pickle" in message for message in seen)
     finally:
         logger.removeHandler(handler)
+
+
+def test_the_seeded_requirement_modules_are_mlflows_own_entries():
+    import importlib_metadata  # what MLflow builds its full map from
+
+    requirements = mlflow.pytorch.get_default_pip_requirements()
+    seeded = model_requirement_modules(requirements)
+    full = importlib_metadata.packages_distributions()
+    assert len(seeded) == len(requirements)
+    for module, distributions in seeded.items():
+        assert set(distributions) <= set(full[module]), module
+
+
+def test_a_tracking_process_logs_the_model_without_mapping_every_installed_package(local_tracking):
+    """In a fresh process, as a stage's tracking process: prepared, the map is seeded, and the
+    logged model's requirements are the ones MLflow writes with the full map."""
+    client, _ = connect(local_tracking)
+    run_ids = start(client)
+    code = f"""
+import mlflow, numpy as np
+from mlflow.utils import requirements_utils
+from pipeline.model import plain_mlp
+from pipeline.variant_runs import log_trained_model, prepare_model_logging
+from tests.test_variant_runs import CONFIG
+prepare_model_logging(None)
+assert set(requirements_utils._MODULES_TO_PACKAGES) == {{"torch", "cloudpickle"}}, "not seeded"
+mlflow.set_tracking_uri({local_tracking.uri!r})
+log_trained_model(mlflow.MlflowClient(), {run_ids!r}, (plain_mlp(CONFIG, 0), np.zeros((2, 784), np.float32), 0),
+                  [1, 1], [None, None], [])
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    [model] = client.search_logged_models(experiment_ids=[client.get_run(run_ids["variant"]).info.experiment_id])
+    requirements = Path(mlflow.artifacts.download_artifacts(f"{model.artifact_location}/requirements.txt"))
+    assert requirements.read_text().split() == [f"mlflow=={mlflow.__version__}",
+                                                *mlflow.pytorch.get_default_pip_requirements()]

@@ -149,18 +149,19 @@ def train(params: Params, variant: str, root: Path, paths: Paths, tracking: Trac
         step = TrainingStep(model, optimizer, train_split, config)
         with (runs_closed_on_failure(run, progress.run_ids),
               ThreadPoolExecutor(max_workers=1, thread_name_prefix="evaluate") as evaluator):
-            recorded = None  # epoch e is evaluated on the other core while epoch e + 1 trains
+            # Epoch e is evaluated on the other core while later epochs train. Training never waits
+            # for a record: the first ones wait for MLflow's start in the tracking process (~2.4 s
+            # after the fork), and the train thread blocked on them took a published batch-norm
+            # stage's epoch 2 from 0.5 s to 1.5 s.
+            recorded = completed(progress)
             for epoch in range(progress.epoch + 1, config.epochs + 1):
                 started = time.perf_counter()
                 with progress_bar(len(train_split), config.batch_size, f"{variant} epoch {epoch}") as bar:
                     train_epoch(step, epoch, on_step=bar.update if bar else None)
                 trained = trained_state(model, optimizer)
-                if recorded is not None:
-                    progress = recorded.result()  # the previous epoch's record, or the error it raised
-                    raise_failed(progress.logged)  # MLflow gone past its retries: stop now, the rerun resumes
-                recorded = evaluator.submit(record_epoch, run, progress, epoch, trained, time.perf_counter() - started)
-            if recorded is not None:
-                progress = recorded.result()
+                raise_failed(recorded)  # MLflow gone past its retries: stop now, the rerun resumes
+                recorded = evaluator.submit(record_epoch, run, recorded, epoch, trained, time.perf_counter() - started)
+            progress = recorded.result()
             for call in (progress.run_ids, *progress.logged):  # an MLflow error, even with no epoch left to train
                 call.result()
         summary = finish(run, progress, model, optimizer)
@@ -201,12 +202,21 @@ def start_or_resume(run: Run, tags: dict[str, str], model: StackedMlp, optimizer
     return Progress(0, best, {name: [] for name in METRICS}, run_ids)
 
 
-def record_epoch(run: Run, progress: Progress, epoch: int, trained: dict, train_seconds: float) -> Progress:
+def completed(progress: Progress) -> Future:
+    done = Future()
+    done.set_result(progress)
+    return done
+
+
+def record_epoch(run: Run, previous: Future, epoch: int, trained: dict, train_seconds: float) -> Progress:
     """Evaluate the weights `epoch` ended with, checkpoint and log them; the progress after it.
 
-    Runs on a second thread while the next epoch trains: with one torch thread each,
-    the lab's whole-split evaluation (~0.3 s an epoch for 5 seeds) takes the other core.
+    Runs on a second thread while the next epochs train: with one torch thread each, the lab's
+    whole-split evaluation (~0.3 s an epoch for 5 seeds) takes the other core. `previous` is the
+    record of the epoch before, done by then (the one evaluation thread takes them in order); its
+    error is this record's too.
     """
+    progress = previous.result()
     run.evaluated.load_state_dict(trained["model"])
     metrics = epoch_metrics(run.evaluated, run.train_split, run.val_split, run.config.eval_batch_size)
     history = {name: [*progress.history[name], metrics[name]] for name in METRICS}
@@ -249,9 +259,12 @@ def close_runs(tracker: TrackingProcess, run_ids: Future, status: str) -> None:
         tracker.call(variant_runs.set_status, run_ids.result(), status)
 
 
-def raise_failed(calls: tuple[Future, ...]) -> None:
-    """The error of the first tracking call that has failed so far, if any."""
-    for call in calls:
+def raise_failed(recorded: Future) -> None:
+    """The error of the epochs' records or of the first tracking call they made that has failed
+    so far, if any: a record not done yet is checked at the next epoch's end, or at the last."""
+    if not recorded.done():
+        return
+    for call in recorded.result().logged:  # a record's own error is raised by result()
         if call.done() and call.exception() is not None:
             raise call.exception()
 
