@@ -53,7 +53,7 @@ def test_lab_reproduces_the_batch_norm_result(tmp_path):
 
 
 # The kind of machine the committed dvc.lock was made on.
-LOCK_MACHINE = {"vendor": "GenuineIntel", "torch_cpu_capability": "AVX512"}
+LOCK_MACHINE = {"vendor": "AuthenticAMD", "torch_cpu_capability": "AVX512"}
 SHARED_INPUTS = ("environment.json", "data/prepared", "data/prepared/test")  # the upstream stages' outputs
 
 
