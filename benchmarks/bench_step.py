@@ -1,6 +1,6 @@
 """Step rates of the lab's training loop: what a step costs, and what each shortcut saves.
 
-    python benchmarks/bench_step.py [--parts baseline,project,stacked,threads,fastpath] [--steps N]
+    python benchmarks/bench_step.py [--parts baseline,project,stacked,threads,fastpath,floor] [--steps N]
         [--out FILE]
 
 Parts (each in its own child process; `python benchmarks/bench_train.py` runs them all with
@@ -11,6 +11,8 @@ bench_stage.py's and prints the table):
   threads     a K=5 step and one evaluation at 1 and at 2 torch threads
   fastpath    ms/step of the step by hand (pipeline/backprop.py, fastpath's private calls) against
               autograd's (the public calls): K=1 with and without batch norm, K=5
+  floor       ms/step of the step by hand against the fewest tensor calls a K=1 step needs with
+              torch's kernels and no autograd (issue 19's floor), with and without batch norm
 See benchmarks/README.md for what each figure means and the targets.
 """
 
@@ -170,8 +172,107 @@ def part_fastpath(args) -> dict:
     return {"steps": args.steps, **result}
 
 
+class FloorStep:
+    """The fewest tensor calls a K=1 step of the lab's MLP needs with torch's kernels, no autograd:
+    the rows' float images gathered; per layer one addmm (mm before batch norm), batch norm's
+    kernel, relu in place; the softmax-cross-entropy gradient (softmax / B minus the rows' one-hot
+    / B, gathered); per layer back one mm for the weights, a sum for the bias, one mm and relu's
+    mask (and batch norm's backward kernel); one fused Adam. No preallocated layer outputs, no
+    uint8 pixels: what it leaves out is what the step by hand adds to the arithmetic."""
+
+    def __init__(self, train, config, batch: int) -> None:
+        import torch
+
+        generator = torch.Generator().manual_seed(0)
+        self.images = train.pixels.float().div_(255)
+        self.one_hot = torch.zeros(len(train), 10).scatter_(1, train.labels[:, None], 1 / batch)
+        self.batch, self.norm, self.lr, self.eps = batch, config.norm == "batch", config.lr, config.adam_eps
+        sizes = [train.pixels.shape[1], *config.hidden_sizes, 10]
+        self.weights = [torch.randn(a, b, generator=generator) * 0.05 for a, b in zip(sizes, sizes[1:])]
+        hidden = len(sizes) - 2
+        self.biases = [None if self.norm and i < hidden else torch.zeros(b) for i, b in enumerate(sizes[1:])]
+        self.gammas = [torch.ones(b) for b in sizes[1:-1]] if self.norm else []
+        self.betas = [torch.zeros(b) for b in sizes[1:-1]] if self.norm else []
+        self.running = [(torch.zeros(b), torch.ones(b)) for b in sizes[1:-1]] if self.norm else []
+        self.params = [*self.weights, *(b for b in self.biases if b is not None), *self.gammas, *self.betas]
+        self.exp_avg = [torch.zeros_like(p) for p in self.params]
+        self.exp_avg_sq = [torch.zeros_like(p) for p in self.params]
+        self.counts = torch.zeros(len(self.params))
+        self.steps = list(self.counts.unbind())
+
+    def __call__(self, rows) -> None:
+        import torch
+
+        aten = torch.ops.aten
+        h, inputs, normed = self.images.index_select(0, rows), [], []
+        for i, (weight, bias) in enumerate(zip(self.weights, self.biases)):
+            inputs.append(h)
+            h = torch.mm(h, weight) if bias is None else torch.addmm(bias, h, weight)
+            if i < len(self.weights) - 1:
+                if self.norm:
+                    normed.append((h, *torch.native_batch_norm(h, self.gammas[i], self.betas[i], *self.running[i],
+                                                               True, 0.01, 1e-3)))
+                    h = normed[-1][1]
+                h = h.relu_()
+        grad = torch.softmax(h, 1).div_(self.batch).sub_(self.one_hot.index_select(0, rows))
+        weight_grads, bias_grads, gamma_grads, beta_grads = [], [], [], []
+        for i in reversed(range(len(self.weights))):
+            weight_grads.append(torch.mm(inputs[i].t(), grad))
+            if self.biases[i] is not None:
+                bias_grads.append(grad.sum(0))
+            if i == 0:
+                break
+            grad = aten.threshold_backward.default(torch.mm(grad, self.weights[i].t()), inputs[i], 0)
+            if self.norm:
+                pre, _, mean, invstd = normed[i - 1]
+                grad, gamma, beta = aten.native_batch_norm_backward.default(
+                    grad, pre, self.gammas[i - 1], *self.running[i - 1], mean, invstd, True, 1e-3, [True] * 3)
+                gamma_grads.append(gamma)
+                beta_grads.append(beta)
+        grads = [*weight_grads[::-1], *bias_grads[::-1], *gamma_grads[::-1], *beta_grads[::-1]]
+        self.counts.add_(1)
+        torch._fused_adam_(self.params, grads, self.exp_avg, self.exp_avg_sq, [], self.steps, lr=self.lr,
+                           beta1=0.9, beta2=0.999, weight_decay=0.0, eps=self.eps, amsgrad=False, maximize=False)
+
+
+def part_floor(args) -> dict:
+    """ms per K=1 step of the step by hand (`project_steps`, the stage's path) and of `FloorStep`
+    on the same rows, alternated 5 times, medians; with batch norm (`k1`) and without (`k1_no_norm`)."""
+    import torch
+
+    from pipeline.training import epoch_permutations, step_rows
+
+    params, config, train, _ = lab_splits(args.threads)
+    rows = step_rows(epoch_permutations(params.seeds[:1], 1, len(train)), config.batch_size)[:-1]
+    result = {}
+    for key, norm in (("k1", "batch"), ("k1_no_norm", "none")):
+        variant = config.model_copy(update={"norm": norm})
+        floor = FloorStep(train, variant, config.batch_size)
+
+        def floor_steps(steps: int) -> None:
+            with torch.inference_mode():  # as train_epoch runs the step by hand
+                for index in range(steps):
+                    floor(rows[index % len(rows)])
+
+        floor_steps(50)  # warm-up, as the step by hand's below
+        project_steps(params.seeds[:1], variant, train, 50)
+        walls = {"by_hand": [], "floor": []}
+        for _ in range(5):
+            started = time.perf_counter()
+            project_steps(params.seeds[:1], variant, train, args.steps)
+            walls["by_hand"].append(time.perf_counter() - started)
+            started = time.perf_counter()
+            floor_steps(args.steps)
+            walls["floor"].append(time.perf_counter() - started)
+        median = {name: 1e3 * statistics.median(w) / args.steps for name, w in walls.items()}
+        result[key] = {"norm": norm, "by_hand_median_ms_per_step": median["by_hand"],
+                       "floor_median_ms_per_step": median["floor"],
+                       "by_hand_vs_floor": median["by_hand"] / median["floor"], "walls_s": walls}
+    return {"steps": args.steps, **result}
+
+
 PARTS = {"baseline": part_baseline, "project": part_project, "stacked": part_stacked, "threads": part_threads,
-         "fastpath": part_fastpath}
+         "fastpath": part_fastpath, "floor": part_floor}
 
 
 if __name__ == "__main__":

@@ -155,10 +155,15 @@ class TrainingStep:
 def train_epoch(step: TrainingStep, epoch: int, on_step=None) -> None:
     step.model.train()
     order = epoch_permutations(step.config.seeds, epoch, len(step.train)).to(step.train.labels.device)
-    for rows in step_rows(order, step.config.batch_size):
-        step(rows)
-        if on_step is not None:
-            on_step()
+    # The step by hand records nothing for autograd: in inference mode its calls skip autograd's
+    # dispatch (and a view's tracking) altogether, the same kernels: a K=1 step 0.307 -> 0.232 ms
+    # with batch norm, 0.163 -> 0.154 ms without (AMD EPYC, one thread). On CUDA a full batch's
+    # step is one graph replayed (TrainingStep): nothing to save, and the capture stays as checked.
+    with torch.inference_mode(step.optimizer.private and not step.train.labels.is_cuda):
+        for rows in step_rows(order, step.config.batch_size):
+            step(rows)
+            if on_step is not None:
+                on_step()
 
 
 @dataclass(frozen=True)
