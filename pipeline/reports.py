@@ -1,15 +1,18 @@
-"""Files people read: per-epoch curves (CSV for `dvc plots`), figures and Markdown tables."""
+"""What people read: per-epoch curves (CSV for `dvc plots`), figures, Markdown tables, and a train
+stage's epoch lines and progress bar."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
+import sys
 from pathlib import Path
 
 import numpy as np
 
 from pipeline.fsio import atomic_write_bytes
-from pipeline.stats import mean_std
+from pipeline.stats import diverged, mean_std, summarize
 
 # The lab's per-epoch measurements, in the order they are plotted and written.
 METRICS = ("train_loss", "train_acc", "val_loss", "val_acc")
@@ -230,3 +233,20 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
+
+
+def progress_bar(samples: int, batch_size: int, label: str):
+    """A tqdm bar per epoch on a terminal; nothing otherwise (the epoch line is printed)."""
+    if not sys.stderr.isatty():
+        return contextlib.nullcontext()
+    from tqdm import tqdm
+
+    return tqdm(total=-(-samples // batch_size), desc=label, unit="step", leave=False)
+
+
+def epoch_line(variant: str, epoch: int, epochs: int, metrics: dict[str, list[float]], seconds: float) -> str:
+    means = summarize(metrics)
+    values = " ".join(f"{name}={means[name]:.4f}" for name in METRICS)
+    count = diverged(metrics["train_loss"])
+    warning = f" {count} of {len(metrics['train_loss'])} seeds diverged (non-finite loss)" if count else ""
+    return f"train@{variant} epoch {epoch}/{epochs} {values} ({seconds:.1f}s){warning}"

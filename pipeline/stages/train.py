@@ -34,8 +34,8 @@ from pipeline.fsio import atomic_write_json
 from pipeline.model import StackedMlp, served_replica, unstack
 from pipeline.optimizer import FusedOptimizer
 from pipeline.params import Params, load_params
-from pipeline.reports import METRICS, write_curves
-from pipeline.stats import diverged, diverged_epochs, summarize
+from pipeline.reports import METRICS, epoch_line, progress_bar, write_curves
+from pipeline.stats import diverged_epochs
 from pipeline.tracking import INPUTS_TAG, Tracking, TrackingError, run_tags
 from pipeline.tracking_process import TrackingProcess
 from pipeline.training import (
@@ -297,23 +297,6 @@ def write_outputs(paths: Paths, config: VariantConfig, trained: dict, best: dict
     atomic_write_json(paths.out / "run.json", {"variant": config.name, "inputs_digest": inputs.digest,
                                                "dataset": inputs.dataset})
     return checkpoints
-
-
-def progress_bar(samples: int, batch_size: int, label: str):
-    """A tqdm bar per epoch on a terminal; nothing otherwise (the epoch line is printed)."""
-    if not sys.stderr.isatty():
-        return contextlib.nullcontext()
-    from tqdm import tqdm
-
-    return tqdm(total=-(-samples // batch_size), desc=label, unit="step", leave=False)
-
-
-def epoch_line(variant: str, epoch: int, epochs: int, metrics: dict[str, list[float]], seconds: float) -> str:
-    means = summarize(metrics)
-    values = " ".join(f"{name}={means[name]:.4f}" for name in METRICS)
-    count = diverged(metrics["train_loss"])
-    warning = f" {count} of {len(metrics['train_loss'])} seeds diverged (non-finite loss)" if count else ""
-    return f"train@{variant} epoch {epoch}/{epochs} {values} ({seconds:.1f}s){warning}"
 
 
 if __name__ == "__main__":
