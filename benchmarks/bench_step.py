@@ -203,6 +203,8 @@ class FloorStep:
     def __call__(self, rows) -> None:
         import torch
 
+        from pipeline import fastpath
+
         aten = torch.ops.aten
         h, inputs, normed = self.images.index_select(0, rows), [], []
         for i, (weight, bias) in enumerate(zip(self.weights, self.biases)):
@@ -230,9 +232,8 @@ class FloorStep:
                 gamma_grads.append(gamma)
                 beta_grads.append(beta)
         grads = [*weight_grads[::-1], *bias_grads[::-1], *gamma_grads[::-1], *beta_grads[::-1]]
-        self.counts.add_(1)
-        torch._fused_adam_(self.params, grads, self.exp_avg, self.exp_avg_sq, [], self.steps, lr=self.lr,
-                           beta1=0.9, beta2=0.999, weight_decay=0.0, eps=self.eps, amsgrad=False, maximize=False)
+        fastpath.update("adam", self.params, grads, self.exp_avg, self.exp_avg_sq, self.steps, lr=self.lr,
+                        weight_decay=0.0, eps=self.eps, private=True, counts=self.counts)
 
 
 def part_floor(args) -> dict:
