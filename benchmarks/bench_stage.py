@@ -123,11 +123,12 @@ def part_overhead(args) -> dict:
 
 
 def lab_env(tmp: Path) -> dict[str, str]:
-    """The environment `dvc repro` runs with in a copy: this venv's dvc, MLflow to a sqlite db in it."""
+    """The environment `dvc repro` runs with in a copy: this venv's dvc, MLflow to a sqlite db in it.
+    DVC's analytics as the project's .dvc/config sets them (off), as a user's `dvc repro` runs."""
     env = {k: v for k, v in os.environ.items() if k not in ("DVC_EXP_NAME", "MLFLOW_TRACKING_URI")}
     return env | {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
                   "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}",
-                  "MNIST_MIRROR": str(ROOT.parent / "shared" / "data" / "mnist"), "DVC_NO_ANALYTICS": "1",
+                  "MNIST_MIRROR": str(ROOT.parent / "shared" / "data" / "mnist"),
                   "PYTHONUNBUFFERED": "1"}
 
 

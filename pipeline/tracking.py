@@ -30,6 +30,10 @@ EXPERIMENT_TAGS = {
     "mlflow.note.content": "The batch-norm MNIST lab: one run per variant (mean over seeds), a child "
                            "run per seed, grouped under each `compare` run. Made by `dvc repro`.",
 }
+# MLflow 3 sends usage telemetry to its makers (config.mlflow-telemetry.io) from every process that
+# imports it, unless told not to or run under CI: a stage's runs go to its tracking store and
+# nowhere else. A user who sets the variable keeps their choice.
+TELEMETRY_OFF = ("MLFLOW_DISABLE_TELEMETRY", "true")
 
 
 class TrackingError(PipelineError):
@@ -164,6 +168,7 @@ def connect(tracking: Tracking, checked: bool = False):
     A fresh SQLite store runs its schema migrations on first open; several stages (a DVC
     queue with -j 2) opening it at once would race on them, so the first open is serialised.
     """
+    os.environ.setdefault(*TELEMETRY_OFF)  # read when mlflow is imported, just below
     import mlflow
     from mlflow import MlflowClient
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import configparser
+import importlib.util
 import os
 import subprocess
 import sys
@@ -34,6 +35,17 @@ def test_the_shipped_config_turns_the_cache_on_with_the_ttl_the_docs_state(monke
     settings = configparser.ConfigParser()
     settings.read(AUTH_CONFIG)
     assert "admin_password" not in settings["mlflow"]  # the first password comes from the environment
+
+
+def test_the_server_sends_no_telemetry_unless_its_environment_says_so(tmp_path):
+    spec = importlib.util.spec_from_file_location("start_server", START_SCRIPT)
+    start_server = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(start_server)
+    env = {"MLFLOW_BACKEND_STORE_URI": "sqlite:///x.db", "MLFLOW_ARTIFACTS_DESTINATION": "s3://bucket/artifacts",
+           "MLFLOW_FLASK_SERVER_SECRET_KEY": "k", "MLFLOW_AUTH_ADMIN_PASSWORD": "p"}
+    assert start_server.server_environment(env, tmp_path)["MLFLOW_DISABLE_TELEMETRY"] == "true"
+    chosen = env | {"MLFLOW_DISABLE_TELEMETRY": "false"}
+    assert start_server.server_environment(chosen, tmp_path)["MLFLOW_DISABLE_TELEMETRY"] == "false"
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,7 @@ failures as one line, the experiment made once with its tags, the tags every run
 from __future__ import annotations
 
 import functools
+import sys
 import threading
 import time
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -91,6 +92,24 @@ def test_connect_makes_the_experiment_once_with_its_tags_and_artifacts_at_the_ro
     assert made.name == "lab" and EXPERIMENT_TAGS.items() <= made.tags.items()
     assert made.artifact_location == (local_tracking.root / "mlartifacts").as_uri()
     assert mlflow.get_tracking_uri() == local_tracking.uri
+
+
+# The variables by which MLflow takes a process for CI or a test and sends no telemetry itself.
+CI_MARKERS = ("CI", "PYTEST_CURRENT_TEST", "GITHUB_ACTIONS", "GITLAB_CI", "JENKINS_URL", "BUILDKITE")
+
+
+def test_connect_opens_mlflow_with_its_telemetry_off_unless_the_user_chose(tmp_path):
+    """In a user's shell a stage's MLflow would phone its makers. Nothing is sent here either way:
+    the check is that MLflow started no telemetry client, and that a user's own value stays."""
+    script = ("import os; from pathlib import Path; from pipeline.tracking import Tracking, connect; "
+              f"connect(Tracking('sqlite:///{tmp_path / 'mlflow.db'}', Path('{tmp_path}'), 'lab')); "
+              "from mlflow.telemetry.client import get_telemetry_client; "
+              "from mlflow.telemetry.utils import _is_ci_env_or_testing; "
+              "print(_is_ci_env_or_testing(), get_telemetry_client() is None, os.environ['MLFLOW_DISABLE_TELEMETRY'])")
+    env = {k: v for k, v in stage_env().items() if k not in (*CI_MARKERS, "MLFLOW_DISABLE_TELEMETRY")}
+    assert run([sys.executable, "-c", script], tmp_path, env).stdout.split() == ["False", "True", "true"]
+    kept = run([sys.executable, "-c", script], tmp_path, env | {"MLFLOW_DISABLE_TELEMETRY": "1"})
+    assert kept.stdout.split() == ["False", "True", "1"]
 
 
 def test_connect_tags_an_experiment_made_before_the_tags_existed(local_tracking):
