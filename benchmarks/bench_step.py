@@ -11,8 +11,9 @@ bench_stage.py's and prints the table):
   threads     a K=5 step and one evaluation at 1 and at 2 torch threads
   fastpath    ms/step of the step by hand (pipeline/backprop.py, fastpath's private calls) against
               autograd's (the public calls): K=1 with and without batch norm, K=5
-  floor       ms/step of the step by hand against the fewest tensor calls a K=1 step needs with
-              torch's kernels and no autograd (issue 19's floor), with and without batch norm
+  floor       ms/step of the step by hand against the fewest tensor calls a step needs with
+              torch's kernels and no autograd (issue 19's floor): K=1 with and without batch
+              norm, K=5 and K=20 with it
 See benchmarks/README.md for what each figure means and the targets.
 """
 
@@ -173,32 +174,42 @@ def part_fastpath(args) -> dict:
 
 
 class FloorStep:
-    """The fewest tensor calls a K=1 step of the lab's MLP needs with torch's kernels, no autograd:
-    the rows' float images gathered; per layer one addmm (mm before batch norm), batch norm's
-    kernel, relu in place; the softmax-cross-entropy gradient (softmax / B minus the rows' one-hot
-    / B, gathered); per layer back one mm for the weights, a sum for the bias, one mm and relu's
-    mask (and batch norm's backward kernel); one fused Adam. No preallocated layer outputs, no
-    uint8 pixels: what it leaves out is what the step by hand adds to the arithmetic."""
+    """The fewest tensor calls a step of K stacked replicas of the lab's MLP needs with torch's
+    kernels, no autograd: the rows' float images gathered; per layer one bmm (baddbmm with a bias),
+    batch norm's kernel on the [B, K * F] channels (one layout copy there and back, as the stack's
+    own module), relu in place; the softmax-cross-entropy gradient (softmax / B minus the rows'
+    one-hot / B, gathered); per layer back one bmm for the weights, a sum for the bias, one bmm and
+    relu's mask (and batch norm's backward kernel); one fused Adam. No preallocated layer outputs,
+    no uint8 pixels: what it leaves out is what the step by hand adds to the arithmetic."""
 
-    def __init__(self, train, config, batch: int) -> None:
+    def __init__(self, train, config, replicas: int) -> None:
         import torch
 
         generator = torch.Generator().manual_seed(0)
+        batch = config.batch_size
         self.images = train.pixels.float().div_(255)
         self.one_hot = torch.zeros(len(train), 10).scatter_(1, train.labels[:, None], 1 / batch)
-        self.batch, self.norm, self.lr, self.eps = batch, config.norm == "batch", config.lr, config.adam_eps
+        self.shape, self.norm, self.lr, self.eps = (replicas, batch), config.norm == "batch", config.lr, config.adam_eps
         sizes = [train.pixels.shape[1], *config.hidden_sizes, 10]
-        self.weights = [torch.randn(a, b, generator=generator) * 0.05 for a, b in zip(sizes, sizes[1:])]
+        self.weights = [torch.randn(replicas, a, b, generator=generator) * 0.05 for a, b in zip(sizes, sizes[1:])]
         hidden = len(sizes) - 2
-        self.biases = [None if self.norm and i < hidden else torch.zeros(b) for i, b in enumerate(sizes[1:])]
-        self.gammas = [torch.ones(b) for b in sizes[1:-1]] if self.norm else []
-        self.betas = [torch.zeros(b) for b in sizes[1:-1]] if self.norm else []
-        self.running = [(torch.zeros(b), torch.ones(b)) for b in sizes[1:-1]] if self.norm else []
+        self.biases = [None if self.norm and i < hidden else torch.zeros(replicas, 1, b)
+                       for i, b in enumerate(sizes[1:])]
+        self.gammas = [torch.ones(replicas * b) for b in sizes[1:-1]] if self.norm else []
+        self.betas = [torch.zeros(replicas * b) for b in sizes[1:-1]] if self.norm else []
+        self.running = [(torch.zeros(replicas * b), torch.ones(replicas * b)) for b in sizes[1:-1]] if self.norm else []
         self.params = [*self.weights, *(b for b in self.biases if b is not None), *self.gammas, *self.betas]
         self.exp_avg = [torch.zeros_like(p) for p in self.params]
         self.exp_avg_sq = [torch.zeros_like(p) for p in self.params]
         self.counts = torch.zeros(len(self.params))
         self.steps = list(self.counts.unbind())
+
+    def channels(self, h):
+        """[K, B, F] as batch norm's [B, K * F], and back (`stacked`)."""
+        return h.transpose(0, 1).reshape(self.shape[1], -1)
+
+    def stacked(self, c):
+        return c.view(self.shape[1], self.shape[0], -1).transpose(0, 1)
 
     def __call__(self, rows) -> None:
         import torch
@@ -206,29 +217,33 @@ class FloorStep:
         from pipeline import fastpath
 
         aten = torch.ops.aten
-        h, inputs, normed = self.images.index_select(0, rows), [], []
+        replicas, batch = self.shape
+        h, inputs, normed = self.images.index_select(0, rows).view(replicas, batch, -1), [], []
         for i, (weight, bias) in enumerate(zip(self.weights, self.biases)):
             inputs.append(h)
-            h = torch.mm(h, weight) if bias is None else torch.addmm(bias, h, weight)
+            h = torch.bmm(h, weight) if bias is None else torch.baddbmm(bias, h, weight)
             if i < len(self.weights) - 1:
                 if self.norm:
-                    normed.append((h, *torch.native_batch_norm(h, self.gammas[i], self.betas[i], *self.running[i],
+                    c = self.channels(h)
+                    normed.append((c, *torch.native_batch_norm(c, self.gammas[i], self.betas[i], *self.running[i],
                                                                True, 0.01, 1e-3)))
-                    h = normed[-1][1]
+                    h = self.stacked(normed[-1][1])
                 h = h.relu_()
-        grad = torch.softmax(h, 1).div_(self.batch).sub_(self.one_hot.index_select(0, rows))
+        grad = torch.softmax(h.view(-1, 10), 1).div_(batch).sub_(self.one_hot.index_select(0, rows)).view_as(h)
         weight_grads, bias_grads, gamma_grads, beta_grads = [], [], [], []
         for i in reversed(range(len(self.weights))):
-            weight_grads.append(torch.mm(inputs[i].t(), grad))
+            weight_grads.append(torch.bmm(inputs[i].transpose(1, 2), grad))
             if self.biases[i] is not None:
-                bias_grads.append(grad.sum(0))
+                bias_grads.append(grad.sum(1, keepdim=True))
             if i == 0:
                 break
-            grad = aten.threshold_backward.default(torch.mm(grad, self.weights[i].t()), inputs[i], 0)
+            grad = aten.threshold_backward.default(torch.bmm(grad, self.weights[i].transpose(1, 2)), inputs[i], 0)
             if self.norm:
                 pre, _, mean, invstd = normed[i - 1]
-                grad, gamma, beta = aten.native_batch_norm_backward.default(
-                    grad, pre, self.gammas[i - 1], *self.running[i - 1], mean, invstd, True, 1e-3, [True] * 3)
+                grad_c, gamma, beta = aten.native_batch_norm_backward.default(
+                    self.channels(grad), pre, self.gammas[i - 1], *self.running[i - 1], mean, invstd, True, 1e-3,
+                    [True] * 3)
+                grad = self.stacked(grad_c)
                 gamma_grads.append(gamma)
                 beta_grads.append(beta)
         grads = [*weight_grads[::-1], *bias_grads[::-1], *gamma_grads[::-1], *beta_grads[::-1]]
@@ -236,40 +251,46 @@ class FloorStep:
                         weight_decay=0.0, eps=self.eps, private=True, counts=self.counts)
 
 
+# (key, norm, replicas, a fraction of --steps): the lab's K=1 both ways, its default 5 seeds, 20 seeds.
+FLOOR_CASES = (("k1", "batch", 1, 1), ("k1_no_norm", "none", 1, 1), ("k5", "batch", 5, 1), ("k20", "batch", 20, 4))
+
+
 def part_floor(args) -> dict:
-    """ms per K=1 step of the step by hand (`project_steps`, the stage's path) and of `FloorStep`
-    on the same rows, alternated 5 times, medians; with batch norm (`k1`) and without (`k1_no_norm`)."""
+    """ms per step of the step by hand (`project_steps`, the stage's path) and of `FloorStep` on the
+    same rows, alternated 5 times, medians: K=1 with batch norm (`k1`) and without (`k1_no_norm`),
+    K=5 and K=20 with batch norm (`k20` times a quarter of the steps)."""
     import torch
 
     from pipeline.training import epoch_permutations, step_rows
 
     params, config, train, _ = lab_splits(args.threads)
-    rows = step_rows(epoch_permutations(params.seeds[:1], 1, len(train)), config.batch_size)[:-1]
     result = {}
-    for key, norm in (("k1", "batch"), ("k1_no_norm", "none")):
+    for key, norm, replicas, fraction in FLOOR_CASES:
+        seeds, steps = list(range(replicas)), max(1, args.steps // fraction)
+        rows = step_rows(epoch_permutations(seeds, 1, len(train)), config.batch_size)[:-1]
         variant = config.model_copy(update={"norm": norm})
-        floor = FloorStep(train, variant, config.batch_size)
+        floor = FloorStep(train, variant, replicas)
 
-        def floor_steps(steps: int) -> None:
+        def floor_steps(count: int) -> None:
             with torch.inference_mode():  # as train_epoch runs the step by hand
-                for index in range(steps):
+                for index in range(count):
                     floor(rows[index % len(rows)])
 
         floor_steps(50)  # warm-up, as the step by hand's below
-        project_steps(params.seeds[:1], variant, train, 50)
+        project_steps(seeds, variant, train, 50)
         walls = {"by_hand": [], "floor": []}
         for _ in range(5):
             started = time.perf_counter()
-            project_steps(params.seeds[:1], variant, train, args.steps)
+            project_steps(seeds, variant, train, steps)
             walls["by_hand"].append(time.perf_counter() - started)
             started = time.perf_counter()
-            floor_steps(args.steps)
+            floor_steps(steps)
             walls["floor"].append(time.perf_counter() - started)
-        median = {name: 1e3 * statistics.median(w) / args.steps for name, w in walls.items()}
-        result[key] = {"norm": norm, "by_hand_median_ms_per_step": median["by_hand"],
-                       "floor_median_ms_per_step": median["floor"],
+        median = {name: 1e3 * statistics.median(w) / steps for name, w in walls.items()}
+        result[key] = {"norm": norm, "replicas": replicas, "steps": steps,
+                       "by_hand_median_ms_per_step": median["by_hand"], "floor_median_ms_per_step": median["floor"],
                        "by_hand_vs_floor": median["by_hand"] / median["floor"], "walls_s": walls}
-    return {"steps": args.steps, **result}
+    return result
 
 
 PARTS = {"baseline": part_baseline, "project": part_project, "stacked": part_stacked, "threads": part_threads,
