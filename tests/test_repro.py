@@ -33,7 +33,7 @@ def test_the_stale_train_stages_run_or_all_of_them_where_their_shared_inputs_cha
 
 def test_this_projects_dvc_commands_send_no_analytics():
     """DVC's analytics are on by default: after every command a process of their own (~0.8 s of CPU
-    beside the stages, 4 of them in a `make repro`) posts a report to analytics.dvc.org.
+    beside the stages, four or five in a `make repro`) posts a report to analytics.dvc.org.
     .dvc/config turns them off; asked here as DVC decides it, with no variable set."""
     env = {k: v for k, v in stage_env().items() if k not in ("DVC_NO_ANALYTICS", "DVC_TEST")}
     decided = run([sys.executable, "-c", "from dvc import analytics; print(analytics.is_enabled())"], ROOT, env)
