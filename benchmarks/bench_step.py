@@ -205,7 +205,8 @@ class FloorStep:
         self.steps = list(self.counts.unbind())
 
     def channels(self, h):
-        """[K, B, F] as batch norm's [B, K * F], and back (`stacked`)."""
+        """[K, B, F] as batch norm's [B, K * F], and back (`stacked`). Written here, not taken from
+        pipeline/backprop.py's BatchNorm: the floor must not share code with what it measures."""
         return h.transpose(0, 1).reshape(self.shape[1], -1)
 
     def stacked(self, c):
@@ -251,7 +252,7 @@ class FloorStep:
                         weight_decay=0.0, eps=self.eps, private=True, counts=self.counts)
 
 
-# (key, norm, replicas, a fraction of --steps): the lab's K=1 both ways, its default 5 seeds, 20 seeds.
+# (key, norm, replicas, what --steps is divided by): the lab's K=1 both ways, its default 5 seeds, 20 seeds.
 FLOOR_CASES = (("k1", "batch", 1, 1), ("k1_no_norm", "none", 1, 1), ("k5", "batch", 5, 1), ("k20", "batch", 20, 4))
 
 
@@ -265,8 +266,8 @@ def part_floor(args) -> dict:
 
     params, config, train, _ = lab_splits(args.threads)
     result = {}
-    for key, norm, replicas, fraction in FLOOR_CASES:
-        seeds, steps = list(range(replicas)), max(1, args.steps // fraction)
+    for key, norm, replicas, divisor in FLOOR_CASES:
+        seeds, steps = list(range(replicas)), max(1, args.steps // divisor)
         rows = step_rows(epoch_permutations(seeds, 1, len(train)), config.batch_size)[:-1]
         variant = config.model_copy(update={"norm": norm})
         floor = FloorStep(train, variant, replicas)
