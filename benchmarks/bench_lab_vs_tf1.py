@@ -31,13 +31,14 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-from bench_stage import lab_copy, lab_env, repro, set_param
+from bench_stage import MARK, lab_copy, lab_env, repro, set_param
 from common import ROOT, children_cpu_s, code_state, machine_info, write
 
 HERE = Path(__file__).resolve().parent
 VARIANTS = ("batchnorm", "no_norm")
 STAGES = [*(f"train@{v}" for v in VARIANTS), *(f"evaluate@{v}" for v in VARIANTS), "compare"]
 SEEDS = {"published": [0], "default": None, "seeds20": list(range(20))}  # None: params.yaml's own
+SIDE_SPAN = "train (side by side)"
 SIDE = "_side"  # a part's suffix: its train stages side by side, as `make repro` runs them
 PARTS = ["tf1", *SEEDS, *(f"{part}{SIDE}" for part in SEEDS)]
 # Issue 19's targets: (figure, at most).
@@ -126,21 +127,24 @@ def run_project(tmp: Path, env: dict, log_name: str, side: bool) -> dict:
     return result | {"test_acc": {v: m["test_acc"] for v, m in metrics.items()}}
 
 
+SIDE_BY_SIDE = """
+from pipeline import forkserver
+from pipeline.commands.repro import run_dvc, side_by_side
+with forkserver.running():
+    side_by_side({trains!r}, {jobs}, True)
+    print({mark!r}, flush=True)
+    run_dvc("repro", "--force", "-s", *{rest!r})
+"""
+
+
 def side_by_side(tmp: Path, env: dict, log_name: str) -> dict:
-    """The train stages forced side by side (pipeline/commands/repro.py's `side_by_side`, two at a
-    time on this machine's cores), then the rest forced by one `dvc repro`; its `commands_s` has
-    the train stages' span as one entry."""
+    """The forced stages as `make repro` runs them (pipeline/commands/repro.py): its fork server,
+    the train stages side by side (two at a time on this machine's cores), then one `dvc repro` of
+    the rest; its `commands_s` has the train stages' span as one entry."""
     trains = [stage for stage in STAGES if stage.startswith("train@")]
-    code = f"from pipeline.commands.repro import side_by_side; side_by_side({trains!r}, {len(os.sched_getaffinity(0))}, True)"
-    cpu0, t0 = children_cpu_s(), time.perf_counter()
-    with open(tmp / f"side_{log_name}", "w") as log:
-        trained = subprocess.run([sys.executable, "-c", code], cwd=tmp, env=env, stdout=log, stderr=subprocess.STDOUT)
-    span, cpu = time.perf_counter() - t0, children_cpu_s() - cpu0
-    if trained.returncode:
-        return {"returncode": trained.returncode, "log_tail": (tmp / f"side_{log_name}").read_text().splitlines()[-15:]}
-    rest = repro(tmp, env, log_name, "--force", "-s", *(stage for stage in STAGES if stage not in trains))
-    return rest | {"wall_s": span + rest["wall_s"], "cpu_s": cpu + rest["cpu_s"],
-                   "commands_s": {"train (side by side)": span, **rest["commands_s"]}}
+    code = SIDE_BY_SIDE.format(trains=trains, jobs=len(os.sched_getaffinity(0)), mark=f"{MARK}{SIDE_SPAN}",
+                               rest=[stage for stage in STAGES if stage not in trains])
+    return repro(tmp, env, log_name, command=[sys.executable, "-c", code])
 
 
 def median_of(runs: list[dict], key: str) -> dict:

@@ -162,20 +162,26 @@ def set_param(tmp: Path, key: str, value) -> None:
     params_file.write_text(text)
 
 
-def repro(tmp: Path, env: dict[str, str], log_name: str, *options: str) -> dict:
+def repro(tmp: Path, env: dict[str, str], log_name: str, *options: str, command: list[str] | None = None) -> dict:
     """Wall and CPU seconds of `dvc repro [options]`, and each stage's seconds: `stages_s` from
     when dvc announces it to the next announcement, `commands_s` from its command's start (dvc's
     `> cmd` line) to dvc's `Updating lock file` after it (the command, then saving its outputs);
-    `dvc_s` is the rest of the wall time (dvc's start, its checks between stages)."""
+    `dvc_s` is the rest of the wall time (dvc's start, its checks between stages). `command`: run
+    instead of `dvc repro`; what it prints before a line `MARK <name>` is timed as one stage, <name>.
+    """
     stages = []  # [name, announced, command started, lock updated]
+    marked = {}  # name: seconds
     cpu0, t0 = children_cpu_s(), time.perf_counter()
     with open(tmp / log_name, "w") as log:
-        proc = subprocess.Popen(["dvc", "repro", *options], cwd=tmp, env=env, stdout=subprocess.PIPE,
+        proc = subprocess.Popen(command or ["dvc", "repro", *options], cwd=tmp, env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True)
         for line in proc.stdout:
             log.write(line)
             now = time.perf_counter()
-            if line.startswith("Running stage '"):
+            if line.startswith(MARK):
+                marked[line.removeprefix(MARK).strip()] = now - t0
+                stages = []
+            elif line.startswith("Running stage '"):
                 stages.append([line.split("'")[1], now, None, None])
             elif stages and stages[-1][2] is None and line.startswith("> "):
                 stages[-1][2] = now
@@ -184,13 +190,16 @@ def repro(tmp: Path, env: dict[str, str], log_name: str, *options: str) -> dict:
         code = proc.wait()
     wall, cpu = time.perf_counter() - t0, children_cpu_s() - cpu0
     ends = [stage[1] for stage in stages[1:]] + [t0 + wall]
-    commands = {name: (updated or end) - (started or announced)
-                for (name, announced, started, updated), end in zip(stages, ends)}
+    commands = marked | {name: (updated or end) - (started or announced)
+                         for (name, announced, started, updated), end in zip(stages, ends)}
     tail = (tmp / log_name).read_text().splitlines()[-15:]
     return {"wall_s": wall, "cpu_s": cpu, "returncode": code,
             "stages_s": {stage[0]: end - stage[1] for stage, end in zip(stages, ends)},
             "commands_s": commands, "dvc_s": wall - sum(commands.values()),
             **({"log_tail": tail} if code else {})}
+
+
+MARK = "MARK "
 
 
 def part_pipeline(args) -> dict:

@@ -17,6 +17,7 @@ import yaml
 from mlflow import MlflowClient
 
 from pipeline import checkpoint
+from pipeline.commands.repro import FORKSERVER_LOG
 from pipeline.model import StackedMlp, unstack
 from pipeline.tracking import INPUTS_TAG, RESTORED_TAG
 from pipeline.variant import VariantConfig
@@ -129,9 +130,11 @@ def test_forced_repro_leaves_every_output_and_dvc_lock_byte_identical(reproduced
     path, env, _ = reproduced
     lock, before = (path / "dvc.lock").read_bytes(), outputs_digest(path)
     result = run([sys.executable, "-m", "pipeline.commands.repro", "--force", "--jobs", "2"], path, env)
-    assert sorted(stages_run(result.stdout)) == sorted(
-        ["check", "download", "prepare", "curves", "compare", *(f"{s}@{v}" for s in ("train", "evaluate")
-                                                                 for v in VARIANTS)])
+    stages = ["check", "download", "prepare", "curves", "compare",
+              *(f"{s}@{v}" for s in ("train", "evaluate") for v in VARIANTS)]
+    assert sorted(stages_run(result.stdout)) == sorted(stages)
+    forked = (path / FORKSERVER_LOG).read_text()  # each stage a child of the fork server
+    assert forked.count(": forked ") == len(stages) and "refused" not in forked, forked
     assert (path / "dvc.lock").read_bytes() == lock
     assert outputs_digest(path) == before
     again = run([sys.executable, "-m", "pipeline.commands.repro"], path, env)

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline import cli
+from pipeline import cli, forkserver
 from pipeline.errors import PipelineError
 from pipeline.params import load_params
 
@@ -41,6 +41,8 @@ TRAIN_PREFIX = "train@"  # dvc.yaml's `train: foreach: ${variants}`
 # The stages every train stage reads from, in dvc.yaml's order (tests/test_repro.py holds them to
 # it); `dvc repro prepare` brings them all up to date.
 UPSTREAM = ("check", "download", "prepare")
+# What the fork server forked, or refused and why (pipeline/forkserver.py), for the last run.
+FORKSERVER_LOG = Path(".dvc/tmp/forkserver.log")
 
 
 class DvcFailed(PipelineError):
@@ -109,11 +111,16 @@ def repro(force: bool = False, jobs: int | None = None) -> None:
     params = load_params()  # a mistake in params.yaml: one line, before DVC runs anything
     trains = [f"{TRAIN_PREFIX}{variant}" for variant in params.variants]
     jobs = jobs or max(1, len(os.sched_getaffinity(0)) // params.train.threads)
+    with forkserver.running(log_to=FORKSERVER_LOG):  # from here: it imports while `dvc status` runs
+        stale = set() if force else stale_stages()
+        if not force and not stale:
+            print("Data and pipelines are up to date.")
+            return
+        run_stages(trains, jobs, force, stale)
+
+
+def run_stages(trains: list[str], jobs: int, force: bool, stale: set[str]) -> None:
     force_option = ["--force"] if force else []
-    stale = set() if force else stale_stages()
-    if not force and not stale:
-        print("Data and pipelines are up to date.")
-        return
     before = upstream_outputs()
     if force or stale & set(UPSTREAM):
         run_dvc("repro", *force_option, UPSTREAM[-1])
@@ -127,6 +134,7 @@ def repro(force: bool = False, jobs: int | None = None) -> None:
                 *[name for name in dvc_output("stage", "list", "--name-only").split() if name not in done])
     else:
         run_dvc("repro")
+
 
 if __name__ == "__main__":
     parser = cli.parser(__doc__)
