@@ -9,10 +9,12 @@ Each repeat runs its parts one after another (A B C D, A B C D, ...):
   published  `dvc repro --force -s` of train, evaluate (both variants) and compare, seeds: [0]
   default    the same with params.yaml's seeds (5 per variant)
   seeds20    the same with 20 seeds per variant
-  <part>_side  the same as `make repro` runs it (pipeline/commands/repro.py): the train stages
-             side by side, a `dvc repro -s` each, then `dvc repro --force -s` of the rest
+  <part>_side  the same as `make repro` runs it (pipeline/commands/repro.py): its fork server, the
+             train stages side by side, a `dvc repro -s` each, then `dvc repro --force -s` of the rest
+  <part>_side_noserver  the same without the fork server (PIPELINE_FORKSERVER=0)
 each project part in a temp copy of its own that holds raw and prepared data (bench_stage.lab_copy).
-Ratios are taken pair by pair within a repeat (published / tf1, default / tf1), then their median.
+Ratios are taken pair by pair within a repeat (published / tf1, default / tf1; a `_side` part / its
+`_noserver` twin), then their median.
 --quick: 1 epoch on both sides and 1 repeat, to test the benchmark (not the lab's figures; nothing
 is written unless --out is given). Keys and targets: benchmarks/README.md.
 """
@@ -40,7 +42,8 @@ STAGES = [*(f"train@{v}" for v in VARIANTS), *(f"evaluate@{v}" for v in VARIANTS
 SEEDS = {"published": [0], "default": None, "seeds20": list(range(20))}  # None: params.yaml's own
 SIDE_SPAN = "train (side by side)"
 SIDE = "_side"  # a part's suffix: its train stages side by side, as `make repro` runs them
-PARTS = ["tf1", *SEEDS, *(f"{part}{SIDE}" for part in SEEDS)]
+NO_SERVER = "_noserver"  # after SIDE: without `make repro`'s fork server
+PARTS = ["tf1", *SEEDS, *(f"{part}{SIDE}{server}" for part in SEEDS for server in ("", NO_SERVER))]
 # Issue 19's targets: (figure, at most).
 TARGETS = {"published": ("wall_ratio_vs_tf1", 0.5), "default": ("wall_ratio_vs_tf1", 1.0),
            "seeds20": ("wall_s", 60.0)}
@@ -102,15 +105,22 @@ def run_tf1(args, out: Path) -> dict:
             "test_loss": {v: report["variants"][v]["test_loss"] for v in VARIANTS}}
 
 
+def seeds_part(part: str) -> str:
+    """`published` of `published_side_noserver`: the seeds a part trains."""
+    return part.removesuffix(NO_SERVER).removesuffix(SIDE)
+
+
 def project_copy(folder: Path, part: str, epochs: int) -> tuple[Path, dict]:
     """A copy of the project for one part: its seeds and epochs set, its MLflow store created (so
     that no repeat pays for creating the tables)."""
+    from pipeline.handoff import ADDRESS_VARIABLE, OFF
+
     tmp = folder / part
     tmp.mkdir()
-    env = lab_env(tmp)
+    env = lab_env(tmp) | ({ADDRESS_VARIABLE: OFF} if part.endswith(NO_SERVER) else {})
     lab_copy(tmp, env)
-    if SEEDS[part.removesuffix(SIDE)] is not None:
-        set_param(tmp, "seeds", SEEDS[part.removesuffix(SIDE)])
+    if SEEDS[seeds_part(part)] is not None:
+        set_param(tmp, "seeds", SEEDS[seeds_part(part)])
     set_param(tmp, "  epochs", epochs)
     subprocess.run([sys.executable, "-c", "import mlflow; mlflow.MlflowClient().search_experiments()"],
                    cwd=tmp, env=env, check=True, capture_output=True)
@@ -174,10 +184,14 @@ def summarize(runs: dict, epochs: int, quick: bool) -> dict:
                 entry |= {"wall_ratio_vs_tf1": statistics.median(ratios), "wall_ratios_vs_tf1": ratios,
                           "cpu_ratio_vs_tf1": statistics.median(r["cpu_s"] / t["cpu_s"] for r, t in zip(results, tf1))}
         entry["same_test_acc_every_repeat"] = all(r["test_acc"] == results[0]["test_acc"] for r in results)
-        figure, limit = TARGETS.get(part.removesuffix(SIDE), (None, None))
+        figure, limit = TARGETS.get(seeds_part(part), (None, None))
         if figure in entry:
             entry["target"] = {"figure": figure, "at_most": limit, "met": None if quick else entry[figure] <= limit}
         summary[part] = entry
+    for part, results in runs.items():  # what the fork server changes, repeat by repeat
+        if part.endswith(SIDE) and (without := runs.get(part + NO_SERVER)):
+            ratios = [r["wall_s"] / w["wall_s"] for r, w in zip(results, without)]
+            summary[part] |= {"wall_ratio_vs_no_server": statistics.median(ratios), "wall_ratios_vs_no_server": ratios}
     return summary
 
 
@@ -188,16 +202,17 @@ def table(results: dict) -> str:
              f"load {results['machine']['loadavg_start'][0]:.2f} at start"]
     if quick:
         lines.append("QUICK MODE: 1 epoch, tests the benchmark; these are not the lab's figures")
-    lines.append(f"{'part':<34} {'wall s':>7} {'cpu s':>7} {'wall/tf1':>8} {'cpu/tf1':>8}  target")
+    lines.append(f"{'part':<40} {'wall s':>7} {'cpu s':>7} {'wall/tf1':>8} {'cpu/tf1':>8}  target")
     names = {"tf1": "TF1 lab code (seed 0, both nets)", "published": "published lab (1 seed per variant)",
              "default": "default lab (params.yaml's seeds)", "seeds20": "20 seeds x 2 variants"}
-    names |= {f"{part}{SIDE}": f"{names[part].split(' (')[0]}, side by side" for part in SEEDS}
+    names |= {f"{part}{SIDE}{server}": f"{names[part].split(' (')[0]}, side by side{label}"
+              for part in SEEDS for server, label in (("", ""), (NO_SERVER, ", no server"))}
     for part, e in s.items():
         ratio = f"{e['wall_ratio_vs_tf1']:8.2f} {e['cpu_ratio_vs_tf1']:8.2f}" if "wall_ratio_vs_tf1" in e else " " * 17
         target = e.get("target")
         mark = "" if not target else f"  {target['figure']} <= {target['at_most']}: " + (
             "(quick)" if quick else "met" if target["met"] else "NOT met")
-        lines.append(f"{names[part]:<34} {e['wall_s']:7.1f} {e['cpu_s']:7.1f} {ratio}{mark}")
+        lines.append(f"{names[part]:<40} {e['wall_s']:7.1f} {e['cpu_s']:7.1f} {ratio}{mark}")
     for part, e in s.items():
         if part == "tf1":
             inside = ", ".join(f"{k.removesuffix('_s')} {v:.1f}" for k, v in e["inside_s"].items())
@@ -206,6 +221,9 @@ def table(results: dict) -> str:
         else:
             stages = ", ".join(f"{k} {v:.1f}" for k, v in e["commands_s"].items())
             lines.append(f"  {part} per stage: {stages}, dvc {e['dvc_s']:.1f}")
+            if "wall_ratio_vs_no_server" in e:
+                lines.append(f"  {part} / without the fork server: {e['wall_ratio_vs_no_server']:.2f} "
+                             f"({', '.join(f'{r:.2f}' for r in e['wall_ratios_vs_no_server'])})")
     return "\n".join(lines)
 
 
@@ -231,7 +249,7 @@ def main(argv: list[str] | None = None) -> dict:
             for part in args.parts:
                 load = os.getloadavg()[0]
                 ran = (run_tf1(args, folder / f"tf1_{repeat}.json") if part == "tf1" else
-                       run_project(*copies[part], f"repro_{repeat}.log", part.endswith(SIDE)))
+                       run_project(*copies[part], f"repro_{repeat}.log", SIDE in part))
                 runs[part].append(ran | {"loadavg_1min_before": load})
                 print(f"repeat {repeat + 1}/{args.repeats} {part}: {ran['wall_s']:.1f} s wall, {ran['cpu_s']:.1f} s CPU",
                       file=sys.stderr, flush=True)

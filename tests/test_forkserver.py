@@ -60,7 +60,7 @@ def test_a_forked_train_stage_writes_what_it_writes_alone(tmp_path, monkeypatch,
     assert run(TRAIN, alone, stage_env()).returncode == 0
     forked = make_prepared(tmp_path / "forked", tiny_mirror[0])
     with served(forked, monkeypatch) as log:
-        run(TRAIN, forked, None)
+        run(TRAIN, forked, env=None)
     assert len(forked_pids(log, "pipeline.stages.train")) == 1
     assert_same_result(final_state(forked), final_state(alone))
     for name in ("history.json", "curves.csv"):
@@ -72,7 +72,7 @@ def test_exit_status_and_streams_are_the_stages(tmp_path, monkeypatch):
     commands = [[*CHECK, "--help"], [*CHECK, "--no-such-option"], CHECK]
     alone = [outcome(run(command, tmp_path, stage_env(), check=False)) for command in commands]
     with served(tmp_path, monkeypatch) as log:
-        forked = [outcome(run(command, tmp_path, None, check=False)) for command in commands]
+        forked = [outcome(run(command, tmp_path, env=None, check=False)) for command in commands]
     assert forked == alone
     assert [code for code, _, _ in forked] == [0, 2, 2]
     assert "usage:" in forked[0][1] and "--no-such-option" in forked[1][2]
@@ -84,7 +84,7 @@ def test_a_command_in_another_environment_runs_itself(tmp_path, monkeypatch):
     alone = outcome(run(CHECK, tmp_path, stage_env(EXTRA="1"), check=False))
     with served(tmp_path, monkeypatch) as log:
         monkeypatch.setenv("EXTRA", "1")
-        itself = outcome(run(CHECK, tmp_path, None, check=False))
+        itself = outcome(run(CHECK, tmp_path, env=None, check=False))
     assert itself == alone
     assert "refused pipeline.stages.check: another environment (EXTRA)" in log.read_text()
     assert forked_pids(log, "pipeline.stages.check") == []
@@ -96,12 +96,17 @@ def test_without_a_server_the_command_runs_itself(tmp_path):
         assert outcome(run(CHECK, tmp_path, stage_env(**{ADDRESS_VARIABLE: address}), check=False)) == alone
 
 
+def train_past_epoch_1(path: Path) -> subprocess.Popen:
+    """train@batchnorm's command in `path`, in the environment it inherits, once epoch 1 is done."""
+    command = subprocess.Popen(TRAIN, cwd=path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_epoch(command, 1)
+    return command
+
+
 def test_sigterm_to_the_command_reaches_the_forked_stage(tmp_path, monkeypatch, slow_mirror):
     path = make_prepared(tmp_path, slow_mirror)
     with served(path, monkeypatch) as log:
-        command = subprocess.Popen(TRAIN, cwd=path, env=None, stdout=subprocess.PIPE,
-                                   stderr=subprocess.PIPE, text=True)
-        wait_for_epoch(command, 1)
+        command = train_past_epoch_1(path)
         command.send_signal(signal.SIGTERM)
         _, stderr = command.communicate(timeout=60)
     assert len(forked_pids(log, "pipeline.stages.train")) == 1
@@ -113,9 +118,7 @@ def test_sigterm_to_the_command_reaches_the_forked_stage(tmp_path, monkeypatch, 
 def test_a_killed_command_takes_its_forked_stage_with_it(tmp_path, monkeypatch, slow_mirror):
     path = make_prepared(tmp_path, slow_mirror)
     with served(path, monkeypatch) as log:
-        command = subprocess.Popen(TRAIN, cwd=path, env=None, stdout=subprocess.PIPE,
-                                   stderr=subprocess.DEVNULL, text=True)
-        wait_for_epoch(command, 1)
+        command = train_past_epoch_1(path)
         [stage] = forked_pids(log, "pipeline.stages.train")
         command.kill()  # SIGKILL: the command cannot pass it on, its closed connection tells the server
         command.wait()
