@@ -115,7 +115,7 @@ class Server:
         try:
             header, fds, _, _ = socket.recv_fds(connection, HEADER.size, len(STREAMS))
             request = Request(**json.loads(_read_exactly(connection, HEADER.unpack(header)[0])))
-            reason = refusal(request, self.environ)
+            reason = refusal(request, self.environ) if len(fds) == len(STREAMS) else "a closed standard stream"
         except (OSError, ValueError, TypeError) as error:
             reason = f"a bad request ({error})"
         if reason is None and (pid := os.fork()) == 0:
@@ -123,14 +123,13 @@ class Server:
             return request
         for fd in fds:  # the command's streams: the child's now, or the command's alone
             os.close(fd)
-        with contextlib.suppress(OSError):  # the command may be gone
-            if reason is not None:
-                log(f"refused {request.module if request else 'a command'}: {reason}")
-                connection.sendall(f"refused {reason}\n".encode())
-                connection.close()
-                return None
-            log(f"forked {pid}: {request.module} {' '.join(request.argv)}")
-            connection.sendall(f"pid {pid}\n".encode())
+        if reason is not None:
+            log(f"refused {request.module if request else 'a command'}: {reason}")
+            _answer(connection, f"refused {reason}")
+            connection.close()
+            return None
+        log(f"forked {pid}: {request.module} {' '.join(request.argv)}")
+        _answer(connection, f"pid {pid}")
         self.children[pid] = connection  # its connection's end ends the child too (handle)
         self.selector.register(connection, selectors.EVENT_READ)
         return None
@@ -145,10 +144,8 @@ class Server:
             os.close(fd)
         for connection in self.children.values():
             connection.close()
-        null = os.open(os.devnull, os.O_RDWR)
-        for target, fd in zip(STREAMS, fds + [null] * (len(STREAMS) - len(fds))):
+        for target, fd in zip(STREAMS, fds):  # fds: new numbers, above the server's own 0-2
             os.dup2(fd, target)
-        for fd in {null, *fds} - set(STREAMS):
             os.close(fd)
 
     def reap(self) -> None:
@@ -159,8 +156,7 @@ class Server:
             connection = self.children.pop(pid)
             with contextlib.suppress(KeyError, ValueError):
                 self.selector.unregister(connection)
-            with contextlib.suppress(OSError):  # its command may be gone
-                connection.sendall(f"exit {os.waitstatus_to_exitcode(status)}\n".encode())
+            _answer(connection, f"exit {os.waitstatus_to_exitcode(status)}")
             connection.close()
 
     def stop(self) -> None:
@@ -182,6 +178,11 @@ def _import(modules: tuple[str, ...]) -> None:
     finally:
         gc.freeze()
         gc.enable()
+
+
+def _answer(connection: socket.socket, line: str) -> None:
+    with contextlib.suppress(OSError):  # the command may be gone
+        connection.sendall(f"{line}\n".encode())
 
 
 def _read_exactly(connection: socket.socket, size: int) -> bytes:
