@@ -162,6 +162,9 @@ def set_param(tmp: Path, key: str, value) -> None:
     params_file.write_text(text)
 
 
+MARK = "MARK "  # a line a `repro` command prints: what came before it is one stage
+
+
 def repro(tmp: Path, env: dict[str, str], log_name: str, *options: str, command: list[str] | None = None) -> dict:
     """Wall and CPU seconds of `dvc repro [options]`, and each stage's seconds: `stages_s` from
     when dvc announces it to the next announcement, `commands_s` from its command's start (dvc's
@@ -198,8 +201,6 @@ def repro(tmp: Path, env: dict[str, str], log_name: str, *options: str, command:
             "commands_s": commands, "dvc_s": wall - sum(commands.values()),
             **({"log_tail": tail} if code else {})}
 
-
-MARK = "MARK "
 
 
 def part_pipeline(args) -> dict:

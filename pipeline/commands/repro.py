@@ -7,7 +7,9 @@ most of the lab. The train stages do not depend on one another, and DVC lets ind
 run from separate `dvc repro` processes: it releases its repository lock while a stage's command
 runs, keeps each stage's dependencies and outputs under read/write locks of their own, and
 `dvc --wait-for-lock` waits for the repository lock where another process holds it (to write
-dvc.lock) instead of failing. So this command runs, in order:
+dvc.lock) instead of failing. So this command starts its fork server (pipeline/forkserver.py:
+each stage's command forked from a process that has imported torch and MLflow once), then runs,
+in order:
 
   1. `dvc status`: nothing to do, nothing more is run;
   2. `dvc repro prepare`, where one of the stages the train stages read from changed;
