@@ -263,17 +263,20 @@ def _wait_for(address: Path, server: subprocess.Popen, timeout_s: float = 10) ->
 
 def main(address: str) -> None:
     request = Server(address).serve()
-    if request is None:
-        return
+    if request is not None:
+        _exit(exit_status(become, request))
+
+
+def exit_status(run, *args) -> int:
+    """`run(*args)` in a forked child, and the exit status the interpreter would give it: what it
+    returns or SystemExit's argument, or 1 after the traceback Python would print."""
     try:
-        become(request)
-        code = 0
+        return _exit_code(run(*args))
     except SystemExit as exit:
-        code = _exit_code(exit.code)
+        return _exit_code(exit.code)
     except BaseException:
-        sys.excepthook(*sys.exc_info())  # the traceback Python would print
-        code = 1
-    _exit(code)
+        sys.excepthook(*sys.exc_info())
+        return 1
 
 
 def _exit_code(code) -> int:
