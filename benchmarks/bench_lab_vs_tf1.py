@@ -11,7 +11,7 @@ Each repeat runs its parts one after another (A B C D, A B C D, ...):
   seeds20    the same with 20 seeds per variant
   <part>_side  the same as `make repro` runs it (pipeline/commands/repro.py): its fork server, the
              train stages side by side, a `dvc repro -s` each, then `dvc repro --force -s` of the rest
-  <part>_side_noserver  the same without the fork server (PIPELINE_FORKSERVER=0)
+  <part>_side_noserver  the same without the fork server and forked dvc commands (PIPELINE_FORKSERVER=0)
 each project part in a temp copy of its own that holds raw and prepared data (bench_stage.lab_copy).
 Ratios are taken pair by pair within a repeat (published / tf1, default / tf1; a `_side` part / its
 `_noserver` twin), then their median.
@@ -42,7 +42,7 @@ STAGES = [*(f"train@{v}" for v in VARIANTS), *(f"evaluate@{v}" for v in VARIANTS
 SEEDS = {"published": [0], "default": None, "seeds20": list(range(20))}  # None: params.yaml's own
 SIDE_SPAN = "train (side by side)"
 SIDE = "_side"  # a part's suffix: its train stages side by side, as `make repro` runs them
-NO_SERVER = "_noserver"  # after SIDE: without `make repro`'s fork server
+NO_SERVER = "_noserver"  # after SIDE: without `make repro`'s fork server and forked dvc commands
 PARTS = ["tf1", *SEEDS, *(f"{part}{SIDE}{server}" for part in SEEDS for server in ("", NO_SERVER))]
 # Issue 19's targets: (figure, at most).
 TARGETS = {"published": ("wall_ratio_vs_tf1", 0.5), "default": ("wall_ratio_vs_tf1", 1.0),

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import sys
 
+import pytest
 import yaml
 
 from pipeline.commands.repro import TRAIN_PREFIX, UPSTREAM, stale_trains
+from pipeline.handoff import ADDRESS_VARIABLE, OFF
 from tests.conftest import ROOT, run, stage_env
+
+# `repro.Dvc` in a process of its own (a fork of pytest's would copy its threads): its exit code and
+# captured output, as JSON on its last line.
+DVC_COMMAND = ("import json, sys; from pipeline.commands.repro import Dvc; dvc = Dvc(*sys.argv[1:], capture=True); "
+               "print(json.dumps([dvc.wait(), dvc.output]))")
 
 
 def test_upstream_is_every_stage_before_train_in_dvc_yaml_and_train_reads_their_outputs():
@@ -38,3 +46,17 @@ def test_this_projects_dvc_commands_send_no_analytics():
     env = {k: v for k, v in stage_env().items() if k not in ("DVC_NO_ANALYTICS", "DVC_TEST")}
     decided = run([sys.executable, "-c", "from dvc import analytics; print(analytics.is_enabled())"], ROOT, env)
     assert decided.stdout.split() == ["False"]
+
+
+@pytest.mark.parametrize("args", [["stage", "list", "--name-only"], ["repro", "--dry", "no-such-stage"]])
+def test_a_forked_dvc_command_exits_and_prints_as_the_dvc_script(args):
+    """`make repro` forks its dvc commands from itself, DVC imported once: the same exit code and
+    output as the `dvc` script's process; forked, it needs no `dvc` on PATH. PIPELINE_FORKSERVER=0:
+    the script's process itself."""
+    env = stage_env()
+    alone = run(["dvc", *args], ROOT, env, check=False)
+    no_script = env | {"PATH": "/usr/bin:/bin"}
+    forked = json.loads(run([sys.executable, "-c", DVC_COMMAND, *args], ROOT, no_script).stdout.splitlines()[-1])
+    unforked = run([sys.executable, "-c", DVC_COMMAND, *args], ROOT, env | {ADDRESS_VARIABLE: OFF})
+    assert forked == json.loads(unforked.stdout.splitlines()[-1]) == [alone.returncode, alone.stdout]
+    assert (alone.returncode == 0) == (args[0] == "stage")
