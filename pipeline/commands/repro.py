@@ -26,6 +26,7 @@ other argument (targets, `-s`, `--dry`, ...) goes to one plain `dvc repro`.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import json
@@ -119,7 +120,8 @@ class Dvc:
 @functools.cache
 def dvc_main():
     for name in DVC_PRELOAD:
-        importlib.import_module(name)
+        with contextlib.suppress(ImportError):  # a DVC release that moved it imports it itself
+            importlib.import_module(name)
     from dvc.cli import main
 
     return main
