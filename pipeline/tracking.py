@@ -21,6 +21,7 @@ from pipeline.errors import PipelineError
 
 PARENT_TAG = "mlflow.parentRunId"
 INPUTS_TAG = "inputs_digest"  # provenance.inputs_digest of what a variant's run computed from
+EXP_NAME_TAG = "dvc_exp_name"  # the DVC experiment a run belongs to (DVC_EXP_NAME), if any
 RESTORED_TAG = "restored_from"  # on a run rebuilt from DVC outputs that this store never saw
 # The experiment's kind, as MLflow 3's UI reads it to pick an experiment's page (training runs, not
 # the GenAI overview). MLflow 3.17's UI has its workflow selector on and follows the global
@@ -219,7 +220,7 @@ def run_tags(tracking: Tracking, cwd: Path, stage: str) -> dict[str, str]:
     if commit:
         tags["mlflow.source.git.commit"] = commit
     if tracking.dvc_exp_name:
-        tags["dvc_exp_name"] = tracking.dvc_exp_name
+        tags[EXP_NAME_TAG] = tracking.dvc_exp_name
     return tags
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from pipeline.reports import METRICS
 from pipeline.stats import summarize
-from pipeline.tracking import INPUTS_TAG, PARENT_TAG, RESTORED_TAG, experiment_id
+from pipeline.tracking import EXP_NAME_TAG, INPUTS_TAG, PARENT_TAG, RESTORED_TAG, experiment_id
 
 
 def flatten(prefix: str, value: object) -> dict[str, str]:
@@ -75,11 +75,15 @@ def close_dangling(client, run_ids: dict) -> None:
             pass
 
 
-def close_abandoned(client, experiment: str, digest: str) -> None:
+def close_abandoned(client, experiment: str, digest: str, dvc_exp_name: str | None) -> None:
     """Mark FAILED the runs of these inputs that an attempt now gone left RUNNING: a worker lost
-    mid-task whose task Dask runs again elsewhere, a machine that died (its scratch state with it)."""
+    mid-task whose task Dask runs again elsewhere, a machine that died (its scratch state with it).
+    Only those of the same DVC experiment (`dvc_exp_name`, or none): queued experiments that share
+    a variant train it at the same time, each its own runs, and one's start closed the other's,
+    which could land after that one had finished them (a FAILED run of a finished stage)."""
     for found in client.search_runs([experiment], f"tags.{INPUTS_TAG} = '{digest}' AND attributes.status = 'RUNNING'"):
-        client.set_terminated(found.info.run_id, status="FAILED")
+        if found.data.tags.get(EXP_NAME_TAG) == dvc_exp_name:
+            client.set_terminated(found.info.run_id, status="FAILED")
 
 
 def start_variant_runs(client, experiment_name: str, config, tags: dict[str, str], dataset: dict,
@@ -92,7 +96,7 @@ def start_variant_runs(client, experiment_name: str, config, tags: dict[str, str
     if replaces is not None:
         close_dangling(client, replaces)
     experiment = experiment_id(client, experiment_name)
-    close_abandoned(client, experiment, tags[INPUTS_TAG])
+    close_abandoned(client, experiment, tags[INPUTS_TAG], tags.get(EXP_NAME_TAG))
     params = flatten("", config.model_dump(exclude={"name"})) | flatten("env", {
         "python": environment["python"], **environment["packages"]})
     variant = client.create_run(experiment, run_name=config.name, tags={**tags, "variant": config.name})

@@ -57,7 +57,8 @@ def test_every_run_metric_point_and_artifact_sent_is_recorded(load, monkeypatch)
     experiment = client.get_experiment_by_name(EXPERIMENT).experiment_id
     runs = client.search_runs([experiment], max_results=1000)
     assert len(runs) == len(proxy.acknowledged("POST", "/runs/create")) == 4 * (1 + 2 * 3)  # compare, 2 x (variant + 2 seeds)
-    assert all(r.info.status == "FINISHED" for r in runs)
+    unfinished = {r.info.run_name: r.info.status for r in runs if r.info.status != "FINISHED"}
+    assert not unfinished, unfinished
     # Every point of every metric's history, counted in PostgreSQL itself: one query, where reading
     # each run's and key's history through the basic-auth server takes about 90 s.
     stored_points = server.postgres.scalar("SELECT count(*) FROM metrics WHERE run_uuid IN "

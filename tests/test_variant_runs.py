@@ -17,7 +17,7 @@ import torch
 
 from pipeline.model import plain_mlp
 from pipeline.reports import METRICS
-from pipeline.tracking import INPUTS_TAG, PARENT_TAG, RESTORED_TAG, connect
+from pipeline.tracking import EXP_NAME_TAG, INPUTS_TAG, PARENT_TAG, RESTORED_TAG, connect
 from pipeline.variant_runs import (
     backfill_metrics,
     close_abandoned,
@@ -88,14 +88,19 @@ def statuses(client, run_ids: dict) -> list[str]:
     return [client.get_run(run_id).info.status for run_id in (run_ids["variant"], *run_ids["seeds"])]
 
 
-def test_close_abandoned_fails_only_the_running_runs_of_those_inputs(store):
+def test_close_abandoned_fails_only_the_running_runs_of_those_inputs_and_that_dvc_experiment(store):
     client, experiment = store
     abandoned, other_inputs, finished = start(client, "same"), start(client, "other"), start(client, "same")
+    queued = {name: start(client, "same", **{EXP_NAME_TAG: name}) for name in ("exp-a", "exp-b")}
     set_status(client, finished, "FINISHED")
-    close_abandoned(client, experiment, "same")
+    close_abandoned(client, experiment, "same", None)
     assert statuses(client, abandoned) == ["FAILED"] * 3
     assert statuses(client, other_inputs) == ["RUNNING"] * 3
     assert statuses(client, finished) == ["FINISHED"] * 3
+    # A queued experiment's start leaves another's runs of the same inputs running (`dvc queue start -j 2`).
+    close_abandoned(client, experiment, "same", "exp-a")
+    assert statuses(client, queued["exp-a"]) == ["FAILED"] * 3
+    assert statuses(client, queued["exp-b"]) == ["RUNNING"] * 3
 
 
 def test_starting_again_closes_a_lost_attempt_and_the_checkpoint_it_replaces(store):

@@ -41,7 +41,7 @@ from pipeline.stats import (
     superiority,
     welch_difference,
 )
-from pipeline.tracking import INPUTS_TAG, PARENT_TAG, Tracking, experiment_id, run_tags, runs_page
+from pipeline.tracking import EXP_NAME_TAG, INPUTS_TAG, PARENT_TAG, Tracking, experiment_id, run_tags, runs_page
 from pipeline.tracking_process import TrackingProcess
 
 
@@ -261,7 +261,7 @@ def publish_comparison(client, params: Params, tags: dict[str, str], run_ids: di
     if choice is not None:
         registered = registry.register_best(client, experiment, params, choice,
                                             run_ids[choice.variant]["variant"], group_id, data_digest,
-                                            tags.get("dvc_exp_name"))
+                                            tags.get(EXP_NAME_TAG))
         client.set_tag(group_id, "registered_model", f"{registered['name']}/{registered['version']}")
     client.set_terminated(group_id, "FINISHED")
     return registered
