@@ -31,7 +31,6 @@ import functools
 import importlib
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -73,48 +72,50 @@ DVC_PRELOAD = (
 
 
 class Dvc:
-    """`dvc <args>` started, in a child forked from this process (as a Popen: `poll`, `wait`,
-    `returncode`); `capture`: its standard output kept in `output`, its standard error on this
-    terminal. With `PIPELINE_FORKSERVER=0`, no fork server and no forking: a `dvc` process."""
+    """`dvc <args>` started in a child process (as a Popen: `poll`, `wait`, `returncode`);
+    `capture`: its standard output kept in `output`, its standard error on this terminal."""
 
     def __init__(self, *args: str, capture: bool = False) -> None:
-        self.returncode, self.output, self.process = None, "", None
-        if os.environ.get(ADDRESS_VARIABLE) == OFF:
-            self.process = subprocess.Popen(["dvc", *args], stdout=subprocess.PIPE if capture else None, text=True)
-            self.output = self.process.communicate()[0] if capture else ""
-            return
-        main = dvc_main()
+        self.returncode, self.output = None, ""
         read, write = os.pipe() if capture else (None, None)
-        sys.stdout.flush()  # a forked copy of unwritten output would be printed twice
-        sys.stderr.flush()
-        self.pid = os.fork()
-        if self.pid == 0:
-            if write is not None:
-                os.dup2(write, 1)
-            code = forkserver.exit_status(main, list(args))
-            # Not this process's exit functions: they would remove the fork server's socket
-            # (`forkserver.running`'s temporary folder); DVC registers none, and its threads are done.
-            for stream in (sys.stdout, sys.stderr):
-                stream.flush()
-            os._exit(code)
+        self.pid = start_dvc(list(args), stdout=write)
         if read is not None:
             os.close(write)
             with os.fdopen(read) as pipe:
                 self.output = pipe.read()
 
     def poll(self) -> int | None:
-        if self.process is not None:
-            self.returncode = self.process.poll()
-        elif self.returncode is None and (status := os.waitpid(self.pid, os.WNOHANG))[0]:
+        if self.returncode is None and (status := os.waitpid(self.pid, os.WNOHANG))[0]:
             self.returncode = os.waitstatus_to_exitcode(status[1])
         return self.returncode
 
     def wait(self) -> int:
-        if self.process is not None:
-            self.returncode = self.process.wait()
-        elif self.returncode is None:
+        if self.returncode is None:
             self.returncode = os.waitstatus_to_exitcode(os.waitpid(self.pid, 0)[1])
         return self.returncode
+
+
+def start_dvc(args: list[str], stdout: int | None) -> int:
+    """The pid of a child forked from this process that runs `dvc.cli.main(args)`, with `stdout`
+    (a descriptor) as its standard output where given; with `PIPELINE_FORKSERVER=0`, no fork
+    server and no forking: a `dvc` process."""
+    if os.environ.get(ADDRESS_VARIABLE) == OFF:
+        actions = [] if stdout is None else [(os.POSIX_SPAWN_DUP2, stdout, 1)]
+        return os.posix_spawnp("dvc", ["dvc", *args], os.environ, file_actions=actions)
+    main = dvc_main()
+    sys.stdout.flush()  # a forked copy of unwritten output would be printed twice
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        if stdout is not None:
+            os.dup2(stdout, 1)
+        code = forkserver.exit_status(main, args)
+        # Not this process's exit functions: they would remove the fork server's socket
+        # (`forkserver.running`'s temporary folder); DVC registers none, and its threads are done.
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        os._exit(code)
+    return pid
 
 
 @functools.cache
