@@ -13,10 +13,9 @@ DVC once and forks each `dvc` command below from itself (`Dvc`), then runs, in o
 
   1. `dvc status`: nothing to do, nothing more is run;
   2. `dvc repro prepare`, where one of the stages the train stages read from changed;
-  3. `dvc repro -s train@<variant> evaluate@<variant>` of every variant whose train stage is
-     stale, `--jobs` at a time (default: the cores this process may use over `train.threads`):
-     the variant that finishes first is evaluated while the others still train;
-  4. `dvc repro`: the rest (curves, compare, any evaluate left), exactly as DVC would.
+  3. `dvc repro -s train@<variant>` of every variant whose train stage is stale, `--jobs` at a
+     time (default: the cores this process may use over `train.threads`);
+  4. `dvc repro`: the rest (curves, evaluate, compare), exactly as DVC would.
 
 Each stage runs its own command with its own inputs, so the outputs and dvc.lock are the ones
 `dvc repro` writes (tests/test_pipeline.py holds them byte-identical). The published lab's
@@ -44,7 +43,6 @@ from pipeline.handoff import ADDRESS_VARIABLE, OFF
 from pipeline.params import load_params
 
 TRAIN_PREFIX = "train@"  # dvc.yaml's `train: foreach: ${variants}`
-EVALUATE_PREFIX = "evaluate@"  # and `evaluate: foreach: ${variants}`
 # The stages every train stage reads from, in dvc.yaml's order (tests/test_repro.py holds them to
 # it); `dvc repro prepare` brings them all up to date.
 UPSTREAM = ("check", "download", "prepare")
@@ -162,21 +160,15 @@ def stale_trains(stale: set[str], trains: list[str], upstream_changed: bool) -> 
     return list(trains) if upstream_changed else [name for name in trains if name in stale]
 
 
-def variant_chains(trains: list[str]) -> list[tuple[str, ...]]:
-    """Each train stage with its variant's evaluate stage after it: the variant that finishes
-    first is evaluated while the others train, on a core that would idle."""
-    return [(train, EVALUATE_PREFIX + train.removeprefix(TRAIN_PREFIX)) for train in trains]
-
-
-def side_by_side(chains: list[tuple[str, ...]], jobs: int, force: bool) -> None:
-    """`dvc repro -s <stages>` of each chain of stages, `jobs` at a time. After a failure no new
-    one starts; the error names the first that failed once the running ones have ended."""
+def side_by_side(stages: list[str], jobs: int, force: bool) -> None:
+    """`dvc repro -s <stage>` of each stage, `jobs` at a time. After a failure no new one starts;
+    the error names the first that failed once the running ones have ended."""
     options = ["--force"] if force else []
-    pending, running, failed = list(chains), {}, []
+    pending, running, failed = list(stages), {}, []
     while pending or running:
         while pending and len(running) < jobs and not failed:
-            chain = pending.pop(0)
-            running[" ".join(chain)] = Dvc("--wait-for-lock", "repro", *options, "-s", *chain)
+            stage = pending.pop(0)
+            running[stage] = Dvc("--wait-for-lock", "repro", *options, "-s", stage)
         time.sleep(0.1)
         for name, process in list(running.items()):
             if process.poll() is not None:
@@ -210,11 +202,10 @@ def run_stages(trains: list[str], jobs: int, force: bool, stale: set[str]) -> No
         run_dvc("repro", *force_option, UPSTREAM[-1])
     to_train = stale_trains(stale, trains, force or upstream_outputs() != before)
     together = len(to_train) > 1 and jobs > 1
-    chains = variant_chains(to_train) if together else []
-    if chains:
-        side_by_side(chains, jobs, force)
+    if together:
+        side_by_side(to_train, jobs, force)
     if force:  # the rest, forced once
-        done = {*UPSTREAM, *(stage for chain in chains for stage in chain)}
+        done = {*UPSTREAM, *(to_train if together else [])}
         run_dvc("repro", "--force", "-s", *[name for name in names if name not in done])
     else:
         run_dvc("repro")
