@@ -204,11 +204,11 @@ class Backprop:
         self.stacked_images = self.images.view(replicas, batch, -1)
         self.logits = self.layers[-1].out.flatten(0, 1)  # [K * B, C]: the output Linear's buffer
         rows, classes = self.logits.shape
-        # The log-softmax and its backward laid out classes first, where `classes_first_agrees`
-        # (the same bits): the last-dim kernels spend ~0.2 us a row on 10 classes, the
-        # classes-first ones vectorize across the rows. At K=20, 169 -> 50 us with the two layout
-        # copies; the step 0.95x at K=20, 0.94x at K=5, K=1 within noise (AMD EPYC with AVX-512,
-        # one thread, medians of 5 alternations in one process).
+        # The log-softmax and its backward laid out classes first ([C, K * B], over dim 0), where
+        # `classes_first_agrees` (the same bits): the last-dim kernels spend ~0.17 us a row on 10
+        # classes, the classes-first ones vectorize across the rows. At K=20, 169 -> 50 us with the
+        # two layout copies; the step 0.95x at K=20, 0.94x at K=5, K=1 within noise (AMD EPYC with
+        # AVX-512, one thread, medians of 5 alternations in one process).
         self.classes_first = classes_first_agrees(pixels.device.type, rows, classes)
         # d(sum of -log p[label]) / d(log p) of every row of the split, seeded with 1 / B: -1/B at
         # the row's label, as nll_loss's backward writes it. A step gathers its rows' in one call,
@@ -217,12 +217,13 @@ class Backprop:
         minus_seed = -torch.ones((), device=pixels.device).div(batch).expand(len(labels), 1)
         grad_log_p_of_row = torch.zeros(len(labels), classes, device=pixels.device).scatter_(
             1, labels.unsqueeze(1), minus_seed)
-        layout = (classes, rows) if self.classes_first else (rows, classes)
-        self.grad_log_p_of_row = grad_log_p_of_row.t().contiguous() if self.classes_first else grad_log_p_of_row
-        self.scores = self.logits.new_empty(layout)  # the logits in that layout
-        self.grad_log_p = self.logits.new_empty(layout)
-        self.grad_scores = self.logits.new_empty(layout)
         self.grad_logits = torch.empty_like(self.logits)
+        if self.classes_first:
+            self.grad_log_p_of_row = grad_log_p_of_row.t().contiguous()
+            self.scores, self.grad_scores = self.logits.new_empty(classes, rows), self.logits.new_empty(classes, rows)
+        else:  # the scores are the logits themselves
+            self.grad_log_p_of_row, self.scores, self.grad_scores = grad_log_p_of_row, self.logits, self.grad_logits
+        self.grad_log_p = torch.empty_like(self.scores)
         self.stacked_grad_logits = self.grad_logits.view_as(self.layers[-1].out)
 
     def gradients(self, rows: torch.Tensor) -> list[torch.Tensor]:
@@ -241,16 +242,16 @@ class Backprop:
         return grads
 
     def loss_gradient(self, rows: torch.Tensor) -> None:
-        """d(loss / B)/d(logits) into `grad_logits`: log-softmax's backward of the rows' seeds."""
-        if not self.classes_first:
-            log_p = torch._log_softmax(self.logits, 1, False)
-            torch.index_select(self.grad_log_p_of_row, 0, rows, out=self.grad_log_p)
-            torch._log_softmax_backward_data(self.grad_log_p, log_p, 1, log_p.dtype, out=self.grad_logits)
-            return
-        log_p = torch._log_softmax(self.scores.copy_(self.logits.t()), 0, False)
-        torch.index_select(self.grad_log_p_of_row, 1, rows, out=self.grad_log_p)
-        torch._log_softmax_backward_data(self.grad_log_p, log_p, 0, log_p.dtype, out=self.grad_scores)
-        self.grad_logits.copy_(self.grad_scores.t())
+        """d(loss / B)/d(logits) into `grad_logits`: log-softmax's backward of the rows' seeds, over
+        the classes' dim of the scores' layout."""
+        dim = 0 if self.classes_first else 1
+        if self.classes_first:
+            self.scores.copy_(self.logits.t())
+        log_p = torch._log_softmax(self.scores, dim, False)
+        torch.index_select(self.grad_log_p_of_row, 1 - dim, rows, out=self.grad_log_p)
+        torch._log_softmax_backward_data(self.grad_log_p, log_p, dim, log_p.dtype, out=self.grad_scores)
+        if self.classes_first:
+            self.grad_logits.copy_(self.grad_scores.t())
 
 
 def _every_layer_type(replicas: int, generator: torch.Generator) -> nn.Sequential:
