@@ -40,7 +40,7 @@ HERE = Path(__file__).resolve().parent
 VARIANTS = ("batchnorm", "no_norm")
 STAGES = [*(f"train@{v}" for v in VARIANTS), *(f"evaluate@{v}" for v in VARIANTS), "compare"]
 SEEDS = {"published": [0], "default": None, "seeds20": list(range(20))}  # None: params.yaml's own
-SIDE_SPAN = "train (side by side)"
+SIDE_SPAN = "train and evaluate (side by side)"
 SIDE = "_side"  # a part's suffix: its train stages side by side, as `make repro` runs them
 NO_SERVER = "_noserver"  # after SIDE: without `make repro`'s fork server and forked dvc commands
 PARTS = ["tf1", *SEEDS, *(f"{part}{SIDE}{server}" for part in SEEDS for server in ("", NO_SERVER))]
@@ -139,9 +139,9 @@ def run_project(tmp: Path, env: dict, log_name: str, side: bool) -> dict:
 
 SIDE_BY_SIDE = """
 from pipeline import forkserver
-from pipeline.commands.repro import run_dvc, side_by_side
+from pipeline.commands.repro import run_dvc, side_by_side, variant_chains
 with forkserver.running():
-    side_by_side({trains!r}, {jobs}, True)
+    side_by_side(variant_chains({trains!r}), {jobs}, True)
     print({mark!r}, flush=True)
     run_dvc("repro", "--force", "-s", *{rest!r})
 """
@@ -149,11 +149,15 @@ with forkserver.running():
 
 def side_by_side(tmp: Path, env: dict, log_name: str) -> dict:
     """The forced stages as `make repro` runs them (pipeline/commands/repro.py): its fork server,
-    the train stages side by side (two at a time on this machine's cores), then one `dvc repro` of
-    the rest; its `commands_s` has the train stages' span as one entry."""
+    each variant's train and evaluate stages side by side with the others' (two at a time on this
+    machine's cores), then one `dvc repro` of the rest; its `commands_s` has the side-by-side span
+    as one entry."""
+    from pipeline.commands.repro import variant_chains
+
     trains = [stage for stage in STAGES if stage.startswith("train@")]
+    chained = {stage for chain in variant_chains(trains) for stage in chain}
     code = SIDE_BY_SIDE.format(trains=trains, jobs=len(os.sched_getaffinity(0)), mark=f"{MARK}{SIDE_SPAN}",
-                               rest=[stage for stage in STAGES if stage not in trains])
+                               rest=[stage for stage in STAGES if stage not in chained])
     return repro(tmp, env, log_name, command=[sys.executable, "-c", code])
 
 

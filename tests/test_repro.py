@@ -8,7 +8,7 @@ import sys
 import pytest
 import yaml
 
-from pipeline.commands.repro import TRAIN_PREFIX, UPSTREAM, stale_trains
+from pipeline.commands.repro import EVALUATE_PREFIX, TRAIN_PREFIX, UPSTREAM, stale_trains, variant_chains
 from pipeline.handoff import ADDRESS_VARIABLE, OFF
 from tests.conftest import ROOT, run, stage_env
 
@@ -37,6 +37,17 @@ def test_the_stale_train_stages_run_or_all_of_them_where_their_shared_inputs_cha
     assert stale_trains({"train@b", "compare"}, trains, upstream_changed=False) == ["train@b"]
     assert stale_trains({"check"}, trains, upstream_changed=False) == []
     assert stale_trains({"check"}, trains, upstream_changed=True) == trains
+
+
+def test_each_variant_is_evaluated_after_its_own_train_stage_and_reads_nothing_another_writes():
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    assert variant_chains(["train@a", "train@b"]) == [("train@a", "evaluate@a"), ("train@b", "evaluate@b")]
+    assert stages[EVALUATE_PREFIX.rstrip("@")]["foreach"] == stages[TRAIN_PREFIX.rstrip("@")]["foreach"]
+    evaluate = stages[EVALUATE_PREFIX.rstrip("@")]["do"]
+    # A variant's chain may run beside another's: its evaluate stage reads its own train stage's
+    # outputs and the prepared data, nothing that another variant's chain writes.
+    shared = {dep for dep in evaluate["deps"] if "${key}" not in dep and not dep.startswith("pipeline/")}
+    assert shared == {"environment.json", "data/prepared/test"}
 
 
 def test_this_projects_dvc_commands_send_no_analytics():
