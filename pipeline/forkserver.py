@@ -39,14 +39,19 @@ from pathlib import Path
 from pipeline.handoff import ADDRESS_VARIABLE, HEADER, OFF, STREAMS, Request
 from pipeline.tracking import TELEMETRY_OFF
 
-# What the stages import, all of it before the first fork: importing MLflow after forking the
-# train stages (so that they start 2 s sooner) made `make repro` slower, 0.94x against 0.91x of
-# the time without a server (docs/performance.md). Figures: CPU on this 2-core AMD EPYC.
+# What the train stages import, all of it before the first fork: importing MLflow after forking
+# them (so that they start 2 s sooner) made `make repro` slower, 0.94x against 0.91x of the time
+# without a server (docs/performance.md): their tracking processes imported it again. Figures:
+# CPU on the 2-core AMD EPYC of family 25.
 PRELOAD = (
     "torch",  # 2.7 s
     "mlflow", "mlflow.pytorch", "mlflow.store.tracking.sqlalchemy_store",  # 3.3 s
-    "matplotlib.figure", "matplotlib.backends.backend_agg",  # 0.6 s
 )
+# What only the stages after the train stages import (compare's figures), imported once the
+# server has nothing to fork: the train stages start that much sooner. 5 alternating pairs of the
+# published lab's chains and the rest, forced: 0.97 (0.87-1.00) of the wall time, the train
+# stages forked at 2.1 s rather than 2.45 s (AMD EPYC family 26, 2026-12-04).
+PRELOAD_LATER = ("matplotlib.figure", "matplotlib.backends.backend_agg")  # 0.6 s
 # Set per stage command by DVC (dvc/stage/run.py) or by the shell it runs the command in.
 PER_STAGE = frozenset({"DVC_ROOT", "DVC_STAGE", "PWD", "OLDPWD", "SHLVL", "_"})
 
@@ -86,9 +91,12 @@ class Server:
         None in the server when `pipeline.commands.repro` ends it or is gone."""
         try:
             _import(PRELOAD)
+            later = list(PRELOAD_LATER)
             while os.getppid() == self.parent:
-                if (request := self.handle(timeout=0.5)) is not None:
+                if (request := self.handle(timeout=0 if later else 0.5)) is not None:
                     return request
+                if later:
+                    _import((later.pop(0),))
         except SystemExit:
             pass
         self.stop()
