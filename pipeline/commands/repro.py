@@ -192,7 +192,7 @@ def side_by_side(chains: list[tuple[str, ...]], jobs: int, force: bool) -> None:
         while pending and len(running) < jobs and not failed:
             chain = pending.pop(0)
             running[" ".join(chain)] = Dvc("repro", *options, "-s", *chain)
-        time.sleep(0.1)
+        time.sleep(0.01)  # the rest starts within 10 ms of the last chain's end
         for name, process in list(running.items()):
             if process.poll() is not None:
                 del running[name]
