@@ -71,3 +71,29 @@ def test_a_forked_dvc_command_exits_and_prints_as_the_dvc_script(args):
     unforked = run([sys.executable, "-c", DVC_COMMAND, *args], ROOT, env | {ADDRESS_VARIABLE: OFF})
     assert forked == json.loads(unforked.stdout.splitlines()[-1]) == [alone.returncode, alone.stdout]
     assert (alone.returncode == 0) == (args[0] == "stage")
+
+
+def test_the_forked_commands_write_dvc_lock_as_dvc_does(tmp_path):
+    """`make repro`'s dvc commands read dvc.lock with the safe loader (repro.modify_yaml): a stage's
+    entry updated into this project's lock gives DVC's own bytes; dvc.yaml keeps DVC's read."""
+    import dvc.dvcfile
+
+    from pipeline.commands.repro import dvc_main, modify_yaml
+
+    dvc_main()
+    assert dvc.dvcfile.modify_yaml is modify_yaml
+    from dvc.utils.serialize import modify_yaml as modify_yaml_of_dvc
+
+    entry = {"cmd": "python -m x " + "--long-argument " * 8,
+             "params": {"params.yaml": {"train.lr": 1e-08, "seeds": [0, 1]}},
+             "outs": [{"path": "data/x", "hash": "md5", "md5": "0e12", "size": 3, "isexec": False}]}
+    written = {}
+    for name, modify in (("dvc", modify_yaml_of_dvc), ("ours", modify_yaml)):
+        path = tmp_path / name / "dvc.lock"
+        path.parent.mkdir()
+        path.write_bytes((ROOT / "dvc.lock").read_bytes())
+        with modify(path) as data:
+            assert "compare" in data["stages"]
+            data["stages"].update({"curves": entry, "new": entry})
+        written[name] = path.read_bytes()
+    assert written["ours"] == written["dvc"] != (ROOT / "dvc.lock").read_bytes()

@@ -130,19 +130,44 @@ def start_dvc(args: list[str], stdout: int | None) -> int:
 
 @functools.cache
 def dvc_main():
+    """`dvc.cli.main`, DVC's modules imported, and two of its defaults changed for the commands
+    forked from here: the lock's poll and dvc.lock's read (`modify_yaml`)."""
     for name in DVC_PRELOAD:
         with contextlib.suppress(ImportError):  # a DVC release that moved it imports it itself
             importlib.import_module(name)
+    import dvc.dvcfile
     import dvc.lock
     from dvc.cli import main
+    from dvc.utils.serialize import _common, _yaml
 
     # A waiting command tries DVC's lock again every DEFAULT_TIMEOUT / 6 seconds: 0.5 s, a sleep
     # that the variant finishing last took after its evaluate stage whenever the other chain held
-    # the lock. Every command here waits (start_dvc), so the value is only that poll: none gives up
-    # sooner (a command that does not wait gives up after DEFAULT_TIMEOUT). Every 50 ms: 5 alternating pairs of the published lab's chains and the rest, 0.97
-    # (8.09-8.55 s against 8.39-8.79 s; AMD EPYC family 26, 2026-12-04).
+    # the lock. Every command here waits (start_dvc), so the value is only that poll: none gives
+    # up sooner (one that does not wait gives up after DEFAULT_TIMEOUT). Every 50 ms: 5 alternating
+    # pairs of the published lab's chains and the rest, 0.97 (8.09-8.55 s against 8.39-8.79 s;
+    # AMD EPYC family 26, 2026-12-04).
     dvc.lock.DEFAULT_TIMEOUT = LOCK_RETRY_S * 6
+    if all(hasattr(module, name) for module, name in ((_common, "_modify_data"), (_yaml, "parse_yaml"),
+                                                      (_yaml, "_dump"), (dvc.dvcfile, "modify_yaml"))):
+        dvc.dvcfile.modify_yaml = modify_yaml  # else a DVC that moved them: its own reads
     return main
+
+
+@contextlib.contextmanager
+def modify_yaml(path, fs=None):
+    """dvc.dvcfile's `modify_yaml`, with a lock file read by ruamel's safe loader (libyaml)
+    instead of its round-trip one, then written by DVC's own dumper: DVC rereads and rewrites
+    dvc.lock after each stage, and the round-trip read, which keeps the comments and styles that
+    a lock file has none of, was 67 ms of the ~110 (12-21 ms safe). The same bytes
+    (tests/test_repro.py); dvc.yaml, which a user writes, keeps DVC's own read."""
+    from dvc.utils.serialize import _common, _yaml
+
+    if not os.fspath(path).endswith(".lock"):
+        with _yaml.modify_yaml(path, fs=fs) as data:
+            yield data
+        return
+    with _common._modify_data(path, _yaml.parse_yaml, _yaml._dump, fs=fs) as data:
+        yield data
 
 
 def run_dvc(*args: str) -> None:
