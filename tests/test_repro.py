@@ -97,3 +97,8 @@ def test_the_forked_commands_write_dvc_lock_as_dvc_does(tmp_path):
             data["stages"].update({"curves": entry, "new": entry})
         written[name] = path.read_bytes()
     assert written["ours"] == written["dvc"] != (ROOT / "dvc.lock").read_bytes()
+    path = tmp_path / "ours" / "dvc.lock"  # the same entry again: nothing to write
+    before = path.stat().st_mtime_ns
+    with modify_yaml(path) as data:
+        data["stages"].update({"curves": entry})
+    assert path.stat().st_mtime_ns == before and path.read_bytes() == written["dvc"]
