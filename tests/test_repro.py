@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 
 import pytest
@@ -102,3 +103,16 @@ def test_the_forked_commands_write_dvc_lock_as_dvc_does(tmp_path):
     with modify_yaml(path) as data:
         data["stages"].update({"curves": entry})
     assert path.stat().st_mtime_ns == before and path.read_bytes() == written["dvc"]
+
+
+def test_make_repro_refuses_bad_params_in_one_line_before_dvc_runs(project):
+    """The fork server starts before the params are read (it imports while they are): a mistake
+    still ends the command with one line and exit code 2, and DVC writes nothing."""
+    path, env = project
+    params = path / "params.yaml"
+    params.write_text(re.sub(r"(?m)^(\s+epochs:) \d+$", r"\1 one", params.read_text()))
+    result = run([sys.executable, "-m", "pipeline.commands.repro"], path, env, check=False)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == ["error: params.yaml: train.epochs: Input should be a valid integer "
+                                                 "(got 'one')"]
+    assert not (path / "dvc.lock").exists() and not (path / "data").exists()
