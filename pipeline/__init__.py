@@ -1,7 +1,6 @@
 """The batch-norm MNIST lab as DVC stages (check, download, prepare, train, evaluate, compare) and their library."""
 
 import os
-from pathlib import Path
 
 # numpy's and scipy's OpenBLAS pick their float32 GEMM kernel by the CPU when they load, unless
 # OPENBLAS_CORETYPE names one, and kernels differ in the last bits: the evaluate stage's test loss
@@ -14,11 +13,12 @@ OPENBLAS_CORE = "Haswell"
 
 
 def _cpu_flags() -> set[str]:
+    """The first CPU's flags, read up to their line only (the file holds a block per CPU)."""
     try:
-        cpuinfo = Path("/proc/cpuinfo").read_text()
+        with open("/proc/cpuinfo") as cpuinfo:
+            return next((set(line.split(":", 1)[1].split()) for line in cpuinfo if line.startswith("flags")), set())
     except OSError:  # not Linux: OpenBLAS's own pick
         return set()
-    return set(next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), []))
 
 
 if {"avx2", "fma"} <= _cpu_flags():

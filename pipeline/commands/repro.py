@@ -73,8 +73,8 @@ DVC_PRELOAD = (
 )
 
 
-WAIT_FOR_LOCK = "--wait-for-lock"
-LOCK_RETRY_S = 0.05
+WAIT_FOR_LOCK = "--wait-for-lock"  # every dvc command this runs (start_dvc)
+LOCK_RETRY_S = 0.05  # how often a waiting one tries the repository lock again (dvc_main)
 
 
 class Dvc:
@@ -237,8 +237,9 @@ def side_by_side(chains: list[tuple[str, ...]], jobs: int, force: bool) -> None:
 
 def repro(force: bool = False, jobs: int | None = None) -> None:
     # The fork server first: it imports torch and MLflow (~2 s, what the train stages wait for)
-    # while this process imports pydantic and reads the params (~0.1 s, once before its start), then
-    # asks `dvc status`. A mistake in params.yaml still ends the command before DVC runs anything.
+    # while this process imports pydantic and reads the params (~0.1 s that used to come before the
+    # server's start), then asks `dvc status`. A mistake in params.yaml still ends the command
+    # before DVC runs anything.
     with forkserver.running(log_to=FORKSERVER_LOG):
         from pipeline.params import load_params
 
