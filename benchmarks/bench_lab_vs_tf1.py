@@ -234,7 +234,7 @@ def table(results: dict) -> str:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     sys.path.insert(0, str(ROOT))
-    from pipeline.params import load_params
+    from pipeline.config.params import load_params
 
     train = load_params(ROOT / "params.yaml").train
     args.epochs = 1 if args.quick else train.epochs  # the TF1 side too (the lab's 10)

@@ -103,8 +103,8 @@ def client_load(uri: str, password: str, start_at: float, seconds: float, folder
                    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
     from mlflow import MlflowClient
 
-    from pipeline import variant_runs
-    from pipeline.params import load_params
+    from pipeline.tracking import runs as variant_runs
+    from pipeline.config.params import load_params
 
     config = load_params(ROOT / "params.yaml").variant("batchnorm")
     environment = {"python": platform.python_version(), "packages": {"torch": "2", "numpy": "2", "mlflow": "3"}}
@@ -140,7 +140,8 @@ def warm(seconds: float) -> None:
     """Imports done, and every worker of the pool started, before any measurement."""
     import mlflow  # noqa: F401
 
-    from pipeline import params, variant_runs  # noqa: F401
+    from pipeline.config import params  # noqa: F401
+    from pipeline.tracking import runs  # noqa: F401
 
     time.sleep(seconds)
 
@@ -170,7 +171,7 @@ def start_servers(folder: Path, s3, servers: dict) -> None:
     and the experiment."""
     import secrets
 
-    from pipeline.tracking import Tracking, connect
+    from pipeline.tracking.store import Tracking, connect
 
     for name, auth_config in (("shipped", None), ("mlflow-default", mlflow_default_auth_config())):
         (folder / name).mkdir()

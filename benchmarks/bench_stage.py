@@ -34,7 +34,9 @@ def part_overhead(args) -> dict:
     import_s = time.perf_counter() - started
     import torch
 
-    from pipeline import checkpoint, tracking
+    from pipeline.nn import checkpoint
+
+    from pipeline.tracking import store as tracking
     from pipeline.data import load_split
 
     params, config = setup(args.threads)
@@ -54,7 +56,7 @@ def part_overhead(args) -> dict:
 
         setattr(owner, name, timed_call)
 
-    # MLflow itself runs in the stage's tracking process (pipeline/tracking_process.py) and
+    # MLflow itself runs in the stage's tracking process (pipeline/tracking/process.py) and
     # cannot be timed from here; what the stage waits for is `TrackingProcess.call`.
     for owner, name, label in [
         (stage, "configure_runtime", "configure_runtime (threads; deterministic mode on CUDA only)"),
@@ -90,8 +92,8 @@ def part_overhead(args) -> dict:
             os.chdir(cwd)
 
     # The same epochs bare: no tracking, no checkpoints (same process, data already loaded).
-    from pipeline.model import StackedMlp
-    from pipeline.training import (
+    from pipeline.nn.model import StackedMlp
+    from pipeline.nn.training import (
         TrainingStep,
         epoch_metrics,
         make_optimizer,

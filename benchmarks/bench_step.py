@@ -9,7 +9,7 @@ bench_stage.py's and prints the table):
   project     pipeline.training.train_epoch on a StackedMlp with K=1
   stacked     K=5 stacked vs 5 sequential K=1 runs (and bit-identical repeats)
   threads     a K=5 step and one evaluation at 1 and at 2 torch threads
-  fastpath    ms/step of the step by hand (pipeline/backprop.py, fastpath's private calls) against
+  fastpath    ms/step of the step by hand (pipeline/nn/backprop.py, fastpath's private calls) against
               autograd's (the public calls): K=1 with and without batch norm, K=5
   floor       ms/step of the step by hand against the fewest tensor calls a step needs with
               torch's kernels and no autograd (issue 19's floor): K=1 with and without batch
@@ -35,7 +35,7 @@ def part_baseline(args) -> dict:
     from torch.utils.data import DataLoader, Subset
     from torchvision import datasets, transforms
 
-    from pipeline.model import plain_mlp
+    from pipeline.nn.model import plain_mlp
     from pipeline.data import read_split
     from pipeline.stages.prepare import split_indices
 
@@ -79,7 +79,7 @@ def part_baseline(args) -> dict:
 
 
 def part_project(args) -> dict:
-    from pipeline.training import epoch_metrics
+    from pipeline.nn.training import epoch_metrics
 
     params, config, train, val = lab_splits(args.threads)
     seeds = params.seeds[:1]
@@ -97,7 +97,7 @@ def part_project(args) -> dict:
 
 
 def part_stacked(args) -> dict:
-    from pipeline.training import epoch_metrics
+    from pipeline.nn.training import epoch_metrics
 
     params, config, train, val = lab_splits(args.threads)
     seeds = params.seeds
@@ -122,7 +122,7 @@ def part_stacked(args) -> dict:
 def part_threads(args) -> dict:
     import torch
 
-    from pipeline.training import epoch_metrics
+    from pipeline.nn.training import epoch_metrics
 
     params, config, train, val = lab_splits(1)
     steps, result = min(args.steps, 500), {}
@@ -141,7 +141,7 @@ def part_threads(args) -> dict:
 
 
 def part_fastpath(args) -> dict:
-    """ms per step on the private path (pipeline/backprop.py's step by hand, torch's fused kernels)
+    """ms per step on the private path (pipeline/nn/backprop.py's step by hand, torch's fused kernels)
     and on the public one (autograd, torch.optim's functional update), alternated 3 times, medians:
     K=1 with batch norm (`k1`), K=1 without (`k1_no_norm`), the lab's K=5 with batch norm (`k5`).
 
@@ -206,7 +206,7 @@ class FloorStep:
 
     def channels(self, h):
         """[K, B, F] as batch norm's [B, K * F], and back (`stacked`). Written here, not taken from
-        pipeline/backprop.py's BatchNorm: the floor must not share code with what it measures."""
+        pipeline/nn/backprop.py's BatchNorm: the floor must not share code with what it measures."""
         return h.transpose(0, 1).reshape(self.shape[1], -1)
 
     def stacked(self, c):
@@ -215,7 +215,7 @@ class FloorStep:
     def __call__(self, rows) -> None:
         import torch
 
-        from pipeline import fastpath
+        from pipeline.nn import fastpath
 
         aten = torch.ops.aten
         replicas, batch = self.shape
@@ -262,7 +262,7 @@ def part_floor(args) -> dict:
     K=5 and K=20 with batch norm (`k20` times a quarter of the steps)."""
     import torch
 
-    from pipeline.training import epoch_permutations, step_rows
+    from pipeline.nn.training import epoch_permutations, step_rows
 
     params, config, train, _ = lab_splits(args.threads)
     result = {}

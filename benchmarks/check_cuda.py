@@ -5,7 +5,7 @@
 On the prepared split (made from `--raw` if `data/prepared` is missing), with `train.device:
 cuda`: (1) the synchronizing CUDA calls of an epoch, counted by `torch.cuda.set_sync_debug_mode`;
 (2) fresh runs, a run resumed from its state after epoch 1, a run without the CUDA graph and
-runs on pipeline/fastpath.py's private and public calls all end with equal weights; (3)
+runs on pipeline/nn/fastpath.py's private and public calls all end with equal weights; (3)
 replica k of a stack against the same seed trained alone as a plain module with torch.optim;
 (4) the lab (params.yaml, every variant, all seeds) for its epochs: ms/step, evaluation seconds
 per epoch and test accuracy per variant.
@@ -24,12 +24,12 @@ from pathlib import Path
 
 import torch
 
-from pipeline import fastpath
+from pipeline.nn import fastpath
 from pipeline.data import Split, load_split
-from pipeline.model import StackedMlp, unstack
-from pipeline.params import load_params
+from pipeline.nn.model import StackedMlp, unstack
+from pipeline.config.params import load_params
 from pipeline.stages.prepare import prepare
-from pipeline.training import (
+from pipeline.nn.training import (
     TrainingStep,
     configure_runtime,
     epoch_metrics,
@@ -80,7 +80,7 @@ def eager_epoch(step: TrainingStep, epoch: int) -> None:
 
 def final_weights(config, train: Split, epochs: int, graphed: bool = True, resume_after: int | None = None,
                   private: bool | None = None) -> dict:
-    """`private`: pipeline/fastpath.py's path, kept across the resume (default: the stage's)."""
+    """`private`: pipeline/nn/fastpath.py's path, kept across the resume (default: the stage's)."""
     model = StackedMlp(config).cuda()
     step = TrainingStep(model, make_optimizer(model, config, private), train, config)
     for epoch in range(1, epochs + 1):

@@ -31,7 +31,7 @@ def peak_rss_mb(who: int = resource.RUSAGE_SELF) -> float:
 def setup(threads: int):
     import torch
 
-    from pipeline.params import load_params
+    from pipeline.config.params import load_params
 
     torch.set_num_threads(threads)
     params = load_params(ROOT / "params.yaml")
@@ -86,9 +86,9 @@ def timed(fn, repeats: int) -> dict:
 def project_steps(seeds: list[int], config, train, steps: int, private: bool | None = None):
     """A fresh stack trained for exactly `steps` steps with the project's loop; returns it.
 
-    `private`: pipeline/fastpath.py's path (default: the one the stage takes)."""
-    from pipeline.model import StackedMlp
-    from pipeline.training import TrainingStep, make_optimizer, train_epoch
+    `private`: pipeline/nn/fastpath.py's path (default: the one the stage takes)."""
+    from pipeline.nn.model import StackedMlp
+    from pipeline.nn.training import TrainingStep, make_optimizer, train_epoch
 
     config = config.model_copy(update={"seeds": seeds})
     model = StackedMlp(config)

@@ -50,7 +50,7 @@ def server_environment(environ: dict[str, str], state_dir: Path) -> dict[str, st
         "MLFLOW_AUTH_CONFIG_PATH": str(AUTH_CONFIG),
         "MLFLOW_WORKERS": str(WORKERS),
         "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",  # GenAI jobs: this project runs none
-        "MLFLOW_DISABLE_TELEMETRY": "true",  # no usage reports to MLflow's makers (pipeline/tracking.py)
+        "MLFLOW_DISABLE_TELEMETRY": "true",  # no usage reports to MLflow's makers (pipeline/tracking/store.py)
     } | environ
 
 

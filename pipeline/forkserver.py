@@ -37,7 +37,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from pipeline.handoff import ADDRESS_VARIABLE, HEADER, OFF, STREAMS, Request
-from pipeline.tracking import TELEMETRY_OFF
+from pipeline.tracking.store import TELEMETRY_OFF
 
 # What the train stages import, all of it before the first fork: importing MLflow after forking
 # them (so that they start 2 s sooner) made `make repro` slower, 0.94x against 0.91x of the time
@@ -179,7 +179,7 @@ class Server:
 
 def _import(modules: tuple[str, ...]) -> None:
     """The modules imported with Python's cyclic collector paused, then their objects frozen out of
-    later collections (pipeline/tracking_process.py's `_collector_off`, for the same reasons)."""
+    later collections (pipeline/tracking/process.py's `_collector_off`, for the same reasons)."""
     gc.disable()
     try:
         for name in modules:

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.params import Params, parse_params
+from pipeline.config.params import Params, parse_params
 from pipeline.stages.download import MNIST_SHA256
 from tests.team_server import create_user, postgres_bin, team_stack
 
@@ -163,7 +163,7 @@ def local_tracking(tmp_path):
     URI, which `tracking.connect` sets, put back afterwards."""
     import mlflow
 
-    from pipeline.tracking import Tracking
+    from pipeline.tracking.store import Tracking
 
     yield Tracking(f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path, "lab")
     mlflow.set_tracking_uri(None)
@@ -174,7 +174,7 @@ def variant_run_ids(client, path: Path, variant: str, experiment: str = "tiny") 
     in the project at `path`, found as the compare stage finds them: by their inputs digest."""
     import json
 
-    from pipeline.variant_runs import find_variant_runs
+    from pipeline.tracking.runs import find_variant_runs
 
     digest = json.loads((path / "data" / "train" / variant / "run.json").read_text())["inputs_digest"]
     seeds = json.loads((path / "data" / "train" / variant / "history.json").read_text())["seeds"]

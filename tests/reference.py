@@ -8,13 +8,13 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.data import Split, as_images
-from pipeline.model import plain_mlp
-from pipeline.training import epoch_metrics, epoch_permutations
-from pipeline.variant import VariantConfig
+from pipeline.nn.model import plain_mlp
+from pipeline.nn.training import epoch_metrics, epoch_permutations
+from pipeline.config.variant import VariantConfig
 
 
 def torch_optimizer(params, config: VariantConfig) -> torch.optim.Optimizer:
-    """torch.optim's fused optimizer for a variant: the reference pipeline.optimizer must match."""
+    """torch.optim's fused optimizer for a variant: the reference pipeline.nn.optimizer must match."""
     decay = {} if config.weight_decay is None else {"weight_decay": config.weight_decay}
     if config.optimizer == "sgd":
         return torch.optim.SGD(params, lr=config.lr, fused=True, **decay)

@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline import backprop
-from pipeline.backprop import Backprop, autograd_gradients
+from pipeline.nn import backprop
+from pipeline.nn.backprop import Backprop, autograd_gradients
 from pipeline.data import as_images
-from pipeline.model import StackedMlp
+from pipeline.nn.model import StackedMlp
 from tests.conftest import tiny_params
 
 ROWS = 200

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.checkpoint import FORMAT, CheckpointError, load, merge_replicas, save, update_best
+from pipeline.nn.checkpoint import FORMAT, CheckpointError, load, merge_replicas, save, update_best
 from pipeline.fsio import atomic_write, atomic_write_bytes
 
 STATE = {"epoch": 3, "model": {"w": torch.arange(6.0).view(3, 2)}, "run_ids": ["a", "b", "c"]}

@@ -6,7 +6,7 @@ import pytest
 
 from pipeline import cli
 from pipeline.errors import ParamsError, PipelineError
-from pipeline.params import load_params
+from pipeline.config.params import load_params
 
 
 @pytest.mark.parametrize("error, code, line", [

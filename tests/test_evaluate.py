@@ -14,12 +14,12 @@ import torch
 import yaml
 
 from pipeline.data import load_split
-from pipeline.inference import WEIGHTS_FILE, save_weights
-from pipeline.model import StackedMlp
+from pipeline.nn.inference import WEIGHTS_FILE, save_weights
+from pipeline.nn.model import StackedMlp
 from pipeline.stages.evaluate import evaluate
 from pipeline.stages.prepare import prepare
 from pipeline.stats import summarize
-from pipeline.training import TrainingStep, make_optimizer, score, train_epoch
+from pipeline.nn.training import TrainingStep, make_optimizer, score, train_epoch
 from tests.conftest import TINY_PARAMS, stage_command, stage_env, tiny_params
 
 FILES = ("metrics.json", "per_seed.json", "per_class.json", "confusion.png")

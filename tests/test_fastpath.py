@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline import backprop, fastpath
+from pipeline.nn import backprop, fastpath
 
 
 @pytest.fixture

@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline import inference
+from pipeline.nn import inference
 from pipeline.data import Split, as_images
-from pipeline.model import StackedBatchNorm, StackedMlp
-from pipeline.training import score
+from pipeline.nn.model import StackedBatchNorm, StackedMlp
+from pipeline.nn.training import score
 from tests.conftest import tiny_mnist_arrays, tiny_params
 
 NORMS, ACTIVATIONS = ("batch", "layer", "none"), ("relu", "tanh", "sigmoid", "gelu")

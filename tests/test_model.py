@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from pipeline.data import Split, as_images
-from pipeline.model import StackedLinear, StackedMlp, unstack
+from pipeline.nn.model import StackedLinear, StackedMlp, unstack
 from tests.reference import train_alone
-from pipeline.training import TrainingStep, epoch_metrics, make_optimizer, score, train_epoch
+from pipeline.nn.training import TrainingStep, epoch_metrics, make_optimizer, score, train_epoch
 from tests.conftest import tiny_mnist_arrays, tiny_params
 
 SEEDS = [3, 7, 11]

@@ -1,12 +1,12 @@
 """The fused optimizer is torch.optim's own fused update, without torch.optim around it, on
-either of pipeline/fastpath.py's paths (private: True, public: False)."""
+either of pipeline/nn/fastpath.py's paths (private: True, public: False)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from pipeline.optimizer import FusedOptimizer
+from pipeline.nn.optimizer import FusedOptimizer
 from tests.reference import torch_optimizer
 from tests.conftest import tiny_params
 

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from pipeline.errors import ParamsError
-from pipeline.params import load_params, parse_params
+from pipeline.config.params import load_params, parse_params
 from tests.conftest import ROOT, TINY_PARAMS, tiny_params, with_value
 
 BAD_VALUES = [  # key path, value, what the one-line message says (after "params.yaml: ")

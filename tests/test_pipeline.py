@@ -16,11 +16,11 @@ import torch
 import yaml
 from mlflow import MlflowClient
 
-from pipeline import checkpoint
+from pipeline.nn import checkpoint
 from pipeline.commands.repro import FORKSERVER_LOG
-from pipeline.model import StackedMlp, unstack
-from pipeline.tracking import INPUTS_TAG, RESTORED_TAG
-from pipeline.variant import VariantConfig
+from pipeline.nn.model import StackedMlp, unstack
+from pipeline.tracking.store import INPUTS_TAG, RESTORED_TAG
+from pipeline.config.variant import VariantConfig
 from tests.conftest import make_project, project_client, repro_pipeline, run, variant_run_ids
 
 VARIANTS = ("batchnorm", "no_norm")

@@ -15,7 +15,7 @@ import torch
 import yaml
 
 from pipeline.data import DataError, load_split, read_manifest
-from pipeline.params import DataParams
+from pipeline.config.params import DataParams
 from pipeline.stages.prepare import prepare, split_indices
 from tests.conftest import TINY_PARAMS, stage_env, with_value
 

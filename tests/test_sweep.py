@@ -13,8 +13,8 @@ import pytest
 import yaml
 
 from pipeline.errors import ParamsError
-from pipeline.grid import VARIANT_NAME
-from pipeline.params import load_params, parse_params, parse_sweep
+from pipeline.config.grid import VARIANT_NAME
+from pipeline.config.params import load_params, parse_params, parse_sweep
 from pipeline.reports import TITLES
 from pipeline.commands.sweep import rewrite, sweep
 from tests.conftest import ROOT, TINY_PARAMS, make_project, repro_pipeline, run, stage_env

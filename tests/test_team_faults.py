@@ -19,7 +19,7 @@ pytestmark = [
     pytest.mark.skipif(postgres_bin("initdb") is None, reason="needs Debian's postgresql (initdb, pg_ctl)"),
 ]
 EPOCHS = 10  # tiny epochs: a fault at epoch 2 lands mid-training (40: the S3 test 24 s alone, 10: 17 s)
-# A stage rides out an outage with MLflow's retries (pipeline/tracking_process.py RETRIES): with
+# A stage rides out an outage with MLflow's retries (pipeline/tracking/process.py RETRIES): with
 # them, the PostgreSQL test's stage failed 168 s after the stop here, most of the module's 4.5 min.
 # The server-restart test keeps that default, which is what rides a restart out; the outage test
 # checks only how the failure reads and that the rerun completes the record, so its stage retries

@@ -1,4 +1,4 @@
-"""MLflow plumbing (pipeline/tracking.py): where the store is, a server checked in seconds with its
+"""MLflow plumbing (pipeline/tracking/store.py): where the store is, a server checked in seconds with its
 failures as one line, the experiment made once with its tags, the tags every run carries."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import PERMISSION_DENIED
 
-from pipeline.tracking import (
+from pipeline.tracking.store import (
     EXPERIMENT_TAGS,
     Tracking,
     TrackingError,
@@ -97,7 +97,7 @@ def test_connect_makes_the_experiment_once_with_its_tags_and_artifacts_at_the_ro
 def test_connect_opens_mlflow_with_its_telemetry_off_unless_the_user_chose(tmp_path):
     """In a user's shell a stage's MLflow would phone its makers. Nothing is sent here either way:
     the check is that MLflow started no telemetry client, and that a user's own value stays."""
-    script = ("import os; from pathlib import Path; from pipeline.tracking import Tracking, connect; "
+    script = ("import os; from pathlib import Path; from pipeline.tracking.store import Tracking, connect; "
               f"connect(Tracking('sqlite:///{tmp_path / 'mlflow.db'}', Path('{tmp_path}'), 'lab')); "
               "from mlflow.telemetry.client import get_telemetry_client; "
               "from mlflow.telemetry.utils import _is_ci_env_or_testing; "

@@ -7,8 +7,8 @@ import os
 import pytest
 from mlflow import MlflowClient
 
-from pipeline.tracking import Tracking, TrackingError, experiment_id
-from pipeline.tracking_process import TrackingProcess
+from pipeline.tracking.store import Tracking, TrackingError, experiment_id
+from pipeline.tracking.process import TrackingProcess
 
 _seen: list[str] = []  # in the worker: the names of the runs it made, in order
 

@@ -13,12 +13,12 @@ import pytest
 import torch
 import yaml
 
-from pipeline import checkpoint
-from pipeline.params import load_params
+from pipeline.nn import checkpoint
+from pipeline.config.params import load_params
 from pipeline.reports import METRICS
 from pipeline.stages.prepare import prepare
 from pipeline.stages.train import Paths, train
-from pipeline.tracking import Tracking
+from pipeline.tracking.store import Tracking
 from tests.conftest import (
     TINY_PARAMS,
     project_client,

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.data import Split, as_images
-from pipeline.model import StackedMlp
-from pipeline.training import (
+from pipeline.nn.model import StackedMlp
+from pipeline.nn.training import (
     TrainingStep,
     configure_runtime,
     epoch_permutations,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.tracking import Tracking, runs_page
+from pipeline.tracking.store import Tracking, runs_page
 from tests.conftest import project_client, run, variant_run_ids
 from tests.mlflow_server import start_server, stop
 from tests.shared_project import reproduced_project

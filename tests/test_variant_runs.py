@@ -1,4 +1,4 @@
-"""A variant's runs in MLflow (pipeline/variant_runs.py), on a real sqlite store: a run per variant
+"""A variant's runs in MLflow (pipeline/tracking/runs.py), on a real sqlite store: a run per variant
 with a child per seed, epochs logged once (backfilled after a crash), runs a lost attempt left
 RUNNING closed, finished runs found again by their inputs, and runs rebuilt from DVC outputs."""
 
@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.model import plain_mlp
+from pipeline.nn.model import plain_mlp
 from pipeline.reports import METRICS
-from pipeline.tracking import EXP_NAME_TAG, INPUTS_TAG, PARENT_TAG, RESTORED_TAG, connect
-from pipeline.variant_runs import (
+from pipeline.tracking.store import EXP_NAME_TAG, INPUTS_TAG, PARENT_TAG, RESTORED_TAG, connect
+from pipeline.tracking.runs import (
     backfill_metrics,
     close_abandoned,
     find_variant_runs,
@@ -247,8 +247,8 @@ def test_a_tracking_process_logs_the_model_without_mapping_every_installed_packa
     code = f"""
 import mlflow, numpy as np
 from mlflow.utils import requirements_utils
-from pipeline.model import plain_mlp
-from pipeline.variant_runs import log_trained_model, prepare_model_logging
+from pipeline.nn.model import plain_mlp
+from pipeline.tracking.runs import log_trained_model, prepare_model_logging
 from tests.test_variant_runs import CONFIG
 prepare_model_logging(None)
 assert set(requirements_utils._MODULES_TO_PACKAGES) == {{"torch", "cloudpickle"}}, "not seeded"

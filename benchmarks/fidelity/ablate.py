@@ -34,14 +34,14 @@ from scipy import stats
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-import pipeline.fastpath  # noqa: E402
-import pipeline.optimizer  # noqa: E402
+import pipeline.nn.fastpath  # noqa: E402
+import pipeline.nn.optimizer  # noqa: E402
 import pipeline.stages.prepare  # noqa: E402
-import pipeline.training  # noqa: E402
-from pipeline.params import load_params  # noqa: E402
+import pipeline.nn.training  # noqa: E402
+from pipeline.config.params import load_params  # noqa: E402
 from pipeline.stages.prepare import prepare  # noqa: E402
 
-from pipeline.training import configure_runtime  # noqa: E402
+from pipeline.nn.training import configure_runtime  # noqa: E402
 
 import bench_fidelity  # noqa: E402  (next to this file)
 

@@ -28,11 +28,11 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from pipeline.data import load_split  # noqa: E402
-from pipeline.model import StackedMlp  # noqa: E402
-from pipeline.params import parse_params  # noqa: E402
+from pipeline.nn.model import StackedMlp  # noqa: E402
+from pipeline.config.params import parse_params  # noqa: E402
 from pipeline.stages.prepare import prepare  # noqa: E402
-from pipeline.training import configure_runtime  # noqa: E402
-from pipeline.training import TrainingStep, make_optimizer, score, train_epoch  # noqa: E402
+from pipeline.nn.training import configure_runtime  # noqa: E402
+from pipeline.nn.training import TrainingStep, make_optimizer, score, train_epoch  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 METRICS = ("test_acc", "test_loss")

@@ -64,9 +64,9 @@ def replay_port(mnist: Path, trace: Path) -> None:
 
     sys.path.insert(0, str(HERE.parents[1]))
     from pipeline.data import Split, read_raw_split
-    from pipeline.model import StackedMlp
-    from pipeline.params import load_params
-    from pipeline.training import TrainingStep, make_optimizer, score
+    from pipeline.nn.model import StackedMlp
+    from pipeline.config.params import load_params
+    from pipeline.nn.training import TrainingStep, make_optimizer, score
 
     import ablate
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from pipeline import cli
 from pipeline.errors import PipelineError
-from pipeline.params import load_params
+from pipeline.config.params import load_params
 
 # What a worker needs of the coordinator's environment that is not a secret: credentials
 # (MLFLOW_TRACKING_PASSWORD, AWS keys) are the worker's own, set where it was started.

@@ -241,7 +241,7 @@ def repro(force: bool = False, jobs: int | None = None) -> None:
     # server's start), then asks `dvc status`. A mistake in params.yaml still ends the command
     # before DVC runs anything.
     with forkserver.running(log_to=FORKSERVER_LOG):
-        from pipeline.params import load_params
+        from pipeline.config.params import load_params
 
         params = load_params()
         trains = [f"{TRAIN_PREFIX}{variant}" for variant in params.variants]

@@ -24,9 +24,9 @@ from ruamel.yaml.util import load_yaml_guess_indent
 
 from pipeline import cli
 from pipeline.fsio import atomic_write_bytes
-from pipeline.grid import GRID_PREFIX
-from pipeline.params import PARAMS_FILE, parse_params, parse_sweep, parse_yaml, read_params
-from pipeline.variant import ModelChoices
+from pipeline.config.grid import GRID_PREFIX
+from pipeline.config.params import PARAMS_FILE, parse_params, parse_sweep, parse_yaml, read_params
+from pipeline.config.variant import ModelChoices
 
 
 class _Representer(RoundTripRepresenter):

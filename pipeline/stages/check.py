@@ -16,8 +16,8 @@ from pathlib import Path
 from pipeline import cli, provenance
 from pipeline.errors import ParamsError
 from pipeline.fsio import atomic_write_json
-from pipeline.params import Params, load_params
-from pipeline.variant import VariantConfig
+from pipeline.config.params import Params, load_params
+from pipeline.config.variant import VariantConfig
 
 FLOAT_BYTES = 4
 # Copies of a replica stack's parameters alive at once: weights, gradients, Adam's two moments,
@@ -28,7 +28,7 @@ SPLIT_BYTES = MNIST_IMAGES * 28 * 28  # MNIST as uint8 pixels, held whole
 
 
 def parameter_count(config: VariantConfig) -> int:
-    # model.layer_sizes, written out: importing pipeline.model means importing torch, 1.4 s on
+    # model.layer_sizes, written out: importing pipeline.nn.model means importing torch, 1.4 s on
     # every params edit for a stage that computes nothing.
     sizes = [28 * 28, *config.hidden_sizes, 10]
     weights = sum(fan_in * fan_out + fan_out for fan_in, fan_out in zip(sizes[:-1], sizes[1:]))

@@ -21,10 +21,12 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline import cli, provenance, registry, variant_runs
+from pipeline import cli, provenance
+
+from pipeline.tracking import registry, runs as variant_runs
 from pipeline.errors import PipelineError
 from pipeline.fsio import atomic_write_bytes, atomic_write_json
-from pipeline.params import Params, load_params
+from pipeline.config.params import Params, load_params
 from pipeline.reports import comparison_plots, markdown_table, seed_dots_plot
 from pipeline.stats import (
     BOOTSTRAP_RESAMPLES,
@@ -41,8 +43,8 @@ from pipeline.stats import (
     superiority,
     welch_difference,
 )
-from pipeline.tracking import EXP_NAME_TAG, INPUTS_TAG, PARENT_TAG, Tracking, experiment_id, run_tags, runs_page
-from pipeline.tracking_process import TrackingProcess
+from pipeline.tracking.store import EXP_NAME_TAG, INPUTS_TAG, PARENT_TAG, Tracking, experiment_id, run_tags, runs_page
+from pipeline.tracking.process import TrackingProcess
 
 
 def pct(value: float) -> str:
@@ -228,9 +230,9 @@ def compare(params: Params, paths: Paths, root: Path, tracking: Tracking | None 
 def restore_variant_runs(tracker: TrackingProcess, params: Params, tracking: Tracking, root: Path, paths: Paths,
                          variant: str, history: dict, lineage: dict) -> dict:
     """Runs for a variant whose train stage DVC restored from a run-cache this store never saw."""
-    from pipeline.checkpoint import load
-    from pipeline.model import served_model
-    from pipeline.variant import VariantConfig
+    from pipeline.nn.checkpoint import load
+    from pipeline.nn.model import served_model
+    from pipeline.config.variant import VariantConfig
 
     print(f"{variant}: no run in {tracking.uri} computed from inputs {lineage['inputs_digest']}; "
           "rebuilding it from the train stage's outputs")

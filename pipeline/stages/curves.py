@@ -14,7 +14,7 @@ from pathlib import Path
 from pipeline import cli
 from pipeline.errors import PipelineError
 from pipeline.fsio import atomic_write_bytes
-from pipeline.params import load_params
+from pipeline.config.params import load_params
 
 
 def curves(variants: list[str], train_dir: Path, out: Path) -> None:

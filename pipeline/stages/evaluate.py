@@ -4,7 +4,7 @@
 
 Writes to DIR `metrics.json` (test_loss and test_acc, mean over seeds, and their std: what
 `dvc metrics show` lists), `per_seed.json`, `per_class.json` and a confusion matrix PNG.
-The forward pass runs in numpy (pipeline/inference.py) and the figure is drawn with Pillow
+The forward pass runs in numpy (pipeline/nn/inference.py) and the figure is drawn with Pillow
 (pipeline/reports.py): importing torch was 1.8 s of this stage's 2.2 s; the stage now takes
 0.13-0.15x its former time (benchmarks/bench_startup.py). The compare stage, which opens
 MLflow anyway, logs the results into the variant's runs: opening MLflow here would triple
@@ -17,11 +17,13 @@ from pathlib import Path
 
 from threadpoolctl import threadpool_limits
 
-from pipeline import cli, inference
+from pipeline import cli
+
+from pipeline.nn import inference
 from pipeline.data import read_split
 from pipeline.errors import PipelineError
 from pipeline.fsio import atomic_write_json
-from pipeline.params import Params, load_params
+from pipeline.config.params import Params, load_params
 from pipeline.reports import confusion_plot
 from pipeline.stats import diverged, summarize
 

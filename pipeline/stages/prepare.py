@@ -16,7 +16,7 @@ import torch
 from pipeline import cli
 from pipeline.data import DataError, read_raw_split, write_split
 from pipeline.fsio import atomic_write_json
-from pipeline.params import DataParams, load_params
+from pipeline.config.params import DataParams, load_params
 
 
 def split_indices(total: int, val_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

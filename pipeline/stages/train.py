@@ -5,10 +5,10 @@ and on validation, logged to MLflow; the resumable state written atomically to t
 scratch folder, `.dvc/tmp/train/<variant>/`, outside DVC's outputs. A killed stage rerun
 resumes from the last completed epoch and continues the same MLflow runs; the result is
 bit-identical to an uninterrupted run. At the end the outputs are written once: final and
-best checkpoints, the final weights for numpy (`weights.npz`, pipeline/inference.py), curves,
+best checkpoints, the final weights for numpy (`weights.npz`, pipeline/nn/inference.py), curves,
 history and `run.json`, all a function of the stage's inputs alone (no run ids, times or
 paths), so DVC's run-cache can restore them. MLflow's calls run in the stage's tracking
-process (pipeline/tracking_process.py).
+process (pipeline/tracking/process.py).
 
 `train` reads top to bottom: start or resume, the epoch loop, finish. What one epoch hands
 the next is a `Progress`, returned by `record_epoch` (on the evaluation thread), not shared.
@@ -27,18 +27,22 @@ from pathlib import Path
 
 import torch
 
-from pipeline import checkpoint, cli, inference, provenance, variant_runs
+from pipeline import cli, provenance
+
+from pipeline.nn import checkpoint, inference
+
+from pipeline.tracking import runs as variant_runs
 from pipeline.data import Split, as_images, load_split, read_manifest
 from pipeline.errors import PipelineError
 from pipeline.fsio import atomic_write_json
-from pipeline.model import StackedMlp, served_replica, unstack
-from pipeline.optimizer import FusedOptimizer
-from pipeline.params import Params, load_params
+from pipeline.nn.model import StackedMlp, served_replica, unstack
+from pipeline.nn.optimizer import FusedOptimizer
+from pipeline.config.params import Params, load_params
 from pipeline.reports import METRICS, epoch_line, progress_bar, write_curves
 from pipeline.stats import diverged_epochs
-from pipeline.tracking import INPUTS_TAG, Tracking, TrackingError, run_tags
-from pipeline.tracking_process import TrackingProcess
-from pipeline.training import (
+from pipeline.tracking.store import INPUTS_TAG, Tracking, TrackingError, run_tags
+from pipeline.tracking.process import TrackingProcess
+from pipeline.nn.training import (
     TrainingStep,
     configure_runtime,
     epoch_metrics,
@@ -46,7 +50,7 @@ from pipeline.training import (
     train_epoch,
     trained_state,
 )
-from pipeline.variant import VariantConfig
+from pipeline.config.variant import VariantConfig
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,8 @@ At batch 32 a step costs well under a millisecond, so per-step overhead is what 
 (benchmarks/README.md): each step's rows of every replica are one contiguous index vector,
 gathered with a single `index_select`; the 1/B of the mean loss is the gradient seeded
 into the backward pass rather than a division node (the same bits as the plain form); the
-gradients come from the step by hand (pipeline/backprop.py) or, on the public path, from
-autograd, and go straight to the fused optimizer (pipeline/optimizer.py); pipeline/fastpath.py
+gradients come from the step by hand (pipeline/nn/backprop.py) or, on the public path, from
+autograd, and go straight to the fused optimizer (pipeline/nn/optimizer.py); pipeline/nn/fastpath.py
 picks the path.
 """
 
@@ -23,13 +23,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.backprop import Backprop, autograd_gradients
-from pipeline.checkpoint import copied
+from pipeline.nn.backprop import Backprop, autograd_gradients
+from pipeline.nn.checkpoint import copied
 from pipeline.data import Split, as_images
 from pipeline.errors import PipelineError
-from pipeline.model import StackedMlp
-from pipeline.optimizer import FusedOptimizer
-from pipeline.variant import VariantConfig
+from pipeline.nn.model import StackedMlp
+from pipeline.nn.optimizer import FusedOptimizer
+from pipeline.config.variant import VariantConfig
 
 
 def configure_runtime(threads: int, device: str) -> torch.device:
@@ -66,7 +66,7 @@ def epoch_permutations(seeds: list[int], epoch: int, size: int) -> torch.Tensor:
 
 
 def make_optimizer(model: nn.Module, config: VariantConfig, private: bool | None = None) -> FusedOptimizer:
-    """`private`: pipeline/fastpath.py's path, where a benchmark or check picks it."""
+    """`private`: pipeline/nn/fastpath.py's path, where a benchmark or check picks it."""
     return FusedOptimizer(list(model.parameters()), config, private)
 
 

@@ -5,7 +5,7 @@ never saw them.
 A variant's run is named after it and holds the mean over seeds of every metric; each seed has a
 nested child run with its own curves. Runs are addressed by id through `MlflowClient`, so a
 resumed stage continues the very runs its checkpoint names. The stages call these functions
-through their tracking process (pipeline/tracking_process.py), which supplies the client.
+through their tracking process (pipeline/tracking/process.py), which supplies the client.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 
 from pipeline.reports import METRICS
 from pipeline.stats import summarize
-from pipeline.tracking import EXP_NAME_TAG, INPUTS_TAG, PARENT_TAG, RESTORED_TAG, experiment_id
+from pipeline.tracking.store import EXP_NAME_TAG, INPUTS_TAG, PARENT_TAG, RESTORED_TAG, experiment_id
 
 
 def flatten(prefix: str, value: object) -> dict[str, str]:
@@ -198,7 +198,7 @@ def log_trained_model(client, run_ids: dict, served: tuple | None, best_epochs: 
     # Pickle, not MLflow's default pt2: torch.export costs ~2.3 s here (importing torch._dynamo,
     # tracing), and the model is a plain nn.Sequential of torch.nn layers. MLflow warns about
     # pickle on every train stage; the warning is for whoever loads the model, so it is said
-    # once, in the registered model's description (pipeline/registry.py), not here.
+    # once, in the registered model's description (pipeline/tracking/registry.py), not here.
     pickle_warning = logging.getLogger("mlflow.pytorch")
     pickle_warning.addFilter(_not_the_pickle_warning)
     try:

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 
-from pipeline.tracking import Tracking, check_server, connect, refused, unavailable
+from pipeline.tracking.store import Tracking, check_server, connect, refused, unavailable
 
 _clients: dict[Tracking, object] = {}  # in the worker: its open store
 _outage: list[Exception] = []  # in the worker: the store found down, once MLflow's retries gave up

@@ -14,7 +14,7 @@ import torch
 from pipeline.errors import PipelineError
 from pipeline.fsio import atomic_write_bytes
 
-FORMAT = 2  # 2: the optimizer state of pipeline.optimizer
+FORMAT = 2  # 2: the optimizer state of pipeline.nn.optimizer
 
 
 class CheckpointError(PipelineError):

@@ -5,10 +5,10 @@ cost more than the arithmetic. `Backprop` runs the kernels autograd runs for the
 the same views and in the same order, without either: the gradients and running statistics are
 autograd's bit for bit (tests/test_backprop.py), so the path taken changes no output. The
 backward kernels (`torch.ops.aten.*_backward`) are ATen's own, those autograd's nodes call;
-pipeline/fastpath.py checks the whole step against autograd once per process and device, and
+pipeline/nn/fastpath.py checks the whole step against autograd once per process and device, and
 falls back to `autograd_gradients` where a torch release changed something. What it saves:
 half a K=1 step's CPU time (0.83 -> 0.44 ms with batch norm), a quarter of K=5's, where the
-first layer's two 784-wide products and Adam are most of what is left (pipeline/fastpath.py).
+first layer's two 784-wide products and Adam are most of what is left (pipeline/nn/fastpath.py).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.model import StackedBatchNorm, StackedLayerNorm, StackedLinear
+from pipeline.nn.model import StackedBatchNorm, StackedLayerNorm, StackedLinear
 
 aten = torch.ops.aten
 

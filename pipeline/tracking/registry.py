@@ -18,7 +18,7 @@ import math
 from dataclasses import dataclass
 
 from pipeline.errors import PipelineError
-from pipeline.params import Params
+from pipeline.config.params import Params
 from pipeline.stats import mean_std
 
 LOGGED_MODEL_NAME = "model"  # what train.finish passes to mlflow.pytorch.log_model

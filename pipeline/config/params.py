@@ -19,8 +19,8 @@ from typing import Literal
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from pipeline.errors import ParamsError
-from pipeline.grid import VARIANT_NAME, SweepParams, stale_grid_point
-from pipeline.variant import ModelChoices, Seed, Strict, TrainParams, VariantConfig, variant_config
+from pipeline.config.grid import VARIANT_NAME, SweepParams, stale_grid_point
+from pipeline.config.variant import ModelChoices, Seed, Strict, TrainParams, VariantConfig, variant_config
 
 PARAMS_FILE = Path("params.yaml")  # read from the project root, where DVC runs every stage
 MNIST_TRAIN_SIZE = 60_000

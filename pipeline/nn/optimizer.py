@@ -1,4 +1,4 @@
-"""Adam, AdamW and SGD for a replica stack, run through pipeline/fastpath.py's update.
+"""Adam, AdamW and SGD for a replica stack, run through pipeline/nn/fastpath.py's update.
 
 No `torch.optim.Optimizer` object: its first construction imports `torch._dynamo` (1.3-1.5 s
 of every train stage, measured here) and its `step` wraps the fused kernels in per-step Python
@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from pipeline import fastpath
-from pipeline.variant import VariantConfig
+from pipeline.nn import fastpath
+from pipeline.config.variant import VariantConfig
 
 DEFAULT_WEIGHT_DECAY = {"adam": 0.0, "adamw": 1e-2, "sgd": 0.0}  # torch.optim's defaults
 

@@ -15,7 +15,7 @@ from typing import get_args
 from pydantic import Field, create_model, field_validator
 from pydantic.fields import FieldInfo
 
-from pipeline.variant import Choices, ModelChoices, Strict
+from pipeline.config.variant import Choices, ModelChoices, Strict
 
 VARIANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")  # a folder, a DVC stage key, a run name
 # Every grid point is a train and an evaluate stage, an MLflow run and a line in each plot.

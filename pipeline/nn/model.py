@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.variant import VariantConfig
+from pipeline.config.variant import VariantConfig
 
 IMAGE_PIXELS = 28 * 28
 NUM_CLASSES = 10

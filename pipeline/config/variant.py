@@ -46,7 +46,7 @@ class TrainParams(Strict):
     bn_momentum: float = Field(0.01, gt=0, lt=1)
     norm_eps: float = Field(1e-3, gt=0)
     adam_eps: float = Field(1e-8, gt=0)
-    # TF1's dense layer kept its bias before batch norm; the port drops it (pipeline/model.py).
+    # TF1's dense layer kept its bias before batch norm; the port drops it (pipeline/nn/model.py).
     bias_before_bn: bool = False
     weight_decay: float | None = Field(None, ge=0)
     device: Device = "auto"

@@ -1,6 +1,6 @@
 """MLflow plumbing: where the tracking store is, how a stage reaches it (a server checked in
 seconds, its refusals and outages as one line), the experiment, and the tags every run carries.
-The runs themselves: pipeline/variant_runs.py.
+The runs themselves: pipeline/tracking/runs.py.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 At batch 32 a step costs well under a millisecond, so per-step Python overhead is what counts
 (benchmarks/README.md). Two private paths skip it:
-  gradients  pipeline/backprop.py's step by hand: the ATen kernels autograd runs for the step
+  gradients  pipeline/nn/backprop.py's step by hand: the ATen kernels autograd runs for the step
              (`torch.ops.aten.*_backward` among them), called directly on preallocated buffers,
              where `torch.autograd.grad` records a graph through nn.Module calls and walks it;
   update     `torch._fused_adam_` / `_fused_adamw_` / `_fused_sgd_`, where the functional
@@ -36,7 +36,7 @@ from torch.optim.adam import adam
 from torch.optim.adamw import adamw
 from torch.optim.sgd import sgd
 
-from pipeline import backprop
+from pipeline.nn import backprop
 
 BETAS = (0.9, 0.999)  # torch.optim's Adam defaults, as the lab's
 

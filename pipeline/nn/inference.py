@@ -2,7 +2,7 @@
 
 An MLP's forward pass is a few matrix products; importing torch for them was 1.8 s of the
 evaluate stage's 2.2 s. The train stage writes the final weights as `weights.npz` beside its
-checkpoints (`save_weights`): the state dict's arrays under pipeline/model.py's names and the
+checkpoints (`save_weights`): the state dict's arrays under pipeline/nn/model.py's names and the
 variant's config as JSON. `logits` computes what `StackedMlp(config).eval()` computes, the
 same operations in the same order (tests/test_inference.py holds them equal to float rounding
 for every norm, activation and replica count, and every seed's test accuracy equal).
@@ -21,7 +21,7 @@ import numpy as np
 
 from pipeline.errors import PipelineError
 from pipeline.fsio import atomic_write_bytes
-from pipeline.variant import VariantConfig
+from pipeline.config.variant import VariantConfig
 
 WEIGHTS_FILE = "weights.npz"
 
@@ -96,7 +96,7 @@ ACTIVATIONS = {
 
 def logits(config: VariantConfig, weights: dict[str, np.ndarray], images: np.ndarray) -> np.ndarray:
     """[K, n, classes] for float32 images [n, 784]: Linear -> norm -> activation per hidden
-    layer, then the output Linear, at the nn.Sequential positions pipeline/model.py gives them."""
+    layer, then the output Linear, at the nn.Sequential positions pipeline/nn/model.py gives them."""
     def layer(position: int) -> dict[str, np.ndarray]:
         prefix = f"layers.{position}."
         return {name[len(prefix):]: array for name, array in weights.items() if name.startswith(prefix)}
