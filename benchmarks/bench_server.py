@@ -2,7 +2,7 @@
 MLflow's default auth configuration, both on the real stack (PostgreSQL, moto's S3 server,
 `mlflow server --app-name basic-auth`, started by deploy/start_server.py) on 127.0.0.1.
 
-    python benchmarks/bench_server.py [--quick] [--out FILE.json]
+    python -m benchmarks.bench_server [--quick] [--out FILE.json]
 
 Both servers run side by side, each with its own PostgreSQL and S3 prefix and the same worker
 count; only the auth config differs (deploy/basic_auth.ini against the basic_auth.ini MLflow
@@ -26,23 +26,14 @@ import os
 import platform
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from tests.team_server import (  # noqa: E402  (the repository's root first)
-    TeamServer,
-    create_user,
-    free_port,
-    start_postgres,
-    start_s3,
-)
+from tests.support import ROOT
+from tests.team_server import TeamServer, create_user, free_port, start_postgres, start_s3
 
 CLIENTS = (1, 4, 8)
 # Clients that log as fast as the server answers measure its capacity, and their latency is queueing:

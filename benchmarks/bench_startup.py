@@ -1,9 +1,9 @@
 """Each stage's start-up as a whole process: this tree against a baseline commit, alternating.
 
-    python benchmarks/bench_startup.py [--baseline REV] [--repeats 5] [--epochs 1] [--out FILE]
+    python -m benchmarks.bench_startup [--baseline REV] [--repeats 5] [--epochs 1] [--out FILE]
 
-Builds two project copies in a temp folder, `baseline` (`git archive REV`, default `main`) and
-`current` (this working tree's pipeline/, dvc.yaml and params.yaml), prepares MNIST in each from
+Builds two project copies in a temp folder (tests/support.py's), `baseline` (`git archive REV`,
+default `main`) and `current` (this working tree's), prepares MNIST in each from
 ../shared/data/mnist, trains both variants once in `current` (`--epochs`: the start-up does not
 depend on them) and gives `baseline` the same checkpoints, train outputs and MLflow store. Then,
 `--repeats` times, alternating the two copies, it times each stage's command exactly as that
@@ -18,11 +18,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
-import shlex
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,58 +27,38 @@ from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-MNIST = ROOT.parent / "shared" / "data" / "mnist"
-TREE = ("pipeline", "dvc.yaml", "params.yaml", "requirements.lock")
-
-
-def sh(cmd: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
-    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
-    if result.returncode:
-        raise SystemExit(f"{shlex.join(cmd)} in {cwd} exited {result.returncode}:\n{result.stderr[-2000:]}")
-    return result
+from benchmarks.projects import set_param
+from tests.support import SHARED_MNIST, copy_project, revision_tree, run, stage_command, stage_env
 
 
 def commands(copy: Path, variants: list[str]) -> dict[str, list[str]]:
     """Stage name -> its command as this copy's dvc.yaml writes it, run by this interpreter."""
-    stages = yaml.safe_load((copy / "dvc.yaml").read_text())["stages"]
-
-    def command(stage: str, key: str | None = None) -> list[str]:
-        definition = stages[stage].get("do", stages[stage])
-        _python, *arguments = shlex.split(definition["cmd"].replace("${key}", key or ""))
-        return [sys.executable, *arguments]
-
-    found = {f"evaluate@{v}": command("evaluate", v) for v in variants} | {"compare": command("compare")}
+    found = {f"evaluate@{v}": stage_command("evaluate", v, copy) for v in variants}
+    found["compare"] = stage_command("compare", project=copy)
     return found | {"import train": [sys.executable, "-c", "import pipeline.stages.train"]}
 
 
 def make_copies(tmp: Path, baseline: str, epochs: int, env: dict) -> tuple[Path, Path]:
-    current, base = tmp / "current", tmp / "baseline"
+    """Both copies with the upstream stages run, the current one's variants trained, and its train
+    outputs and MLflow store given to the baseline (compare finds the runs it publishes into)."""
+    current = copy_project(tmp / "current", env)
+    base = copy_project(tmp / "baseline", env, revision_tree(baseline, tmp / "baseline-tree"))
     for copy in (current, base):
-        copy.mkdir()
-    for name in TREE:
-        (shutil.copytree if (ROOT / name).is_dir() else shutil.copy)(ROOT / name, current / name)
-    archive = subprocess.run(["git", "archive", baseline, *TREE], cwd=ROOT, capture_output=True, check=True).stdout
-    subprocess.run(["tar", "-x", "-C", str(base)], input=archive, check=True)
-    for copy in (current, base):
-        params = copy / "params.yaml"
-        params.write_text(re.sub(r"(?m)^(  epochs:) \d+", rf"\1 {epochs}", params.read_text()))
-        sh([sys.executable, "-m", "pipeline.stages.check"], copy, env)
-        sh([sys.executable, "-m", "pipeline.stages.download", "--out", "data/raw"], copy, env)
-        sh([sys.executable, "-m", "pipeline.stages.prepare", "--raw", "data/raw", "--out", "data/prepared"], copy, env)
+        set_param(copy, "  epochs", epochs)
+        for stage in ("check", "download", "prepare"):
+            run(stage_command(stage, project=copy), copy, env)
     variants = list(yaml.safe_load((current / "params.yaml").read_text())["variants"])
     for variant in variants:  # whatever command line the current train stage takes
-        definition = yaml.safe_load((current / "dvc.yaml").read_text())["stages"]["train"]["do"]
-        sh([sys.executable, *shlex.split(definition["cmd"].replace("${key}", variant))[1:]], current, env)
+        run(stage_command("train", variant, current), current, env)
     for name in ("data/checkpoints", "data/train"):
         shutil.copytree(current / name, base / name)
-    shutil.copy(current / "mlflow.db", base / "mlflow.db")  # compare finds the runs it publishes into
+    shutil.copy(current / "mlflow.db", base / "mlflow.db")
     return current, base
 
 
 def largest_imports(copy: Path, command: list[str], env: dict, count: int = 8) -> list[str]:
     """The top-level imports of `command` that cost the most, cumulative (python -X importtime)."""
-    result = sh([command[0], "-X", "importtime", *command[1:]], copy, env)
+    result = run([command[0], "-X", "importtime", *command[1:]], copy, env)
     rows = [line.split("|") for line in result.stderr.splitlines() if line.startswith("import time:")]
     top = [(int(row[1]), row[2].strip()) for row in rows[1:]  # after the header line
            if len(row) == 3 and row[2].startswith(" ") and not row[2].startswith("  ")]
@@ -96,7 +73,7 @@ def measure(copies: dict[str, Path], repeats: int, env: dict) -> dict:
         for stage in walls:
             for name, copy in copies.items():  # baseline, then current: alternating within each stage
                 started = time.perf_counter()
-                sh(runs[name][stage], copy, env)
+                run(runs[name][stage], copy, env)
                 walls[stage][name].append(time.perf_counter() - started)
                 print(f"{stage} {name} {walls[stage][name][-1]:.2f} s", file=sys.stderr, flush=True)
     medians = {stage: {name: statistics.median(values) for name, values in by.items()} for stage, by in walls.items()}
@@ -113,8 +90,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=1, help="train.epochs of the checkpoints evaluated")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "DVC_EXP_NAME", "PYTHONPATH")}
-    env |= {"MNIST_MIRROR": str(MNIST), "MNIST_CHECKSUMS": str(MNIST / "SHA256SUMS.decompressed")}
+    env = stage_env(SHARED_MNIST)
+    env.pop("PYTHONPATH")  # each copy's own pipeline/: `python -m` and `-c` put the cwd first
     with tempfile.TemporaryDirectory(prefix="bench-startup-") as tmp:
         current, base = make_copies(Path(tmp), args.baseline, args.epochs, env)
         load_before = os.getloadavg()[0]

@@ -1,19 +1,17 @@
 """Step rates of the lab's training loop: what a step costs, and what each shortcut saves.
 
-    python benchmarks/bench_step.py [--parts baseline,project,stacked,threads,fastpath,floor] [--steps N]
-        [--out FILE]
+    python -m benchmarks.bench_step [--parts baseline,project,stacked,threads,fastpath,floor] [--steps N] [--out FILE]
 
-Parts (each in its own child process; `python benchmarks/bench_train.py` runs them all with
-bench_stage.py's and prints the table):
+Parts (each in its own child process; `python -m benchmarks.bench_train` runs them all with
+bench_stage's and prints the table):
   baseline    torchvision MNIST + DataLoader(batch 32, shuffle) + plain nn.Sequential + Adam
   project     pipeline.training.train_epoch on a StackedMlp with K=1
   stacked     K=5 stacked vs 5 sequential K=1 runs (and bit-identical repeats)
   threads     a K=5 step and one evaluation at 1 and at 2 torch threads
   fastpath    ms/step of the step by hand (pipeline/nn/backprop.py, fastpath's private calls) against
               autograd's (the public calls): K=1 with and without batch norm, K=5
-  floor       ms/step of the step by hand against the fewest tensor calls a step needs with
-              torch's kernels and no autograd (issue 19's floor): K=1 with and without batch
-              norm, K=5 and K=20 with it
+  floor       ms/step of the step by hand against the fewest tensor calls a step needs (torch's kernels,
+              no autograd: issue 19's floor): K=1 with and without batch norm, K=5 and K=20 with it
 See benchmarks/README.md for what each figure means and the targets.
 """
 
@@ -25,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import ROOT, lab_splits, project_steps, run_alone, same_weights, setup, timed
+from benchmarks.common import ROOT, lab_splits, project_steps, run_alone, same_weights, setup, timed
 
 
 def part_baseline(args) -> dict:
@@ -144,7 +142,6 @@ def part_fastpath(args) -> dict:
     """ms per step on the private path (pipeline/nn/backprop.py's step by hand, torch's fused kernels)
     and on the public one (autograd, torch.optim's functional update), alternated 3 times, medians:
     K=1 with batch norm (`k1`), K=1 without (`k1_no_norm`), the lab's K=5 with batch norm (`k5`).
-
     Both paths run the same kernels, so they end with equal weights (`same_weights`)."""
     params, config, train, _ = lab_splits(args.threads)
     result = {}

@@ -8,7 +8,7 @@ the cores the work kept busy (CPU seconds / wall seconds), each task's steps (cl
 repro, push), the per-task overhead against a variant's time in plain `dvc repro`, and a model
 of wall time for N workers and M variants.
 
-    python benchmarks/bench_sweep.py [--ways local,1,2] [--out sweep.json]
+    python -m benchmarks.bench_sweep [--ways local,1,2] [--out sweep.json]
 """
 
 from __future__ import annotations
@@ -20,32 +20,18 @@ import os
 import re
 import resource
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-MIRROR = ROOT.parent / "shared" / "data" / "mnist"
+from tests.mlflow_server import start_server, stop
+from tests.support import ROOT, SHARED_MNIST, run
+
 BIN = Path(sys.executable).parent
 GRID = {"lr": [0.001, 0.003, 0.01, 0.03, 0.1, 0.3], "norm": ["batch", "none"]}
 TASK_LINE = re.compile(r"^(\S+): clone ([\d.]+)s check ([\d.]+)s repro ([\d.]+)s push ([\d.]+)s$", re.M)
-
-
-def sh(cmd: list[str], cwd: Path, env: dict[str, str]) -> str:
-    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
-    return result.stdout
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+TIMEOUT_S = 3 * 3600  # the whole grid, one way
 
 
 def project(folder: Path, env: dict[str, str], grid: dict) -> Path:
@@ -53,7 +39,7 @@ def project(folder: Path, env: dict[str, str], grid: dict) -> Path:
     from ruamel.yaml import YAML
 
     path = folder / "project"
-    sh(["git", "clone", "-q", str(ROOT), str(path)], folder, env)
+    run(["git", "clone", "-q", str(ROOT), str(path)], folder, env, TIMEOUT_S)
     yaml = YAML()
     params = yaml.load((path / "params.yaml").read_text())
     params["sweep"]["axes"] = grid  # the grid alone: its lr 0.01 points are the lab's two variants
@@ -61,43 +47,27 @@ def project(folder: Path, env: dict[str, str], grid: dict) -> Path:
     params["compare"]["reference"] = "sweep-none-lr0p01"
     with open(path / "params.yaml", "w") as handle:
         yaml.dump(params, handle)
-    sh([sys.executable, "-m", "pipeline.commands.sweep"], path, env)
-    sh(["dvc", "remote", "add", "-d", "bench", str(folder / "remote")], path, env)
-    sh(["git", "commit", "-qam", "12-point grid"], path, env)
+    run([sys.executable, "-m", "pipeline.commands.sweep"], path, env, TIMEOUT_S)
+    run(["dvc", "remote", "add", "-d", "bench", str(folder / "remote")], path, env, TIMEOUT_S)
+    run(["git", "commit", "-qam", "12-point grid"], path, env, TIMEOUT_S)
     return path
-
-
-def mlflow_server(folder: Path, env: dict[str, str]) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    server = subprocess.Popen([str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-                               "--workers", "1", "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}"],
-                              cwd=folder, env=env | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
-    for _ in range(120):
-        try:
-            urllib.request.urlopen(uri + "/health", timeout=2).read()
-            return server, uri
-        except OSError:
-            time.sleep(0.5)
-    raise SystemExit("mlflow server did not start")
 
 
 def measured(cmd: list[str], cwd: Path, env: dict[str, str]) -> tuple[str, float, float]:
     """(stdout, wall seconds, CPU seconds of every process it waited for)."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
-    out = sh(cmd, cwd, env)
+    out = run(cmd, cwd, env, TIMEOUT_S).stdout
     wall = time.perf_counter() - started
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     return out, wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
 def run_way(way: str, folder: Path, grid: dict) -> dict:
-    env = os.environ | {"DVC_NO_ANALYTICS": "1", "MNIST_MIRROR": str(MIRROR), "PATH": f"{BIN}:{os.environ['PATH']}",
+    env = os.environ | {"DVC_NO_ANALYTICS": "1", "MNIST_MIRROR": str(SHARED_MNIST), "PATH": f"{BIN}:{os.environ['PATH']}",
                         "MLFLOW_DISABLE_TELEMETRY": "true"}
     path = project(folder, env, grid)
-    server, uri = mlflow_server(folder, env)
+    server, uri = start_server(folder, f"sqlite:///{folder / 'mlflow.db'}", env=env)
     env["MLFLOW_TRACKING_URI"] = uri
     try:
         if way == "local":
@@ -114,8 +84,7 @@ def run_way(way: str, folder: Path, grid: dict) -> dict:
         setup = float(re.search(r"all variants in ([\d.]+)s", out).group(1))
         return {"way": f"{way} worker(s)", "workers": int(way), "wall_s": wall, "tasks_s": setup, "tasks": tasks}
     finally:
-        os.killpg(server.pid, 15)
-        server.wait(timeout=30)
+        stop(server)
 
 
 def seed_results(path: Path) -> dict:

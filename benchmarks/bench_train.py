@@ -1,18 +1,17 @@
 """Training throughput and pipeline overhead of the batch-norm MNIST lab, in one run.
 
-    python benchmarks/bench_train.py [--out benchmarks/results.json] [--steps N] [--no-pipeline]
+    python -m benchmarks.bench_train [--out benchmarks/results.json] [--steps N] [--no-pipeline]
 
-Runs every part of bench_step.py (step rates: baseline, project, stacked, threads, fastpath)
-and of bench_stage.py (the train stage's overhead, `dvc repro` of the lab), each in its own
+Runs every part of bench_step (step rates: baseline, project, stacked, threads, fastpath)
+and of bench_stage (the train stage's overhead, `dvc repro` of the lab), each in its own
 child process, so each has its own peak RSS; prints the table and writes every figure to --out.
 See benchmarks/README.md for what each figure means and the targets.
 """
 
 from __future__ import annotations
 
-import bench_stage
-import bench_step
-from common import ROOT, main, write
+from benchmarks import bench_stage, bench_step
+from benchmarks.common import ROOT, main, write
 
 PARTS = bench_step.PARTS | bench_stage.PARTS
 

@@ -1,6 +1,6 @@
 """The CUDA path on a GPU (CI has none; run where one is): sync-free steps, determinism, the lab.
 
-    python benchmarks/check_cuda.py [--raw data/raw] [--out benchmarks/cuda.json]
+    python -m benchmarks.check_cuda [--raw data/raw] [--out benchmarks/cuda.json]
 
 On the prepared split (made from `--raw` if `data/prepared` is missing), with `train.device:
 cuda`: (1) the synchronizing CUDA calls of an epoch, counted by `torch.cuda.set_sync_debug_mode`;
@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 import warnings
 from functools import partial
@@ -41,9 +40,8 @@ from pipeline.nn.training import (
     trained_state,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run as a script: the repository root holds tests/, test support
-from tests.reference import train_alone  # noqa: E402  the CPU equivalence test's reference loop
+from tests.reference import train_alone  # the CPU equivalence test's reference loop
+from tests.support import ROOT
 
 
 def timed(fn) -> float:

@@ -16,7 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.support import ROOT
+
 VARIANT = "batchnorm"  # the lab's configuration: 784-32-32-10 with batch norm, Adam lr 0.01
 
 
@@ -142,21 +143,22 @@ def parse_args(doc: str, parts: dict, argv: list[str] | None, out: Path | None =
     parser.add_argument("--keep-temp", action="store_true", help="keep the pipeline's temp copy")
     parser.add_argument("--part", choices=list(parts), help=argparse.SUPPRESS)
     parser.add_argument("--part-out", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    sys.path.insert(0, str(ROOT))
-    return args
+    return parser.parse_args(argv)
 
 
 def run_part(name: str, part, args) -> dict:
     """One part in a child process of the script that defines it."""
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as handle:
         out = Path(handle.name)
-    cmd = [sys.executable, sys.modules[part.__module__].__file__, "--part", name, "--part-out", str(out),
+    module = part.__module__
+    if module == "__main__":  # the script run (`python -m benchmarks.bench_x`) defines it
+        module = sys.modules["__main__"].__spec__.name
+    cmd = [sys.executable, "-m", module, "--part", name, "--part-out", str(out),
            "--steps", str(args.steps), "--threads", str(args.threads)]
     if args.keep_temp:
         cmd.append("--keep-temp")
     t0, load = time.perf_counter(), os.getloadavg()[0]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False, timeout=3600)
     ran = {"part_wall_s": time.perf_counter() - t0, "loadavg_1min_before_after": [load, os.getloadavg()[0]]}
     try:
         if proc.returncode != 0:

@@ -13,10 +13,8 @@ import pytest
 
 from pipeline.config.params import Params, parse_params
 from pipeline.stages.download import MNIST_SHA256
+from tests.support import ROOT, SHARED_MNIST, copy_project, run, stage_command, stage_env  # noqa: F401  (imported from here too)
 from tests.team_server import create_user, postgres_bin, team_stack
-
-ROOT = Path(__file__).resolve().parents[1]
-SHARED_MNIST = ROOT.parent / "shared" / "data" / "mnist"
 
 
 def encode_idx(array: np.ndarray) -> bytes:
@@ -103,47 +101,6 @@ def tiny_params(**overrides) -> Params:
     return parse_params(raw)
 
 
-def stage_env(mirror: Path | str | None = None, **extra: str) -> dict[str, str]:
-    """The environment a real `dvc repro` of a test project runs with."""
-    import os
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "DVC_EXP_NAME")}
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    # This tree's pipeline/, not the one installed in the environment (which may be another
-    # checkout's); a project's own copy still comes first, `python -m` puts the cwd before it.
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    env["DVC_NO_ANALYTICS"] = "1"
-    if mirror is not None:
-        env["MNIST_MIRROR"] = str(mirror)
-        env["MNIST_CHECKSUMS"] = str(Path(mirror) / "SHA256SUMS.decompressed")
-    env["GIT_AUTHOR_NAME"] = env["GIT_COMMITTER_NAME"] = "tests"
-    env["GIT_AUTHOR_EMAIL"] = env["GIT_COMMITTER_EMAIL"] = "tests@example.invalid"
-    return env | extra
-
-
-def stage_command(stage: str, variant: str = "") -> list[str]:
-    """dvc.yaml's command of `stage` (`train@<variant>`'s for a variant), with this Python: the paths
-    a test runs a stage with are the ones dvc.yaml names."""
-    import shlex
-    import sys
-
-    import yaml
-
-    definition = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"][stage]
-    _, *args = shlex.split(definition.get("do", definition)["cmd"].replace("${key}", variant))  # _: "python"
-    return [sys.executable, *args]
-
-
-def run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: float = 600, check: bool = True):
-    import subprocess
-
-    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    if check and result.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} exited {result.returncode}\n{result.stdout}\n{result.stderr}")
-    return result
-
-
 def repro_pipeline(path: Path, env: dict[str, str], timeout: float = 600):
     """`dvc repro` of a project's whole pipeline: a process per stage, each importing torch and
     MLflow, about a minute even on tiny data. The tests that call it form the `repro` tier."""
@@ -199,21 +156,8 @@ def make_project(path: Path, mirror: Path) -> tuple[Path, dict[str, str]]:
     Returns (path, env): run `dvc repro` there with `env` and it trains on tiny MNIST
     from `mirror`, tracking into `<path>/mlflow.db`.
     """
-    import shutil
-
-    import yaml
-
-    shutil.copytree(ROOT / "pipeline", path / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("dvc.yaml", ".gitignore", "requirements.lock"):
-        shutil.copy(ROOT / name, path / name)
-    (path / "params.yaml").write_text(yaml.safe_dump(TINY_PARAMS, sort_keys=False))
     env = stage_env(mirror)
-    run(["git", "init", "-q", "-b", "main"], path, env)
-    run(["dvc", "init", "-q"], path, env)
-    shutil.copytree(ROOT / ".dvc" / "plots", path / ".dvc" / "plots")  # the comparison plots' template
-    run(["git", "add", "-A"], path, env)
-    run(["git", "commit", "-qm", "init"], path, env)
-    return path, env
+    return copy_project(path, env, params=TINY_PARAMS), env
 
 
 @pytest.fixture

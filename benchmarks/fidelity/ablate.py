@@ -1,6 +1,6 @@
 """One TF1 detail at a time in the port, over many seeds, against the reference's figures.
 
-    python benchmarks/fidelity/ablate.py --mnist ../shared/data/mnist --variant no_norm \
+    python -m benchmarks.fidelity.ablate --mnist ../shared/data/mnist --variant no_norm \
         [--change first_val] [--change ...] [--first-seed 0] [--seeds 20]
 
 The candidates the fidelity issue named, each switched here by replacing one function of the
@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -31,19 +30,15 @@ from pathlib import Path
 import torch
 from scipy import stats
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
-
-import pipeline.nn.fastpath  # noqa: E402
-import pipeline.nn.optimizer  # noqa: E402
-import pipeline.stages.prepare  # noqa: E402
-import pipeline.nn.training  # noqa: E402
-from pipeline.config.params import load_params  # noqa: E402
-from pipeline.stages.prepare import prepare  # noqa: E402
-
-from pipeline.nn.training import configure_runtime  # noqa: E402
-
-import bench_fidelity  # noqa: E402  (next to this file)
+import pipeline.nn.fastpath
+import pipeline.nn.optimizer
+import pipeline.nn.training
+import pipeline.stages.prepare
+from benchmarks.fidelity import bench_fidelity
+from pipeline.config.params import load_params
+from pipeline.nn.training import configure_runtime
+from pipeline.stages.prepare import prepare
+from tests.support import ROOT
 
 
 def tf1_adam_eps() -> None:

@@ -1,6 +1,6 @@
 """Fidelity: the port's test accuracy over 20 seeds next to the lab's own TF1 code's (reference.json).
 
-    python benchmarks/fidelity/bench_fidelity.py --mnist ../shared/data/mnist [-S key=value ...]
+    python -m benchmarks.fidelity.bench_fidelity --mnist ../shared/data/mnist [-S key=value ...]
 
 Trains seeds 0-19 of each variant of `params.yaml` as the train stage does, as one stacked
 model on the CPU with `train.threads`, without MLflow or checkpoints, and scores the final
@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,15 +23,12 @@ import torch
 import yaml
 from scipy import stats
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
-
-from pipeline.data import load_split  # noqa: E402
-from pipeline.nn.model import StackedMlp  # noqa: E402
-from pipeline.config.params import parse_params  # noqa: E402
-from pipeline.stages.prepare import prepare  # noqa: E402
-from pipeline.nn.training import configure_runtime  # noqa: E402
-from pipeline.nn.training import TrainingStep, make_optimizer, score, train_epoch  # noqa: E402
+from pipeline.config.params import parse_params
+from pipeline.data import load_split
+from pipeline.nn.model import StackedMlp
+from pipeline.nn.training import TrainingStep, configure_runtime, make_optimizer, score, train_epoch
+from pipeline.stages.prepare import prepare
+from tests.support import ROOT
 
 HERE = Path(__file__).resolve().parent
 METRICS = ("test_acc", "test_loss")

@@ -1,10 +1,10 @@
 """Same start, same batches: does the port's step compute TF1's step? (initialisation and rounding)
 
     /tmp/tfenv/bin/python benchmarks/fidelity/trajectory.py tf --mnist ../shared/data/mnist --out /tmp/trace.npz
-    python benchmarks/fidelity/trajectory.py port --mnist ../shared/data/mnist --trace /tmp/trace.npz
+    python -m benchmarks.fidelity.trajectory port --mnist ../shared/data/mnist --trace /tmp/trace.npz
 
-`tf` (the reference's environment) runs reference.py's no-norm graph for one seed and saves
-its initial weights, the rows `next_batch` fed it at every step and its weights after chosen
+`tf` (the reference's environment, run as a script: reference.py is beside it) runs reference.py's
+no-norm graph for one seed and saves its initial weights, the rows `next_batch` fed it at every step and its weights after chosen
 steps. `port` (the project's environment) loads those initial weights into a one-replica
 `StackedMlp`, feeds the same rows (scaled as TF1's reader did) through the port's own training
 step and prints, after each saved step, the largest weight difference and both models' test
@@ -14,7 +14,6 @@ accuracy: with TF1's Adam epsilon and with the port's.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +23,7 @@ SAVED_STEPS = (1, 10, 100, 1_000, 3_000, 10_000, 17_180)
 
 
 def trace_tf(mnist: Path, out: Path, seed: int) -> None:
-    sys.path.insert(0, str(HERE))
-    import reference
+    import reference  # beside this script, which `tf` runs as (the first entry of sys.path)
     import tensorflow as tf
 
     tf1 = tf.compat.v1
@@ -62,13 +60,11 @@ def trace_tf(mnist: Path, out: Path, seed: int) -> None:
 def replay_port(mnist: Path, trace: Path) -> None:
     import torch
 
-    sys.path.insert(0, str(HERE.parents[1]))
+    from benchmarks.fidelity import ablate
+    from pipeline.config.params import load_params
     from pipeline.data import Split, read_raw_split
     from pipeline.nn.model import StackedMlp
-    from pipeline.config.params import load_params
     from pipeline.nn.training import TrainingStep, make_optimizer, score
-
-    import ablate
 
     torch.set_num_threads(1)
     saved = np.load(trace)
