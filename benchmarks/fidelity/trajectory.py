@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
 SAVED_STEPS = (1, 10, 100, 1_000, 3_000, 10_000, 17_180)
 
 
@@ -65,6 +64,7 @@ def replay_port(mnist: Path, trace: Path) -> None:
     from pipeline.data import Split, read_raw_split
     from pipeline.nn.model import StackedMlp
     from pipeline.nn.training import TrainingStep, make_optimizer, score
+    from tests.support import ROOT
 
     torch.set_num_threads(1)
     saved = np.load(trace)
@@ -73,7 +73,7 @@ def replay_port(mnist: Path, trace: Path) -> None:
     test_images, test_labels = read_raw_split(mnist, "test")
     test = Split(test_images.flatten(1), test_labels)
     ablate.multiply_scale()  # the reader's scaling, in training and in scoring
-    config = load_params(HERE.parents[1] / "params.yaml").variant("no_norm")
+    config = load_params(ROOT / "params.yaml").variant("no_norm")
     config = config.model_copy(update={"seeds": [0]})  # the trace's one seed
     for epsilon in ("torch", "tf1"):
         if epsilon == "tf1":
