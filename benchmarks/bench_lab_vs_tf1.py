@@ -91,7 +91,8 @@ def problem(args) -> str | None:
 def make_copies(folder: Path, args) -> dict[str, tuple[Path, dict, list[str]]]:
     """{part: (copy, env, command)} of every project part, each copy run once (unmeasured)."""
     sources = {"current": ROOT, "baseline": revision_tree(args.baseline, folder / "baseline-tree")}
-    make = [sys.executable, "-m", "pipeline.commands.repro", "--force", *(["--jobs", str(args.jobs)] if args.jobs else [])]
+    jobs = ["--jobs", str(args.jobs)] if args.jobs else []
+    make = [sys.executable, "-m", "pipeline.commands.repro", "--force", *jobs]
     commands = {"make": make, "dvc": ["dvc", "repro", "--force"]}
     copies = {}
     for part in args.parts:

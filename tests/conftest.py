@@ -13,7 +13,8 @@ import pytest
 
 from pipeline.config.params import Params, parse_params
 from pipeline.stages.download import MNIST_SHA256
-from tests.support import ROOT, SHARED_MNIST, copy_project, run, stage_command, stage_env  # noqa: F401  (imported from here too)
+# Imported from here by the test modules too (tests/support.py is their home, the benchmarks' too).
+from tests.support import ROOT, SHARED_MNIST, copy_project, run, stage_command, stage_env  # noqa: F401
 from tests.team_server import create_user, postgres_bin, team_stack
 
 
