@@ -3,9 +3,13 @@ command's wall and CPU seconds with each stage's share read from DVC's output.""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 import shutil
+import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -44,24 +48,36 @@ def timed_command(tmp: Path, env: dict[str, str], log_name: str, command: list[s
     """Wall and CPU seconds of `command` (e.g. `dvc repro`) in `tmp`, its output in `log_name`, and
     each stage's seconds from what DVC prints: `stages_s` from its announcement to the next,
     `commands_s` from the command's start (DVC's `> cmd` line) to `Updating lock file` after it (the
-    command, then saving its outputs); `dvc_s` is the rest of the wall time. Stages run side by
-    side (`make repro`'s) overlap: there only the wall and CPU seconds are comparable."""
+    command, then saving its outputs); `dvc_s` is the rest of the wall time. Stages run side by side
+    (`make repro`'s) overlap: there only the wall and CPU seconds compare. Killed, with the stages
+    it started, after `timeout` seconds."""
     cpu0, t0 = children_cpu_s(), time.perf_counter()
     with open(tmp / log_name, "w") as log:
-        proc = subprocess.Popen(command, cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.Popen(command, cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)  # a group of its own: it and its stages end together
+        limit = threading.Timer(timeout, kill_group, (proc,))  # its output then ends, and so does the reading
+        limit.start()
         try:
             stages = read_stages(proc.stdout, log)
-            code = proc.wait(timeout=timeout)
+            code = proc.wait()
         finally:
-            proc.kill()  # where reading failed or it overran; a finished process is left as it is
+            limit.cancel()
+            if proc.poll() is None:  # reading failed (or was interrupted)
+                kill_group(proc)
+                proc.wait()
     wall, cpu = time.perf_counter() - t0, children_cpu_s() - cpu0
     ends = [stage[1] for stage in stages[1:]] + [t0 + wall]
     commands = {name: (updated or end) - (started or announced)
-                         for (name, announced, started, updated), end in zip(stages, ends)}
+                for (name, announced, started, updated), end in zip(stages, ends)}
     tail = (tmp / log_name).read_text().splitlines()[-15:]
     return {"wall_s": wall, "cpu_s": cpu, "returncode": code,
             "stages_s": {stage[0]: end - stage[1] for stage, end in zip(stages, ends)},
             "commands_s": commands, "dvc_s": wall - sum(commands.values()), **({"log_tail": tail} if code else {})}
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError):  # ended already
+        os.killpg(proc.pid, signal.SIGKILL)
 
 
 def read_stages(lines, log) -> list[list]:
