@@ -81,7 +81,8 @@ def split_path(prepared_dir: Path, split: str) -> Path:
 def write_split(prepared_dir: Path, split: str, images: np.ndarray, labels: np.ndarray) -> None:
     folder = split_path(prepared_dir, split)
     for name, array in (("images", images), ("labels", labels)):
-        atomic_write(folder / f"{name}.npy", lambda handle, array=array: np.save(handle, array, allow_pickle=False))
+        atomic_write(folder / f"{name}.npy", lambda handle, array=array: np.save(handle, array, allow_pickle=False),
+                     array.nbytes)  # and .npy's header, 128 bytes
 
 
 def read_split(folder: Path) -> tuple[np.ndarray, np.ndarray]:
