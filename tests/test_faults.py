@@ -10,11 +10,16 @@ tests that use them skip elsewhere, saying so (tests/faults.py).
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
+import select
 import shutil
 import signal
+import struct
 import subprocess
+import termios
+import time
 from pathlib import Path
 
 import pytest
@@ -120,6 +125,36 @@ def start_train(path: Path, env: dict[str, str]) -> subprocess.Popen:
                             text=True, start_new_session=True)
 
 
+def start_on_a_terminal(path: Path, env: dict[str, str]) -> tuple[subprocess.Popen, int]:
+    """train@batchnorm's command in a process group of its own, its stderr a terminal (a pty): it
+    draws each epoch's progress bar as that epoch trains. Returns the process and the terminal."""
+    terminal, stderr = os.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # tqdm draws on 0 columns nothing
+    process = subprocess.Popen(TRAIN, cwd=path, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True,
+                               start_new_session=True)
+    os.close(stderr)
+    return process, terminal
+
+
+def read_terminal(terminal: int, until: str | None = None, timeout_s: float = 120) -> str:
+    """What the stage drew on its terminal: up to `until`, or all of it (till every process that
+    held the terminal has ended)."""
+    seen, deadline = "", time.monotonic() + timeout_s
+    while until is None or until not in seen:
+        if not select.select([terminal], [], [], max(0.0, deadline - time.monotonic()))[0]:
+            raise AssertionError(f"the stage's terminal: no {until or 'end'} within {timeout_s} s: {seen[-300:]!r}")
+        try:
+            chunk = os.read(terminal, 65536).decode(errors="replace")
+        except OSError:  # EIO: no process holds the terminal any more
+            chunk = ""
+        if not chunk and until is not None:
+            raise AssertionError(f"the stage ended before {until!r} on its terminal: {seen[-300:]!r}")
+        if not chunk:
+            return seen
+        seen += chunk
+    return seen
+
+
 def finish(process: subprocess.Popen) -> tuple[str, str]:
     try:
         return process.communicate(timeout=120)
@@ -222,25 +257,37 @@ def test_read_only_folder(project, clean, folder):
 @pytest.mark.parametrize("to_group", [False, True], ids=["stage", "group"])
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL], ids=lambda s: s.name)
 def test_signal_at_an_epoch(project, clean, signum, to_group):
+    """SIGINT (Ctrl-C at its terminal) or SIGTERM while epoch 2 trains: the state of epoch 1 is
+    kept. SIGKILL once epoch 1 is recorded (before, nothing would be there to resume)."""
     path, env = project
-    process = start_train(path, env)
-    wait_for_epoch(process, 1)
-    (os.killpg if to_group else os.kill)(process.pid, signum)
-    stdout, stderr = finish(process)
+    process, terminal = start_on_a_terminal(path, env)
+    try:
+        if signum == signal.SIGKILL:
+            wait_for_epoch(process, 1)
+        else:
+            read_terminal(terminal, until="batchnorm epoch 2")  # its progress bar: epoch 2 trains
+        (os.killpg if to_group else os.kill)(process.pid, signum)
+        stdout, _ = finish(process)
+        stderr = read_terminal(terminal).replace("\r\n", "\n")
+    finally:
+        os.close(terminal)
     print(f"what the user saw: {stderr}")
     if signum == signal.SIGKILL:
         assert process.returncode == -signal.SIGKILL
+        # Training runs ahead of the records (the first waits ~2 s for MLflow's start): the kill finds
+        # epoch 1 recorded, perhaps later ones too.
+        kept = checkpoint.load(path / SCRATCH / "last.pt")["epoch"]
+        assert 1 <= kept == last_epoch(1, stdout) <= EPOCHS
     else:
         assert process.returncode == 1 and "Traceback" not in stderr, stderr
-        assert stderr.strip().splitlines()[-1].startswith("error: train@batchnorm: interrupted; `dvc repro` resumes after the "
-                                            f"last completed epoch ({path / SCRATCH / 'last.pt'})")
+        assert stderr.strip().splitlines()[-1].split("\r")[-1] == (
+            "error: train@batchnorm: interrupted; `dvc repro` resumes after the last completed epoch "
+            f"({path / SCRATCH / 'last.pt'})")
+        kept = checkpoint.load(path / SCRATCH / "last.pt")["epoch"]
+        assert kept == 1
     assert_nothing_left(path)  # its tracking process too, even when SIGKILL left it no word
-    # Training runs ahead of the records (the first waits ~2 s for MLflow's start): the signal finds
-    # epoch 1 recorded and later ones trained; those recorded by its end are kept, the outputs untouched.
-    kept = checkpoint.load(path / SCRATCH / "last.pt")
-    assert 1 <= kept["epoch"] == last_epoch(1, stdout) <= EPOCHS
-    assert files(path, *TRAIN_OUTPUTS) == files(clean[0], *TRAIN_OUTPUTS)
-    resume_to_clean_outputs(path, env, clean[0], kept["epoch"])
+    assert files(path, *TRAIN_OUTPUTS) == files(clean[0], *TRAIN_OUTPUTS)  # untouched
+    resume_to_clean_outputs(path, env, clean[0], kept)
 
 
 # A damaged input, the stage that reads it, and that stage's line.
