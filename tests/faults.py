@@ -1,14 +1,19 @@
 """Real faults for the fault tier: a full disk (a small tmpfs mounted over a folder), a read-only
-folder (a read-only bind mount), and what is left running afterwards. Mounting needs root (CI runs
+folder (a read-only bind mount), a command on a terminal (to signal it where a user would), and
+what is left running afterwards. Mounting needs root (CI runs
 as root); elsewhere the tests that use these skip, saying why."""
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
+import select
 import shutil
+import struct
 import subprocess
 import tempfile
+import termios
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -89,6 +94,36 @@ def read_only(path: Path):
         yield path
     finally:
         _umount(path)
+
+
+def start_on_a_terminal(command: list[str], path: Path, env: dict[str, str]) -> tuple[subprocess.Popen, int]:
+    """`command` in `path`, in a process group of its own, its stderr a terminal (a pty), as a user
+    runs it: a train stage draws each epoch's progress bar there. Returns the process and the terminal."""
+    terminal, stderr = os.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # tqdm draws on 0 columns nothing
+    process = subprocess.Popen(command, cwd=path, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True,
+                               start_new_session=True)
+    os.close(stderr)
+    return process, terminal
+
+
+def read_terminal(terminal: int, until: str | None = None, timeout_s: float = 120) -> str:
+    """What a process drew on its terminal: up to `until`, or all of it (till every process that
+    held the terminal has ended)."""
+    seen, deadline = "", time.monotonic() + timeout_s
+    while until is None or until not in seen:
+        if not select.select([terminal], [], [], max(0.0, deadline - time.monotonic()))[0]:
+            raise AssertionError(f"the stage's terminal: no {until or 'end'} within {timeout_s} s: {seen[-300:]!r}")
+        try:
+            chunk = os.read(terminal, 65536).decode(errors="replace")
+        except OSError:  # EIO: no process holds the terminal any more
+            chunk = ""
+        if not chunk and until is not None:
+            raise AssertionError(f"the stage ended before {until!r} on its terminal: {seen[-300:]!r}")
+        if not chunk:
+            return seen
+        seen += chunk
+    return seen
 
 
 def processes_under(root: Path) -> list[psutil.Process]:

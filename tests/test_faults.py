@@ -10,16 +10,11 @@ tests that use them skip elsewhere, saying so (tests/faults.py).
 
 from __future__ import annotations
 
-import fcntl
 import os
 import re
-import select
 import shutil
 import signal
-import struct
 import subprocess
-import termios
-import time
 from pathlib import Path
 
 import pytest
@@ -27,7 +22,7 @@ import yaml
 
 from pipeline.nn import checkpoint
 from tests.conftest import TINY_PARAMS, make_project, run, stage_command, tiny_mnist_arrays, write_mirror
-from tests.faults import fill, full_disk, read_only, wait_until_none_left
+from tests.faults import fill, full_disk, read_only, read_terminal, start_on_a_terminal, wait_until_none_left
 from tests.test_train import wait_for_epoch
 
 EPOCHS = 4
@@ -55,7 +50,8 @@ def clean(tmp_path_factory) -> tuple[Path, dict[str, str]]:
 
 @pytest.fixture
 def project(clean, tmp_path) -> tuple[Path, dict[str, str]]:
-    """A copy of the clean project (its DVC cache and MLflow store too) for one fault."""
+    """A copy of the clean project (its DVC cache and MLflow store too) for one fault. (Its MLflow
+    experiment's artifact location is the clean project's, an absolute path: no test reads them.)"""
     path = tmp_path / "project"
     shutil.copytree(clean[0], path, symlinks=True)
     return path, clean[1]
@@ -80,10 +76,9 @@ def stage(command: list[str], path: Path, env: dict[str, str]) -> subprocess.Com
     return run(command, path, env, timeout=300, check=False)
 
 
-def last_line(result: subprocess.CompletedProcess | str) -> str:
-    stderr = result if isinstance(result, str) else result.stderr
-    print(f"what the user saw: {stderr}")  # in the report of a failure, or with -rP
-    return stderr.strip().splitlines()[-1]
+def last_line(result: subprocess.CompletedProcess) -> str:
+    print(f"what the user saw: {result.stderr}")  # in the report of a failure, or with -rP
+    return result.stderr.strip().splitlines()[-1]
 
 
 def assert_one_line(result: subprocess.CompletedProcess, pattern: str) -> None:
@@ -123,36 +118,6 @@ def start_train(path: Path, env: dict[str, str]) -> subprocess.Popen:
     """train@batchnorm's command in a process group of its own."""
     return subprocess.Popen(TRAIN, cwd=path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
-
-
-def start_on_a_terminal(path: Path, env: dict[str, str]) -> tuple[subprocess.Popen, int]:
-    """train@batchnorm's command in a process group of its own, its stderr a terminal (a pty): it
-    draws each epoch's progress bar as that epoch trains. Returns the process and the terminal."""
-    terminal, stderr = os.openpty()
-    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # tqdm draws on 0 columns nothing
-    process = subprocess.Popen(TRAIN, cwd=path, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True,
-                               start_new_session=True)
-    os.close(stderr)
-    return process, terminal
-
-
-def read_terminal(terminal: int, until: str | None = None, timeout_s: float = 120) -> str:
-    """What the stage drew on its terminal: up to `until`, or all of it (till every process that
-    held the terminal has ended)."""
-    seen, deadline = "", time.monotonic() + timeout_s
-    while until is None or until not in seen:
-        if not select.select([terminal], [], [], max(0.0, deadline - time.monotonic()))[0]:
-            raise AssertionError(f"the stage's terminal: no {until or 'end'} within {timeout_s} s: {seen[-300:]!r}")
-        try:
-            chunk = os.read(terminal, 65536).decode(errors="replace")
-        except OSError:  # EIO: no process holds the terminal any more
-            chunk = ""
-        if not chunk and until is not None:
-            raise AssertionError(f"the stage ended before {until!r} on its terminal: {seen[-300:]!r}")
-        if not chunk:
-            return seen
-        seen += chunk
-    return seen
 
 
 def finish(process: subprocess.Popen) -> tuple[str, str]:
@@ -260,7 +225,7 @@ def test_signal_at_an_epoch(project, clean, signum, to_group):
     """SIGINT (Ctrl-C at its terminal) or SIGTERM while epoch 2 trains: the state of epoch 1 is
     kept. SIGKILL once epoch 1 is recorded (before, nothing would be there to resume)."""
     path, env = project
-    process, terminal = start_on_a_terminal(path, env)
+    process, terminal = start_on_a_terminal(TRAIN, path, env)
     try:
         if signum == signal.SIGKILL:
             wait_for_epoch(process, 1)
