@@ -45,7 +45,11 @@ def test_a_bug_is_not_swallowed():
                    "then `dvc repro` resumes where this stopped"),
     (errno.EROFS, "error: out: read-only file system (writing last.pt, 3 bytes); make it writable, "
                   "then `dvc repro` resumes where this stopped"),
-], ids=["full", "read-only"])
+    (errno.EDQUOT, "error: out: disk quota exceeded (writing last.pt, 3 bytes); free some space there, "
+                   "then `dvc repro` resumes where this stopped"),
+    (errno.EACCES, "error: out: permission denied (writing last.pt, 3 bytes); make it writable, "
+                   "then `dvc repro` resumes where this stopped"),
+], ids=["full", "read-only", "quota", "not-the-users"])
 def test_a_failed_write_is_one_line_naming_its_folder_and_bytes(tmp_path, monkeypatch, capsys, code, line):
     monkeypatch.chdir(tmp_path)
 
