@@ -314,7 +314,7 @@ def pytest_collection_modifyitems(items):
     items.sort(key=lambda item: item.module not in long_modules)  # stable: each module's order kept
 
 
-@pytest.hookimpl(wrapper=True)
+@pytest.hookimpl(wrapper=True, optionalhook=True)  # a hook of pytest-timeout, a test dependency
 def pytest_timeout_set_timer(item, settings):
     """A test past pyproject.toml's `timeout` fails with the processes still running under it."""
     import signal
