@@ -114,12 +114,6 @@ def resume_to_clean_outputs(path: Path, env: dict[str, str], clean: Path, after:
     assert not (path / SCRATCH).exists()
 
 
-def start_train(path: Path, env: dict[str, str]) -> subprocess.Popen:
-    """train@batchnorm's command in a process group of its own."""
-    return subprocess.Popen(TRAIN, cwd=path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
-
-
 def finish(process: subprocess.Popen) -> tuple[str, str]:
     try:
         return process.communicate(timeout=120)
@@ -128,22 +122,17 @@ def finish(process: subprocess.Popen) -> tuple[str, str]:
 
 
 def test_full_disk_under_the_resumable_state(project, clean):
+    """A disk with room for one epoch's state (best.pt and last.pt, and one more file being
+    written), not for epoch 2's: an atomic write needs the old file and the new one at once."""
     path, env = project
-    with full_disk(path / SCRATCH.parent, size="4m", keep=False) as disk:  # the stage deletes SCRATCH
-        process = start_train(path, env)
-        wait_for_epoch(process, 1)
-        os.kill(process.pid, signal.SIGSTOP)  # the disk fills between two epochs' writes
-        filler = fill(disk)
-        os.kill(process.pid, signal.SIGCONT)
-        stdout, stderr = finish(process)
-        result = subprocess.CompletedProcess(TRAIN, process.returncode, stdout, stderr)
-        assert_one_line(result, rf"error: {SCRATCH}: no space left on device \(writing (best|last)\.pt, "
-                                rf"[\d,]+ bytes\); free some space there, {re.escape(RESUMES)}")
+    state = (clean[0] / "data" / "checkpoints" / "batchnorm" / "best.pt").stat().st_size  # as each state file
+    with full_disk(path / SCRATCH.parent, size=f"{int(2.5 * state) // 1024}k", keep=False):  # the stage deletes SCRATCH
+        result = stage(TRAIN, path, env)
+        assert_one_line(result, rf"error: {SCRATCH}: no space left on device \(writing best\.pt, [\d,]+ bytes\); "
+                                rf"free some space there, {re.escape(RESUMES)}")
         assert_nothing_left(path)
-        kept = checkpoint.load(path / SCRATCH / "last.pt")  # the last epoch it finished, intact
-        assert 1 <= kept["epoch"] == last_epoch(1, stdout) < EPOCHS
-        filler.unlink()
-        resume_to_clean_outputs(path, env, clean[0], kept["epoch"])
+    assert checkpoint.load(path / SCRATCH / "last.pt")["epoch"] == 1  # the last epoch it finished, whole
+    resume_to_clean_outputs(path, env, clean[0], 1)  # on a disk with room
 
 
 @pytest.mark.parametrize("folder", TRAIN_OUTPUTS)
