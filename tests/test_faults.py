@@ -247,7 +247,14 @@ def test_signal_at_an_epoch(project, clean, signum, to_group):
 # A damaged input, the stage that reads it, and that stage's line.
 DAMAGED = {
     "prepared-truncated": ("data/prepared/train/images.npy", TRAIN, r"error: data/prepared/train: unreadable .*"),
-    "raw-garbage": ("data/raw/train-images-idx3-ubyte.gz", stage_command("prepare"), r"error: .*train-images.*"),
+    "prepared-garbage": ("data/prepared/test/labels.npy", stage_command("evaluate", "batchnorm"),
+                         r"error: data/prepared/test: unreadable .*"),
+    "raw-truncated": ("data/raw/train-labels-idx1-ubyte.gz", stage_command("prepare"),
+                      r"error: data/raw/train-labels-idx1-ubyte\.gz: .*"),
+    "raw-garbage": ("data/raw/train-images-idx3-ubyte.gz", stage_command("prepare"),
+                    r"error: data/raw/train-images-idx3-ubyte\.gz: .*"),
+    "checkpoint-truncated": ("data/checkpoints/batchnorm/weights.npz", stage_command("evaluate", "batchnorm"),
+                             r"error: data/checkpoints/batchnorm/weights\.npz: .*"),
     "checkpoint-garbage": ("data/checkpoints/batchnorm/weights.npz", stage_command("evaluate", "batchnorm"),
                            r"error: data/checkpoints/batchnorm/weights\.npz: .*"),
 }
