@@ -6,14 +6,15 @@
 #
 # The tests in tiers, by pytest markers (pyproject.toml; tests/conftest.py marks each test by what
 # it starts): `make test-fast` runs every test that starts no server, cluster, queue or whole
-# `dvc repro` and trains nothing on real MNIST, in a few minutes; `make test-team`, `make test-lab`, ... one tier each.
+# `dvc repro`, trains nothing on real MNIST and makes no real fault, in a few minutes; `make test-team`,
+# `make test-lab`, `make test-faults`, ... one tier each.
 
 PYTHON ?= python3
 VENV := .venv
 INSTALLED := $(VENV)/.installed-from-lock
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-TIERS := team cluster queue server repro ui lab
+TIERS := team cluster queue server repro ui lab faults
 # Three pytest processes (pytest-xdist), a test file each at a time, on CI's 2 cores: a stage
 # trains on one thread and many tests wait on servers, queues and clusters, so two left the cores
 # idle about a quarter of the time (14:15 in CI for ~1,300 CPU-seconds of work); three kept them

@@ -12,17 +12,21 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import gc
+import os
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 from pipeline.errors import PipelineError
 
 
 @contextlib.contextmanager
 def one_line_errors() -> Iterator[None]:
-    """A `PipelineError` (a user's mistake, a missing input) becomes `error: <one line>` on stderr
-    and its exit code; a bug keeps its traceback."""
+    """A `PipelineError` (a user's mistake, a missing input) or a folder it cannot write (full,
+    read-only, not its user's) becomes `error: <one line>` on stderr and its exit code; a bug
+    keeps its traceback."""
     try:
         yield
         # The process ends next. Python's last garbage collections would walk every object
@@ -32,9 +36,39 @@ def one_line_errors() -> Iterator[None]:
         one_line = " ".join(str(error).splitlines())  # a value quoted in the message may hold newlines
         print(f"error: {one_line}", file=sys.stderr)
         sys.exit(error.exit_code)
+    except OSError as error:
+        if error.errno not in UNWRITABLE:
+            raise
+        print(f"error: {unwritable(error)}", file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+# What a user's machine does to a write: a full disk or quota, a read-only mount, another owner.
+UNWRITABLE = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES}
+WAY_OUT = {errno.ENOSPC: "free some space there", errno.EDQUOT: "free some space there",
+           errno.EROFS: "make it writable", errno.EACCES: "make it writable"}
+
+
+def unwritable(error: OSError) -> str:
+    """`<folder>: <what is wrong> (writing <file>, <bytes> bytes); <way out>, then ...`: the folder
+    a write failed in, the file and the bytes it needed where known (pipeline.fsio notes them)."""
+    what = error.strerror[0].lower() + error.strerror[1:] if error.strerror else os.strerror(error.errno)
+    rerun = f"{WAY_OUT[error.errno]}, then `dvc repro` resumes where this stopped"
+    if not error.filename:
+        return f"{what}; {rerun}"
+    path = Path(os.fsdecode(error.filename))
+    folder, file = (path, None) if path.is_dir() else (path.parent, path.name)
+    writing = ", ".join([*([f"writing {file}"] if file else []), *getattr(error, "__notes__", [])])
+    return f"{shown(folder)}: {what}{f' ({writing})' if writing else ''}; {rerun}"
+
+
+def shown(path: Path) -> str:
+    """`path` relative to the working directory (the repository) where it is inside it."""
+    absolute = path.absolute()
+    return str(absolute.relative_to(Path.cwd())) if absolute.is_relative_to(Path.cwd()) else str(path)
 
 
 def parser(doc: str) -> argparse.ArgumentParser:

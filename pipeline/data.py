@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,7 +50,7 @@ def read_raw_split(raw_dir: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
         path = raw_dir / f"{name}.gz"
         try:
             arrays.append(decode_idx(gzip.decompress(path.read_bytes()), str(path)))
-        except OSError as error:
+        except (OSError, EOFError, zlib.error) as error:  # missing, not gzip, cut short, damaged inside
             raise DataError(f"{path}: cannot read ({error}); run the download stage") from None
     images, labels = arrays
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
@@ -81,7 +82,8 @@ def split_path(prepared_dir: Path, split: str) -> Path:
 def write_split(prepared_dir: Path, split: str, images: np.ndarray, labels: np.ndarray) -> None:
     folder = split_path(prepared_dir, split)
     for name, array in (("images", images), ("labels", labels)):
-        atomic_write(folder / f"{name}.npy", lambda handle, array=array: np.save(handle, array, allow_pickle=False))
+        atomic_write(folder / f"{name}.npy", lambda handle, array=array: np.save(handle, array, allow_pickle=False),
+                     array.nbytes)  # and .npy's header, 128 bytes
 
 
 def read_split(folder: Path) -> tuple[np.ndarray, np.ndarray]:

@@ -1,4 +1,9 @@
-"""Atomic file writes: a reader sees the old file or the new one, never half of either."""
+"""Atomic file writes: a reader sees the old file or the new one, never half of either.
+
+A write that fails (a full disk, a read-only folder) raises an `OSError` naming the file it was
+writing, not the temporary one (a failed `write` names no file at all), with the bytes it needed
+where they are known; `pipeline.cli` turns it into one line.
+"""
 
 from __future__ import annotations
 
@@ -10,22 +15,30 @@ from pathlib import Path
 from typing import IO
 
 
-def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+def atomic_write(path: Path, write: Callable[[IO[bytes]], None], size: int | None = None) -> None:
+    """`write` fills a temporary file beside `path` that then replaces it; `size`: the bytes it
+    writes, where known, for the error a full disk gives."""
+    path.parent.mkdir(parents=True, exist_ok=True)  # its error names the folder it could not make
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as handle:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    except OSError as error:
+        failed = OSError(error.errno, error.strerror, str(path))
+        if size is not None:
+            failed.add_note(f"{size:,} bytes")
+        raise failed from error
+    finally:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)  # a failed or interrupted write leaves the previous file as it was
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    atomic_write(path, lambda handle: handle.write(data))
+    atomic_write(path, lambda handle: handle.write(data), len(data))
 
 
 def atomic_write_json(path: Path, value: object) -> None:

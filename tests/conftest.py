@@ -216,6 +216,9 @@ TIER_OF_HELPER = {
     "tests.mlflow_server.launch": "server",
     "tests.shared_project.reproduced_project": "repro",
     "tests.conftest.repro_pipeline": "repro",
+    "tests.faults.full_disk": "faults",
+    "tests.faults.read_only": "faults",
+    "tests.faults.wait_until_none_left": "faults",
 }
 
 
@@ -254,3 +257,34 @@ def pytest_collection_modifyitems(items):
             item.add_marker(tier)
     long_modules = {item.module for item in items if LONG_TIERS & {mark.name for mark in item.iter_markers()}}
     items.sort(key=lambda item: item.module not in long_modules)  # stable: each module's order kept
+
+
+@pytest.hookimpl(wrapper=True, optionalhook=True)  # a hook of pytest-timeout, a test dependency
+def pytest_timeout_set_timer(item, settings):
+    """A test past pyproject.toml's `timeout` fails with the processes still running under it."""
+    import signal
+
+    armed = yield
+    fail = signal.getsignal(signal.SIGALRM)
+    if callable(fail):  # pytest-timeout's signal method, this platform's default
+
+        def report_then_fail(signum, frame):
+            __tracebackhide__ = True
+            item.add_report_section("timeout", "processes still running", process_tree())
+            fail(signum, frame)
+
+        signal.signal(signal.SIGALRM, report_then_fail)
+    return armed
+
+
+def process_tree() -> str:
+    """This process's descendants, a line each: pid, parent, status, command line."""
+    import psutil
+
+    lines = []
+    for process in psutil.Process().children(recursive=True):
+        try:
+            lines.append(f"{process.pid} (parent {process.ppid()}, {process.status()}): {' '.join(process.cmdline())}")
+        except psutil.Error:  # gone meanwhile
+            pass
+    return "\n".join(lines) or "none"

@@ -121,7 +121,7 @@ def test_a_killed_command_takes_its_forked_stage_with_it(tmp_path, monkeypatch, 
         command = train_past_epoch_1(path)
         [stage] = forked_pids(log, "pipeline.stages.train")
         command.kill()  # SIGKILL: the command cannot pass it on, its closed connection tells the server
-        command.wait()
+        command.wait(timeout=30)
         deadline = time.monotonic() + 30
         while is_running(stage) and time.monotonic() < deadline:
             time.sleep(0.1)

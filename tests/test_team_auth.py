@@ -107,7 +107,7 @@ def test_no_secret_in_the_servers_command_lines_log_or_state_folder(server):
                create_user(server.uri, server.admin_password, "grace")]
     assert statuses(server, "grace", secrets[-1]) == {200}
     processes = subprocess.run(["ps", "-o", "args=", "--sid", str(server.process.pid)], capture_output=True,
-                               text=True, check=True).stdout.splitlines()  # the server, uvicorn and its workers
+                               text=True, check=True, timeout=30).stdout.splitlines()  # the server, uvicorn and its workers
     assert len(processes) >= 3 and not [line for line in processes if any(secret in line for secret in secrets)]
     for file in server.folder.rglob("*"):  # the user store holds hashes, the log no password
         if file.is_file():
