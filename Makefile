@@ -13,7 +13,7 @@ VENV := .venv
 INSTALLED := $(VENV)/.installed-from-lock
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-TIERS := team cluster queue server repro ui lab
+TIERS := team cluster queue server repro ui lab faults
 # Three pytest processes (pytest-xdist), a test file each at a time, on CI's 2 cores: a stage
 # trains on one thread and many tests wait on servers, queues and clusters, so two left the cores
 # idle about a quarter of the time (14:15 in CI for ~1,300 CPU-seconds of work); three kept them
