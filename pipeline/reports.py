@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
-import os
 import sys
 from pathlib import Path
 
@@ -135,35 +134,12 @@ def comparison_figures(histories: dict[str, dict], order: list[str]) -> dict[str
 
 
 def comparison_plots(histories: dict[str, dict], out_dir: Path, order: list[str]) -> list[Path]:
-    """`comparison_figures` as `<stem>.png` files in `out_dir`. The four-in-one `curves` is half
-    the drawing (the lab's: 0.24 of 0.45 s), and the compare stage runs alone after the others:
-    it is drawn in a forked child meanwhile, on a core that would idle."""
-    figures = comparison_figures(histories, order)
-    paths = {stem: out_dir / f"{stem}.png" for stem in figures}
-    curves = _save_aside(figures.pop("curves"), paths["curves"])
-    for stem, fig in figures.items():
-        _save(fig, paths[stem])
-    curves()
-    return list(paths.values())
-
-
-def _save_aside(fig, path: Path):
-    """`_save(fig, path)` in a forked child; returns the function that waits for it (and saves
-    the figure here where the child failed, so that its error is raised here)."""
-    pid = os.fork()
-    if pid == 0:  # only draws and writes its file, then ends without this process's exit work
-        code = 1
-        try:
-            _save(fig, path)
-            code = 0
-        finally:
-            os._exit(code)
-
-    def wait() -> None:
-        if os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) != 0:
-            _save(fig, path)
-
-    return wait
+    """`comparison_figures` as `<stem>.png` files in `out_dir`."""
+    paths = []
+    for stem, fig in comparison_figures(histories, order).items():
+        paths.append(out_dir / f"{stem}.png")
+        _save(fig, paths[-1])
+    return paths
 
 
 def seed_dots_figure(test_acc: dict[str, list[float]], order: list[str]):

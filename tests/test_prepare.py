@@ -16,7 +16,8 @@ import yaml
 
 from pipeline.data import DataError, load_split, read_manifest
 from pipeline.config.params import DataParams
-from pipeline.stages.prepare import prepare, split_indices
+from pipeline.stages.prepare import prepare, split_indices, torch_randperm
+from pipeline.config.variant import MAX_SEED
 from tests.conftest import TINY_PARAMS, stage_env, with_value
 
 PREPARE = [sys.executable, "-m", "pipeline.stages.prepare", "--raw", "data/raw", "--out", "data/prepared"]
@@ -41,6 +42,20 @@ def test_split_indices_depend_only_on_the_seed():
     first, again, other = split_indices(100, 20, seed=7), split_indices(100, 20, seed=7), split_indices(100, 20, seed=8)
     assert all(np.array_equal(a, b) for a, b in zip(first, again))
     assert not np.array_equal(first[1], other[1])
+
+
+@pytest.mark.parametrize("n, seed", [(60_000, 0), (60_000, 42), (60_000, MAX_SEED), (600, 2**32 + 5), (2, 7), (1, 0)])
+def test_the_split_is_torchs_seeded_permutation_drawn_in_numpy(n, seed):
+    """prepare draws torch.randperm's permutation without importing torch: the same rows, so the
+    same split as every result computed before (MNIST's 60,000 training images, any seed)."""
+    expected = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).numpy()
+    assert np.array_equal(torch_randperm(n, seed), expected)
+
+
+def test_the_prepare_stage_does_not_import_torch(tmp_path):
+    code = "import sys, pipeline.stages.prepare; print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], env=stage_env(), capture_output=True, text=True, timeout=60)
+    assert result.stdout.split() == ["False"], result.stderr
 
 
 @pytest.mark.parametrize("val_size", [0, 50, 60])

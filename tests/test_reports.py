@@ -41,12 +41,12 @@ def test_twelve_variant_plots_render_identically_twice(tmp_path):
     assert outputs[0] == outputs[1]
 
 
-def test_the_figure_drawn_in_a_child_is_the_one_drawn_here(tmp_path):
-    """comparison_plots draws `curves` in a forked child: its file holds this process's bytes."""
+def test_the_files_written_hold_each_figures_tight_png(tmp_path):
+    """comparison_plots writes each of comparison_figures as tight_png draws it, in their order."""
     histories, test_acc = many_variants(variants=VARIANTS[:2])
     order = ranking({v: mean_std(test_acc[v])[0] for v in VARIANTS[:2]})
-    written = {path.stem: path.read_bytes() for path in comparison_plots(histories, tmp_path, order)}
-    assert written == {stem: tight_png(fig) for stem, fig in comparison_figures(histories, order).items()}
+    written = [(path.stem, path.read_bytes()) for path in comparison_plots(histories, tmp_path, order)]
+    assert written == [(stem, tight_png(fig)) for stem, fig in comparison_figures(histories, order).items()]
 
 
 @pytest.mark.parametrize("variants, seeds", [(["batchnorm", "no_norm"], 1), (VARIANTS, 3)])

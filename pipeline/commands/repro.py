@@ -3,13 +3,12 @@ variants' train stages side by side.
 
 DVC runs a pipeline's stages one at a time, and each train stage trains on `train.threads`
 threads (1 by default, for bit-identical results): on a 2-core machine one core idles through
-most of the lab. The train stages do not depend on one another, and DVC lets independent stages
-run from separate `dvc repro` processes: it releases its repository lock while a stage's command
-runs, keeps each stage's dependencies and outputs under read/write locks of their own, and
-`dvc --wait-for-lock` waits for the repository lock where another process holds it (to write
-dvc.lock) instead of failing. So this command starts its fork server (pipeline/forkserver.py:
-each stage's command forked from a process that has imported torch and MLflow once), imports
-DVC once and forks each `dvc` command below from itself (`Dvc`), then runs, in order:
+most of the lab. The train stages do not depend on one another, and DVC's documented way to run
+independent stages in parallel is a `dvc repro` process each, with `--wait-for-lock`: DVC
+releases its repository lock while a stage's command runs, keeps each stage's dependencies and
+outputs under read/write locks of their own, and a command that finds the repository lock taken
+(to write dvc.lock) waits for it instead of failing. So this command validates the params (a
+mistake: one line, before DVC runs anything), then runs `dvc` processes, in order:
 
   1. `dvc status`: nothing to do, nothing more is run;
   2. `dvc repro prepare`, where one of the stages the train stages read from changed;
@@ -19,37 +18,45 @@ DVC once and forks each `dvc` command below from itself (`Dvc`), then runs, in o
   4. `dvc repro`: the rest (curves, compare, any evaluate left), exactly as DVC would.
 
 Each stage runs its own command with its own inputs, so the outputs and dvc.lock are the ones
-`dvc repro` writes (tests/test_pipeline.py holds them byte-identical). The published lab's
-two train stages, one seed each, take 12.6 s side by side against 17.2 s one after another
-(2 cores, medians of 3; docs/performance.md). `--force` forces every stage, as `dvc repro --force` does; any
-other argument (targets, `-s`, `--dry`, ...) goes to one plain `dvc repro`.
+`dvc repro` writes (tests/test_pipeline.py holds them byte-identical). `--force` forces every
+stage, as `dvc repro --force` does; any other argument (targets, `-s`, `--dry`, ...) goes to one
+plain `dvc repro`.
+
+Nothing it starts outlives it (tests/test_repro_faults.py): each `dvc` runs in a process group of
+its own, with the stages it runs; a signal that ends this command (Ctrl-C, SIGTERM to it or to
+`make`, which passes it on), `make`'s death, or a failed chain sends each running group the
+signal (SIGINT for a failed chain, as Ctrl-C: the train stages close their runs KILLED), and
+what is alive GRACE_S later is killed.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
-import functools
-import importlib
 import json
 import os
-import sys
+import signal
+import subprocess
+import tempfile
 import time
 from pathlib import Path
 
 import yaml
 
-from pipeline import cli, forkserver
+from pipeline import cli
 from pipeline.errors import PipelineError
-from pipeline.handoff import ADDRESS_VARIABLE, OFF
 
 TRAIN_PREFIX = "train@"  # dvc.yaml's `train: foreach: ${variants}`
 EVALUATE_PREFIX = "evaluate@"  # and `evaluate: foreach: ${variants}`
 # The stages every train stage reads from, in dvc.yaml's order (tests/test_repro.py holds them to
 # it); `dvc repro prepare` brings them all up to date.
 UPSTREAM = ("check", "download", "prepare")
-# What the fork server forked, or refused and why (pipeline/forkserver.py), for the last run.
-FORKSERVER_LOG = Path(".dvc/tmp/forkserver.log")
+WAIT_FOR_LOCK = "--wait-for-lock"  # every dvc command this runs: the chains take the lock in turn
+POLL_S = 0.01  # the next command starts within 10 ms of one's end; a signal or make's end is seen as soon
+# What the stages get to end on the signal (a train stage closes its runs KILLED, ~0.1 s with a
+# local store) before their groups are killed: whatever ends this command, nothing it started
+# is alive 5 s later.
+GRACE_S = 3.0
+STOPPING = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 class DvcFailed(PipelineError):
@@ -60,139 +67,108 @@ class DvcFailed(PipelineError):
         self.exit_code = exit_code
 
 
-# What a `dvc` command imports, once in this process: each command is then forked from it and runs
-# `dvc.cli.main`, what the `dvc` script runs, instead of importing DVC anew. `make repro` runs three
-# to six of them, two beside the fork server's imports at the start; `dvc status` 0.74 -> 0.28 s,
-# `dvc repro -s evaluate@batchnorm` 1.11 -> 0.68 s (AMD EPYC with AVX-512, medians of 3).
-DVC_PRELOAD = (
-    "dvc.cli", "dvc.cli.parser", "dvc.commands.repro", "dvc.commands.status", "dvc.repo", "dvc.repo.index",
-    "dvc.repo.reproduce", "dvc.repo.status", "dvc.repo.plots", "dvc.repo.metrics", "dvc.repo.params",
-    "dvc.repo.stage", "dvc.stage.cache", "dvc.lock", "dvc.rwlock", "dvc.scm", "dvc.cachemgr", "dvc.data_cloud",
-    "dvc_data.hashfile.db.local", "dvc_data.hashfile.status", "configobj", "dulwich.index", "dulwich.worktree",
-    "dulwich.ignore", "psutil", "ruamel.yaml", "pyparsing", "platformdirs",
-)
+class Stopped(PipelineError):
+    """This command was sent a signal, or whatever started it ended."""
+
+    def __init__(self, signum: int, cause: str) -> None:
+        super().__init__(f"{cause}: the dvc commands and stages it started were stopped; `make repro` "
+                         "resumes where they were")
+        self.exit_code = 128 + signum
 
 
-WAIT_FOR_LOCK = "--wait-for-lock"  # every dvc command this runs (start_dvc)
-LOCK_RETRY_S = 0.05  # how often a waiting one tries the repository lock again (dvc_main)
+class Dvcs:
+    """The `dvc --wait-for-lock <args>` processes this command runs, each in a process group of its
+    own (with the stages it runs), all stopped when the block ends: on a signal this process is sent
+    (SIGINT, SIGTERM, SIGHUP), its parent's end, a failure, or an error here."""
+
+    def __init__(self) -> None:
+        self.running: dict[str, subprocess.Popen] = {}
+        self.signum: int | None = None
+        self.parent = os.getppid()
+
+    def __enter__(self) -> Dvcs:
+        self.previous = {signum: signal.signal(signum, self.receive) for signum in STOPPING}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop(self.signum or signal.SIGTERM)
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+    def receive(self, signum: int, frame) -> None:
+        self.signum = self.signum or signum  # seen by `check` within POLL_S
+
+    def check(self) -> None:
+        """Raises `Stopped` where a signal came or the parent (`make`) is gone."""
+        if self.signum is not None:
+            raise Stopped(self.signum, f"interrupted by {signal.Signals(self.signum).name}")
+        if os.getppid() != self.parent:  # `make` killed (SIGKILL passes nothing on)
+            self.signum = signal.SIGTERM
+            raise Stopped(self.signum, f"the process that started it ({self.parent}) ended")
+
+    def start(self, *args: str, stdout=None) -> subprocess.Popen:
+        self.check()
+        process = subprocess.Popen(["dvc", WAIT_FOR_LOCK, *args], stdout=stdout, process_group=0)
+        self.running[" ".join(args)] = process
+        return process
+
+    def ended(self) -> list[tuple[str, subprocess.Popen]]:
+        """The commands that ended since the last call, after waiting POLL_S for one."""
+        time.sleep(POLL_S)
+        self.check()
+        done = [(name, process) for name, process in self.running.items() if process.poll() is not None]
+        for name, _ in done:
+            del self.running[name]
+        return done
+
+    def output(self, *args: str, capture: bool = False) -> str:
+        """`dvc <args>` to its end, its standard output returned where `capture` (kept in a file,
+        which no answer fills), else on this terminal; its failure raises DvcFailed."""
+        with tempfile.TemporaryFile("w+") if capture else contextlib.nullcontext() as stdout:
+            process = self.start(*args, stdout=stdout)
+            while not self.ended():
+                pass
+            if process.returncode != 0:
+                raise DvcFailed(f"dvc {' '.join(args)} exited with {process.returncode}",
+                                exit_code=process.returncode)
+            if not capture:
+                return ""
+            stdout.seek(0)
+            return stdout.read()
+
+    def stop(self, signum: int) -> None:
+        """`signum` to each running command's group, SIGKILL to each GRACE_S later (a group outlives
+        its `dvc` where DVC died on SIGTERM before the stage it ran)."""
+        groups = [process.pid for process in self.running.values()]
+        _signal_groups(groups, signum)
+        deadline = time.monotonic() + GRACE_S
+        while any(_group_alive(group) for group in groups) and time.monotonic() < deadline:
+            for process in self.running.values():
+                process.poll()  # reaped: a group of zombies is empty
+            time.sleep(POLL_S)
+        _signal_groups(groups, signal.SIGKILL)
+        for process in self.running.values():
+            process.wait()
+        self.running.clear()
 
 
-class Dvc:
-    """`dvc <args>` started in a child process (as a Popen: `poll`, `wait`, `returncode`);
-    `capture`: its standard output kept in `output`, its standard error on this terminal."""
-
-    def __init__(self, *args: str, capture: bool = False) -> None:
-        self.returncode, self.output = None, ""
-        read, write = os.pipe() if capture else (None, None)
-        self.pid = start_dvc(list(args), stdout=write)
-        if read is not None:
-            os.close(write)
-            with os.fdopen(read) as pipe:
-                self.output = pipe.read()
-
-    def poll(self) -> int | None:
-        if self.returncode is None and (status := os.waitpid(self.pid, os.WNOHANG))[0]:
-            self.returncode = os.waitstatus_to_exitcode(status[1])
-        return self.returncode
-
-    def wait(self) -> int:
-        if self.returncode is None:
-            self.returncode = os.waitstatus_to_exitcode(os.waitpid(self.pid, 0)[1])
-        return self.returncode
+def _signal_groups(groups: list[int], signum: int) -> None:
+    for group in groups:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(group, signum)
 
 
-def start_dvc(args: list[str], stdout: int | None) -> int:
-    """The pid of a child forked from this process that runs `dvc --wait-for-lock <args>`
-    (`dvc.cli.main`), with `stdout` (a descriptor) as its standard output where given; with
-    `PIPELINE_FORKSERVER=0`, no fork server and no forking: a `dvc` process.
-
-    Each waits for the repository lock where another holds it (the variants' chains take it in
-    turn), instead of failing after 3 s."""
-    args = [WAIT_FOR_LOCK, *args]
-    if os.environ.get(ADDRESS_VARIABLE) == OFF:
-        actions = [] if stdout is None else [(os.POSIX_SPAWN_DUP2, stdout, 1)]
-        return os.posix_spawnp("dvc", ["dvc", *args], os.environ, file_actions=actions)
-    main = dvc_main()
-    sys.stdout.flush()  # a forked copy of unwritten output would be printed twice
-    sys.stderr.flush()
-    pid = os.fork()
-    if pid == 0:
-        if stdout is not None:
-            os.dup2(stdout, 1)
-        code = forkserver.exit_status(main, args)
-        # Not this process's exit functions: they would remove the fork server's socket
-        # (`forkserver.running`'s temporary folder); DVC registers none, and its threads are done.
-        for stream in (sys.stdout, sys.stderr):
-            stream.flush()
-        os._exit(code)
-    return pid
+def _group_alive(group: int) -> bool:
+    try:
+        os.killpg(group, 0)
+        return True
+    except ProcessLookupError:
+        return False
 
 
-@functools.cache
-def dvc_main():
-    """`dvc.cli.main`, DVC's modules imported, and two of its defaults changed for the commands
-    forked from here: the lock's poll and dvc.lock's read (`modify_yaml`)."""
-    for name in DVC_PRELOAD:
-        with contextlib.suppress(ImportError):  # a DVC release that moved it imports it itself
-            importlib.import_module(name)
-    import dvc.dvcfile
-    import dvc.lock
-    from dvc.cli import main
-    from dvc.utils.serialize import _common, _yaml
-
-    # A waiting command tries DVC's lock again every DEFAULT_TIMEOUT / 6 seconds: 0.5 s, a sleep
-    # that the variant finishing last took after its evaluate stage whenever the other chain held
-    # the lock. Every command here waits (start_dvc), so the value is only that poll: none gives
-    # up sooner (one that does not wait gives up after DEFAULT_TIMEOUT). Every 50 ms: 5 alternating
-    # pairs of the published lab's chains and the rest, 0.97 (8.09-8.55 s against 8.39-8.79 s;
-    # AMD EPYC family 26, 2026-12-04).
-    dvc.lock.DEFAULT_TIMEOUT = LOCK_RETRY_S * 6
-    if all(hasattr(module, name) for module, name in ((_common, "_load_data"), (_common, "_dump_data"),
-                                                      (_yaml, "parse_yaml"), (_yaml, "_dump"),
-                                                      (dvc.dvcfile, "modify_yaml"))):
-        dvc.dvcfile.modify_yaml = modify_yaml  # else a DVC that moved them: its own reads
-    return main
-
-
-@contextlib.contextmanager
-def modify_yaml(path, fs=None):
-    """dvc.dvcfile's `modify_yaml`, with a lock file read by ruamel's safe loader (libyaml)
-    instead of its round-trip one, then written by DVC's own dumper, where it changed: DVC
-    rereads and rewrites dvc.lock after each stage, and the round-trip read, which keeps the
-    comments and styles that a lock file has none of, was 67 ms of the ~110 (12-21 ms safe), the
-    write 39 ms (none for a stage rerun to the same outputs, as a forced run's). The same bytes
-    (tests/test_repro.py); dvc.yaml, which a user writes, keeps DVC's own read."""
-    from dvc.utils.serialize import _common, _yaml
-
-    if not os.fspath(path).endswith(".lock"):
-        with _yaml.modify_yaml(path, fs=fs) as data:
-            yield data
-        return
-    exists = fs.exists(os.fspath(path)) if fs else os.path.exists(path)
-    data = _common._load_data(path, parser=_yaml.parse_yaml, fs=fs) if exists else {}
-    before = copy.deepcopy(data)
-    yield data
-    if not exists or data != before:
-        _common._dump_data(path, data, dumper=_yaml._dump, fs=fs)
-
-
-def run_dvc(*args: str) -> None:
-    """`dvc <args>` on this terminal; its failure ends the command with its exit code."""
-    code = Dvc(*args).wait()
-    if code != 0:
-        raise DvcFailed(f"dvc {' '.join(args)} exited with {code}", exit_code=code)
-
-
-def dvc_output(*args: str) -> str:
-    dvc = Dvc(*args, capture=True)
-    if dvc.wait() != 0:
-        raise DvcFailed(f"dvc {' '.join(args)} exited with {dvc.returncode}", exit_code=dvc.returncode)
-    return dvc.output
-
-
-def stale_stages() -> set[str]:
+def stale_stages(dvcs: Dvcs) -> set[str]:
     """The stages `dvc repro` would run now (a dvc.yaml stage is named by itself in the answer)."""
-    return {name.rpartition(":")[2] for name in json.loads(dvc_output("status", "--json") or "{}")}
+    return {name.rpartition(":")[2] for name in json.loads(dvcs.output("status", "--json", capture=True) or "{}")}
 
 
 def upstream_outputs() -> dict:
@@ -214,62 +190,45 @@ def variant_chains(trains: list[str]) -> list[tuple[str, ...]]:
     return [(train, EVALUATE_PREFIX + train.removeprefix(TRAIN_PREFIX)) for train in trains]
 
 
-def side_by_side(chains: list[tuple[str, ...]], jobs: int, force: bool) -> None:
-    """`dvc repro -s <stages>` of each chain of stages, `jobs` at a time. After a failure no new
-    one starts; the error names the first that failed once the running ones have ended."""
+def side_by_side(dvcs: Dvcs, chains: list[tuple[str, ...]], jobs: int, force: bool) -> None:
+    """`dvc repro -s <stages>` of each chain of stages, `jobs` at a time. A failure stops the
+    others (SIGINT, as Ctrl-C) and names the chain that failed."""
     options = ["--force"] if force else []
-    pending, running, failed = list(chains), {}, []
-    while pending or running:
-        while pending and len(running) < jobs and not failed:
-            chain = pending.pop(0)
-            running[" ".join(chain)] = Dvc("repro", *options, "-s", *chain)
-        time.sleep(0.01)  # the rest starts within 10 ms of the last chain's end
-        for name, process in list(running.items()):
-            if process.poll() is not None:
-                del running[name]
-                if process.returncode != 0:
-                    failed.append((name, process.returncode))
-        if failed and not running:
-            name, code = failed[0]
-            raise DvcFailed(f"dvc repro -s {name} exited with {code}; the stages that had started "
-                            "with it ran to their end", exit_code=code)
+    pending = list(chains)
+    while pending or dvcs.running:
+        while pending and len(dvcs.running) < jobs:
+            dvcs.start("repro", *options, "-s", *pending.pop(0))
+        for name, process in dvcs.ended():
+            if process.returncode != 0:
+                dvcs.stop(signal.SIGINT)
+                raise DvcFailed(f"dvc {name} exited with {process.returncode}; the chains beside it "
+                                "were stopped", exit_code=process.returncode)
 
 
-def repro(force: bool = False, jobs: int | None = None) -> None:
-    # The fork server first: it imports torch and MLflow (~2 s, what the train stages wait for)
-    # while this process imports pydantic and reads the params (~0.1 s that used to come before the
-    # server's start), then asks `dvc status`. A mistake in params.yaml still ends the command
-    # before DVC runs anything.
-    with forkserver.running(log_to=FORKSERVER_LOG):
-        from pipeline.config.params import load_params
+def repro(dvcs: Dvcs, force: bool = False, jobs: int | None = None) -> None:
+    from pipeline.config.params import load_params  # pydantic: only where the params are read
 
-        params = load_params()
-        trains = [f"{TRAIN_PREFIX}{variant}" for variant in params.variants]
-        jobs = jobs or max(1, len(os.sched_getaffinity(0)) // params.train.threads)
-        stale = set() if force else stale_stages()
-        if not force and not stale:
-            print("Data and pipelines are up to date.")
-            return
-        run_stages(trains, jobs, force, stale)
-
-
-def run_stages(trains: list[str], jobs: int, force: bool, stale: set[str]) -> None:
+    params = load_params()  # a mistake ends the command here, in one line, before DVC runs
+    trains = [f"{TRAIN_PREFIX}{variant}" for variant in params.variants]
+    jobs = jobs or max(1, len(os.sched_getaffinity(0)) // params.train.threads)
+    stale = set() if force else stale_stages(dvcs)
+    if not force and not stale:
+        print("Data and pipelines are up to date.")
+        return
     force_option = ["--force"] if force else []
-    # Listed first, while the fork server imports (the stages wait for it), not on the way to the rest.
-    names = dvc_output("stage", "list", "--name-only").split() if force else []
+    names = dvcs.output("stage", "list", "--name-only", capture=True).split() if force else []
     before = upstream_outputs()
     if force or stale & set(UPSTREAM):
-        run_dvc("repro", *force_option, UPSTREAM[-1])
+        dvcs.output("repro", *force_option, UPSTREAM[-1])
     to_train = stale_trains(stale, trains, force or upstream_outputs() != before)
-    together = len(to_train) > 1 and jobs > 1
-    chains = variant_chains(to_train) if together else []
+    chains = variant_chains(to_train) if len(to_train) > 1 and jobs > 1 else []
     if chains:
-        side_by_side(chains, jobs, force)
+        side_by_side(dvcs, chains, jobs, force)
     if force:  # the rest, forced once
         done = {*UPSTREAM, *(stage for chain in chains for stage in chain)}
-        run_dvc("repro", "--force", "-s", *[name for name in names if name not in done])
+        dvcs.output("repro", "--force", "-s", *[name for name in names if name not in done])
     else:
-        run_dvc("repro")
+        dvcs.output("repro")
 
 
 if __name__ == "__main__":
@@ -279,8 +238,8 @@ if __name__ == "__main__":
     arguments, others = parser.parse_known_args()
     if arguments.jobs is not None and arguments.jobs < 1:
         parser.error(f"--jobs: {arguments.jobs}, expected at least 1")
-    with cli.one_line_errors():
+    with cli.one_line_errors(), Dvcs() as dvcs:
         if others:  # targets or other options of dvc repro's: DVC's own plan, one stage at a time
-            run_dvc("repro", *(["--force"] if arguments.force else []), *others)
+            dvcs.output("repro", *(["--force"] if arguments.force else []), *others)
         else:
-            repro(arguments.force, arguments.jobs)
+            repro(dvcs, arguments.force, arguments.jobs)
