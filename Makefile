@@ -23,7 +23,7 @@ PYTEST := python -m pytest -n $(JOBS) --dist loadfile --no-loadscope-reorder
 SPACE := $(subst ,, )
 FAST := not ($(subst $(SPACE), or ,$(TIERS)))
 
-.PHONY: repro test test-fast $(TIERS:%=test-%) env lock
+.PHONY: repro test test-fast $(TIERS:%=test-%) env lock exp
 
 # `dvc repro`, the variants' train stages side by side (pipeline/commands/repro.py); ARGS takes
 # --force and --jobs N.
@@ -41,21 +41,50 @@ $(TIERS:%=test-%): test-%: $(INSTALLED)
 
 env: $(INSTALLED)
 
+# The experiments in a terminal: each one's changed params and the comparison's headline
+# (data/metrics.json: each variant's test accuracy, difference from the reference in points and
+# verdict), for two variants and a changed param within 120 columns (tests/test_first_hour.py).
+# Plain `dvc exp show` has ~85 columns: the code deps' hashes and each variant's evaluate metrics,
+# left out here (they stay in `dvc exp show`, `dvc metrics show`).
+EXP_DROP := ^(Created|params\.yaml|requirements\.lock|environment\.json|pipeline/.*|data/.*|test_acc|test_loss)$$
+EXP_KEEP := .*\.(acc|diff|verdict)$$
+exp:
+	dvc exp show --no-pager --only-changed --drop '$(EXP_DROP)' --keep '$(EXP_KEEP)' $(ARGS)
+
 # pip byte-compiles what it installs (20,307 .pyc files). Not with --no-compile: the build took 97 s,
 # not 162 s, but with PYTHONDONTWRITEBYTECODE=1 (set on the machine it was measured on) every process
 # then compiles what it imports, torch, MLflow and DVC in 13 s rather than 6 s, in each of the
 # suite's hundreds of processes; --no-compile then `compileall -j 0` on 2 cores: 140 s, pip's 135 s.
-$(INSTALLED): requirements.lock pyproject.toml
+#
+# The CPU set-up: 5.6 GB, about 2 minutes (2 cores, wheels cached); the torch wheel PyPI serves
+# for Linux is CUDA's and links its libraries (nvidia-*, 3.2 GB) however it runs: without them
+# `import torch` fails (libcudnn.so.9: cannot open shared object file). triton (0.9 GB) is only
+# torch.compile's, which the stages never call: `make env GPU=1` adds it (requirements-gpu.lock),
+# where torch.compile is wanted on a GPU. Each phase says what it does; pip lists what it installs.
+GPU ?=
+LOCKS := requirements.lock $(if $(GPU),requirements-gpu.lock)
+$(INSTALLED): $(LOCKS) pyproject.toml
 	rm -rf $(VENV)
+	@echo "make: creating $(VENV), then installing $(LOCKS) (the CPU set-up: 5.6 GB, about 2 minutes)"
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet --quiet --require-hashes --no-deps -r requirements.lock
-	$(VENV)/bin/pip install --quiet --quiet --no-deps --no-build-isolation --editable .
+	$(VENV)/bin/pip install --progress-bar on --require-hashes --no-deps $(LOCKS:%=-r %)
+	@echo "make: installing this project (editable)"
+	$(VENV)/bin/pip install --quiet --no-deps --no-build-isolation --editable .
 	touch $@
+	@echo "make: $(VENV) ready ($$(du -sh $(VENV) | cut -f1))"
 
 # After changing pyproject.toml's dependencies: pin everything again, with hashes (pip-tools
-# runs from a venv of its own, so .venv stays exactly what the lock pins).
+# runs from a venv of its own, so .venv stays exactly what the lock pins), then move the
+# GPU-only pins (GPU_ONLY: each package's block, its hashes and `# via` lines) into
+# requirements-gpu.lock.
+GPU_ONLY := triton
 lock:
 	$(PYTHON) -m venv .venv-lock
 	.venv-lock/bin/pip install --quiet pip-tools
 	.venv-lock/bin/pip-compile --quiet --generate-hashes --extra test --strip-extras --allow-unsafe \
 		--no-emit-index-url --no-emit-find-links -o requirements.lock pyproject.toml
+	echo "# torch.compile's GPU kernels: pinned by \`make lock\` with requirements.lock, installed by \`make env GPU=1\`" \
+		> requirements-gpu.lock
+	awk '/^[A-Za-z0-9]/ { gpu = $$1 ~ /^($(subst $(SPACE),|,$(GPU_ONLY)))==/ } \
+		{ if (gpu) print >> "requirements-gpu.lock"; else print > ".venv-lock/cpu.lock" }' requirements.lock
+	mv .venv-lock/cpu.lock requirements.lock

@@ -189,7 +189,8 @@ def write_environment(root: Path) -> dict:
 
     from pipeline.stages.check import check
 
-    shutil.copy(ROOT / "requirements.lock", root / "requirements.lock")
+    for name in ("requirements.lock", "requirements-gpu.lock"):
+        shutil.copy(ROOT / name, root / name)
     return check(tiny_params(), root)
 
 
@@ -204,7 +205,7 @@ def make_project(path: Path, mirror: Path) -> tuple[Path, dict[str, str]]:
     import yaml
 
     shutil.copytree(ROOT / "pipeline", path / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("dvc.yaml", ".gitignore", "requirements.lock"):
+    for name in ("dvc.yaml", ".gitignore", "requirements.lock", "requirements-gpu.lock"):
         shutil.copy(ROOT / name, path / name)
     (path / "params.yaml").write_text(yaml.safe_dump(TINY_PARAMS, sort_keys=False))
     env = stage_env(mirror)

