@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.conftest import ROOT, make_project, repro_pipeline, run
 
@@ -64,3 +65,39 @@ def test_the_plots_page_carries_its_own_vega(committed):
     page = (path / "dvc_plots" / "index.html").read_text()
     assert not re.search(r"<script[^>]*src=[\"']?https?://", page)
     assert "vegaEmbed" in page and page.count("<script") >= 4  # the three libraries and the plots
+
+
+def test_a_forced_run_offline_keeps_the_verified_raw_data(committed):
+    path, env = committed
+    offline = {key: value for key, value in env.items() if key != "MNIST_MIRROR"}  # the tiny digests stay
+    offline |= {"MNIST_MIRROR": "http://127.0.0.1:9/"}  # refused at once; then the torchvision mirrors
+    before = sorted((path / "data" / "raw").iterdir())
+    forced = run(["dvc", "repro", "--force", "download"], path, offline, timeout=300)
+    assert forced.stdout.count("kept the copy DVC's cache holds") == 4, forced.stdout
+    assert sorted((path / "data" / "raw").iterdir()) == before
+    status = run(["dvc", "status", "download"], path, offline, timeout=120)
+    assert "changed" not in status.stdout, status.stdout  # dvc.lock's record, the same bytes
+
+
+def test_a_removed_grid_leaves_no_lock_entries_or_folders(committed):
+    path, env = committed
+    params = path / "params.yaml"
+
+    def grid(axes: dict) -> None:
+        raw = yaml.safe_load(params.read_text())
+        params.write_text(yaml.safe_dump(raw | {"sweep": {"axes": axes}}, sort_keys=False))
+
+    grid({"lr": [0.003]})
+    run(["python", "-m", "pipeline.commands.sweep"], path, env)
+    repro_pipeline(path, env)
+    assert (path / "data" / "train" / "sweep-lr0p003").is_dir()
+    grid({})
+    said = run(["python", "-m", "pipeline.commands.sweep"], path, env).stdout
+    assert "removed the 2 entries" in said, said
+    lock = (path / "dvc.lock").read_text()
+    assert "@sweep-" not in lock and not re.search(r"path: data/\S*sweep-", lock), lock
+    leftovers = [p for p in (path / "data").rglob("*sweep-*")] + [
+        line for p in (path / "data").rglob(".gitignore") for line in p.read_text().splitlines() if "sweep-" in line]
+    assert leftovers == []
+    status = run(["dvc", "status"], path, env, timeout=120).stdout  # params.yaml itself changed, nothing else
+    assert re.findall(r"^(\S+):$", status, re.MULTILINE) == ["check", "curves", "compare"], status
