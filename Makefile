@@ -10,7 +10,8 @@
 
 PYTHON ?= python3
 VENV := .venv
-INSTALLED := $(VENV)/.installed-from-lock
+# GPU=1's venv is another (see $(INSTALLED) below).
+INSTALLED = $(VENV)/.installed-from-lock$(if $(GPU),-gpu)
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
 TIERS := team cluster queue server repro ui lab
@@ -21,6 +22,7 @@ TIERS := team cluster queue server repro ui lab
 JOBS ?= 3
 PYTEST := python -m pytest -n $(JOBS) --dist loadfile --no-loadscope-reorder
 SPACE := $(subst ,, )
+COMMA := ,
 FAST := not ($(subst $(SPACE), or ,$(TIERS)))
 
 .PHONY: repro test test-fast $(TIERS:%=test-%) env lock exp
@@ -60,12 +62,14 @@ exp:
 # for Linux is CUDA's and links its libraries (nvidia-*, 3.2 GB) however it runs: without them
 # `import torch` fails (libcudnn.so.9: cannot open shared object file). triton (0.9 GB) is only
 # torch.compile's, which the stages never call: `make env GPU=1` adds it (requirements-gpu.lock),
-# where torch.compile is wanted on a GPU. Each phase says what it does; pip lists what it installs.
+# where torch.compile is wanted on a GPU (export GPU=1 there: a command without it builds the CPU
+# set-up again). Each phase says what it does; pip lists each package it installs.
 GPU ?=
 LOCKS := requirements.lock $(if $(GPU),requirements-gpu.lock)
+SETUP := $(if $(GPU),the GPU set-up: 6.5 GB$(COMMA) about 4 minutes,the CPU set-up: 5.6 GB$(COMMA) about 2 minutes)
 $(INSTALLED): $(LOCKS) pyproject.toml
 	rm -rf $(VENV)
-	@echo "make: creating $(VENV), then installing $(LOCKS) (the CPU set-up: 5.6 GB, about 2 minutes)"
+	@echo "make: creating $(VENV), then installing $(strip $(LOCKS)) ($(SETUP))"
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --progress-bar on --require-hashes --no-deps $(LOCKS:%=-r %)
 	@echo "make: installing this project (editable)"

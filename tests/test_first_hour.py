@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipeline.reports import TITLES
 from tests.conftest import ROOT, make_project, repro_pipeline, run
 
 
@@ -55,7 +56,9 @@ def test_a_clone_diffs_metrics_and_plots_against_head(committed, tmp_path):
     assert "failed to load" not in metrics.stderr.lower(), metrics.stderr
     plots = run(["dvc", "plots", "diff", "HEAD", "--json"], clone, env, timeout=120)
     assert "failed to load" not in (plots.stdout + plots.stderr).lower(), plots.stdout + plots.stderr
-    for name, entries in json.loads(plots.stdout)["data"].items():
+    shown = json.loads(plots.stdout)["data"]
+    assert {entry["content"]["title"]["text"] for entries in shown.values() for entry in entries} == set(TITLES.values())
+    for name, entries in shown.items():
         assert all("HEAD" in entry["revisions"] for entry in entries), (name, plots.stdout[:2000])
 
 
@@ -65,6 +68,17 @@ def test_the_plots_page_carries_its_own_vega(committed):
     page = (path / "dvc_plots" / "index.html").read_text()
     assert not re.search(r"<script[^>]*src=[\"']?https?://", page)
     assert "vegaEmbed" in page and page.count("<script") >= 4  # the three libraries and the plots
+
+
+def test_outputs_kept_in_git_are_still_restored_from_the_run_cache(committed):
+    path, env = committed
+    curves, metrics = path / "data" / "curves.csv", path / "data" / "evaluate" / "batchnorm" / "metrics.json"
+    before = curves.read_bytes(), metrics.read_bytes()
+    curves.unlink()
+    metrics.unlink()
+    restored = run(["dvc", "repro", "curves", "evaluate@batchnorm"], path, env, timeout=300)
+    assert restored.stdout.count("is cached - skipping run") == 2, restored.stdout  # neither command ran
+    assert (curves.read_bytes(), metrics.read_bytes()) == before
 
 
 def test_a_forced_run_offline_keeps_the_verified_raw_data(committed):
