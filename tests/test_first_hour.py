@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipeline.headline import headline
 from pipeline.reports import TITLES
+from pipeline.stages.compare import summary_markdown
 from tests.conftest import ROOT, make_project, repro_pipeline, run
 
 
@@ -115,3 +117,9 @@ def test_a_removed_grid_leaves_no_lock_entries_or_folders(committed):
     assert leftovers == []
     status = run(["dvc", "status"], path, env, timeout=120).stdout  # params.yaml itself changed, nothing else
     assert re.findall(r"^(\S+):$", status, re.MULTILINE) == ["check", "curves", "compare"], status
+
+
+def test_the_headline_says_untestable_for_one_seed_and_leaves_the_reference_its_accuracy():
+    table = summary_markdown({"a": [0.9], "b": [0.8]}, {"a": [0.1], "b": [0.2]}, "b", seeds=[0], split_seed=0)[1]
+    assert headline(table) == {"a": {"acc": 0.9, "diff": pytest.approx(10.0), "verdict": "untestable"},
+                               "b": {"acc": 0.8}}
