@@ -193,7 +193,7 @@ def dvc_cache_listing(raw_dir: Path, lock: Path = LOCK_FILE) -> tuple[Path, dict
         cache = Path(found.stdout.strip()) / "files" / "md5"
         listing = json.loads((cache / digest[:2] / digest[2:]).read_text())
         return cache, {entry["relpath"]: entry["md5"] for entry in listing}
-    except (OSError, ValueError, KeyError, TypeError, StopIteration, subprocess.SubprocessError):
+    except (OSError, ValueError, KeyError, TypeError, StopIteration, yaml.YAMLError, subprocess.SubprocessError):
         return None
 
 
