@@ -31,6 +31,10 @@ STAGES = ("check", "download", "prepare", "train", "curves", "evaluate", "compar
 # ~100 requirements), so upgrading it reruns nothing.
 RECORDERS = {"mlflow"}
 LOCK_FILE = "requirements.lock"
+# What `make env GPU=1` adds (triton, torch.compile's, which no stage calls): installed or not, it
+# changes no stage's numbers, so the record leaves it out and a CPU and a GPU set-up share one
+# environment.json (and so the run-cache); installed, it must still be the version pinned there.
+GPU_LOCK_FILE = "requirements-gpu.lock"
 ENVIRONMENT_FILE = "environment.json"  # the check stage's output, at the repository root
 
 
@@ -138,9 +142,16 @@ def environment(lock_path: Path) -> dict:
     if locked_python and locked_python != python:
         raise LockError(f"{lock_path}: compiled for Python {locked_python}, running {python}; "
                         "recreate the environment (make env)")
+    gpu_lock = lock_path.with_name(GPU_LOCK_FILE)
+    optional = read_lock(gpu_lock)[1] if gpu_lock.exists() else {}
     packages = {}
     for name in sorted(stage_distributions()):
         installed = metadata.version(name)
+        if name in optional:
+            if optional[name] != installed:
+                raise LockError(f"{gpu_lock}: {name} {installed} is installed but the lock pins {optional[name]}; "
+                                "recreate the environment (make env GPU=1)")
+            continue
         if pins.get(name) != installed:
             pinned = f"pins {pins[name]}" if name in pins else "does not pin it"
             raise LockError(f"{lock_path}: {name} {installed} is installed but the lock {pinned}; "

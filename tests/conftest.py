@@ -147,7 +147,8 @@ def write_environment(root: Path) -> dict:
 
     from pipeline.stages.check import check
 
-    shutil.copy(ROOT / "requirements.lock", root / "requirements.lock")
+    for name in ("requirements.lock", "requirements-gpu.lock"):
+        shutil.copy(ROOT / name, root / name)
     return check(tiny_params(), root)
 
 

@@ -14,9 +14,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_MNIST = ROOT.parent / "shared" / "data" / "mnist"
 # What a copy of the project holds besides data: the code, the pipeline, its settings, the lock of
-# the environment the check stage reads, and DVC's config (analytics off) and plot templates.
+# the environment the check stage reads (the GPU part too), and DVC's config (analytics off, the
+# offline plots page) and its templates.
 PROJECT_FILES = ("pipeline", "dvc.yaml", "params.yaml", "dvc.lock", ".gitignore", "requirements.lock",
-                 ".dvc/config", ".dvc/plots")
+                 "requirements-gpu.lock", ".dvc/config", ".dvc/plots", ".dvc/html")
 
 
 class CommandFailed(AssertionError):

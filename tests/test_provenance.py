@@ -77,12 +77,15 @@ def test_lock_pins_every_package_with_hashes():
 
 
 def test_the_installed_environment_is_the_lock():
-    """`make env` installs exactly the lock: nothing missing, nothing more, no other version."""
+    """`make env` installs exactly the lock: nothing missing, nothing more, no other version; what
+    `make env GPU=1` adds (requirements-gpu.lock), where installed, at its pinned version."""
     _, pins = read_lock(ROOT / provenance.LOCK_FILE)
+    _, gpu_pins = read_lock(ROOT / provenance.GPU_LOCK_FILE)
     installed = {provenance._canonical(d.metadata["Name"]): d.version for d in metadata.distributions()}
     installed.pop("pip")  # the venv's own installer; the lock pins what the project runs
     installed.pop("mnist-bn-pipeline", None)  # this checkout's metadata, where a `pip install -e .` left it
-    assert installed == pins
+    assert {name: version for name, version in installed.items() if name not in gpu_pins} == pins
+    assert all(installed[name] == version for name, version in gpu_pins.items() if name in installed)
 
 
 def test_environment_record_holds_what_computes_not_what_records_or_tests():

@@ -226,7 +226,8 @@ def test_dvc_repro_runs_a_train_and_an_evaluate_stage_per_grid_point(tmp_path, t
         assert variant in (path / "data" / "compare" / "summary.md").read_text()
 
     # Each of `dvc plots show`'s four comparison plots draws every variant, the grid points included.
-    shown = json.loads(run(["dvc", "plots", "show", "--json"], path, env).stdout)["data"]
+    data = json.loads(run(["dvc", "plots", "show", "--json"], path, env).stdout)["data"]
+    shown = {plot["content"]["title"]["text"]: plots for plots in data.values() for plot in plots}
     assert set(shown) == set(TITLES.values())
     for metric, title in TITLES.items():
         [plot] = shown[title]

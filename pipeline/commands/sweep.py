@@ -7,12 +7,16 @@ params dep `variants.<name>` and column in `dvc exp show`). They are the variant
 `sweep-...` (grid.GRID_PREFIX), after the hand-written ones; this command replaces exactly those.
 The file is rewritten by ruamel.yaml's round trip, which keeps comments, quotes and the
 hand-written variants; the new text is validated as the check stage will read it, and nothing is
-written when it is invalid.
+written when it is invalid. A grid point it removes leaves nothing behind: its stages' entries in
+dvc.lock go (DVC keeps the entries of stages dvc.yaml no longer makes) and so do the outputs they
+list, with their .gitignore lines; DVC's cache keeps their data, so a point added back is restored
+from the run-cache, not trained again.
 """
 
 from __future__ import annotations
 
 import io
+import shutil
 from pathlib import Path
 
 from ruamel.yaml import YAML
@@ -131,6 +135,49 @@ def rewrite(text: str, grid: dict[str, ModelChoices]) -> str:
     return out.getvalue()
 
 
+LOCK_FILE = "dvc.lock"  # beside params.yaml, at the repository's root
+VARIANT_STAGES = ("train", "evaluate")  # dvc.yaml's `foreach: ${variants}` stages
+
+
+def remove_output(path: Path, root: Path) -> None:
+    """`path`, its line in its folder's .gitignore (DVC's), and the folders left empty below `root`."""
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+    folder = path.parent
+    ignore = folder / ".gitignore"
+    if ignore.exists():
+        lines = [line for line in ignore.read_text().splitlines() if line != f"/{path.name}"]
+        if lines:
+            ignore.write_text("".join(f"{line}\n" for line in lines))
+        else:
+            ignore.unlink()
+    while folder != root and folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()
+        folder = folder.parent
+
+
+def forget(points: set[str], root: Path) -> int:
+    """Removes the dvc.lock entries of `points`' stages and their outputs; returns how many entries.
+    dvc.lock is rewritten by ruamel's round trip, which writes DVC's own layout back unchanged."""
+    lock = root / LOCK_FILE
+    if not points or not lock.exists():
+        return 0
+    yaml = YAML()
+    document = yaml.load(lock.read_text())
+    stages = document.get("stages", {})
+    names = [f"{kind}@{point}" for point in sorted(points) for kind in VARIANT_STAGES if f"{kind}@{point}" in stages]
+    for name in names:
+        for out in stages.pop(name).get("outs", []):
+            remove_output(root / out["path"], root)
+    if names:
+        text = io.StringIO()
+        yaml.dump(document, text)
+        atomic_write_bytes(lock, text.getvalue().encode())
+    return len(names)
+
+
 def sweep(path: Path = PARAMS_FILE) -> None:
     """Writes the grid of `path`'s `sweep:` into its `variants:`."""
     source = str(path)
@@ -144,8 +191,11 @@ def sweep(path: Path = PARAMS_FILE) -> None:
     before = {name for name in raw["variants"] if name.startswith(GRID_PREFIX)}
     if new_text != text:
         atomic_write_bytes(path, new_text.encode())
+    removed = before - grid.keys()
     print(f"{source}: variants hold the {len(grid)} grid points of sweep: "
-          f"({len(grid.keys() - before)} added, {len(before - grid.keys())} removed)")
+          f"({len(grid.keys() - before)} added, {len(removed)} removed)")
+    if entries := forget(removed, path.parent):
+        print(f"{LOCK_FILE}: removed the {entries} entries of the removed points' stages, and their outputs")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Stage `compare`: the variants against each other, with error bars over seeds.
 
-    python -m pipeline.stages.compare --train DIR --evaluate DIR --checkpoints DIR --prepared DIR --out DIR
+    python -m pipeline.stages.compare --train DIR --evaluate DIR --checkpoints DIR --prepared DIR --out DIR --metrics FILE
 
 reads each variant's train and evaluate outputs in `<DIR>/<variant>/` (dvc.yaml names the
 folders) and writes to --out: the lab's four plots (mean curve per variant with a ±1 std
@@ -8,7 +8,8 @@ band), `test_acc_seeds.png`, and `summary.md` (how many seeds and what they vary
 by `compare.select_by`'s mean with mean, std and 95% CI of the test metrics; each variant's
 difference from the reference in points with its Welch and seeded-bootstrap 95% CIs, the chance
 that its seed beats a reference seed, and Welch's p beside Holm's adjustment over all the
-comparisons with the reference, said in one sentence too) with its numbers in `summary.json`.
+comparisons with the reference, said in one sentence too) with its numbers in `summary.json`,
+and the headline numbers to --metrics.
 All of it is deterministic: the same inputs give the same bytes. Its MLflow run groups this
 execution's variant runs as its children, and it logs the evaluate stage's test metrics and
 files into the variant runs (once per result).
@@ -26,6 +27,7 @@ from pipeline import cli, provenance
 from pipeline.tracking import registry, runs as variant_runs
 from pipeline.errors import PipelineError
 from pipeline.fsio import atomic_write_bytes, atomic_write_json
+from pipeline.headline import headline
 from pipeline.config.params import Params, load_params
 from pipeline.reports import comparison_plots, markdown_table, seed_dots_plot
 from pipeline.stats import (
@@ -178,6 +180,7 @@ class Paths:
     checkpoints: Path  # the train stages' checkpoints, a folder per variant (to rebuild a missing run)
     prepared: Path  # the data the train stages read (a rebuilt run's dataset URI)
     out: Path
+    metrics: Path  # the comparison in a few numbers, for `dvc exp show` (pipeline/headline.py)
 
 
 def compare(params: Params, paths: Paths, root: Path, tracking: Tracking | None = None) -> dict:
@@ -203,6 +206,7 @@ def compare(params: Params, paths: Paths, root: Path, tracking: Tracking | None 
                                        split_seed=params.data.split_seed, rank_by=(metric, scores))
         atomic_write_bytes(out / "summary.md", text.encode())
         atomic_write_json(out / "summary.json", table)
+        atomic_write_json(paths.metrics, headline(table))
         choice = registry.select_best(params, histories, test_acc)
         run_ids = found.result()
         for variant in [v for v in variants if run_ids[v] is None]:

@@ -4,6 +4,15 @@ Sources are tried in order: `MNIST_MIRROR` (an http(s) URL prefix or a local fol
 set, then torchvision's mirror list. The check is on each file's *decompressed* content, so
 a mirror that recompressed a file is as good as the original. Nothing unverified is ever
 written into the output folder: a file lands there by an atomic rename after its digest matched.
+
+When every source fails (offline), the file DVC's cache holds for the last run's output is the
+last source: DVC deletes a stage's outputs before it runs the command, so a forced run
+(`make repro ARGS=--force`, `dvc repro -f`) offline would otherwise leave the folder empty. Why not
+the alternatives: `persist: true` on the output would keep it, but turns off the run-cache for the
+stage (a worker's `dvc repro --pull` restores data/raw from it: docs/sweeps.md); not forcing
+this stage would make `--force` mean less than DVC's `-f`, and online a forced run does fetch and
+verify again. The copy is found through dvc.lock's entry for the folder (its `.dir` listing) in the
+cache folder `dvc cache dir` names, both as DVC documents them, and checked like a fetched file.
 """
 
 from __future__ import annotations
@@ -11,8 +20,11 @@ from __future__ import annotations
 import gzip
 import hashlib
 import http.client
+import json
 import os
 import socket
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.parse
@@ -164,6 +176,40 @@ def is_verified(path: Path, name: str, expected: str) -> bool:
     return True
 
 
+LOCK_FILE = Path("dvc.lock")
+
+
+def dvc_cache_listing(raw_dir: Path, lock: Path = LOCK_FILE) -> tuple[Path, dict[str, str]] | None:
+    """(DVC's cache folder, {file name: its md5}) of `raw_dir` as dvc.lock last recorded it; None
+    where there is no such record (no lock, no entry, the listing not in the cache)."""
+    import yaml
+
+    try:
+        stages = yaml.safe_load(lock.read_text())["stages"]
+        digest = next(out["md5"] for stage in stages.values() for out in stage.get("outs", [])
+                      if Path(out["path"]) == raw_dir and out["md5"].endswith(".dir"))
+        found = subprocess.run([sys.executable, "-m", "dvc", "cache", "dir"], capture_output=True,
+                               text=True, timeout=60, check=True)
+        cache = Path(found.stdout.strip()) / "files" / "md5"
+        listing = json.loads((cache / digest[:2] / digest[2:]).read_text())
+        return cache, {entry["relpath"]: entry["md5"] for entry in listing}
+    except (OSError, ValueError, KeyError, TypeError, StopIteration, yaml.YAMLError, subprocess.SubprocessError):
+        return None
+
+
+def from_dvc_cache(name: str, expected: str, listing: tuple[Path, dict[str, str]] | None) -> bytes | None:
+    """`name`.gz as DVC's cache holds it, if it is there and verifies."""
+    if listing is None or f"{name}.gz" not in listing[1]:
+        return None
+    digest = listing[1][f"{name}.gz"]
+    try:
+        body = (listing[0] / digest[:2] / digest[2:]).read_bytes()
+        verified_content(name, body, expected)
+    except (OSError, SourceFailed):
+        return None
+    return body
+
+
 def download(
     raw_dir: Path,
     sources: list[str],
@@ -172,13 +218,23 @@ def download(
 ) -> list[str]:
     """Make `raw_dir` hold the four verified `.gz` files; returns the names it fetched."""
     raw_dir.mkdir(parents=True, exist_ok=True)
-    fetched = []
+    fetched, listing = [], False  # False: DVC's cache not looked at yet
     for name, expected in checksums.items():
         target = raw_dir / f"{name}.gz"
         if target.exists() and is_verified(target, name, expected):
             print(f"{target}: present and verified")
             continue
-        body = fetch_verified(name, sources, expected, policy)
+        try:
+            body = fetch_verified(name, sources, expected, policy)
+        except DownloadError:
+            listing = dvc_cache_listing(raw_dir) if listing is False else listing
+            body = from_dvc_cache(name, expected, listing)
+            if body is None:
+                raise
+            atomic_write_bytes(target, body)
+            print(f"{target}: every source failed (offline?); kept the copy DVC's cache holds for "
+                  f"dvc.lock's {raw_dir}, verified")
+            continue
         atomic_write_bytes(target, body)
         print(f"{target}: fetched and verified ({len(body):,} bytes)")
         fetched.append(name)

@@ -1,0 +1,28 @@
+"""The comparison in a few numbers: the compare stage's `--metrics` file (dvc.yaml's `metrics:`).
+
+summary.json holds everything; this file holds what a row of `make exp` (`dvc exp show`, a
+column selection) and `dvc metrics diff` need, under short keys so that two variants and a changed
+param fit a 120-column terminal: per variant `<variant>.acc` (mean test accuracy over seeds) and,
+for every variant but the reference, `<variant>.diff` (its difference from the reference in
+percentage points) and `<variant>.verdict` (Holm-adjusted Welch at 95%, as summary.md says it).
+"""
+
+from __future__ import annotations
+
+import math
+
+
+def verdict(row: dict) -> str:
+    if math.isnan(row["p_holm"]):
+        return "untestable"  # one seed: no variance to test with
+    return "significant" if row["significant"] else "not significant"
+
+
+def headline(table: dict[str, dict]) -> dict[str, dict]:
+    """{variant: {"acc": ..., "diff": ..., "verdict": ...}} from summary.json's table."""
+    numbers = {}
+    for variant, row in table.items():
+        numbers[variant] = {"acc": row["test_acc_mean"]}
+        if "diff_vs_reference" in row:
+            numbers[variant] |= {"diff": 100 * row["diff_vs_reference"], "verdict": verdict(row)}
+    return numbers
