@@ -20,10 +20,8 @@ from tests.conftest import ROOT, make_project, repro_pipeline, run
 
 @pytest.fixture(scope="module")
 def committed(tmp_path_factory, tiny_mirror):
-    """A tiny project with this repository's .dvc/config and plots page, reproduced and committed."""
+    """A tiny project (with this repository's .dvc/config and plots page), reproduced and committed."""
     path, env = make_project(tmp_path_factory.mktemp("first_hour") / "project", tiny_mirror[0])
-    shutil.copy(ROOT / ".dvc" / "config", path / ".dvc" / "config")
-    shutil.copytree(ROOT / ".dvc" / "html", path / ".dvc" / "html")
     repro_pipeline(path, env)
     run(["git", "add", "-A"], path, env)
     run(["git", "commit", "-qm", "results"], path, env)
