@@ -44,9 +44,10 @@ def mirror_workspace(client, params: Params, workspace: Workspace) -> dict | Non
     """Every variant's runs, then the comparison's and the registry (once compare has written its
     outputs); returns what was registered (None: nothing comparable, or no comparison yet)."""
     experiment = experiment_id(client, params.mlflow.experiment_name)
-    outputs = {v: workspace.variant(v) for v in params.variants}
+    outputs = {v: workspace.variant(v) for v in trained(params, workspace)}
     ids = {v: record.mirror_variant(client, experiment, out) for v, out in outputs.items()}
-    if not (workspace.compare / "summary.json").exists() or any(o.evaluation is None for o in outputs.values()):
+    if (len(outputs) < len(params.variants) or not (workspace.compare / "summary.json").exists()
+            or any(o.evaluation is None for o in outputs.values())):
         return None
     digests = {v: out.run["inputs_digest"] for v, out in outputs.items()}
     group = record.mirror_comparison(client, experiment, workspace.compare, ids,
@@ -63,23 +64,31 @@ def mirror_workspace(client, params: Params, workspace: Workspace) -> dict | Non
     return registered
 
 
+def trained(params: Params, workspace: Workspace) -> list[str]:
+    """The variants whose train stage has written its outputs (a workspace part-way through)."""
+    return [v for v in params.variants if (workspace.train / v / "run.json").exists()]
+
+
 def missing(client, experiment: str, params: Params, workspace: Workspace) -> list[str]:
-    """What `mirror_workspace` would add, a line each: runs, epochs, the comparison, a model version."""
-    lines = []
-    for variant in params.variants:
+    """What `mirror_workspace` would add, a line each: runs, epochs, the comparison."""
+    lines = [f"{v}: not trained here yet, skipped" for v in params.variants if v not in trained(params, workspace)]
+    digests = {}
+    for variant in trained(params, workspace):
         out = workspace.variant(variant)
-        runs = client.search_runs([experiment], f"tags.{INPUTS_TAG} = '{out.run['inputs_digest']}'")
+        digests[variant] = out.run["inputs_digest"]
+        runs = client.search_runs([experiment], f"tags.{INPUTS_TAG} = '{digests[variant]}'")
         main = [r for r in runs if record.SEED_TAG not in r.data.tags and r.info.run_name == variant]
         epochs = len(out.history["val_acc"])
         if not main or len(runs) < 1 + len(out.run["seeds"]):
-            lines.append(f"{variant}: its runs ({1 + len(out.run['seeds'])}) with {epochs} epochs each")
+            lines.append(f"{variant}: would add its {1 + len(out.run['seeds'])} runs, {epochs} epochs each")
             continue
-        logged = {m.step for m in client.get_metric_history(main[0].info.run_id, "val_acc")}
-        if len(logged) < epochs or main[0].info.status != "FINISHED":
-            lines.append(f"{variant}: {epochs - len(logged)} of {epochs} epochs, then FINISHED")
-    if (workspace.compare / "summary.json").exists() and not client.search_runs(
-            [experiment], "attributes.run_name = 'compare'", max_results=1):
-        lines.append("compare: its run, figures and tables, and the registered model")
+        logged = len(client.get_metric_history(main[0].info.run_id, "val_acc"))
+        if logged < epochs or main[0].info.status != "FINISHED":
+            lines.append(f"{variant}: would add {epochs - logged} of {epochs} epochs and close its runs FINISHED")
+    if len(digests) == len(params.variants) and (workspace.compare / "summary.json").exists():
+        digest = record.comparison_digest(digests, workspace.compare)
+        if not client.search_runs([experiment], f"tags.{INPUTS_TAG} = '{digest}'", max_results=1):
+            lines.append("compare: would add its run, figures and tables, and register the best model")
     return lines
 
 
@@ -88,7 +97,7 @@ def publish(params: Params, workspace: Workspace, tracking: Tracking, dry_run: b
         client, experiment = connect(tracking)
         if dry_run:
             lines = missing(client, experiment, params, workspace)
-            print("\n".join(f"would add {line}" for line in lines) or f"{tracking.uri} holds every result already")
+            print("\n".join(lines) or f"{tracking.uri} holds every result of this workspace already")
             return
         registered = mirror_workspace(client, params, workspace)
     if registered is not None:

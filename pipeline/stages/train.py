@@ -145,7 +145,8 @@ def train(params: Params, variant: str, root: Path, paths: Paths, tracking: Trac
         optimizer = make_optimizer(model, config)
         run = Run(config, paths, inputs, live, train_split, val_split, StackedMlp(config).to(device))
         progress = start_or_resume(run, model, optimizer)
-        live.mirror(progress.history, wait=not tracking.is_local)  # a server's refusal: before training
+        if not tracking.is_local:
+            live.wait_opened()  # a server's refusal: before training
         step = TrainingStep(model, optimizer, train_split, config)
         with (runs_closed_on_failure(run),
               ThreadPoolExecutor(max_workers=1, thread_name_prefix="evaluate") as evaluator):

@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 
+from pipeline.reports import METRICS
 from pipeline.tracking import record
 from pipeline.tracking.store import StoreDown, Tracking, check_store, connect, experiment_id, one_line
 
@@ -128,6 +129,13 @@ class LiveRecord:
             self._wait(error)
         else:
             self.process = TrackingProcess(tracking)
+        self.opened = self.mirror({})  # the runs made (or found) while the stage loads its data
+
+    def wait_opened(self) -> None:
+        """A server that refuses this user's writes ends the stage before it trains."""
+        if self.opened is not None:
+            self._sent(self.opened)  # waits for it
+            self.raise_refused()
 
     def _wait(self, error: StoreDown) -> None:
         if not self.waiting:
@@ -150,12 +158,10 @@ class LiveRecord:
         future.add_done_callback(self._sent)
         return future
 
-    def mirror(self, history: dict, wait: bool = False) -> None:
-        future = self._submit(mirror, self.tracking.experiment_name,
-                              record.VariantOutputs(self.run, self.environment, history))
-        if wait and future is not None:
-            self._sent(future)  # waits for it
-            self.raise_refused()
+    def mirror(self, history: dict) -> Future | None:
+        """The epochs of `history` ({metric: [per-epoch values]}) that the runs lack, sent."""
+        return self._submit(mirror, self.tracking.experiment_name, record.VariantOutputs(
+            self.run, self.environment, history or {name: [] for name in METRICS}))
 
     def raise_refused(self) -> None:
         if self.refusal is not None:
