@@ -18,7 +18,7 @@ from pathlib import Path
 from pipeline import cli
 from pipeline.config.params import Params, load_params
 from pipeline.tracking import record, registry
-from pipeline.tracking.store import INPUTS_TAG, Tracking, connect, experiment_id, one_line, runs_page
+from pipeline.tracking.store import INPUTS_TAG, Tracking, connect, one_line, runs_page
 
 
 @dataclass(frozen=True)
@@ -40,10 +40,9 @@ class Workspace:
         return record.read_variant(self.root, self.train / name, self.checkpoints / name, self.evaluate / name)
 
 
-def mirror_workspace(client, params: Params, workspace: Workspace) -> dict | None:
+def mirror_workspace(client, experiment: str, params: Params, workspace: Workspace) -> dict | None:
     """Every variant's runs, then the comparison's and the registry (once compare has written its
     outputs); returns what was registered (None: nothing comparable, or no comparison yet)."""
-    experiment = experiment_id(client, params.mlflow.experiment_name)
     outputs = {v: workspace.variant(v) for v in trained(params, workspace)}
     ids = {v: record.mirror_variant(client, experiment, out) for v, out in outputs.items()}
     if (len(outputs) < len(params.variants) or not (workspace.compare / "summary.json").exists()
@@ -99,7 +98,7 @@ def publish(params: Params, workspace: Workspace, tracking: Tracking, dry_run: b
             lines = missing(client, experiment, params, workspace)
             print("\n".join(lines) or f"{tracking.uri} holds every result of this workspace already")
             return
-        registered = mirror_workspace(client, params, workspace)
+        registered = mirror_workspace(client, experiment, params, workspace)
     if registered is not None:
         print(f"registered: {registered['name']} version {registered['version']} ({registered['variant']})")
     print(f"published to {tracking.uri}; runs: {runs_page(tracking, experiment)}")

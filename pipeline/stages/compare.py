@@ -40,9 +40,8 @@ from pipeline.stats import (
     superiority,
     welch_difference,
 )
-from pipeline.tracking.process import TrackingProcess
 from pipeline.tracking.record import read_json
-from pipeline.tracking.store import Tracking, check_store, experiment_id, runs_page
+from pipeline.tracking.store import Tracking, check_store, connect, one_line, runs_page
 
 
 def pct(value: float) -> str:
@@ -168,20 +167,19 @@ def compare(params: Params, paths: Paths, root: Path, tracking: Tracking | None 
     test_loss = {v: per_seed[v]["test_loss"] for v in variants}
     check_store(tracking)  # in seconds, before any work: a store that cannot take the record is one line
 
-    with TrackingProcess(tracking) as tracker:  # opens MLflow there while the plots are drawn here
-        metric = params.compare.select_by  # the registry's score (registry.select_best), ranked
-        scores = {v: mean_std(histories[v]["val_acc"][-1] if metric == "val_acc" else test_acc[v])[0]
-                  for v in variants}
-        order = ranking(scores)
-        comparison_plots(histories, out, order)
-        seed_dots_plot(test_acc, out / "test_acc_seeds.png", order)
-        text, table = summary_markdown(test_acc, test_loss, params.compare.reference, seeds=params.seeds,
-                                       split_seed=params.data.split_seed, rank_by=(metric, scores))
-        atomic_write_bytes(out / "summary.md", text.encode())
-        atomic_write_json(out / "summary.json", table)
-        registered = tracker.call(mirror_workspace, params,
-                                  Workspace(root, paths.train, paths.checkpoints, paths.evaluate, out))
-        experiment = tracker.call(experiment_id, params.mlflow.experiment_name)
+    metric = params.compare.select_by  # the registry's score (registry.select_best), ranked
+    scores = {v: mean_std(histories[v]["val_acc"][-1] if metric == "val_acc" else test_acc[v])[0] for v in variants}
+    order = ranking(scores)
+    comparison_plots(histories, out, order)
+    seed_dots_plot(test_acc, out / "test_acc_seeds.png", order)
+    text, table = summary_markdown(test_acc, test_loss, params.compare.reference, seeds=params.seeds,
+                                   split_seed=params.data.split_seed, rank_by=(metric, scores))
+    atomic_write_bytes(out / "summary.md", text.encode())
+    atomic_write_json(out / "summary.json", table)
+    with one_line(tracking.uri):  # the record of every variant completed, the comparison's, the registry
+        client, experiment = connect(tracking, checked=True)
+        registered = mirror_workspace(client, experiment, params,
+                                      Workspace(root, paths.train, paths.checkpoints, paths.evaluate, out))
     print(text)
     if registered is None:
         print("registered nothing: no variant has a seed that trained without diverging")

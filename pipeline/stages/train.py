@@ -146,7 +146,7 @@ def train(params: Params, variant: str, root: Path, paths: Paths, tracking: Trac
         run = Run(config, paths, inputs, live, train_split, val_split, StackedMlp(config).to(device))
         progress = start_or_resume(run, model, optimizer)
         if not tracking.is_local:
-            live.wait_opened()  # a server's refusal: before training
+            live.raise_refused(live.opened)  # a server's refusal: before training
         step = TrainingStep(model, optimizer, train_split, config)
         with (runs_closed_on_failure(run),
               ThreadPoolExecutor(max_workers=1, thread_name_prefix="evaluate") as evaluator):

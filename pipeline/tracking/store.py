@@ -12,7 +12,6 @@ import os
 import sqlite3
 import urllib.error
 import urllib.request
-import weakref
 import contextlib
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -237,8 +236,7 @@ def connect(tracking: Tracking, checked: bool = False):
     mlflow.set_tracking_uri(tracking.uri)
     with _file_lock(tracking.root / ".mlflow.lock"):
         client = MlflowClient(tracking.uri)
-        _experiment_ids[client] = {tracking.experiment_name: _open_experiment(client, tracking)}
-        return client, _experiment_ids[client][tracking.experiment_name]
+        return client, _open_experiment(client, tracking)
 
 
 def _open_experiment(client, tracking: Tracking) -> str:
@@ -260,15 +258,6 @@ def _open_experiment(client, tracking: Tracking) -> str:
         if error.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
         return client.get_experiment_by_name(tracking.experiment_name).experiment_id
-
-
-_experiment_ids: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # client -> {name: the id connect found}
-
-
-def experiment_id(client, name: str) -> str:
-    """The id of an experiment that `connect` made sure of (as it found it: no second request)."""
-    known = _experiment_ids.get(client, {})
-    return known[name] if name in known else client.get_experiment_by_name(name).experiment_id
 
 
 def runs_page(tracking: Tracking, experiment: str) -> str:
