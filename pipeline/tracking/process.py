@@ -2,10 +2,11 @@
 
 A train stage computes on one torch thread; MLflow costs it seconds of pure Python (the import
 ~1.4 s, opening the store ~0.3 s, `log_model` ~1.3 s) that in a thread would hold the GIL the
-training loop needs between kernels. Measured (whole-process wall time of a train stage, tiny
-data; alternating, medians, 2 busy cores): the record in a thread took 1.04x the time it takes
-in this process (pipeline/stages/train.py has the figures against the previous recorder).
-One worker, forked on Linux: calls run in the order they are sent.
+training loop needs between kernels. Measured, the stage's whole-process wall time with the
+record in a thread instead of this process: 1.05x (published lab) and 1.08x (tiny data) in one
+run, 0.98x and 0.95x in another (alternating, medians, 2 cores shared with other work): too close
+to call here; the process keeps MLflow's objects and its GIL off the training loop, and a train
+stage on more cores has them to spare. One worker, forked on Linux: calls run in order.
 """
 
 from __future__ import annotations
@@ -76,6 +77,7 @@ class LiveRecord:
             method = "fork" if sys.platform == "linux" else "spawn"
             self.pool = ProcessPoolExecutor(1, multiprocessing.get_context(method), _start_worker, (os.getpid(),))
         self.opened = self.mirror({})  # the runs made (or found) while the stage loads its data
+        self._submit(record.warm_model_logging)
 
     def _wait(self, error: StoreDown) -> None:
         if not self.waiting:
