@@ -17,7 +17,7 @@ import yaml
 from pipeline.reports import METRICS
 from pipeline.tracking.record import SEED_TAG, VariantOutputs, close_runs, flatten, log_new_epochs, mirror_variant
 from pipeline.tracking.store import INPUTS_TAG, PARENT_TAG, connect
-from tests.conftest import project_client, run, stage_env, tiny_mnist_arrays, tiny_params, variant_run_ids, write_mirror
+from tests.conftest import run, stage_env, tiny_mnist_arrays, tiny_params, variant_run_ids, write_mirror
 from tests.faults import full_disk, read_only
 from tests.mlflow_server import free_port, start_server, stop
 from tests.test_train import TRAIN, make_prepared, paths

@@ -16,9 +16,7 @@ runs completed from their outputs, the comparison's run grouping them, the regis
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline import cli
@@ -147,19 +145,10 @@ def reference_section(test_acc: dict, reference: str, others: list[str]) -> tupl
     return text + "\n" + "\n".join(sentences) + "\n", differences
 
 
-@dataclass(frozen=True)
-class Paths:
-    """Where the stage reads and writes: the folders dvc.yaml passes on its command line."""
-
-    train: Path  # the train stages' outputs, a folder per variant
-    evaluate: Path  # the evaluate stages' outputs, a folder per variant
-    checkpoints: Path  # the train stages' checkpoints, a folder per variant (the record's model)
-    out: Path
-
-
-def compare(params: Params, paths: Paths, root: Path, tracking: Tracking | None = None) -> dict:
-    tracking = tracking or Tracking.from_environment(params.mlflow.experiment_name, root)
-    out = paths.out
+def compare(params: Params, paths: Workspace, tracking: Tracking | None = None) -> dict:
+    """`paths`: the folders dvc.yaml passes on the command line (`paths.compare`: where it writes)."""
+    tracking = tracking or Tracking.from_environment(params.mlflow.experiment_name, paths.root)
+    out = paths.compare
     variants = list(params.variants)
     histories = {v: read_json(paths.train / v / "history.json") for v in variants}
     per_seed = {v: read_json(paths.evaluate / v / "per_seed.json") for v in variants}
@@ -178,8 +167,7 @@ def compare(params: Params, paths: Paths, root: Path, tracking: Tracking | None 
     atomic_write_json(out / "summary.json", table)
     with one_line(tracking.uri):  # the record of every variant completed, the comparison's, the registry
         client, experiment = connect(tracking, checked=True)
-        registered = mirror_workspace(client, experiment, params,
-                                      Workspace(root, paths.train, paths.checkpoints, paths.evaluate, out))
+        registered = mirror_workspace(client, experiment, params, paths)
     print(text)
     if registered is None:
         print("registered nothing: no variant has a seed that trained without diverging")
@@ -192,8 +180,8 @@ def compare(params: Params, paths: Paths, root: Path, tracking: Tracking | None 
 
 if __name__ == "__main__":
     parser = cli.parser(__doc__)
-    for name in Paths.__dataclass_fields__:
+    for name in ("train", "evaluate", "checkpoints", "out"):  # the folders dvc.yaml names
         parser.add_argument(f"--{name}", type=Path, required=True)
-    paths = Paths(**vars(parser.parse_args()))
+    args = parser.parse_args()
     with cli.one_line_errors():
-        compare(load_params(), paths, Path.cwd())
+        compare(load_params(), Workspace(Path.cwd(), args.train, args.checkpoints, args.evaluate, args.out))
