@@ -141,9 +141,10 @@ def train(params: Params, variant: str, root: Path, paths: Paths, tracking: Trac
     inputs = Inputs.of(config, device, params.train.threads, root, paths.prepared)
     # The record: a view of the outputs, mirrored after each epoch in a second process. Whole-process
     # wall time against the previous recorder (56cefd7: a live logger, resume and backfill),
-    # alternating, medians of the pairs, 2 busy cores: the published lab (seeds [0], real MNIST)
-    # 0.88x (5.69 s, 5.38 s); tiny data 1.29x (4.95 s, 4.02 s): there the stage waits at its end for
-    # MLflow's own start and log_model, and the previous recorder seeded a private map of MLflow's.
+    # alternating, 2 cores shared with other work: the published lab (seeds [0], real MNIST) 0.88x
+    # (median of 4 pair ratios; medians 5.69 s and 5.38 s, runs spread 3.9-8.3 s); tiny data 1.29x
+    # (6 pairs; 4.95 s against 4.02 s): there the stage waits at its end for MLflow's start and
+    # log_model, and the previous recorder seeded a private map of MLflow's that this one leaves alone.
     with LiveRecord(tracking, run_json(config, inputs), inputs.environment) as live:  # MLflow opens meanwhile
         train_split, val_split = load_splits(paths.prepared, config, device)
         model = StackedMlp(config).to(device)
