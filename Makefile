@@ -25,12 +25,18 @@ PYTEST := python -m pytest -n $(JOBS) --dist loadfile --no-loadscope-reorder
 SPACE := $(subst ,, )
 FAST := not ($(subst $(SPACE), or ,$(TIERS)))
 
-.PHONY: repro test test-fast $(TIERS:%=test-%) env lock exp
+.PHONY: repro publish test test-fast $(TIERS:%=test-%) env lock exp
 
 # `dvc repro`, the variants' train stages side by side (pipeline/commands/repro.py); ARGS takes
 # --force and --jobs N.
 repro: $(INSTALLED)
 	python -m pipeline.commands.repro $(ARGS)
+
+# The workspace's results (every variant and seed, the comparison, the registered model) into the
+# tracking store MLFLOW_TRACKING_URI names (default: mlflow.db here), without training; ARGS takes
+# --dry-run (pipeline/commands/publish.py).
+publish: $(INSTALLED)
+	python -m pipeline.commands.publish $(ARGS)
 
 test: $(INSTALLED)
 	$(PYTEST) $(ARGS)

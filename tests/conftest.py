@@ -128,17 +128,22 @@ def local_tracking(tmp_path):
 
 
 def variant_run_ids(client, path: Path, variant: str, experiment: str = "tiny") -> dict:
-    """{"variant": id, "seeds": [ids]} of the newest finished runs that computed `variant`'s outputs
-    in the project at `path`, found as the compare stage finds them: by their inputs digest."""
+    """{"variant": id, "seeds": [ids]} of the finished runs that record `variant`'s outputs in the
+    project at `path`, found as the record finds them: by their inputs digest."""
     import json
 
-    from pipeline.tracking.runs import find_variant_runs
+    from pipeline.tracking.record import SEED_TAG
+    from pipeline.tracking.store import INPUTS_TAG, PARENT_TAG
 
     digest = json.loads((path / "data" / "train" / variant / "run.json").read_text())["inputs_digest"]
     seeds = json.loads((path / "data" / "train" / variant / "history.json").read_text())["seeds"]
-    found = find_variant_runs(client, experiment, {variant: digest}, seeds)[variant]
-    assert found is not None, f"no finished run of {variant} with inputs {digest}"
-    return found
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id],
+                              f"tags.{INPUTS_TAG} = '{digest}' AND attributes.status = 'FINISHED'",
+                              order_by=["attributes.start_time ASC"])
+    [main] = [r.info.run_id for r in runs if SEED_TAG not in r.data.tags]
+    by_seed = {r.data.tags[SEED_TAG]: r.info.run_id for r in runs if r.data.tags.get(PARENT_TAG) == main}
+    assert sorted(by_seed) == sorted(map(str, seeds)), f"the finished runs of {variant} ({digest}): {by_seed}"
+    return {"variant": main, "seeds": [by_seed[str(seed)] for seed in seeds]}
 
 
 def write_environment(root: Path) -> dict:

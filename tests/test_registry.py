@@ -32,26 +32,31 @@ def project(tmp_path_factory, tiny_mirror):
 
 
 @pytest.fixture(scope="module")
-def recompared(project):
-    """The versions before and after a second `compare` of the same (reproduced) workspace."""
+def reforced(project):
+    """The registry and the runs before and after a forced `dvc repro` of the (reproduced)
+    workspace: every stage runs again and writes the same bytes."""
     path, env, client = project
-    before = client.search_model_versions(f"name = '{NAME}'")
-    run(["dvc", "repro", "--force", "--single-item", "compare"], path, env, timeout=180)
-    return before, client.search_model_versions(f"name = '{NAME}'")
+
+    def state():
+        versions = {v.version: (v.tags, sorted(client.get_model_version(NAME, v.version).aliases))
+                    for v in client.search_model_versions(f"name = '{NAME}'")}
+        return versions, sorted(r.info.run_id for r in client.search_runs(
+            [client.get_experiment_by_name("tiny").experiment_id]))
+
+    before = state()
+    run(["dvc", "repro", "--force"], path, env, timeout=480)
+    assert run(["git", "status", "--porcelain", "dvc.lock"], path, env).stdout == "", "the same bytes"
+    return before, state()
 
 
-def test_a_second_compare_of_the_same_results_is_a_challenger(project, recompared):
-    _, _, client = project
-    before, after = recompared
-    assert before, "the first dvc repro registered the model"
-    assert len(after) == len(before) + 1
-    first, newest = min(after, key=lambda v: int(v.version)), max(after, key=lambda v: int(v.version))
-    assert newest.tags["score"] == first.tags["score"] and newest.tags["data_digest"] == first.tags["data_digest"]
-    assert client.get_model_version_by_alias(NAME, ALIAS).version == first.version  # a tie does not beat it
-    assert client.get_model_version_by_alias(NAME, "challenger").version == newest.version
+def test_a_forced_repro_that_writes_the_same_bytes_adds_no_version_run_or_alias(project, reforced):
+    (versions_before, runs_before), (versions_after, runs_after) = reforced
+    assert versions_before, "the first dvc repro registered the model"
+    assert versions_after == versions_before  # no version added, no alias moved, no tag changed
+    assert runs_after == runs_before  # the same runs, found by their inputs, not new ones
 
 
-def test_champion_is_the_best_variant_and_predicts_like_its_stacked_replica(project, recompared):
+def test_champion_is_the_best_variant_and_predicts_like_its_stacked_replica(project, reforced):
     path, _, client = project
     champion = client.get_model_version_by_alias(NAME, ALIAS)
 

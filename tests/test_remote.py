@@ -1,10 +1,16 @@
-"""Sharing results through a DVC remote: push from one clone, pull into another, nothing to rerun."""
+"""Sharing results through a DVC remote: push from one clone, pull into another, nothing to rerun;
+`publish` gives any tracking store the same record from either."""
 
 from __future__ import annotations
 
+import json
+import sys
+from pathlib import Path
+
 import pytest
 
-from tests.conftest import run
+from tests.conftest import project_client, run
+from tests.mlflow_server import start_server, stop
 from tests.shared_project import reproduced_project
 
 VARIANTS = ("batchnorm", "no_norm")
@@ -108,3 +114,93 @@ def test_experiments_travel_between_clones(s3_remote):
     assert (clone / "data" / "evaluate" / "batchnorm" / "metrics.json").read_bytes() == made
     repro = run(["dvc", "repro"], clone, env, timeout=300).stdout
     assert "Running stage" not in repro, repro  # the experiment's outputs came with it
+
+
+PUBLISH = [sys.executable, "-m", "pipeline.commands.publish"]
+
+
+@pytest.fixture(scope="module")
+def empty_servers(tmp_path_factory):
+    """Two real tracking servers, each with an empty store of its own and proxied artifacts."""
+    started = []
+    try:
+        for name in ("a", "b"):
+            folder = tmp_path_factory.mktemp(f"publish_{name}")
+            started.append(start_server(folder, f"sqlite:///{folder / 'server.db'}", "--serve-artifacts",
+                                        "--artifacts-destination", str(folder / "artifacts")))
+        yield [uri for _, uri in started]
+    finally:
+        for process, _ in started:
+            stop(process)
+
+
+def artifacts(client, run_id: str, folder: str = "") -> list[tuple[str, int]]:
+    found = []
+    for item in client.list_artifacts(run_id, folder or None):
+        found += artifacts(client, run_id, item.path) if item.is_dir else [(item.path, item.file_size)]
+    return sorted(found)
+
+
+def record_of(client, workspace: Path) -> dict:
+    """What a store holds of a workspace's results, without what differs between stores (run ids,
+    times): per run (by name), its status, params, tags, every metric's (step, value) history,
+    artifacts and logged models; the registered version of its model, with its aliases."""
+    from pipeline.tracking.record import comparison_digest
+
+    experiment = client.get_experiment_by_name("tiny").experiment_id
+    digests = {v: json.loads((workspace / "data" / "train" / v / "run.json").read_text())["inputs_digest"]
+               for v in VARIANTS}
+    digests["compare"] = comparison_digest(digests, workspace / "data" / "compare")
+    runs = [r for digest in digests.values() for r in client.search_runs([experiment], f"tags.inputs_digest = '{digest}'")]
+    names = {r.info.run_id: r.info.run_name for r in runs}
+    held = {}
+    for found in runs:
+        run_id = found.info.run_id
+        tags = {k: names.get(v, v) if k == "mlflow.parentRunId" else v for k, v in found.data.tags.items()
+                if not k.startswith("mlflow.") or k in ("mlflow.parentRunId", "mlflow.source.name")}
+        models = client.search_logged_models([experiment], filter_string=f"source_run_id = '{run_id}'")
+        held[found.info.run_name] = {
+            "status": found.info.status, "params": found.data.params, "tags": tags,
+            "metrics": {name: [(m.step, m.value) for m in client.get_metric_history(run_id, name)]
+                        for name in found.data.metrics},
+            "artifacts": artifacts(client, run_id),
+            "models": sorted((m.name, sorted(a.path for a in client.list_logged_model_artifacts(m.model_id)))
+                             for m in models)}
+    assert len(held) == len(runs), "one run of each name"
+    versions = [v for v in client.search_model_versions("name = 'mnist-mlp'")
+                if v.tags.get("inputs_digest") in digests.values()]
+    held["registry"] = sorted(({k: v for k, v in version.tags.items() if k != "compare_run_id"}, names[version.run_id])
+                              for version in versions)
+    return held
+
+
+def store_size(uri: str) -> tuple[int, int, int]:
+    """(runs, metric points, model versions) in a store."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    points = sum(len(client.get_metric_history(r.info.run_id, name)) for r in runs for name in r.data.metrics)
+    return len(runs), points, len(client.search_model_versions())
+
+
+def test_publish_gives_an_empty_server_the_record_of_training_from_either_workspace(pulled, empty_servers):
+    from mlflow import MlflowClient
+
+    original, clone, env = pulled
+    trained = record_of(project_client(original), original)
+    assert {"batchnorm", "batchnorm-seed0", "no_norm-seed1", "compare", "registry"} <= set(trained)
+    for workspace, uri in zip((original, clone), empty_servers):  # the one that trained; one `dvc pull` filled
+        dry = run([*PUBLISH, "--dry-run"], workspace, env | {"MLFLOW_TRACKING_URI": uri}, timeout=120).stdout
+        assert "batchnorm: would add its 3 runs, 2 epochs each" in dry and "compare: would add" in dry, dry
+        run(PUBLISH, workspace, env | {"MLFLOW_TRACKING_URI": uri}, timeout=300)
+        published = record_of(MlflowClient(uri), workspace)
+        assert published == trained, workspace
+        champion = MlflowClient(uri).get_model_version_by_alias("mnist-mlp", "champion")
+        assert champion.tags["inputs_digest"] in {published[v]["tags"]["inputs_digest"] for v in VARIANTS}
+
+    before = store_size(empty_servers[1])
+    again = run(PUBLISH, clone, env | {"MLFLOW_TRACKING_URI": empty_servers[1]}, timeout=300)
+    assert store_size(empty_servers[1]) == before, again.stdout  # 0 runs, 0 metric points, 0 versions
+    dry = run([*PUBLISH, "--dry-run"], clone, env | {"MLFLOW_TRACKING_URI": empty_servers[1]}, timeout=120).stdout
+    assert dry.strip() == f"{empty_servers[1]} holds every result of this workspace already"

@@ -2,13 +2,12 @@
 
 A team points every `dvc repro` at one server with MLFLOW_TRACKING_URI; runs, metrics,
 checkpoints, logged models and registry versions all go there (artifacts through the
-server's proxy), and nothing is tracked in the project. A server that is not there fails
-the stage in seconds, before any training.
+server's proxy), and nothing is tracked in the project. A server that is not there costs no
+training: the stage says in one line that the record waits.
 """
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
@@ -43,19 +42,14 @@ def prepared(tmp_path_factory, tiny_mirror):
     return path, env
 
 
-def test_unreachable_server_fails_fast_with_one_line(prepared):
+def test_an_unreachable_server_costs_no_training_and_says_so_in_one_line(prepared):
     path, env = prepared
     uri = f"http://127.0.0.1:{free_port()}"  # closed: nothing listens there
-    started = time.monotonic()
-    result = run(stage_command("train", "batchnorm"), path,
-                 env | {"MLFLOW_TRACKING_URI": uri}, timeout=60, check=False)
-    elapsed = time.monotonic() - started
-    assert result.returncode != 0
-    assert elapsed < 15, f"took {elapsed:.1f}s to give up"
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and errors[0].startswith(f"error: MLFLOW_TRACKING_URI: cannot reach {uri}"), result.stderr
-    assert "Traceback" not in result.stderr + result.stdout
-    assert not (path / "data" / "checkpoints" / "batchnorm").exists(), "no training started"
+    result = run(stage_command("train", "batchnorm"), path, env | {"MLFLOW_TRACKING_URI": uri}, timeout=300)
+    assert result.stderr.strip().splitlines() == [
+        f"warning: the MLflow record waits: MLFLOW_TRACKING_URI: cannot reach {uri} ([Errno 111] "
+        "Connection refused); the next `dvc repro` or `make publish` completes it from the outputs"]
+    assert (path / "data" / "checkpoints" / "batchnorm" / "last.pt").exists(), "it trained"
     assert not (path / "mlflow.db").exists()
 
 

@@ -1,5 +1,5 @@
 """MLflow plumbing (pipeline/tracking/store.py): where the store is, a server checked in seconds with its
-failures as one line, the experiment made once with its tags, the tags every run carries."""
+failures as one line (a refusal or a store that is down), the experiment made once with its tags."""
 
 from __future__ import annotations
 
@@ -21,9 +21,10 @@ from pipeline.tracking.store import (
     TrackingError,
     check_server,
     connect,
+    StoreDown,
+    check_sqlite,
     project_root,
     refused,
-    run_tags,
     runs_page,
     unavailable,
 )
@@ -40,10 +41,8 @@ def test_project_root_is_the_repository_also_from_a_dvc_experiment_copy(tmp_path
 
 def test_from_environment_defaults_to_the_sqlite_store_at_the_project_root(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.setenv("DVC_EXP_NAME", "lr-sweep")
     local = Tracking.from_environment("lab", tmp_path / ".dvc" / "tmp" / "exps" / "x")
-    assert (local.uri, local.root, local.dvc_exp_name) == (f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}",
-                                                          tmp_path.resolve(), "lr-sweep")
+    assert (local.uri, local.root) == (f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}", tmp_path.resolve())
     assert local.is_local
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
     shared = Tracking.from_environment("lab", tmp_path)
@@ -61,7 +60,7 @@ def test_runs_page_says_how_to_open_a_local_store_and_links_a_server(tmp_path):
 def test_check_server_fails_in_seconds_on_a_port_nobody_listens_on():
     uri = f"http://127.0.0.1:{free_port()}"
     started = time.monotonic()
-    with pytest.raises(TrackingError) as caught:
+    with pytest.raises(StoreDown) as caught:  # an outage: the train stage trains on, the record waits
         check_server(uri)
     assert time.monotonic() - started < 5
     message = str(caught.value)
@@ -116,20 +115,15 @@ def test_connect_tags_an_experiment_made_before_the_tags_existed(local_tracking)
     assert EXPERIMENT_TAGS.items() <= project_client(local_tracking.root).get_experiment(older).tags.items()
 
 
-def test_run_tags_name_the_stage_the_git_commit_and_the_dvc_experiment(tmp_path):
-    env = stage_env()
-    run(["git", "init", "-q"], tmp_path, env)
-    run(["git", "commit", "-q", "--allow-empty", "-m", "init"], tmp_path, env)
-    head = run(["git", "rev-parse", "HEAD"], tmp_path, env).stdout.strip()
-    tracking = Tracking("sqlite:///unused.db", tmp_path, "lab", dvc_exp_name="lr-sweep")
-    assert run_tags(tracking, tmp_path, "train@batchnorm") == {
-        "mlflow.source.name": "dvc stage train@batchnorm", "mlflow.source.type": "LOCAL",
-        "mlflow.source.git.commit": head, "dvc_exp_name": "lr-sweep"}
-
-
-def test_run_tags_outside_git_carry_no_commit(tmp_path):
-    tags = run_tags(Tracking("sqlite:///unused.db", tmp_path, "lab"), tmp_path, "compare")
-    assert tags == {"mlflow.source.name": "dvc stage compare", "mlflow.source.type": "LOCAL"}
+def test_check_sqlite_names_a_corrupted_file_and_the_way_out(tmp_path):
+    database = tmp_path / "mlflow.db"
+    check_sqlite(database)  # none yet: MLflow makes it
+    database.write_bytes(b"SQLite format 3\x00" + bytes(range(256)) * 16)
+    with pytest.raises(StoreDown) as caught:
+        check_sqlite(database)
+    assert str(caught.value).startswith(f"MLflow store {database} is corrupted (")
+    assert str(caught.value).endswith("move it aside: `make publish` rebuilds every run from the outputs, nothing "
+                                      "is lost")
 
 
 def test_refused_names_the_user_and_ignores_other_errors(tmp_path, monkeypatch):
@@ -148,7 +142,4 @@ def test_unavailable_turns_an_exhausted_request_into_one_line(monkeypatch):
     with pytest.raises(MlflowException) as caught:
         MlflowClient(uri).get_experiment_by_name("lab")
     message = str(unavailable(caught.value, uri))
-    assert message.startswith(f"MLflow at {uri} is unavailable (API request to {uri}/api/")
-    assert message.endswith("rerun the stage when it is back: it resumes and completes the record")
-    assert "\n" not in message
-    assert unavailable(ValueError("something else"), uri) is None
+    assert message.startswith(f"MLflow store {uri}: API request to {uri}/api/") and "\n" not in message

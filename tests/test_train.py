@@ -30,14 +30,14 @@ from tests.conftest import (
     write_mirror,
 )
 
-EPOCHS = 4
+EPOCHS = 30  # ~0.2 s each here: the record's process opens the store (~3 s) well before the end
 
 
 @pytest.fixture(scope="module")
 def slow_mirror(tmp_path_factory):
     """Enough steps per epoch (batch 4) that a kill lands mid-run, not after it."""
     folder = tmp_path_factory.mktemp("slow_mirror")
-    write_mirror(folder, tiny_mnist_arrays(train=2100, test=200))
+    write_mirror(folder, tiny_mnist_arrays(train=4200, test=200))
     return folder
 
 
@@ -99,7 +99,8 @@ def scratch_state(path: Path) -> dict:
 def variant_runs(path: Path) -> list:
     client = project_client(path)
     experiment = client.get_experiment_by_name("tiny")
-    return [r for r in client.search_runs([experiment.experiment_id]) if r.info.run_name == "batchnorm"]
+    return [r for r in client.search_runs([experiment.experiment_id]) if r.info.run_name == "batchnorm"] \
+        if experiment else []
 
 
 def assert_no_process_left_in(path: Path, timeout_s: float = 10) -> None:
@@ -141,8 +142,12 @@ def test_rerun_is_bit_identical(tmp_path, slow_mirror, uninterrupted):
 
 def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, slow_mirror, uninterrupted):
     path = make_prepared(tmp_path, slow_mirror)
+    project_client(path).search_experiments()  # the store made here: its ~50 migrations take seconds
     process = start_train(path)
     wait_for_epoch(process, 1)
+    deadline = time.monotonic() + 60
+    while not variant_runs(path) and time.monotonic() < deadline:  # the record trails the training
+        time.sleep(0.1)
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=30)
     assert_no_process_left_in(path)  # the stage's MLflow process goes with it
@@ -160,7 +165,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, slow_mirror, un
     [run] = variant_runs(path)  # the same run continued, not a second one
     assert run.info.run_id == crashed.info.run_id and run.info.status == "FINISHED"
     client = project_client(path)
-    ids = variant_run_ids(client, path, "batchnorm")  # the seed runs too: sent every 30 s, backfilled here
+    ids = variant_run_ids(client, path, "batchnorm")  # the seed runs too
     for run_id in [ids["variant"], *ids["seeds"]]:
         for metric in METRICS:
             steps = sorted(m.step for m in client.get_metric_history(run_id, metric))

@@ -1,6 +1,6 @@
 """Stage `compare`: the variants against each other, with error bars over seeds.
 
-    python -m pipeline.stages.compare --train DIR --evaluate DIR --checkpoints DIR --prepared DIR --out DIR --metrics FILE
+    python -m pipeline.stages.compare --train DIR --evaluate DIR --checkpoints DIR --out DIR --metrics FILE
 
 reads each variant's train and evaluate outputs in `<DIR>/<variant>/` (dvc.yaml names the
 folders) and writes to --out: the lab's four plots (mean curve per variant with a ±1 std
@@ -9,23 +9,19 @@ by `compare.select_by`'s mean with mean, std and 95% CI of the test metrics; eac
 difference from the reference in points with its Welch and seeded-bootstrap 95% CIs, the chance
 that its seed beats a reference seed, and Welch's p beside Holm's adjustment over all the
 comparisons with the reference, said in one sentence too) with its numbers in `summary.json`,
-and the headline numbers to --metrics.
-All of it is deterministic: the same inputs give the same bytes. Its MLflow run groups this
-execution's variant runs as its children, and it logs the evaluate stage's test metrics and
-files into the variant runs (once per result).
+and the headline numbers to --metrics (`make exp`'s columns).
+All of it is deterministic: the same inputs give the same bytes. It ends by mirroring the
+workspace into MLflow (pipeline/commands/publish.py, as `make publish` does): every variant's
+runs completed from their outputs, the comparison's run grouping them, the registered model.
 """
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline import cli, provenance
-
-from pipeline.tracking import registry, runs as variant_runs
-from pipeline.errors import PipelineError
+from pipeline import cli
+from pipeline.commands.publish import Workspace, mirror_workspace
 from pipeline.fsio import atomic_write_bytes, atomic_write_json
 from pipeline.headline import headline
 from pipeline.config.params import Params, load_params
@@ -41,12 +37,11 @@ from pipeline.stats import (
     mean_interval,
     mean_std,
     ranking,
-    summarize,
     superiority,
     welch_difference,
 )
-from pipeline.tracking.store import EXP_NAME_TAG, INPUTS_TAG, PARENT_TAG, Tracking, experiment_id, run_tags, runs_page
-from pipeline.tracking.process import TrackingProcess
+from pipeline.tracking.record import read_json
+from pipeline.tracking.store import Tracking, check_store, connect, one_line, runs_page
 
 
 def pct(value: float) -> str:
@@ -152,131 +147,45 @@ def reference_section(test_acc: dict, reference: str, others: list[str]) -> tupl
     return text + "\n" + "\n".join(sentences) + "\n", differences
 
 
-def read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as error:
-        raise PipelineError(f"{path}: unreadable ({error}); rerun its stage") from None
-
-
-def publish_evaluation(client, run_ids: dict, per_seed: dict, evaluate_dir: Path, step: int) -> None:
-    """The evaluate stage's results into the variant's runs, unless they already hold them."""
-    metrics = {name: per_seed[name] for name in ("test_loss", "test_acc")}
-    logged = client.get_run(run_ids["variant"]).data.metrics
-    if all(logged.get(name) == value or math.isnan(value) and math.isnan(logged.get(name, 0.0))
-           for name, value in summarize(metrics).items()):
-        return
-    variant_runs.log_replica_metrics(client, run_ids, metrics, step)
-    for name in ("confusion.png", "per_class.json", "per_seed.json"):
-        client.log_artifact(run_ids["variant"], str(evaluate_dir / name), "evaluation")
-
-
-@dataclass(frozen=True)
-class Paths:
-    """Where the stage reads and writes: the folders dvc.yaml passes on its command line."""
-
-    train: Path  # the train stages' outputs, a folder per variant
-    evaluate: Path  # the evaluate stages' outputs, a folder per variant
-    checkpoints: Path  # the train stages' checkpoints, a folder per variant (to rebuild a missing run)
-    prepared: Path  # the data the train stages read (a rebuilt run's dataset URI)
-    out: Path
-    metrics: Path  # the comparison in a few numbers, for `dvc exp show` (pipeline/headline.py)
-
-
-def compare(params: Params, paths: Paths, root: Path, tracking: Tracking | None = None) -> dict:
-    tracking = tracking or Tracking.from_environment(params.mlflow.experiment_name, root)
-    out = paths.out
+def compare(params: Params, paths: Workspace, tracking: Tracking | None = None) -> dict:
+    """`paths`: the folders dvc.yaml passes on the command line (`paths.compare`: where it writes)."""
+    tracking = tracking or Tracking.from_environment(params.mlflow.experiment_name, paths.root)
+    out = paths.compare
     variants = list(params.variants)
     histories = {v: read_json(paths.train / v / "history.json") for v in variants}
     per_seed = {v: read_json(paths.evaluate / v / "per_seed.json") for v in variants}
-    lineage = {v: read_json(paths.train / v / "run.json") for v in variants}
     test_acc = {v: per_seed[v]["test_acc"] for v in variants}
     test_loss = {v: per_seed[v]["test_loss"] for v in variants}
+    check_store(tracking)  # in seconds, before any work: a store that cannot take the record is one line
 
-    with TrackingProcess(tracking) as tracker:  # opens MLflow there while the plots are drawn here
-        found = tracker.submit(variant_runs.find_variant_runs, params.mlflow.experiment_name,
-                               {v: lineage[v]["inputs_digest"] for v in variants}, params.seeds)
-        metric = params.compare.select_by  # the registry's score (registry.select_best), ranked
-        scores = {v: mean_std(histories[v]["val_acc"][-1] if metric == "val_acc" else test_acc[v])[0]
-                  for v in variants}
-        order = ranking(scores)
-        plots = comparison_plots(histories, out, order)
-        plots.append(seed_dots_plot(test_acc, out / "test_acc_seeds.png", order))
-        text, table = summary_markdown(test_acc, test_loss, params.compare.reference, seeds=params.seeds,
-                                       split_seed=params.data.split_seed, rank_by=(metric, scores))
-        atomic_write_bytes(out / "summary.md", text.encode())
-        atomic_write_json(out / "summary.json", table)
-        atomic_write_json(paths.metrics, headline(table))
-        choice = registry.select_best(params, histories, test_acc)
-        run_ids = found.result()
-        for variant in [v for v in variants if run_ids[v] is None]:
-            run_ids[variant] = restore_variant_runs(tracker, params, tracking, root, paths, variant,
-                                                    histories[variant], lineage[variant])
-
-        registered = tracker.call(
-            publish_comparison, params, run_tags(tracking, root, "compare"), run_ids,
-            {v: (per_seed[v], paths.evaluate / v, len(histories[v]["val_acc"])) for v in variants},
-            {f"{v}.test_acc_mean": table[v]["test_acc_mean"] for v in variants},
-            [*plots, out / "summary.md", out / "summary.json"], choice,
-            lineage[choice.variant]["dataset"]["digest"] if choice else None,
-        )
-        experiment = tracker.call(experiment_id, params.mlflow.experiment_name)
+    metric = params.compare.select_by  # the registry's score (registry.select_best), ranked
+    scores = {v: mean_std(histories[v]["val_acc"][-1] if metric == "val_acc" else test_acc[v])[0] for v in variants}
+    order = ranking(scores)
+    comparison_plots(histories, out, order)
+    seed_dots_plot(test_acc, out / "test_acc_seeds.png", order)
+    text, table = summary_markdown(test_acc, test_loss, params.compare.reference, seeds=params.seeds,
+                                   split_seed=params.data.split_seed, rank_by=(metric, scores))
+    atomic_write_bytes(out / "summary.md", text.encode())
+    atomic_write_json(out / "summary.json", table)
+    atomic_write_json(paths.metrics, headline(table))
+    with one_line(tracking.uri):  # the record of every variant completed, the comparison's, the registry
+        client, experiment = connect(tracking, checked=True)
+        registered = mirror_workspace(client, experiment, params, paths)
     print(text)
     if registered is None:
         print("registered nothing: no variant has a seed that trained without diverging")
     else:
-        print(f"registered {choice.variant} ({choice.metric} {choice.score:.4f}) as {registered['name']} "
-              f"version {registered['version']}, alias @{registered['alias']}")
+        print(f"registered {registered['variant']} ({registered['select_by']} {registered['score']:.4f}) as "
+              f"{registered['name']} version {registered['version']}, alias @{registered['alias'] or '(none)'}")
     print(f"runs: {runs_page(tracking, experiment)}")
     return table
 
 
-def restore_variant_runs(tracker: TrackingProcess, params: Params, tracking: Tracking, root: Path, paths: Paths,
-                         variant: str, history: dict, lineage: dict) -> dict:
-    """Runs for a variant whose train stage DVC restored from a run-cache this store never saw."""
-    from pipeline.nn.checkpoint import load
-    from pipeline.nn.model import served_model
-    from pipeline.config.variant import VariantConfig
-
-    print(f"{variant}: no run in {tracking.uri} computed from inputs {lineage['inputs_digest']}; "
-          "rebuilding it from the train stage's outputs")
-    checkpoints = paths.checkpoints / variant
-    state = load(checkpoints / "last.pt")
-    served = served_model(state, history)
-    tags = run_tags(tracking, root, f"train@{variant}") | {INPUTS_TAG: lineage["inputs_digest"]}
-    dataset = lineage["dataset"] | {"uri": paths.prepared.resolve().as_uri()}
-    environment = provenance.read_environment(root)
-    return tracker.call(variant_runs.restore_variant_runs, params.mlflow.experiment_name, VariantConfig(**state["config"]),
-                        tags, dataset, environment, history, served, [checkpoints / "last.pt", checkpoints / "best.pt"])
-
-
-def publish_comparison(client, params: Params, tags: dict[str, str], run_ids: dict[str, dict],
-                       evaluations: dict[str, tuple[dict, Path, int]], metrics: dict[str, float],
-                       files: list[Path], choice: registry.Choice | None, data_digest: str) -> dict | None:
-    """The comparison's MLflow run, grouping the variant runs; their evaluation; the registry."""
-    experiment = experiment_id(client, params.mlflow.experiment_name)
-    group_id = client.create_run(experiment, run_name="compare", tags=tags).info.run_id
-    for variant, (per_seed, evaluate_dir, epochs) in evaluations.items():
-        # Adopting the variant's run (cached or fresh) makes the UI show this execution as a group.
-        client.set_tag(run_ids[variant]["variant"], PARENT_TAG, group_id)
-        publish_evaluation(client, run_ids[variant], per_seed, evaluate_dir, step=epochs)
-    variant_runs.log_metrics(client, group_id, metrics, 0)
-    for path in files:
-        client.log_artifact(group_id, str(path), "comparison")
-    registered = None
-    if choice is not None:
-        registered = registry.register_best(client, experiment, params, choice,
-                                            run_ids[choice.variant]["variant"], group_id, data_digest,
-                                            tags.get(EXP_NAME_TAG))
-        client.set_tag(group_id, "registered_model", f"{registered['name']}/{registered['version']}")
-    client.set_terminated(group_id, "FINISHED")
-    return registered
-
-
 if __name__ == "__main__":
     parser = cli.parser(__doc__)
-    for name in Paths.__dataclass_fields__:
+    for name in ("train", "evaluate", "checkpoints", "out", "metrics"):  # the paths dvc.yaml names
         parser.add_argument(f"--{name}", type=Path, required=True)
-    paths = Paths(**vars(parser.parse_args()))
+    args = parser.parse_args()
     with cli.one_line_errors():
-        compare(load_params(), paths, Path.cwd())
+        compare(load_params(), Workspace(Path.cwd(), args.train, args.checkpoints, args.evaluate, args.out,
+                                         args.metrics))

@@ -1,82 +1,51 @@
-"""MLflow in a second process, so that a stage's own work never waits for it.
+"""The train stage's record, written in a second process so that training never waits for MLflow.
 
-A stage computes on one torch thread and leaves the machine's other core mostly idle, while
-MLflow costs it seconds of pure Python: the import (~1.4 s), opening the store (~0.3 s) and
-the first `log_model` (~1.3 s, most of it mapping every installed package to its modules).
-In a thread that work would hold the GIL the training loop needs between kernels; in a
-process of its own it runs beside the stage. One worker, so calls run in the order they are
-submitted; each returns a Future, and an exception comes back as raised there (a
-`PipelineError` still ends the stage with its one line).
+A train stage computes on one torch thread; MLflow costs it seconds of pure Python (the import
+~1.4 s, opening the store ~0.3 s, `log_model` ~1.3 s) that in a thread would hold the GIL the
+training loop needs between kernels. Measured, the stage's whole-process wall time with the
+record in a thread instead of this process: 1.05x (published lab) and 1.08x (tiny data) in one
+run, 0.98x and 0.95x in another (alternating, medians, 2 cores shared with other work): too close
+to call here; the process keeps MLflow's objects and its GIL off the training loop, and a train
+stage on more cores has them to spare. One worker, forked on Linux: calls run in order.
 """
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import multiprocessing
 import os
 import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 
-from pipeline.tracking.store import Tracking, check_server, connect, refused, unavailable
+from pipeline.reports import METRICS
+from pipeline.tracking import record
+from pipeline.tracking.store import StoreDown, Tracking, check_store, connect, one_line
 
-_clients: dict[Tracking, object] = {}  # in the worker: its open store
-_outage: list[Exception] = []  # in the worker: the store found down, once MLflow's retries gave up
-
-
-def _client(tracking: Tracking):
-    if tracking not in _clients:  # a failure is not kept: the next call tries again and raises
-        with _collector_off():
-            _clients[tracking] = connect(tracking, checked=True)[0]  # TrackingProcess checked the server
-    return _clients[tracking]
+_opened: list = []  # in the worker: (client, experiment id), once the store is open
+_seen: dict = {}  # in the worker: what record.mirror_variant found and logged
+_outage: list[StoreDown] = []  # in the worker: the calls queued behind a failed one fail at once
 
 
-@contextlib.contextmanager
-def _collector_off() -> Iterator[None]:
-    """Python's cyclic collector paused while MLflow is imported and its store opened, then its
-    objects frozen out of later collections. The import makes ~270,000 objects that live as long as
-    the process, and the collector walked them ~550 times on the way: 0.27 s of a 1.6 s open (the
-    wait the compare stage ends on); the frozen heap keeps a long stage's later collections short."""
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.freeze()
-        gc.enable()
-
-
-def _call(tracking: Tracking, fn: Callable, args: tuple):
-    if _outage:  # the calls queued behind one that found the store down fail at once, not ~60 s each
+def _call(tracking: Tracking, fn, args: tuple):
+    if _outage:
         raise _outage[0]
     try:
-        return fn(_client(tracking), *args)
-    except Exception as error:  # a refusal (a READ-only user, say) or an outage is one line, not a traceback
-        outage = unavailable(error, tracking.uri)
-        if outage is not None:
-            _outage.append(outage)
-        raise refused(error) or outage or error
+        with one_line(tracking.uri):
+            if not _opened:
+                _opened.append(connect(tracking, checked=True))  # the stage checked the store
+            return fn(*_opened[0], *args)
+    except StoreDown as error:
+        _outage.append(error)
+        raise
 
 
-# MLflow retries a call that meets a down server (connection refused, 5xx) 7 times with backoff
-# factor 2: ~4 minutes before a stage learns that its store is gone. 6 retries with factor 1 wait
-# 0+2+4+8+16+32 s: a restart of the team server (deploy/, 4 workers: 22-28 s here on 2 busy
-# cores) is ridden out, an outage fails the stage after ~60 s of waits and the rerun resumes. A
-# server whose database is gone answers each try slowly, not at once: the stage failed 168 s after
-# PostgreSQL stopped (test_team_faults, 2 cores). MLflow's own variables, so a user's setting wins.
-RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "6", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
-# MLflow prints "View run ... at: <url>" for every run it closes, and asks the server for the run
-# to do so: a request per run and a line per run on the stage's terminal. The compare stage
-# prints where the runs are, once.
-QUIET = {"MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
+def _mirror(client, experiment: str, outputs: record.VariantOutputs) -> dict:
+    return record.mirror_variant(client, experiment, outputs, _seen)
 
 
 def _start_worker(stage_pid: int) -> None:
-    for name, value in (RETRIES | QUIET).items():
-        os.environ.setdefault(name, value)
     # Ctrl-C reaches the whole process group; the stage decides what its runs become (KILLED)
     # and says so through this process, which ends when the stage closes it or is gone.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -91,38 +60,69 @@ def _exit_with(stage_pid: int) -> None:
     os._exit(1)
 
 
-def _opened(client) -> None:
-    return None
+class LiveRecord:
+    """The stage's scratch state mirrored (record.mirror_variant) after each epoch, its outputs at
+    the end. A store that cannot take it (StoreDown, at the start or later) costs no training:
+    one line says the record waits, and nothing more is sent. A refusal ends the stage."""
 
+    def __init__(self, tracking: Tracking, run: dict, environment: dict) -> None:
+        self.tracking, self.run, self.environment = tracking, run, environment
+        self.pool, self.refusal, self.waiting = None, None, False
+        try:
+            check_store(tracking)  # a refused login ends the stage here, in seconds
+        except StoreDown as error:
+            self._wait(error)
+        else:
+            sys.stdout.flush()  # a forked copy of unwritten output would be printed twice
+            method = "fork" if sys.platform == "linux" else "spawn"
+            self.pool = ProcessPoolExecutor(1, multiprocessing.get_context(method), _start_worker, (os.getpid(),))
+        self.opened = self.mirror({})  # the runs made (or found) while the stage loads its data
+        self._submit(record.warm_model_logging)
 
-class TrackingProcess:
-    """`submit(fn, *args)` runs `fn(client, *args)` in the worker, with its `MlflowClient`.
+    def _wait(self, error: StoreDown) -> None:
+        if not self.waiting:
+            self.waiting = True
+            print(f"warning: the MLflow record waits: {error}; the next `dvc repro` or `make publish` "
+                  "completes it from the outputs", file=sys.stderr, flush=True)
 
-    Arguments are pickled when the call is sent, which can be later than `submit`: pass
-    values that nothing changes afterwards. Fork (Linux) gives the worker this process's
-    imports for free, torch included; elsewhere it is spawned.
-    """
+    def _sent(self, future: Future) -> None:
+        """Called as each call ends (in the pool's thread), and again by a stage that waits on it."""
+        error = None if future.cancelled() else future.exception()
+        if isinstance(error, StoreDown):
+            self._wait(error)
+        elif error is not None:
+            self.refusal = error
 
-    def __init__(self, tracking: Tracking) -> None:
-        if not tracking.is_local:
-            check_server(tracking.uri)  # in seconds, before the stage does any work
-        method = "fork" if sys.platform == "linux" else "spawn"
-        self.tracking = tracking
-        sys.stdout.flush()  # a forked copy of unwritten output would be printed twice
-        self._pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context(method),
-                                         initializer=_start_worker, initargs=(os.getpid(),))
-        self.submit(_opened)  # starts the worker now: MLflow is imported while the stage goes on
+    def _submit(self, fn, *args) -> Future | None:
+        if self.pool is None or self.waiting or self.refusal is not None:
+            return None
+        future = self.pool.submit(_call, self.tracking, fn, args)
+        future.add_done_callback(self._sent)
+        return future
 
-    def submit(self, fn: Callable, *args) -> Future:
-        return self._pool.submit(_call, self.tracking, fn, args)
+    def mirror(self, history: dict) -> Future | None:
+        """The epochs of `history` ({metric: [per-epoch values]}) that the runs lack, sent."""
+        return self._submit(_mirror, record.VariantOutputs(self.run, self.environment,
+                                                           history or {name: [] for name in METRICS}))
 
-    def call(self, fn: Callable, *args):
-        return self.submit(fn, *args).result()
+    def raise_refused(self, wait_for: Future | None = None) -> None:
+        if wait_for is not None:
+            self._sent(wait_for)  # waits for it
+        if self.refusal is not None:
+            raise self.refusal
 
-    def __enter__(self) -> TrackingProcess:
+    def finish(self, outputs: record.VariantOutputs) -> None:
+        self.raise_refused(self._submit(_mirror, outputs))
+
+    def close(self, status: str) -> None:
+        """The runs of these inputs still RUNNING ended `status` (a stage that stops), if the store takes it."""
+        future = self._submit(record.close_runs, self.run["inputs_digest"], status)
+        if future is not None:
+            future.exception()  # waits; whatever it met, the stage's own error is the one to say
+
+    def __enter__(self) -> LiveRecord:
         return self
 
     def __exit__(self, exc_type, *exc) -> None:
-        # A failed stage drops the calls still queued: against a store that is down each would
-        # retry for ~60 s; the rerun resumes from the checkpoint and backfills what they carried.
-        self._pool.shutdown(wait=True, cancel_futures=exc_type is not None)
+        if self.pool is not None:  # a failed stage drops what is queued: the next mirror adds it
+            self.pool.shutdown(wait=True, cancel_futures=exc_type is not None)

@@ -2,9 +2,10 @@
 
 The best variant has the highest mean over seeds of `val_acc` at the last epoch (from
 `data/train/<variant>/history.json`), or of `test_acc` when `compare.select_by: test_acc`.
-The model that train logged in that variant's run (`name="model"`: its best seed as a plain
-`nn.Sequential`) becomes a new version of `compare.registered_model`, tagged with the variant,
-the metric and its score, the data digest, the DVC experiment and the compare run.
+The model logged in that variant's run (pipeline/tracking/record.py: its best seed as a plain
+`nn.Sequential`) becomes a version of `compare.registered_model`, tagged with the variant, the
+metric and its score, the data digest, the variant's inputs digest and the compare run: one
+version per distinct trained model, so a rerun that writes the same bytes adds none.
 
 `compare.alias` (default `champion`) moves to the new version only when it beats the current
 champion on the same metric over the same data; otherwise the new version gets
@@ -17,12 +18,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from pipeline.errors import PipelineError
 from pipeline.config.params import Params
+from pipeline.errors import PipelineError
 from pipeline.stats import mean_std
-
-LOGGED_MODEL_NAME = "model"  # what train.finish passes to mlflow.pytorch.log_model
-
+from pipeline.tracking.record import MODEL_NAME, logged_model_ids
+from pipeline.tracking.store import INPUTS_TAG
 
 @dataclass(frozen=True)
 class Choice:
@@ -50,29 +50,22 @@ def select_best(params: Params, histories: dict[str, dict], test_acc: dict[str, 
     return Choice(best, metric, scores[best])
 
 
-def logged_model_id(client, experiment_id: str, run_id: str) -> str:
-    """The id of the model train logged in `run_id` (MLflow 3 keeps it as a LoggedModel)."""
-    from mlflow.entities import LoggedModelStatus
-
-    models = client.search_logged_models(
-        [experiment_id],
-        filter_string=f"source_run_id = '{run_id}' AND name = '{LOGGED_MODEL_NAME}'",
-    )
-    ready = [m for m in models if m.status == LoggedModelStatus.READY]
-    if not ready:
-        raise PipelineError(
-            f"run {run_id} has no logged model {LOGGED_MODEL_NAME!r}; rerun its train stage (dvc repro -f)"
-        )
-    return max(ready, key=lambda m: m.creation_timestamp).model_id
-
-
-def register_best(client, experiment_id: str, params: Params, choice: Choice, run_id: str,
-                  compare_run_id: str, data_digest: str, dvc_exp_name: str | None) -> dict:
-    """A new version of the registered model from `run_id`'s logged model, champion or challenger."""
+def register(client, experiment_id: str, params: Params, choice: Choice, run_id: str, compare_run_id: str,
+             data_digest: str, inputs_digest: str) -> dict:
+    """The version of the registered model that `run_id`'s logged model is: the one already made
+    from these inputs (`inputs_digest`: the same trained bytes; no alias moves), or a new one,
+    champion or challenger."""
     from mlflow.exceptions import MlflowException
 
     name = params.compare.registered_model
-    model_id = logged_model_id(client, experiment_id, run_id)
+    made = sorted((v for v in client.search_model_versions(f"name = '{name}'") if v.tags.get(INPUTS_TAG) == inputs_digest),
+                  key=lambda v: int(v.version))
+    if made:
+        version = client.get_model_version(name, made[0].version)
+        return _registered(name, version.version, (version.aliases or [""])[0], choice)
+    model_ids = logged_model_ids(client, experiment_id, run_id)
+    if not model_ids:
+        raise PipelineError(f"run {run_id} has no logged model {MODEL_NAME!r}; rerun its train stage (dvc repro -f)")
     try:
         client.create_registered_model(
             name, description="The best variant of the batch-norm MNIST lab, picked by the compare stage. Its "
@@ -82,19 +75,19 @@ def register_best(client, experiment_id: str, params: Params, choice: Choice, ru
         if error.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
             raise
     version = client.create_model_version(
-        name,
-        source=f"models:/{model_id}",
-        run_id=run_id,
-        model_id=model_id,
+        name, source=f"models:/{model_ids[0]}", run_id=run_id, model_id=model_ids[0],
         tags={"variant": choice.variant, "select_by": choice.metric, "score": repr(choice.score),
-              choice.metric: f"{choice.score:.6f}", "data_digest": data_digest,
-              "dvc_exp_name": dvc_exp_name or "", "compare_run_id": compare_run_id},
+              choice.metric: f"{choice.score:.6f}", "data_digest": data_digest, INPUTS_TAG: inputs_digest,
+              "compare_run_id": compare_run_id},
         description=f"{choice.variant}: mean {choice.metric} over seeds {choice.score:.4f}",
     )
     alias = settle_aliases(client, name, params.compare.alias, params.compare.challenger_alias, version.version)
-    return {"name": name, "version": int(version.version), "alias": alias, "variant": choice.variant,
-            "select_by": choice.metric, "score": choice.score, "run_id": run_id, "model_id": model_id,
-            "model_uri": f"models:/{name}@{alias}"}
+    return _registered(name, version.version, alias, choice)
+
+
+def _registered(name: str, version: str, alias: str, choice: Choice) -> dict:
+    return {"name": name, "version": int(version), "alias": alias, "variant": choice.variant,
+            "select_by": choice.metric, "score": choice.score}
 
 
 def _score(version) -> float:

@@ -1,6 +1,6 @@
-"""MLflow plumbing: where the tracking store is, how a stage reaches it (a server checked in
-seconds, its refusals and outages as one line), the experiment, and the tags every run carries.
-The runs themselves: pipeline/tracking/runs.py.
+"""MLflow plumbing: where the tracking store is, how a stage reaches it (a server or an SQLite
+file checked in seconds, its refusals and outages as one line), and the experiment. What the
+runs hold: pipeline/tracking/record.py.
 """
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ import base64
 import fcntl
 import json
 import os
-import subprocess
+import sqlite3
 import urllib.error
 import urllib.request
-import weakref
+import contextlib
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,9 +20,7 @@ from pathlib import Path
 from pipeline.errors import PipelineError
 
 PARENT_TAG = "mlflow.parentRunId"
-INPUTS_TAG = "inputs_digest"  # provenance.inputs_digest of what a variant's run computed from
-EXP_NAME_TAG = "dvc_exp_name"  # the DVC experiment a run belongs to (DVC_EXP_NAME), if any
-RESTORED_TAG = "restored_from"  # on a run rebuilt from DVC outputs that this store never saw
+INPUTS_TAG = "inputs_digest"  # what a run's outputs were computed from: how the record finds it
 # The experiment's kind, as MLflow 3's UI reads it to pick an experiment's page (training runs, not
 # the GenAI overview). MLflow 3.17's UI has its workflow selector on and follows the global
 # workflow type instead (GenAI by default), so there the kind is a label until a user switches.
@@ -35,10 +33,23 @@ EXPERIMENT_TAGS = {
 # imports it, unless told not to or run under CI: a stage's runs go to its tracking store and
 # nowhere else. A user who sets the variable keeps their choice.
 TELEMETRY_OFF = ("MLFLOW_DISABLE_TELEMETRY", "true")
+# MLflow retries a call that meets a down server 7 times with backoff factor 2: ~4 minutes before a
+# stage learns that its store is gone. 4 retries with factor 1 wait 0+2+4+8 s (and a second of
+# jitter each): an outage is one line within ~20 s. The train stage does not wait on it (the
+# record waits, the outputs complete it later); compare and publish end with the line. MLflow's
+# own variables, so a user's setting wins.
+RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "4", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+# MLflow prints "View run ... at: <url>" for every run it closes (a request and a line per run).
+QUIET = {"MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
 
 
 class TrackingError(PipelineError):
-    pass
+    """A refusal (login, permission): a mistake to fix, it ends any stage."""
+
+
+class StoreDown(TrackingError):
+    """The store cannot take the record now (down, read-only, full, corrupted): the train stage
+    trains on and says the record waits; compare and publish end with this line."""
 
 
 def project_root(cwd: Path) -> Path:
@@ -57,7 +68,6 @@ class Tracking:
     uri: str
     root: Path
     experiment_name: str
-    dvc_exp_name: str | None = None
 
     @property
     def is_local(self) -> bool:
@@ -67,7 +77,7 @@ class Tracking:
     def from_environment(cls, experiment_name: str, cwd: Path | None = None) -> Tracking:
         root = project_root(cwd or Path.cwd())
         uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root / 'mlflow.db'}"
-        return cls(uri, root, experiment_name, os.environ.get("DVC_EXP_NAME"))
+        return cls(uri, root, experiment_name)
 
 
 def check_server(uri: str, timeout_s: float = 10.0) -> None:
@@ -81,10 +91,11 @@ def check_server(uri: str, timeout_s: float = 10.0) -> None:
         with urllib.request.urlopen(base + "/health", timeout=timeout_s) as response:
             response.read()
     except urllib.error.HTTPError as error:
-        raise TrackingError(f"MLFLOW_TRACKING_URI: {uri} answered HTTP {error.code} on /health") from None
+        raise (StoreDown if error.code >= 500 else TrackingError)(
+            f"MLFLOW_TRACKING_URI: {uri} answered HTTP {error.code} on /health") from None
     except (urllib.error.URLError, OSError) as error:
         reason = getattr(error, "reason", error)
-        raise TrackingError(f"MLFLOW_TRACKING_URI: cannot reach {uri} ({reason})") from None
+        raise StoreDown(f"MLFLOW_TRACKING_URI: cannot reach {uri} ({reason})") from None
     _probe(uri, "/api/2.0/mlflow/experiments/search?max_results=1", "its backend store", timeout_s)
     # Listing the served artifacts' root makes the server call its object store (S3, MinIO): down,
     # it answers 500 after its S3 client's own retries (~9 s here).
@@ -106,9 +117,10 @@ def _probe(uri: str, path: str, what: str, timeout_s: float) -> None:
         message = _error_message(error)
         if error.code == 404 or "no-serve-artifacts" in message:
             return  # a server that does not serve artifacts: its clients write them themselves
-        raise TrackingError(f"MLFLOW_TRACKING_URI: {uri} cannot use {what} (HTTP {error.code}: {message})") from None
+        raise (StoreDown if error.code >= 500 else TrackingError)(
+            f"MLFLOW_TRACKING_URI: {uri} cannot use {what} (HTTP {error.code}: {message})") from None
     except (urllib.error.URLError, OSError) as error:
-        raise TrackingError(f"MLFLOW_TRACKING_URI: {uri} did not answer in {timeout_s:.0f} s when asked "
+        raise StoreDown(f"MLFLOW_TRACKING_URI: {uri} did not answer in {timeout_s:.0f} s when asked "
                             f"to use {what} ({getattr(error, 'reason', error)})") from None
 
 
@@ -141,14 +153,51 @@ def refused(error: Exception) -> TrackingError | None:
     return None
 
 
-def unavailable(error: Exception, uri: str) -> TrackingError | None:
-    """A tracking server (or its database, or its object store) that stayed down through MLflow's
-    retries, as one line; None for other errors. The stage's scratch state keeps every epoch."""
-    message = str(error).strip()
-    if not message.startswith("API request to"):
-        return None
-    return TrackingError(f"MLflow at {uri} is unavailable ({message.splitlines()[0][:240]}); rerun the stage "
-                         "when it is back: it resumes and completes the record")
+def unavailable(error: Exception, uri: str) -> StoreDown:
+    """Any other failure of the store (a server that stayed down through MLflow's retries, a disk
+    that filled up under an SQLite file) as one line naming the store."""
+    first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return StoreDown(f"MLflow store {uri}: {first_line[:240]}")
+
+
+@contextmanager
+def one_line(uri: str):
+    """MLflow's errors (and the I/O beneath them) as a refusal or a StoreDown; bugs as they are."""
+    try:
+        yield
+    except TrackingError:
+        raise
+    except Exception as error:
+        from mlflow.exceptions import MlflowException
+
+        if not isinstance(error, (MlflowException, OSError)):
+            raise
+        raise refused(error) or unavailable(error, uri) from None
+
+
+def check_sqlite(path: Path) -> None:
+    """Before MLflow opens an SQLite store, whose engine retries a file it cannot open for ~100 s:
+    the folder writable, space left, the file whole (the stdlib's sqlite3, in milliseconds)."""
+    folder = next(folder for folder in path.parents if folder.exists())  # MLflow makes the missing ones
+    if not os.access(folder, os.W_OK) or path.exists() and not os.access(path, os.W_OK):
+        raise StoreDown(f"MLflow store {path}: {folder} is not writable")
+    free = os.statvfs(folder)
+    if free.f_bavail * free.f_frsize < MIN_FREE_BYTES:
+        raise StoreDown(f"MLflow store {path}: no space left on its disk")
+    if not path.exists():
+        return
+    try:
+        with contextlib.closing(sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)) as database:
+            verdict = database.execute("PRAGMA quick_check").fetchone()[0]
+    except sqlite3.DatabaseError as error:
+        verdict = str(error)
+    if verdict != "ok":
+        raise StoreDown(f"MLflow store {path} is corrupted ({verdict[:120]}); move it aside: "
+                        "`make publish` rebuilds every run from the outputs, nothing is lost")
+
+
+# MLflow's first open of an SQLite file writes its schema (~1 MB) and each run adds kilobytes.
+MIN_FREE_BYTES = 2 << 20
 
 
 @contextmanager
@@ -162,24 +211,32 @@ def _file_lock(path: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def check_store(tracking: Tracking) -> None:
+    """In seconds, before MLflow's own retries: StoreDown or TrackingError (a refusal)."""
+    if tracking.is_local:
+        check_sqlite(Path(tracking.uri.removeprefix("sqlite:///")))
+    elif tracking.uri.startswith(("http://", "https://")):
+        check_server(tracking.uri)
+
+
 def connect(tracking: Tracking, checked: bool = False):
-    """Point MLflow at the store and return (client, experiment_id); `checked`: the server is
-    known to answer (`check_server` ran), do not ask it again.
+    """Point MLflow at the store and return (client, experiment_id); `checked`: `check_store`
+    ran, do not ask again.
 
     A fresh SQLite store runs its schema migrations on first open; several stages (a DVC
     queue with -j 2) opening it at once would race on them, so the first open is serialised.
     """
-    os.environ.setdefault(*TELEMETRY_OFF)  # read when mlflow is imported, just below
+    for name, value in (dict([TELEMETRY_OFF]) | RETRIES | QUIET).items():  # read when mlflow is imported
+        os.environ.setdefault(name, value)
     import mlflow
     from mlflow import MlflowClient
 
-    if tracking.uri.startswith(("http://", "https://")) and not checked:
-        check_server(tracking.uri)
+    if not checked:
+        check_store(tracking)
     mlflow.set_tracking_uri(tracking.uri)
     with _file_lock(tracking.root / ".mlflow.lock"):
         client = MlflowClient(tracking.uri)
-        _experiment_ids[client] = {tracking.experiment_name: _open_experiment(client, tracking)}
-        return client, _experiment_ids[client][tracking.experiment_name]
+        return client, _open_experiment(client, tracking)
 
 
 def _open_experiment(client, tracking: Tracking) -> str:
@@ -201,36 +258,6 @@ def _open_experiment(client, tracking: Tracking) -> str:
         if error.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
         return client.get_experiment_by_name(tracking.experiment_name).experiment_id
-
-
-def git_commit(root: Path) -> str | None:
-    try:
-        result = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return result.stdout.strip() if result.returncode == 0 else None
-
-
-def run_tags(tracking: Tracking, cwd: Path, stage: str) -> dict[str, str]:
-    """Where a run came from: the stage (the UI's Source column), git commit, DVC experiment."""
-    tags = {"mlflow.source.name": f"dvc stage {stage}", "mlflow.source.type": "LOCAL"}
-    commit = git_commit(cwd)
-    if commit:
-        tags["mlflow.source.git.commit"] = commit
-    if tracking.dvc_exp_name:
-        tags[EXP_NAME_TAG] = tracking.dvc_exp_name
-    return tags
-
-
-_experiment_ids: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # client -> {name: the id connect found}
-
-
-def experiment_id(client, name: str) -> str:
-    """The id of an experiment that `connect` made sure of (as it found it: no second request)."""
-    known = _experiment_ids.get(client, {})
-    return known[name] if name in known else client.get_experiment_by_name(name).experiment_id
 
 
 def runs_page(tracking: Tracking, experiment: str) -> str:
