@@ -107,6 +107,7 @@ def complete_run(client, experiment: str, run, outputs: VariantOutputs, name: st
         run = client.create_run(experiment, run_name=name, tags={
             INPUTS_TAG: outputs.run["inputs_digest"], "variant": outputs.run["variant"],
             "mlflow.source.name": f"dvc stage train@{outputs.run['variant']}", "mlflow.source.type": "LOCAL", **tags})
+        run = first_made(client, experiment, run, tags)
     run_params = params(outputs) | ({"seed": tags[SEED_TAG]} if SEED_TAG in tags else
                                     {"replicas": str(len(outputs.run["seeds"]))})
     missing = [Param(key, value) for key, value in run_params.items() if key not in run.data.params]
@@ -119,6 +120,20 @@ def complete_run(client, experiment: str, run, outputs: VariantOutputs, name: st
         client.log_inputs(run.info.run_id, datasets=[DatasetInput(entity, [InputTag("mlflow.data.context",
                                                                                     "training")])])
     return run
+
+
+def first_made(client, experiment: str, made, tags: dict):
+    """The first run made for the same inputs, name and seed: stages mirroring the same inputs at
+    once (queued experiments that share a variant) may each have made one before seeing the
+    other's; each keeps the first (by start time, then id) and deletes its own where it is not."""
+    same = [r for r in client.search_runs([experiment], f"tags.{INPUTS_TAG} = '{made.data.tags[INPUTS_TAG]}' AND "
+                                          f"attributes.run_name = '{made.info.run_name}'")
+            if r.data.tags.get(SEED_TAG) == tags.get(SEED_TAG)
+            and (SEED_TAG not in tags or r.data.tags.get(PARENT_TAG) == tags[PARENT_TAG])]
+    first = min(same, key=lambda r: (r.info.start_time, r.info.run_id), default=made)
+    if first.info.run_id != made.info.run_id:
+        client.delete_run(made.info.run_id)
+    return first
 
 
 def params(outputs: VariantOutputs) -> dict[str, str]:

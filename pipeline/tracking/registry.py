@@ -58,8 +58,7 @@ def register(client, experiment_id: str, params: Params, choice: Choice, run_id:
     from mlflow.exceptions import MlflowException
 
     name = params.compare.registered_model
-    made = sorted((v for v in client.search_model_versions(f"name = '{name}'") if v.tags.get(INPUTS_TAG) == inputs_digest),
-                  key=lambda v: int(v.version))
+    made = versions_of(client, name, inputs_digest)
     if made:
         version = client.get_model_version(name, made[0].version)
         return _registered(name, version.version, (version.aliases or [""])[0], choice)
@@ -81,8 +80,19 @@ def register(client, experiment_id: str, params: Params, choice: Choice, run_id:
               "compare_run_id": compare_run_id},
         description=f"{choice.variant}: mean {choice.metric} over seeds {choice.score:.4f}",
     )
+    first = versions_of(client, name, inputs_digest)[0]
+    if first.version != version.version:  # a comparison registering the same model at once made it first
+        client.delete_model_version(name, version.version)
+        first = client.get_model_version(name, first.version)
+        return _registered(name, first.version, (first.aliases or [""])[0], choice)
     alias = settle_aliases(client, name, params.compare.alias, params.compare.challenger_alias, version.version)
     return _registered(name, version.version, alias, choice)
+
+
+def versions_of(client, name: str, inputs_digest: str) -> list:
+    """The versions of `name` made from these inputs (the same trained bytes), oldest first."""
+    return sorted((v for v in client.search_model_versions(f"name = '{name}'") if v.tags.get(INPUTS_TAG) == inputs_digest),
+                  key=lambda v: int(v.version))
 
 
 def _registered(name: str, version: str, alias: str, choice: Choice) -> dict:
