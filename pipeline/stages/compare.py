@@ -11,7 +11,7 @@ that its seed beats a reference seed, and Welch's p beside Holm's adjustment ove
 comparisons with the reference, said in one sentence too) with its numbers in `summary.json`,
 and the headline numbers to --metrics (`make exp`'s columns).
 All of it is deterministic: the same inputs give the same bytes. It ends by mirroring the
-workspace into MLflow (pipeline/commands/publish.py, as `make publish` does): every variant's
+workspace into MLflow (pipeline/tracking/workspace.py, as `make publish` does): every variant's
 runs completed from their outputs, the comparison's run grouping them, the registered model.
 """
 
@@ -21,10 +21,9 @@ import math
 from pathlib import Path
 
 from pipeline import cli
-from pipeline.commands.publish import Workspace, mirror_workspace
 from pipeline.fsio import atomic_write_bytes, atomic_write_json
-from pipeline.headline import headline
 from pipeline.config.params import Params, load_params
+from pipeline.headline import headline
 from pipeline.reports import comparison_plots, markdown_table, seed_dots_plot
 from pipeline.stats import (
     BOOTSTRAP_RESAMPLES,
@@ -42,6 +41,7 @@ from pipeline.stats import (
 )
 from pipeline.tracking.record import read_json
 from pipeline.tracking.store import Tracking, check_store, connect, one_line, runs_page
+from pipeline.tracking.workspace import Workspace, mirror_workspace
 
 
 def pct(value: float) -> str:
