@@ -16,6 +16,7 @@ import torch
 import yaml
 from mlflow import MlflowClient
 
+from pipeline.commands.repro import PUSH_HINT
 from pipeline.nn import checkpoint
 from pipeline.nn.model import StackedMlp, unstack
 from pipeline.tracking.store import INPUTS_TAG
@@ -134,6 +135,7 @@ def test_forced_repro_leaves_every_output_and_dvc_lock_byte_identical(reproduced
     stages = ["check", "download", "prepare", "curves", "compare",
               *(f"{s}@{v}" for s in ("train", "evaluate") for v in VARIANTS)]
     assert sorted(stages_run(result.stdout)) == sorted(stages)
+    assert result.stdout.count(PUSH_HINT) == 1, result.stdout  # DVC's hint once, not once a `dvc repro`
     assert wait_until_none_left(path) == []
     assert (path / "dvc.lock").read_bytes() == lock
     assert outputs_digest(path) == before

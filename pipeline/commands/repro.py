@@ -36,7 +36,9 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -57,6 +59,17 @@ POLL_S = 0.01  # the next command starts within 10 ms of one's end; a signal or 
 # is alive 5 s later.
 GRACE_S = 3.0
 STOPPING = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+# DVC's line after every `dvc repro` that ran a stage: said once, by the last `dvc repro`, where
+# the chains and `dvc repro prepare` before it would have said it three or more times.
+PUSH_HINT = "Use `dvc push` to send your updates to remote storage."
+
+
+def pass_on(stream) -> None:
+    """A dvc command's standard output onto this one's, line by line, but for DVC's push hint."""
+    for line in stream:
+        if line.strip() != PUSH_HINT:
+            sys.stdout.write(line)
+            sys.stdout.flush()
 
 
 class DvcFailed(PipelineError):
@@ -83,6 +96,7 @@ class Dvcs:
 
     def __init__(self) -> None:
         self.running: dict[str, subprocess.Popen] = {}
+        self.relays: dict[subprocess.Popen, threading.Thread] = {}  # the outputs passed on (pass_on)
         self.signum: int | None = None
         self.parent = os.getppid()
 
@@ -106,26 +120,41 @@ class Dvcs:
             self.signum = signal.SIGTERM
             raise Stopped(self.signum, f"the process that started it ({self.parent}) ended")
 
-    def start(self, *args: str, stdout=None) -> subprocess.Popen:
+    def start(self, *args: str, stdout=None, hint: bool = False) -> subprocess.Popen:
+        """`dvc <args>`, its output to `stdout`, or passed on to this terminal (with DVC's push hint
+        where `hint`)."""
         self.check()
-        process = subprocess.Popen(["dvc", WAIT_FOR_LOCK, *args], stdout=stdout, process_group=0)
+        relayed = stdout is None and not hint
+        process = subprocess.Popen(["dvc", WAIT_FOR_LOCK, *args], stdout=subprocess.PIPE if relayed else stdout,
+                                   text=relayed or None, bufsize=1 if relayed else -1, process_group=0)
+        if relayed:
+            self.relays[process] = threading.Thread(target=pass_on, args=(process.stdout,), daemon=True)
+            self.relays[process].start()
         self.running[" ".join(args)] = process
         return process
+
+    def passed_on(self, process: subprocess.Popen) -> None:
+        """Waits until an ended command's output is all on this terminal."""
+        relay = self.relays.pop(process, None)
+        if relay is not None:
+            relay.join(timeout=GRACE_S)
 
     def ended(self) -> list[tuple[str, subprocess.Popen]]:
         """The commands that ended since the last call, after waiting POLL_S for one."""
         time.sleep(POLL_S)
         self.check()
         done = [(name, process) for name, process in self.running.items() if process.poll() is not None]
-        for name, _ in done:
+        for name, process in done:
             del self.running[name]
+            self.passed_on(process)
         return done
 
-    def output(self, *args: str, capture: bool = False) -> str:
+    def output(self, *args: str, capture: bool = False, hint: bool = False) -> str:
         """`dvc <args>` to its end, its standard output returned where `capture` (kept in a file,
-        which no answer fills), else on this terminal; its failure raises DvcFailed."""
+        which no answer fills), else on this terminal (DVC's push hint only where `hint`); its
+        failure raises DvcFailed."""
         with tempfile.TemporaryFile("w+") if capture else contextlib.nullcontext() as stdout:
-            process = self.start(*args, stdout=stdout)
+            process = self.start(*args, stdout=stdout, hint=hint)
             while not self.ended():
                 pass
             if process.returncode != 0:
@@ -149,6 +178,7 @@ class Dvcs:
         _signal_groups(groups, signal.SIGKILL)
         for process in self.running.values():
             process.wait()
+            self.passed_on(process)
         self.running.clear()
 
 
@@ -226,9 +256,9 @@ def repro(dvcs: Dvcs, force: bool = False, jobs: int | None = None) -> None:
         side_by_side(dvcs, chains, jobs, force)
     if force:  # the rest, forced once
         done = {*UPSTREAM, *(stage for chain in chains for stage in chain)}
-        dvcs.output("repro", "--force", "-s", *[name for name in names if name not in done])
+        dvcs.output("repro", "--force", "-s", *[name for name in names if name not in done], hint=True)
     else:
-        dvcs.output("repro")
+        dvcs.output("repro", hint=True)
 
 
 if __name__ == "__main__":
@@ -240,6 +270,6 @@ if __name__ == "__main__":
         parser.error(f"--jobs: {arguments.jobs}, expected at least 1")
     with cli.one_line_errors(), Dvcs() as dvcs:
         if others:  # targets or other options of dvc repro's: DVC's own plan, one stage at a time
-            dvcs.output("repro", *(["--force"] if arguments.force else []), *others)
+            dvcs.output("repro", *(["--force"] if arguments.force else []), *others, hint=True)
         else:
             repro(dvcs, arguments.force, arguments.jobs)
