@@ -20,7 +20,7 @@ import time
 from concurrent.futures import Future, ProcessPoolExecutor
 
 from pipeline.reports import METRICS
-from pipeline.tracking import record
+from pipeline.tracking import model, record
 from pipeline.tracking.store import StoreDown, Tracking, check_store, connect, one_line
 
 _opened: list = []  # in the worker: (client, experiment id), once the store is open
@@ -77,7 +77,7 @@ class LiveRecord:
             method = "fork" if sys.platform == "linux" else "spawn"
             self.pool = ProcessPoolExecutor(1, multiprocessing.get_context(method), _start_worker, (os.getpid(),))
         self.opened = self.mirror({})  # the runs made (or found) while the stage loads its data
-        self._submit(record.warm_model_logging)
+        self._submit(model.warm_model_logging)
 
     def _wait(self, error: StoreDown) -> None:
         if not self.waiting:

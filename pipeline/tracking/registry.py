@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pipeline.config.params import Params
 from pipeline.errors import PipelineError
 from pipeline.stats import mean_std
-from pipeline.tracking.record import MODEL_NAME, logged_model_ids
+from pipeline.tracking.model import MODEL_NAME, logged_model_ids
 from pipeline.tracking.store import INPUTS_TAG
 
 @dataclass(frozen=True)
