@@ -2,7 +2,8 @@
 
 summary.json holds everything; this file holds what a row of `make exp` (`dvc exp show`, a
 column selection) and `dvc metrics diff` need, under short keys so that two variants and a changed
-param fit a 120-column terminal: per variant `<variant>.acc` (mean test accuracy over seeds) and,
+param fit a 120-column terminal: per variant `<variant>.acc` and `<variant>.loss` (mean test
+accuracy and loss over seeds; `make exp` shows the accuracies) and,
 for every variant but the reference, `<variant>.diff` (its difference from the reference in
 percentage points) and `<variant>.verdict` (Holm-adjusted Welch at 95%, as summary.md says it).
 """
@@ -19,10 +20,10 @@ def verdict(row: dict) -> str:
 
 
 def headline(table: dict[str, dict]) -> dict[str, dict]:
-    """{variant: {"acc": ..., "diff": ..., "verdict": ...}} from summary.json's table."""
+    """{variant: {"acc": ..., "loss": ..., "diff": ..., "verdict": ...}} from summary.json's table."""
     numbers = {}
     for variant, row in table.items():
-        numbers[variant] = {"acc": row["test_acc_mean"]}
+        numbers[variant] = {"acc": row["test_acc_mean"], "loss": row["test_loss_mean"]}
         if "diff_vs_reference" in row:
             numbers[variant] |= {"diff": 100 * row["diff_vs_reference"], "verdict": verdict(row)}
     return numbers

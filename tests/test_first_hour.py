@@ -40,13 +40,13 @@ def test_exp_table_shows_accuracies_verdict_and_changed_params_in_120_columns(co
     assert len(re.findall(r"\b0\.\d+", shown)) >= 6 and "significant" in shown, shown  # 3 rows x 2 accuracies
     headline = json.loads((path / "data" / "metrics.json").read_text())
     summary = json.loads((path / "data" / "compare" / "summary.json").read_text())
-    assert headline["no_norm"] == {"acc": summary["no_norm"]["test_acc_mean"]}
+    assert headline["no_norm"] == {"acc": summary["no_norm"]["test_acc_mean"], "loss": summary["no_norm"]["test_loss_mean"]}
 
 
 def test_a_clone_diffs_metrics_and_plots_against_head(committed, tmp_path):
     path, env = committed
     tracked = run(["git", "ls-files", "data"], path, env).stdout.split()
-    assert {"data/metrics.json", "data/curves.csv", "data/evaluate/batchnorm/metrics.json"} <= set(tracked)
+    assert {"data/metrics.json", "data/curves.csv"} <= set(tracked)
     clone = tmp_path / "clone"
     run(["git", "clone", "-q", str(path), str(clone)], tmp_path, env)
     metrics = run(["dvc", "metrics", "diff", "HEAD", "--all", "--json"], clone, env, timeout=120)
@@ -71,11 +71,11 @@ def test_the_plots_page_carries_its_own_vega(committed):
 
 def test_outputs_kept_in_git_are_still_restored_from_the_run_cache(committed):
     path, env = committed
-    curves, metrics = path / "data" / "curves.csv", path / "data" / "evaluate" / "batchnorm" / "metrics.json"
+    curves, metrics = path / "data" / "curves.csv", path / "data" / "metrics.json"
     before = curves.read_bytes(), metrics.read_bytes()
     curves.unlink()
     metrics.unlink()
-    restored = run(["dvc", "repro", "curves", "evaluate@batchnorm"], path, env, timeout=300)
+    restored = run(["dvc", "repro", "curves", "compare"], path, env, timeout=300)
     assert restored.stdout.count("is cached - skipping run") == 2, restored.stdout  # neither command ran
     assert (curves.read_bytes(), metrics.read_bytes()) == before
 
@@ -118,5 +118,6 @@ def test_a_removed_grid_leaves_no_lock_entries_or_folders(committed):
 
 def test_the_headline_says_untestable_for_one_seed_and_leaves_the_reference_its_accuracy():
     table = summary_markdown({"a": [0.9], "b": [0.8]}, {"a": [0.1], "b": [0.2]}, "b", seeds=[0], split_seed=0)[1]
-    assert headline(table) == {"a": {"acc": 0.9, "diff": pytest.approx(10.0), "verdict": "untestable"},
-                               "b": {"acc": 0.8}}
+    assert headline(table) == {"a": {"acc": 0.9, "loss": pytest.approx(0.1), "diff": pytest.approx(10.0),
+                                     "verdict": "untestable"},
+                               "b": {"acc": 0.8, "loss": pytest.approx(0.2)}}

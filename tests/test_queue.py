@@ -57,8 +57,8 @@ def test_exp_show_lists_each_with_params_and_metrics(queued):
         lrs = {v: params["variants"][v].get("lr") for v in ("batchnorm", "no_norm")}
         assert lrs == {v: lr if v == retrained else None for v in lrs}
         for variant in ("batchnorm", "no_norm"):
-            metrics = rev["data"]["metrics"][f"data/evaluate/{variant}/metrics.json"]["data"]
-            assert 0.1 < metrics["test_acc"] <= 1.0
+            metrics = rev["data"]["metrics"]["data/metrics.json"]["data"][variant]
+            assert 0.1 < metrics["acc"] <= 1.0
 
 
 def test_mlflow_recorded_every_run_of_every_experiment_at_the_project_root(queued):
