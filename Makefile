@@ -56,7 +56,7 @@ env: $(INSTALLED)
 # left out here (they stay in `dvc exp show`, `dvc metrics show`).
 EXP_DROP := ^(Created|params\.yaml|requirements\.lock|environment\.json|pipeline/.*|data/.*|test_acc|test_loss)$$
 EXP_KEEP := .*\.(acc|diff|verdict)$$
-exp: $(INSTALLED)
+exp:
 	dvc exp show --no-pager --only-changed --drop '$(EXP_DROP)' --keep '$(EXP_KEEP)' $(ARGS)
 
 # pip byte-compiles what it installs (20,307 .pyc files). Not with --no-compile: the build took 97 s,
