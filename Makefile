@@ -52,9 +52,9 @@ env: $(INSTALLED)
 # The experiments in a terminal: each one's changed params and the comparison's headline
 # (data/metrics.json: each variant's test accuracy, difference from the reference in points and
 # verdict), for two variants and a changed param within 120 columns (tests/test_first_hour.py).
-# Plain `dvc exp show` has ~85 columns: the code deps' hashes and each variant's evaluate metrics,
+# Plain `dvc exp show` has ~85 columns: the code deps' hashes and each variant's test loss,
 # left out here (they stay in `dvc exp show`, `dvc metrics show`).
-EXP_DROP := ^(Created|params\.yaml|requirements\.lock|environment\.json|pipeline/.*|data/.*|test_acc|test_loss)$$
+EXP_DROP := ^(Created|params\.yaml|requirements\.lock|environment\.json|pipeline/.*|data/.*|.*\.loss)$$
 EXP_KEEP := .*\.(acc|diff|verdict)$$
 exp:
 	dvc exp show --no-pager --only-changed --drop '$(EXP_DROP)' --keep '$(EXP_KEEP)' $(ARGS)
