@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.reports import METRICS
 from tests.conftest import project_client, run
 from tests.mlflow_server import start_server, stop
 from tests.shared_project import reproduced_project
@@ -141,6 +142,11 @@ def artifacts(client, run_id: str, folder: str = "") -> list[tuple[str, int]]:
     return sorted(found)
 
 
+# Every metric a variant's or a seed's run may hold, read as histories: a run's latest values (the
+# names search_runs gives) are a summary the store keeps beside them, and the claim is the histories.
+EPOCH_METRICS = {f"{name}{suffix}" for name in (*METRICS, "test_loss", "test_acc") for suffix in ("", "_std")}
+
+
 def record_of(client, workspace: Path) -> dict:
     """What a store holds of a workspace's results, without what differs between stores (run ids,
     times): per run (by name), its status, params, tags, every metric's (step, value) history,
@@ -161,8 +167,8 @@ def record_of(client, workspace: Path) -> dict:
         models = client.search_logged_models([experiment], filter_string=f"source_run_id = '{run_id}'")
         held[found.info.run_name] = {
             "status": found.info.status, "params": found.data.params, "tags": tags,
-            "metrics": {name: [(m.step, m.value) for m in client.get_metric_history(run_id, name)]
-                        for name in found.data.metrics},
+            "metrics": {name: history for name in sorted(set(found.data.metrics) | EPOCH_METRICS)
+                        if (history := [(m.step, m.value) for m in client.get_metric_history(run_id, name)])},
             "artifacts": artifacts(client, run_id),
             "models": sorted((m.name, sorted(a.path for a in client.list_logged_model_artifacts(m.model_id)))
                              for m in models)}
