@@ -17,6 +17,7 @@ cache folder `dvc cache dir` names, both as DVC documents them, and checked like
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import http.client
@@ -218,7 +219,8 @@ def download(
 ) -> list[str]:
     """Make `raw_dir` hold the four verified `.gz` files; returns the names it fetched."""
     raw_dir.mkdir(parents=True, exist_ok=True)
-    fetched, listing = [], False  # False: DVC's cache not looked at yet
+    fetched = []
+    cached = functools.cache(lambda: dvc_cache_listing(raw_dir))  # looked at once, where a fetch fails
     for name, expected in checksums.items():
         target = raw_dir / f"{name}.gz"
         if target.exists() and is_verified(target, name, expected):
@@ -227,8 +229,7 @@ def download(
         try:
             body = fetch_verified(name, sources, expected, policy)
         except DownloadError:
-            listing = dvc_cache_listing(raw_dir) if listing is False else listing
-            body = from_dvc_cache(name, expected, listing)
+            body = from_dvc_cache(name, expected, cached())
             if body is None:
                 raise
             atomic_write_bytes(target, body)
