@@ -158,11 +158,14 @@ def record_of(client, workspace: Path) -> dict:
                for v in VARIANTS}
     digests["compare"] = comparison_digest(digests, workspace / "data" / "compare")
     runs = [r for digest in digests.values() for r in client.search_runs([experiment], f"tags.inputs_digest = '{digest}'")]
-    names = {r.info.run_id: r.info.run_name for r in runs}
     held = {}
     for found in runs:
         run_id = found.info.run_id
-        tags = {k: names.get(v, v) if k == "mlflow.parentRunId" else v for k, v in found.data.tags.items()
+        # The parent by name: an experiment that retrains one variant groups the other, unchanged
+        # variant run under its own compare run (test_queue does so in the shared project), so
+        # the trained store's parent may be another comparison's run than the workspace's.
+        tags = {k: client.get_run(v).info.run_name if k == "mlflow.parentRunId" else v
+                for k, v in found.data.tags.items()
                 if not k.startswith("mlflow.") or k in ("mlflow.parentRunId", "mlflow.source.name")}
         models = client.search_logged_models([experiment], filter_string=f"source_run_id = '{run_id}'")
         held[found.info.run_name] = {
@@ -175,7 +178,8 @@ def record_of(client, workspace: Path) -> dict:
     assert len(held) == len(runs), "one run of each name"
     versions = [v for v in client.search_model_versions("name = 'mnist-mlp'")
                 if v.tags.get("inputs_digest") in digests.values()]
-    held["registry"] = sorted(({k: v for k, v in version.tags.items() if k != "compare_run_id"}, names[version.run_id])
+    held["registry"] = sorted(({k: v for k, v in version.tags.items() if k != "compare_run_id"},
+                               client.get_run(version.run_id).info.run_name)
                               for version in versions)
     return held
 
