@@ -17,9 +17,11 @@ import pytest
 
 from pipeline.stages.download import (
     MNIST_SHA256,
+    TORCHVISION_MIRRORS,
     DownloadError,
     Policy,
     download,
+    each_source,
     fetch_verified,
     parse_sources,
 )
@@ -280,3 +282,23 @@ def test_builtin_digests_match_real_mnist(tmp_path):
     raw = tmp_path / "raw"
     assert download(raw, parse_sources(str(SHARED_MNIST), []), policy=POLICY) == list(MNIST_SHA256)
     assert_holds_verified(raw, MNIST_SHA256)
+
+
+@pytest.mark.skipif(not SHARED_MNIST.is_dir(), reason=f"no real MNIST at {SHARED_MNIST}")
+def test_a_working_mirror_never_imports_torchvision(tmp_path):
+    """torchvision's mirror list is read where a source list reaches it: its import (torch and
+    torchvision's models) was most of the stage's time on every run a mirror serves."""
+    program = ("import runpy, sys; sys.argv = ['download', '--out', 'raw']; "
+               "runpy.run_module('pipeline.stages.download', run_name='__main__'); print('torchvision' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", program], cwd=tmp_path,
+                            env=stage_env(MNIST_MIRROR=str(SHARED_MNIST)), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == "False", result.stdout
+    assert_holds_verified(tmp_path / "raw", MNIST_SHA256)
+
+
+def test_torchvision_mirrors_follow_where_the_list_names_them():
+    from torchvision.datasets import MNIST
+
+    assert list(each_source(["/mirror", TORCHVISION_MIRRORS, "https://last/"])) == ["/mirror", *MNIST.mirrors,
+                                                                                       "https://last/"]
