@@ -40,7 +40,8 @@ from pipeline.stats import (
     welch_difference,
 )
 from pipeline.tracking.record import read_json
-from pipeline.tracking.store import Tracking, check_store, connect, one_line, runs_page
+from pipeline.tracking.process import RecordProcess, opened
+from pipeline.tracking.store import Tracking, check_store, runs_page
 from pipeline.tracking.workspace import Workspace, mirror_workspace
 
 
@@ -150,14 +151,31 @@ def reference_section(test_acc: dict, reference: str, others: list[str]) -> tupl
 def compare(params: Params, paths: Workspace, tracking: Tracking | None = None) -> dict:
     """`paths`: the folders dvc.yaml passes on the command line (`paths.compare`: where it writes)."""
     tracking = tracking or Tracking.from_environment(params.mlflow.experiment_name, paths.root)
-    out = paths.compare
     variants = list(params.variants)
     histories = {v: read_json(paths.train / v / "history.json") for v in variants}
     per_seed = {v: read_json(paths.evaluate / v / "per_seed.json") for v in variants}
     test_acc = {v: per_seed[v]["test_acc"] for v in variants}
     test_loss = {v: per_seed[v]["test_loss"] for v in variants}
     check_store(tracking)  # in seconds, before any work: a store that cannot take the record is one line
+    with RecordProcess(tracking) as record:
+        opening = record.submit(opened)  # MLflow imported and the store opened while the figures are drawn
+        table, text = compare_outputs(params, paths, histories, test_acc, test_loss)
+        registered = record.submit(mirror_workspace, params, paths).result()  # the record of every variant
+        experiment = opening.result()  # completed, the comparison's, the registry
+    print(text)
+    if registered is None:
+        print("registered nothing: no variant has a seed that trained without diverging")
+    else:
+        print(f"registered {registered['variant']} ({registered['select_by']} {registered['score']:.4f}) as "
+              f"{registered['name']} version {registered['version']}, alias @{registered['alias'] or '(none)'}")
+    print(f"runs: {runs_page(tracking, experiment)}")
+    return table
 
+
+def compare_outputs(params: Params, paths: Workspace, histories: dict, test_acc: dict, test_loss: dict
+                    ) -> tuple[dict, str]:
+    """The figures, summary.md, summary.json and the headline metrics; (the table, the summary's text)."""
+    variants, out = list(params.variants), paths.compare
     metric = params.compare.select_by  # the registry's score (registry.select_best), ranked
     scores = {v: mean_std(histories[v]["val_acc"][-1] if metric == "val_acc" else test_acc[v])[0] for v in variants}
     order = ranking(scores)
@@ -168,17 +186,7 @@ def compare(params: Params, paths: Workspace, tracking: Tracking | None = None) 
     atomic_write_bytes(out / "summary.md", text.encode())
     atomic_write_json(out / "summary.json", table)
     atomic_write_json(paths.metrics, headline(table))
-    with one_line(tracking.uri):  # the record of every variant completed, the comparison's, the registry
-        client, experiment = connect(tracking, checked=True)
-        registered = mirror_workspace(client, experiment, params, paths)
-    print(text)
-    if registered is None:
-        print("registered nothing: no variant has a seed that trained without diverging")
-    else:
-        print(f"registered {registered['variant']} ({registered['select_by']} {registered['score']:.4f}) as "
-              f"{registered['name']} version {registered['version']}, alias @{registered['alias'] or '(none)'}")
-    print(f"runs: {runs_page(tracking, experiment)}")
-    return table
+    return table, text
 
 
 if __name__ == "__main__":

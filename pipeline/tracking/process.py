@@ -1,12 +1,14 @@
-"""The train stage's record, written in a second process so that training never waits for MLflow.
+"""The record's second process: MLflow's import, its store and its calls in one forked worker,
+off the stage's own work; the train stage's live record (`LiveRecord`) and the compare stage use it.
 
-A train stage computes on one torch thread; MLflow costs it seconds of pure Python (the import
-~1.4 s, opening the store ~0.3 s, `log_model` ~1.3 s) that in a thread would hold the GIL the
-training loop needs between kernels. Measured, the stage's whole-process wall time with the
-record in a thread instead of this process: 1.05x (published lab) and 1.08x (tiny data) in one
-run, 0.98x and 0.95x in another (alternating, medians, 2 cores shared with other work): too close
-to call here; the process keeps MLflow's objects and its GIL off the training loop, and a train
-stage on more cores has them to spare. One worker, forked on Linux: calls run in order.
+A train stage computes on one torch thread and evaluates on a second; MLflow costs it seconds of
+pure Python (the import ~1 s, opening an SQLite store ~0.8 s, `log_model` ~0.4 s) that in a thread
+would hold the GIL those two need. The same code with the record in a thread instead (the
+published lab, 3 alternating repeats, medians, the 2-core AMD EPYC, quiet): plain `dvc repro`
+1.14x the wall time (16.3 s against 14.3 s), 1.23x with log_model's one-off costs paid early in
+that thread; `make repro` 0.98x either way (its two train stages fill both cores already).
+Compare draws its figures while the worker imports MLflow and opens the store. One worker,
+forked on Linux: calls run in order.
 """
 
 from __future__ import annotations
@@ -41,6 +43,11 @@ def _call(tracking: Tracking, fn, args: tuple):
         raise
 
 
+def opened(client, experiment: str) -> str:
+    """The experiment's id, once the store is open."""
+    return experiment
+
+
 def _mirror(client, experiment: str, outputs: record.VariantOutputs) -> dict:
     return record.mirror_variant(client, experiment, outputs, _seen)
 
@@ -60,6 +67,26 @@ def _exit_with(stage_pid: int) -> None:
     os._exit(1)
 
 
+class RecordProcess:
+    """The worker: `submit(fn, *args)` runs `fn(client, experiment, *args)` there, in order, the
+    store opened by the first call; MLflow's errors come back as a refusal or a StoreDown."""
+
+    def __init__(self, tracking: Tracking) -> None:
+        self.tracking = tracking
+        sys.stdout.flush()  # a forked copy of unwritten output would be printed twice
+        method = "fork" if sys.platform == "linux" else "spawn"
+        self.pool = ProcessPoolExecutor(1, multiprocessing.get_context(method), _start_worker, (os.getpid(),))
+
+    def submit(self, fn, *args) -> Future:
+        return self.pool.submit(_call, self.tracking, fn, args)
+
+    def __enter__(self) -> RecordProcess:
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:  # a failed stage drops what is queued
+        self.pool.shutdown(wait=True, cancel_futures=exc_type is not None)
+
+
 class LiveRecord:
     """The stage's scratch state mirrored (record.mirror_variant) after each epoch, its outputs at
     the end. A store that cannot take it (StoreDown, at the start or later) costs no training:
@@ -73,9 +100,7 @@ class LiveRecord:
         except StoreDown as error:
             self._wait(error)
         else:
-            sys.stdout.flush()  # a forked copy of unwritten output would be printed twice
-            method = "fork" if sys.platform == "linux" else "spawn"
-            self.pool = ProcessPoolExecutor(1, multiprocessing.get_context(method), _start_worker, (os.getpid(),))
+            self.pool = RecordProcess(tracking)
         self.opened = self.mirror({})  # the runs made (or found) while the stage loads its data
         self._submit(model.warm_model_logging)
 
@@ -96,7 +121,7 @@ class LiveRecord:
     def _submit(self, fn, *args) -> Future | None:
         if self.pool is None or self.waiting or self.refusal is not None:
             return None
-        future = self.pool.submit(_call, self.tracking, fn, args)
+        future = self.pool.submit(fn, *args)
         future.add_done_callback(self._sent)
         return future
 
@@ -124,5 +149,5 @@ class LiveRecord:
         return self
 
     def __exit__(self, exc_type, *exc) -> None:
-        if self.pool is not None:  # a failed stage drops what is queued: the next mirror adds it
-            self.pool.shutdown(wait=True, cancel_futures=exc_type is not None)
+        if self.pool is not None:  # what a failed stage dropped, the next mirror adds
+            self.pool.__exit__(exc_type)
