@@ -278,14 +278,7 @@ def test_cli_with_missing_mirror_folder_exits_1_with_one_line(tmp_path):
 
 
 @pytest.mark.skipif(not SHARED_MNIST.is_dir(), reason=f"no real MNIST at {SHARED_MNIST}")
-def test_builtin_digests_match_real_mnist(tmp_path):
-    raw = tmp_path / "raw"
-    assert download(raw, parse_sources(str(SHARED_MNIST), []), policy=POLICY) == list(MNIST_SHA256)
-    assert_holds_verified(raw, MNIST_SHA256)
-
-
-@pytest.mark.skipif(not SHARED_MNIST.is_dir(), reason=f"no real MNIST at {SHARED_MNIST}")
-def test_a_working_mirror_never_imports_torchvision(tmp_path):
+def test_builtin_digests_match_real_mnist_and_a_working_mirror_never_imports_torchvision(tmp_path):
     """torchvision's mirror list is read where a source list reaches it: its import (torch and
     torchvision's models) was most of the stage's time on every run a mirror serves."""
     program = ("import runpy, sys; sys.argv = ['download', '--out', 'raw']; "
@@ -293,6 +286,7 @@ def test_a_working_mirror_never_imports_torchvision(tmp_path):
     result = subprocess.run([sys.executable, "-c", program], cwd=tmp_path,
                             env=stage_env(MNIST_MIRROR=str(SHARED_MNIST)), capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
+    assert result.stdout.count("fetched and verified") == len(MNIST_SHA256), result.stdout
     assert result.stdout.splitlines()[-1] == "False", result.stdout
     assert_holds_verified(tmp_path / "raw", MNIST_SHA256)
 
