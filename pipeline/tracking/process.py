@@ -80,11 +80,15 @@ class RecordProcess:
     def submit(self, fn, *args) -> Future:
         return self.pool.submit(_call, self.tracking, fn, args)
 
+    def shutdown(self, failed: bool) -> None:
+        """Waits for the calls sent; a failed stage drops those not started."""
+        self.pool.shutdown(wait=True, cancel_futures=failed)
+
     def __enter__(self) -> RecordProcess:
         return self
 
-    def __exit__(self, exc_type, *exc) -> None:  # a failed stage drops what is queued
-        self.pool.shutdown(wait=True, cancel_futures=exc_type is not None)
+    def __exit__(self, exc_type, *exc) -> None:
+        self.shutdown(failed=exc_type is not None)
 
 
 class LiveRecord:
@@ -150,4 +154,4 @@ class LiveRecord:
 
     def __exit__(self, exc_type, *exc) -> None:
         if self.pool is not None:  # what a failed stage dropped, the next mirror adds
-            self.pool.__exit__(exc_type)
+            self.pool.shutdown(failed=exc_type is not None)
