@@ -15,7 +15,8 @@ import pytest
 import yaml
 
 from pipeline.reports import METRICS
-from pipeline.tracking.record import SEED_TAG, VariantOutputs, close_runs, flatten, log_new_epochs, mirror_variant
+from pipeline.tracking.record import (SEED_TAG, VariantOutputs, close_runs, flatten, log_new_epochs, mirror_variant,
+                                     settle)
 from pipeline.tracking.store import INPUTS_TAG, PARENT_TAG, connect
 from tests.conftest import run, stage_env, tiny_mnist_arrays, tiny_params, variant_run_ids, write_mirror
 from tests.faults import full_disk, read_only
@@ -75,6 +76,22 @@ def test_a_stopped_stage_closes_its_runs_and_a_live_mirror_does_not_reopen_them(
     mirror_variant(client, experiment, live(2))
     assert {client.get_run(r).info.status for r in (ids["variant"], *ids["seeds"])} == {"KILLED"}
     assert {client.get_run(r).info.status for r in (other["variant"], *other["seeds"])} == {"RUNNING"}
+
+
+def test_of_two_runs_made_at_once_the_later_is_deleted_by_its_own_stage_at_its_end(local_tracking):
+    client, experiment = connect(local_tracking)
+    ours = mirror_variant(client, experiment, live(1))  # this stage's runs
+    # Another stage's run of seed 0, made at the same moment and earlier by its clock, which
+    # neither stage's search had seen (record.first_made kept both).
+    start = client.get_run(ours["seeds"][0]).info.start_time - 1
+    theirs = client.create_run(experiment, run_name="batchnorm-seed0", start_time=start, tags={
+        INPUTS_TAG: "inputs-1", "variant": "batchnorm", SEED_TAG: "0", PARENT_TAG: ours["variant"]}).info.run_id
+    settled = settle(client, experiment, live(2), ours)
+    assert settled == {"variant": ours["variant"], "seeds": [theirs, ours["seeds"][1]]}
+    assert client.get_run(ours["seeds"][0]).info.lifecycle_stage == "deleted"
+    assert client.get_run(theirs).data.params["seed"] == "0"  # completed where the other stage had not yet
+    assert sorted(r.info.run_name for r in client.search_runs([experiment])) == [
+        "batchnorm", "batchnorm-seed0", "batchnorm-seed1"]
 
 
 class CountingClient:

@@ -65,8 +65,9 @@ def mirror_variant(client, experiment: str, outputs: VariantOutputs, seen: dict 
     key = outputs.run["inputs_digest"]
     if key not in seen:
         seen[key] = variant_runs(client, experiment, outputs)
+    elif outputs.checkpoints is not None:  # the train stage's last call
+        seen[key] = settle(client, experiment, outputs, seen[key])
     ids = seen[key]
-    run_ids = [ids["variant"], *ids["seeds"]]
     epochs = [{name: values[epoch] for name, values in outputs.history.items() if name in METRICS}
               for epoch in range(len(outputs.history["val_acc"]))]
     for replica, run_id in enumerate(ids["seeds"]):
@@ -82,8 +83,8 @@ def mirror_variant(client, experiment: str, outputs: VariantOutputs, seen: dict 
 def variant_runs(client, experiment: str, outputs: VariantOutputs) -> dict:
     """The oldest runs of these inputs (the variant's and each seed's), made where missing, with
     their params and dataset."""
-    found = client.search_runs([experiment], f"tags.{INPUTS_TAG} = '{outputs.run['inputs_digest']}'",
-                               order_by=["attributes.start_time ASC"])
+    found = sorted(client.search_runs([experiment], f"tags.{INPUTS_TAG} = '{outputs.run['inputs_digest']}'"),
+                   key=lambda r: (r.info.start_time, r.info.run_id))  # as first_made orders them
     name = outputs.run["variant"]
     variant = next((r for r in found if SEED_TAG not in r.data.tags and r.info.run_name == name), None)
     variant = complete_run(client, experiment, variant, outputs, name, {})
@@ -131,6 +132,19 @@ def first_made(client, experiment: str, made, tags: dict):
     first = min(same, key=lambda r: (r.info.start_time, r.info.run_id), default=made)
     if first.info.run_id != made.info.run_id:
         client.delete_run(made.info.run_id)
+    return first
+
+
+def settle(client, experiment: str, outputs: VariantOutputs, ids: dict) -> dict:
+    """The first runs of these inputs (variant_runs), where `ids` (this stage's) lost to them:
+    two stages that made a run at once may each have searched before the other's was stored, and
+    each kept its own (first_made); by the stage's end both are visible, so the later is deleted
+    by its own stage, which goes on in the first (a load test's four executions made a seed's run
+    twice)."""
+    first = variant_runs(client, experiment, outputs)
+    for mine, kept in zip([ids["variant"], *ids["seeds"]], [first["variant"], *first["seeds"]], strict=True):
+        if mine != kept:
+            client.delete_run(mine)
     return first
 
 
