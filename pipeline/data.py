@@ -9,7 +9,6 @@ arrays alone.
 from __future__ import annotations
 
 import gzip
-import json
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import PipelineError
-from pipeline.fsio import atomic_write
+from pipeline.fsio import atomic_write, read_json
 
 RAW_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -120,8 +119,4 @@ def as_images(pixels: torch.Tensor, out: torch.Tensor | None = None) -> torch.Te
 
 
 def read_manifest(prepared_dir: Path) -> dict:
-    path = prepared_dir / "manifest.json"
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as error:
-        raise DataError(f"{path}: unreadable ({error}); rerun prepare") from None
+    return read_json(prepared_dir / "manifest.json", "rerun prepare")

@@ -14,6 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
+from pipeline.errors import PipelineError
+
 
 def atomic_write(path: Path, write: Callable[[IO[bytes]], None], size: int | None = None) -> None:
     """`write` fills a temporary file beside `path` that then replaces it; `size`: the bytes it
@@ -35,6 +37,14 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], None], size: int | Non
     finally:
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)  # a failed or interrupted write leaves the previous file as it was
+
+
+def read_json(path: Path, way_out: str) -> dict:
+    """A JSON file another stage wrote; missing or damaged, one line naming it and `way_out`."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise PipelineError(f"{path}: unreadable ({error}); {way_out}") from None
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

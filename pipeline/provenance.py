@@ -23,6 +23,7 @@ from importlib import metadata
 from pathlib import Path
 
 from pipeline.errors import PipelineError
+from pipeline.fsio import read_json
 
 PACKAGE = "pipeline"
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -162,11 +163,7 @@ def environment(lock_path: Path) -> dict:
 
 def read_environment(root: Path) -> dict:
     """The check stage's record, as the stages that depend on it read it."""
-    path = root / ENVIRONMENT_FILE
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as error:
-        raise PipelineError(f"{path}: unreadable ({error}); run the check stage (dvc repro check)") from None
+    return read_json(root / ENVIRONMENT_FILE, "run the check stage (dvc repro check)")
 
 
 def file_digest(paths: list[Path], root: Path) -> dict[str, str]:

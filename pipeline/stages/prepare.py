@@ -33,7 +33,11 @@ def torch_randperm(n: int, seed: int) -> np.ndarray:
     stage does not import torch for it (~1.5 s of its ~2 s): torch's CPU algorithm for n below
     2**32 / 20, a Fisher-Yates shuffle drawing `random() % (n - i)` from a Mersenne twister seeded
     with the seed's low 32 bits, which is numpy's RandomState's (tests/test_prepare.py holds them
-    equal). 60,000 rows: ~20 ms."""
+    equal). 60,000 rows: ~20 ms. From 2**32 / 20 rows on, torch draws 64-bit numbers: torch itself."""
+    if n >= 2**32 // 20:
+        import torch
+
+        return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).numpy()
     draws = np.random.RandomState(seed & 0xFFFFFFFF).randint(0, 2**32, size=max(n - 1, 0), dtype=np.uint64)
     swaps = (draws % np.arange(n, 1, -1, dtype=np.uint64)).astype(np.int64) + np.arange(n - 1)
     order = list(range(n))

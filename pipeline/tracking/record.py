@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline import provenance
+from pipeline import fsio, provenance
 from pipeline.reports import METRICS
 from pipeline.stats import summarize
 from pipeline.tracking.model import log_model, logged_model_ids
@@ -42,12 +42,7 @@ class VariantOutputs:
 
 
 def read_json(path: Path) -> dict:
-    from pipeline.errors import PipelineError
-
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as error:
-        raise PipelineError(f"{path}: unreadable ({error}); rerun its stage") from None
+    return fsio.read_json(path, "rerun its stage")
 
 
 def read_variant(root: Path, train: Path, checkpoints: Path, evaluate: Path | None) -> VariantOutputs:
@@ -76,7 +71,7 @@ def mirror_variant(client, experiment: str, outputs: VariantOutputs, seen: dict 
     if outputs.evaluation is not None:
         log_evaluation(client, ids, outputs.evaluation, len(epochs))
     if outputs.checkpoints is not None:
-        finish(client, ids, outputs)
+        finish(client, experiment, ids, outputs)
     return ids
 
 
@@ -203,7 +198,7 @@ def log_missing_artifacts(client, run_id: str, folder: str, files: list[Path]) -
             client.log_artifact(run_id, str(path), folder)
 
 
-def finish(client, ids: dict, outputs: VariantOutputs) -> None:
+def finish(client, experiment: str, ids: dict, outputs: VariantOutputs) -> None:
     """Complete outputs: each seed's best epoch and divergence, the checkpoints, the served model,
     every run FINISHED (a run a dead stage left RUNNING is closed so)."""
     from mlflow.entities import RunTag
@@ -215,7 +210,7 @@ def finish(client, ids: dict, outputs: VariantOutputs) -> None:
     count = sum(epoch is not None for epoch in history["diverged_epoch"])
     client.set_tag(ids["variant"], "diverged_seeds", f"{count} of {len(history['diverged_epoch'])}")
     log_missing_artifacts(client, ids["variant"], "checkpoints", [outputs.checkpoints / n for n in CHECKPOINTS])
-    if not logged_model_ids(client, client.get_run(ids["variant"]).info.experiment_id, ids["variant"]):
+    if not logged_model_ids(client, experiment, ids["variant"]):
         log_model(client, ids["variant"], outputs)
     for run_id in [ids["variant"], *ids["seeds"]]:
         if client.get_run(run_id).info.status != "FINISHED":

@@ -12,8 +12,7 @@ import os
 import sqlite3
 import urllib.error
 import urllib.request
-import contextlib
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -187,7 +186,7 @@ def check_sqlite(path: Path) -> None:
     if not path.exists():
         return
     try:
-        with contextlib.closing(sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)) as database:
+        with closing(sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)) as database:
             verdict = database.execute("PRAGMA quick_check").fetchone()[0]
     except sqlite3.DatabaseError as error:
         verdict = str(error)
