@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
 import json
 import re
@@ -43,7 +44,8 @@ class LockError(PipelineError):
     pass
 
 
-def _imported_names(path: Path) -> set[str]:
+@functools.cache  # the check stage walks seven stages' closures, which share most files
+def _imported_names(path: Path) -> frozenset[str]:
     """Every module name an `import` statement in the file names, at any depth."""
     names = set()
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
@@ -52,7 +54,7 @@ def _imported_names(path: Path) -> set[str]:
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             names.add(node.module)
             names.update(f"{node.module}.{alias.name}" for alias in node.names)  # `from pipeline import x`
-    return names
+    return frozenset(names)
 
 
 def _module_file(name: str) -> Path | None:
