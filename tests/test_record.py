@@ -67,6 +67,29 @@ def test_the_mirror_adds_only_what_the_store_lacks(local_tracking):
     assert len(client.search_runs([experiment])) == 3  # no second set of runs
 
 
+def test_log_models_warm_up_is_paid_only_where_the_run_has_no_model_yet(local_tracking):
+    """The train stage's tracking process pays log_model's one-off costs early (the flavor's
+    import, MLflow's map of installed modules) only where the run will log a model: a rerun of
+    the same inputs logs none."""
+    import mlflow.pytorch
+    import torch
+
+    from pipeline.tracking.model import MODEL_NAME
+
+    client, experiment = connect(local_tracking)
+    run_id = client.create_run(experiment).info.run_id
+    warmed = ("import sys; from pathlib import Path; from pipeline.tracking.store import Tracking, connect; "
+              "from pipeline.tracking.model import warm_model_logging; "
+              f"tracking = Tracking({local_tracking.uri!r}, Path({str(local_tracking.root)!r}), 'lab'); "
+              f"warm_model_logging(*connect(tracking), {run_id!r}); print('mlflow.pytorch' in sys.modules)")
+    env = stage_env()
+    assert run([sys.executable, "-c", warmed], local_tracking.root, env).stdout.split() == ["True"]
+    with mlflow.start_run(run_id=run_id):
+        mlflow.pytorch.log_model(torch.nn.Linear(1, 1), name=MODEL_NAME, serialization_format="pickle",
+                                 pip_requirements=[])
+    assert run([sys.executable, "-c", warmed], local_tracking.root, env).stdout.split() == ["False"]
+
+
 def test_a_stopped_stage_closes_its_runs_and_a_live_mirror_does_not_reopen_them(local_tracking):
     client, experiment = connect(local_tracking)
     ids = mirror_variant(client, experiment, live(1))

@@ -52,6 +52,10 @@ def _mirror(client, experiment: str, outputs: record.VariantOutputs) -> dict:
     return record.mirror_variant(client, experiment, outputs, _seen)
 
 
+def _warm(client, experiment: str, digest: str) -> None:
+    model.warm_model_logging(client, experiment, _seen[digest]["variant"])
+
+
 def _start_worker(stage_pid: int) -> None:
     # Ctrl-C reaches the whole process group; the stage decides what its runs become (KILLED)
     # and says so through this process, which ends when the stage closes it or is gone.
@@ -106,7 +110,7 @@ class LiveRecord:
         else:
             self.pool = RecordProcess(tracking)
         self.opened = self.mirror({})  # the runs made (or found) while the stage loads its data
-        self._submit(model.warm_model_logging)
+        self._submit(_warm, run["inputs_digest"])
 
     def _wait(self, error: StoreDown) -> None:
         if not self.waiting:
