@@ -16,7 +16,7 @@ import torch
 import yaml
 from mlflow import MlflowClient
 
-from pipeline.commands.repro import PUSH_HINT
+from pipeline.commands.dvcs import PUSH_HINT
 from pipeline.nn import checkpoint
 from pipeline.nn.model import StackedMlp, unstack
 from pipeline.tracking.store import INPUTS_TAG

@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import re
 import sys
-import time
 
-import pytest
 import yaml
 
-from pipeline.commands.repro import (EVALUATE_PREFIX, TRAIN_PREFIX, UPSTREAM, DvcFailed, Dvcs, stale_trains,
-                                     variant_chains)
+from pipeline.commands.repro import EVALUATE_PREFIX, TRAIN_PREFIX, UPSTREAM, stale_trains, variant_chains
 from tests.conftest import ROOT, run, stage_env
 
 
@@ -55,42 +52,6 @@ def test_this_projects_dvc_commands_send_no_analytics():
     decided = run([sys.executable, "-c", "from dvc import analytics; print(analytics.is_enabled())"], ROOT, env,
                   timeout=60)
     assert decided.stdout.split() == ["False"]
-
-
-@pytest.mark.parametrize("args", [["stage", "list", "--name-only"], ["repro", "--dry", "no-such-stage"]])
-def test_a_dvc_command_answers_and_exits_as_the_dvc_script_run_alone(args, monkeypatch):
-    """`make repro` runs each dvc command as a process of its own (`Dvcs`): its captured output is
-    what `dvc` prints; its failure is a DvcFailed with its exit code."""
-    env = stage_env()
-    alone = run(["dvc", *args], ROOT, env, timeout=120, check=False)
-    monkeypatch.chdir(ROOT)
-    monkeypatch.setenv("PATH", env["PATH"])
-    with Dvcs() as dvcs:
-        try:
-            answer = dvcs.output(*args, capture=True)
-        except DvcFailed as failed:
-            answer = failed.exit_code
-    assert answer == (alone.stdout if alone.returncode == 0 else alone.returncode)
-    assert (alone.returncode == 0) == (args[0] == "stage")
-
-
-def test_the_next_chain_starts_once_dvc_has_started_the_stage_of_the_one_before(tmp_path, monkeypatch):
-    """`side_by_side` starts a chain once the one before it runs its stage's command, which DVC
-    announces with STAGE_RUNS as it lets go of the repository lock: seen here while a real `dvc
-    repro`'s stage still runs, not only at its end (a DVC that said it otherwise would make each
-    chain wait for the one before)."""
-    env = stage_env()
-    run(["dvc", "init", "--no-scm", "-q"], tmp_path, env)
-    (tmp_path / "dvc.yaml").write_text("stages:\n  slow:\n    cmd: python -c \"import time; time.sleep(3)\"\n")
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("PATH", env["PATH"])
-    with Dvcs() as dvcs:
-        process = dvcs.start("repro", "-s", "slow")
-        assert dvcs.locking()
-        while dvcs.locking() and process.poll() is None:
-            time.sleep(0.01)
-        assert process.poll() is None, "the stage's command ended before its start was seen"
-        assert not dvcs.locking()
 
 
 def test_make_repro_refuses_bad_params_in_one_line_before_dvc_runs(project):
