@@ -28,20 +28,21 @@ def test_a_dvc_command_answers_and_exits_as_the_dvc_script_run_alone(args, monke
     assert (alone.returncode == 0) == (args[0] == "stage")
 
 
-def test_the_next_chain_starts_once_dvc_has_started_the_stage_of_the_one_before(tmp_path, monkeypatch):
-    """`side_by_side` starts a chain once the one before it runs its stage's command, which DVC
-    announces with STAGE_RUNS as it lets go of the repository lock: seen here while a real `dvc
-    repro`'s stage still runs, not only at its end (a DVC that said it otherwise would make each
-    chain wait for the one before)."""
+def test_the_next_chain_starts_once_dvc_has_started_the_train_stage_of_the_one_before(tmp_path, monkeypatch):
+    """`side_by_side` starts a chain once the one before it runs its train stage's command
+    (`ready`), which DVC announces with STAGE_RUNS as it lets go of the repository lock: seen
+    here after the stages before it and while a real `dvc repro`'s stage still runs, not only at
+    its end (a DVC that said it otherwise would make each chain wait for the one before)."""
     env = stage_env()
     run(["dvc", "init", "--no-scm", "-q"], tmp_path, env)
-    (tmp_path / "dvc.yaml").write_text("stages:\n  slow:\n    cmd: python -c \"import time; time.sleep(3)\"\n")
+    (tmp_path / "dvc.yaml").write_text("stages:\n  first:\n    cmd: python -c pass\n"
+                                       "  slow:\n    cmd: python -c \"import time; time.sleep(3)\"\n")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("PATH", env["PATH"])
     with Dvcs() as dvcs:
-        process = dvcs.start("repro", "-s", "slow")
-        assert dvcs.locking()
-        while dvcs.locking() and process.poll() is None:
+        process = dvcs.start("repro", "-s", "first", "slow", ready="slow")
+        assert dvcs.starting()
+        while dvcs.starting() and process.poll() is None:
             time.sleep(0.01)
         assert process.poll() is None, "the stage's command ended before its start was seen"
-        assert not dvcs.locking()
+        assert not dvcs.starting()

@@ -7,7 +7,7 @@ import sys
 
 import yaml
 
-from pipeline.commands.repro import EVALUATE_PREFIX, TRAIN_PREFIX, UPSTREAM, stale_trains, variant_chains
+from pipeline.commands.repro import EVALUATE_PREFIX, TRAIN_PREFIX, UPSTREAM, variant_chains
 from tests.conftest import ROOT, run, stage_env
 
 
@@ -26,16 +26,19 @@ def test_upstream_is_every_stage_before_train_in_dvc_yaml_and_train_reads_their_
     assert not downstream_outs & train_deps
 
 
-def test_the_stale_train_stages_run_or_all_of_them_where_their_shared_inputs_changed():
+def test_the_stale_train_stages_run_or_all_of_them_after_the_upstream_stages_where_those_are_stale():
     trains = [f"{TRAIN_PREFIX}{variant}" for variant in ("a", "b", "c")]
-    assert stale_trains({"train@b", "compare"}, trains, upstream_changed=False) == ["train@b"]
-    assert stale_trains({"check"}, trains, upstream_changed=False) == []
-    assert stale_trains({"check"}, trains, upstream_changed=True) == trains
+    assert variant_chains(trains, {"train@b", "compare"}, force=False) == [("train@b", "evaluate@b")]
+    assert variant_chains(trains, {"compare"}, force=False) == []
+    everything = [(*UPSTREAM, "train@a", "evaluate@a"), ("train@b", "evaluate@b"), ("train@c", "evaluate@c")]
+    assert variant_chains(trains, {"prepare"}, force=False) == everything
+    assert variant_chains(trains, set(), force=True) == everything
 
 
 def test_each_variant_is_evaluated_after_its_own_train_stage_and_reads_nothing_another_writes():
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-    assert variant_chains(["train@a", "train@b"]) == [("train@a", "evaluate@a"), ("train@b", "evaluate@b")]
+    assert variant_chains(["train@a", "train@b"], {"train@a", "train@b"}, force=False) == [
+        ("train@a", "evaluate@a"), ("train@b", "evaluate@b")]
     assert stages[EVALUATE_PREFIX.rstrip("@")]["foreach"] == stages[TRAIN_PREFIX.rstrip("@")]["foreach"]
     evaluate = stages[EVALUATE_PREFIX.rstrip("@")]["do"]
     # A variant's chain may run beside another's: its evaluate stage reads its own train stage's

@@ -33,16 +33,16 @@ STOPPING = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 PUSH_HINT = "Use `dvc push` to send your updates to remote storage."
 # DVC's line as a stage's command starts, when it lets go of the repository lock. A `dvc` that finds
 # the lock taken tries again every 0.5 s (dvc/lock.py): a chain started beside one still holding it
-# began its stage 0.5 s after it, one started at this line ~0.25 s after.
-STAGE_RUNS = "Running stage '"
+# began its stage 0.5 s after it, one started at this line ~0.3 s after.
+STAGE_RUNS = "Running stage '{}':"
 
 
-def pass_on(stream, ran: threading.Event) -> None:
+def pass_on(stream, ready: str | None, started: threading.Event) -> None:
     """A dvc command's standard output onto this one's, line by line, but for DVC's push hint;
-    `ran` set at its first stage's command."""
+    `started` set as the stage `ready` starts its command."""
     for line in stream:
-        if line.startswith(STAGE_RUNS):
-            ran.set()
+        if ready is not None and line.strip() == STAGE_RUNS.format(ready):
+            started.set()
         if line.strip() != PUSH_HINT:
             sys.stdout.write(line)
             sys.stdout.flush()
@@ -73,7 +73,7 @@ class Dvcs:
     def __init__(self) -> None:
         self.running: dict[str, subprocess.Popen] = {}
         self.relays: dict[subprocess.Popen, threading.Thread] = {}  # the outputs passed on (pass_on)
-        self.ran: dict[subprocess.Popen, threading.Event] = {}  # set at each one's first stage command
+        self.ready: dict[subprocess.Popen, threading.Event] = {}  # set as its `ready` stage starts
         self.signum: int | None = None
         self.parent = os.getppid()
 
@@ -97,16 +97,18 @@ class Dvcs:
             self.signum = signal.SIGTERM
             raise Stopped(self.signum, f"the process that started it ({self.parent}) ended")
 
-    def start(self, *args: str, stdout=None, hint: bool = False) -> subprocess.Popen:
+    def start(self, *args: str, stdout=None, hint: bool = False, ready: str | None = None) -> subprocess.Popen:
         """`dvc <args>`, its output to `stdout`, or passed on to this terminal (with DVC's push hint
-        where `hint`)."""
+        where `hint`); `ready`: the stage whose command's start `starting` waits for."""
         self.check()
         relayed = stdout is None and not hint
         process = subprocess.Popen(["dvc", WAIT_FOR_LOCK, *args], stdout=subprocess.PIPE if relayed else stdout,
                                    text=relayed or None, bufsize=1 if relayed else -1, process_group=0)
         if relayed:
-            self.ran[process] = threading.Event()
-            self.relays[process] = threading.Thread(target=pass_on, args=(process.stdout, self.ran[process]),
+            started = threading.Event()
+            if ready is not None:
+                self.ready[process] = started
+            self.relays[process] = threading.Thread(target=pass_on, args=(process.stdout, ready, started),
                                                     daemon=True)
             self.relays[process].start()
         self.running[" ".join(args)] = process
@@ -115,14 +117,15 @@ class Dvcs:
     def passed_on(self, process: subprocess.Popen) -> None:
         """Waits until an ended command's output is all on this terminal."""
         relay = self.relays.pop(process, None)
-        self.ran.pop(process, None)
+        self.ready.pop(process, None)
         if relay is not None:
             relay.join(timeout=GRACE_S)
 
-    def locking(self) -> bool:
-        """Whether a running command has not reached its first stage's command: it holds the
-        repository lock, or waits for it."""
-        return any(process in self.ran and not self.ran[process].is_set() for process in self.running.values())
+    def starting(self) -> bool:
+        """Whether a running command has not reached its `ready` stage's command yet: it holds the
+        repository lock, waits for it, or runs the stages before."""
+        return any(not self.ready[process].is_set() for process in self.running.values()
+                   if process in self.ready)
 
     def ended(self) -> list[tuple[str, subprocess.Popen]]:
         """The commands that ended since the last call, after waiting POLL_S for one."""

@@ -10,13 +10,15 @@ outputs under read/write locks of their own, and a command that finds the reposi
 (to write dvc.lock) waits for it instead of failing. So this command validates the params (a
 mistake: one line, before DVC runs anything), then runs `dvc` processes, in order:
 
-  1. `dvc status`: nothing to do, nothing more is run (forced: `dvc stage list`, beside step 2);
-  2. `dvc repro prepare`, where one of the stages the train stages read from changed;
-  3. `dvc repro -s train@<variant> evaluate@<variant>` of every variant whose train stage is
+  1. `dvc status`: nothing to do, nothing more is run;
+  2. `dvc repro -s train@<variant> evaluate@<variant>` of every variant whose train stage is
      stale, `--jobs` at a time (default: the cores this process may use over `train.threads`),
-     each started once the one before runs its stage: the variant that finishes first is
-     evaluated while the others still train;
-  4. `dvc repro`: the rest (curves, compare, any evaluate left), exactly as DVC would.
+     the first with the stages the train stages read from (check, download, prepare) before its
+     own where those are stale (then every variant's chain runs: their shared inputs may
+     change); each started once the one before runs its train stage, so the variant that
+     finishes first is evaluated while the others still train;
+  3. `dvc repro`: the rest (curves, compare, any evaluate left), exactly as DVC would; forced,
+     the stages left by name (`dvc stage list`, while the chains run).
 
 Each stage runs its own command with its own inputs, so the outputs and dvc.lock are the ones
 `dvc repro` writes (tests/test_pipeline.py holds them byte-identical). `--force` forces every
@@ -29,9 +31,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-from pathlib import Path
-
-import yaml
 
 from pipeline import cli
 from pipeline.commands.dvcs import DvcFailed, Dvcs
@@ -48,34 +47,27 @@ def stale_stages(dvcs: Dvcs) -> set[str]:
     return {name.rpartition(":")[2] for name in json.loads(dvcs.output("status", "--json", capture=True) or "{}")}
 
 
-def upstream_outputs() -> dict:
-    """What dvc.lock says the upstream stages wrote: the train stages' inputs among them."""
-    if not Path("dvc.lock").exists():
-        return {}
-    stages = yaml.safe_load(Path("dvc.lock").read_text()).get("stages", {})
-    return {name: stages.get(name, {}).get("outs") for name in UPSTREAM}
-
-
-def stale_trains(stale: set[str], trains: list[str], upstream_changed: bool) -> list[str]:
-    """The train stages to run: all where an input they share changed, else the stale ones."""
-    return list(trains) if upstream_changed else [name for name in trains if name in stale]
-
-
-def variant_chains(trains: list[str]) -> list[tuple[str, ...]]:
-    """Each train stage with its variant's evaluate stage after it: the variant that finishes
-    first is evaluated while the others train, on a core that would idle."""
-    return [(train, EVALUATE_PREFIX + train.removeprefix(TRAIN_PREFIX)) for train in trains]
+def variant_chains(trains: list[str], stale: set[str], force: bool) -> list[tuple[str, ...]]:
+    """Each train stage to run with its variant's evaluate stage after it: the variant that
+    finishes first is evaluated while the others train, on a core that would idle. Where the
+    upstream stages are to run, the first chain runs them first (one `dvc` fewer before the
+    others start), and every train stage is to run (their shared inputs may change)."""
+    upstream = list(UPSTREAM) if force or stale & set(UPSTREAM) else []
+    chains = [(train, EVALUATE_PREFIX + train.removeprefix(TRAIN_PREFIX))
+              for train in trains if upstream or train in stale]
+    return [(*upstream, *chains[0]), *chains[1:]] if chains else []
 
 
 def side_by_side(dvcs: Dvcs, chains: list[tuple[str, ...]], jobs: int, force: bool) -> None:
     """`dvc repro -s <stages>` of each chain of stages, `jobs` at a time, each started once the
-    one before it runs its stage (STAGE_RUNS). A failure stops the others (SIGINT, as Ctrl-C)
-    and names the chain that failed."""
+    one before it runs its train stage (STAGE_RUNS). A failure stops the others (SIGINT, as
+    Ctrl-C) and names the chain that failed."""
     options = ["--force"] if force else []
     pending = list(chains)
     while pending or dvcs.running:
-        while pending and len(dvcs.running) < jobs and not dvcs.locking():
-            dvcs.start("repro", *options, "-s", *pending.pop(0))
+        while pending and len(dvcs.running) < jobs and not dvcs.starting():
+            stages = pending.pop(0)
+            dvcs.start("repro", *options, "-s", *stages, ready=next(s for s in stages if s.startswith(TRAIN_PREFIX)))
         for name, process in dvcs.ended():
             if process.returncode != 0:
                 dvcs.stop(signal.SIGINT)
@@ -93,21 +85,18 @@ def repro(dvcs: Dvcs, force: bool = False, jobs: int | None = None) -> None:
     if not force and not stale:
         print("Data and pipelines are up to date.")
         return
-    force_option = ["--force"] if force else []
-    # Forced, the stages are named for the last `dvc repro`: listed while the upstream stages run
-    # (`dvc stage list` takes no lock), ~0.3 s off a forced run.
+    chains = variant_chains(trains, stale, force)
+    if len(chains) < 2 or jobs < 2:  # nothing side by side: DVC's own plan
+        dvcs.output("repro", *(["--force"] if force else []), hint=True)
+        return
+    # Forced, the last `dvc repro` names the stages left: listed (`dvc stage list` takes no lock)
+    # while the chains run.
     listing = dvcs.started("stage", "list", "--name-only", capture=True) if force else None
-    before = upstream_outputs()
-    if force or stale & set(UPSTREAM):
-        dvcs.output("repro", *force_option, UPSTREAM[-1])
-    names = dvcs.result(listing).split() if listing else []
-    to_train = stale_trains(stale, trains, force or upstream_outputs() != before)
-    chains = variant_chains(to_train) if len(to_train) > 1 and jobs > 1 else []
-    if chains:
-        side_by_side(dvcs, chains, jobs, force)
-    if force:  # the rest, forced once
-        done = {*UPSTREAM, *(stage for chain in chains for stage in chain)}
-        dvcs.output("repro", "--force", "-s", *[name for name in names if name not in done], hint=True)
+    side_by_side(dvcs, chains, jobs, force)
+    if force:
+        done = {stage for chain in chains for stage in chain}
+        dvcs.output("repro", "--force", "-s", *[name for name in dvcs.result(listing).split() if name not in done],
+                    hint=True)
     else:
         dvcs.output("repro", hint=True)
 
