@@ -29,7 +29,7 @@ POLL_S = 0.01  # the next command starts within 10 ms of one's end; a signal or 
 GRACE_S = 3.0
 STOPPING = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 # DVC's line after every `dvc repro` that ran a stage: said once, by the last `dvc repro`, where
-# the chains and `dvc repro prepare` before it would have said it three or more times.
+# the chains before it would have said it two or more times.
 PUSH_HINT = "Use `dvc push` to send your updates to remote storage."
 # DVC's line as a stage's command starts, when it lets go of the repository lock. A `dvc` that finds
 # the lock taken tries again every 0.5 s (dvc/lock.py): a chain started beside one still holding it

@@ -38,7 +38,7 @@ from pipeline.commands.dvcs import DvcFailed, Dvcs
 TRAIN_PREFIX = "train@"  # dvc.yaml's `train: foreach: ${variants}`
 EVALUATE_PREFIX = "evaluate@"  # and `evaluate: foreach: ${variants}`
 # The stages every train stage reads from, in dvc.yaml's order (tests/test_repro.py holds them to
-# it); `dvc repro prepare` brings them all up to date.
+# it); the first chain runs them where they are to run.
 UPSTREAM = ("check", "download", "prepare")
 
 
