@@ -33,6 +33,9 @@ def test_the_stale_train_stages_run_or_all_of_them_after_the_upstream_stages_whe
     everything = [(*UPSTREAM, "train@a", "evaluate@a"), ("train@b", "evaluate@b"), ("train@c", "evaluate@c")]
     assert variant_chains(trains, {"prepare"}, force=False) == everything
     assert variant_chains(trains, set(), force=True) == everything
+    # A params.yaml edit reruns check: the stale train stage first, the others after it.
+    assert variant_chains(trains, {"check", "train@c"}, force=False) == [
+        (*UPSTREAM, "train@c", "evaluate@c"), ("train@a", "evaluate@a"), ("train@b", "evaluate@b")]
 
 
 def test_each_variant_is_evaluated_after_its_own_train_stage_and_reads_nothing_another_writes():

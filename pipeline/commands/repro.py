@@ -51,10 +51,12 @@ def variant_chains(trains: list[str], stale: set[str], force: bool) -> list[tupl
     """Each train stage to run with its variant's evaluate stage after it: the variant that
     finishes first is evaluated while the others train, on a core that would idle. Where the
     upstream stages are to run, the first chain runs them first (one `dvc` fewer before the
-    others start), and every train stage is to run (their shared inputs may change)."""
+    others start), and every train stage may be to run: their shared inputs may change (a
+    params.yaml edit reruns check, whose output seldom does). The stale ones come first; the
+    `dvc` of another finds nothing to do where those inputs came out the same."""
     upstream = list(UPSTREAM) if force or stale & set(UPSTREAM) else []
-    chains = [(train, EVALUATE_PREFIX + train.removeprefix(TRAIN_PREFIX))
-              for train in trains if upstream or train in stale]
+    to_train = sorted((train for train in trains if upstream or train in stale), key=lambda train: train not in stale)
+    chains = [(train, EVALUATE_PREFIX + train.removeprefix(TRAIN_PREFIX)) for train in to_train]
     return [(*upstream, *chains[0]), *chains[1:]] if chains else []
 
 
