@@ -18,6 +18,7 @@ import sys
 import tempfile
 import threading
 import time
+from typing import IO, NamedTuple
 
 from pipeline.errors import PipelineError
 
@@ -65,6 +66,14 @@ class Stopped(PipelineError):
         self.exit_code = 128 + signum
 
 
+class Started(NamedTuple):
+    """A command `Dvcs.result` waits for: its arguments, its process, where its output is kept."""
+
+    args: tuple[str, ...]
+    process: subprocess.Popen
+    stdout: IO[str] | None
+
+
 class Dvcs:
     """The `dvc --wait-for-lock <args>` processes this command runs, each in a process group of its
     own (with the stages it runs), all stopped when the block ends: on a signal this process is sent
@@ -105,10 +114,10 @@ class Dvcs:
         process = subprocess.Popen(["dvc", WAIT_FOR_LOCK, *args], stdout=subprocess.PIPE if relayed else stdout,
                                    text=relayed or None, bufsize=1 if relayed else -1, process_group=0)
         if relayed:
-            started = threading.Event()
+            stage_started = threading.Event()
             if ready is not None:
-                self.ready[process] = started
-            self.relays[process] = threading.Thread(target=pass_on, args=(process.stdout, ready, started),
+                self.ready[process] = stage_started
+            self.relays[process] = threading.Thread(target=pass_on, args=(process.stdout, ready, stage_started),
                                                     daemon=True)
             self.relays[process].start()
         self.running[" ".join(args)] = process
@@ -137,13 +146,13 @@ class Dvcs:
             self.passed_on(process)
         return done
 
-    def started(self, *args: str, capture: bool = False, hint: bool = False) -> tuple:
+    def started(self, *args: str, capture: bool = False, hint: bool = False) -> Started:
         """`dvc <args>` started, for `result`: its standard output kept in a file where `capture`
         (which no answer fills), else on this terminal (DVC's push hint only where `hint`)."""
         stdout = tempfile.TemporaryFile("w+") if capture else None
-        return args, self.start(*args, stdout=stdout, hint=hint), stdout
+        return Started(args, self.start(*args, stdout=stdout, hint=hint), stdout)
 
-    def result(self, started: tuple) -> str:
+    def result(self, started: Started) -> str:
         """A `started` command to its end (others may end meanwhile), its captured output returned;
         its failure raises DvcFailed."""
         args, process, stdout = started
