@@ -1,10 +1,8 @@
-"""Statistics over seeds: mean and spread, confidence intervals, Welch's test, divergence, and
-what survives comparing many variants with one reference: Holm-adjusted p-values, a seeded
-bootstrap interval, the probability that one variant's seed beats the other's, a ranking.
+"""Statistics over seeds, one definition for every stage: means and spreads, Student-t and Welch
+intervals, Holm's adjustment, a seeded bootstrap interval, P(a seed beats another), a ranking.
 
-Every stage that summarises seeds calls these, so a number means the same everywhere.
-A seed that diverged has non-finite losses: they are left out of means and spreads (and the
-seed is counted as diverged); its accuracies are finite (about one class in ten) and count.
+A diverged seed has non-finite losses: they are left out of means and spreads (and the seed
+counted as diverged); its accuracies are finite (about one class in ten) and count.
 scipy.special gives the two t-distribution formulas; scipy.stats would add ~0.5 s of imports.
 """
 
@@ -28,7 +26,7 @@ def finite(values: list[float]) -> list[float]:
 
 
 def diverged(losses: list[float]) -> int:
-    """How many seeds' losses are not finite: the seeds that diverged."""
+    """How many seeds diverged: their losses are not finite."""
     return len(losses) - len(finite(losses))
 
 
@@ -49,8 +47,7 @@ def summarize(metrics: dict[str, list[float]]) -> dict[str, float]:
 
 
 def diverged_epochs(losses: list[list[float]]) -> list[int | None]:
-    """Per seed, the first epoch (1-based) whose loss is not finite, from [epoch][seed] losses;
-    None for a seed that never diverged."""
+    """Per seed, the first epoch (1-based) whose loss in [epoch][seed] is not finite; None if none."""
     seeds = len(losses[0]) if losses else 0
     return [next((epoch for epoch, values in enumerate(losses, start=1) if not math.isfinite(values[seed])), None)
             for seed in range(seeds)]
@@ -71,15 +68,12 @@ def t_quantile(dof: float) -> float:
 
 
 def mean_interval(values: list[float]) -> Interval:
-    """Student-t confidence interval of the mean of the finite values (a point when there is one)."""
-    values = finite(values)
-    if not values:
-        return Interval(math.nan, math.nan, math.nan)
-    mean = float(np.mean(values))
-    if len(values) < 2:
+    """Student-t interval of the mean of the finite values (NaN ends below two values)."""
+    kept = np.asarray(finite(values))
+    mean = float(kept.mean()) if len(kept) else math.nan
+    if len(kept) < 2:
         return Interval(mean, math.nan, math.nan)
-    sem = float(np.std(values, ddof=1)) / math.sqrt(len(values))
-    half = t_quantile(len(values) - 1) * sem
+    half = t_quantile(len(kept) - 1) * (float(kept.std(ddof=1)) / math.sqrt(len(kept)))
     return Interval(mean, mean - half, mean + half)
 
 
@@ -93,14 +87,17 @@ class Difference:
         return self.p_value < 1 - CONFIDENCE
 
 
+def finite_groups(values: list[float], reference: list[float]) -> tuple[np.ndarray, np.ndarray, float]:
+    """Each group's finite values and mean(values) - mean(reference), NaN when a group is empty."""
+    a, b = np.asarray(finite(values)), np.asarray(finite(reference))
+    return a, b, float(a.mean() - b.mean()) if len(a) and len(b) else math.nan
+
+
 def welch_difference(values: list[float], reference: list[float]) -> Difference:
     """mean(values) - mean(reference), Welch's CI and two-sided Welch t-test (finite values)."""
     from scipy import special
 
-    a, b = np.asarray(finite(values)), np.asarray(finite(reference))
-    if len(a) == 0 or len(b) == 0:
-        return Difference(Interval(math.nan, math.nan, math.nan), math.nan)
-    delta = float(a.mean() - b.mean())
+    a, b, delta = finite_groups(values, reference)
     if len(a) < 2 or len(b) < 2:
         return Difference(Interval(delta, math.nan, math.nan), math.nan)
     va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
@@ -114,11 +111,8 @@ def welch_difference(values: list[float], reference: list[float]) -> Difference:
 
 
 def holm(p_values: list[float]) -> list[float]:
-    """Holm's step-down adjustment of a family of p-values, in the order given.
-
-    The k-th smallest of m p-values becomes max over j <= k of min(1, (m - j + 1) p_(j)); a NaN
-    (an untestable comparison) stays NaN and is not counted in the family.
-    """
+    """Holm's step-down adjustment, in the order given: the k-th smallest of m p-values becomes
+    max over j <= k of min(1, (m - j + 1) p_(j)); a NaN (untestable) stays NaN, outside the family."""
     adjusted = [math.nan] * len(p_values)
     tested = sorted((p, index) for index, p in enumerate(p_values) if not math.isnan(p))
     running = 0.0
@@ -130,17 +124,10 @@ def holm(p_values: list[float]) -> list[float]:
 
 def bootstrap_difference(values: list[float], reference: list[float], seed: int = BOOTSTRAP_SEED,
                          resamples: int = BOOTSTRAP_RESAMPLES) -> Interval:
-    """mean(values) - mean(reference) with its percentile-bootstrap CONFIDENCE interval (finite values).
-
-    Each group is resampled with replacement on its own, `values` first, as
-    scipy.stats.bootstrap(method="percentile", rng=np.random.default_rng(seed)) resamples; the
-    interval's ends are the linear-interpolation quantiles of the resampled differences. NaN ends
-    when a group has fewer than two values.
-    """
-    a, b = np.asarray(finite(values)), np.asarray(finite(reference))
-    if len(a) == 0 or len(b) == 0:
-        return Interval(math.nan, math.nan, math.nan)
-    delta = float(a.mean() - b.mean())
+    """mean(values) - mean(reference) with its percentile-bootstrap CONFIDENCE interval (finite
+    values; NaN ends below two values in a group), resampled as scipy.stats.bootstrap(
+    method="percentile", rng=np.random.default_rng(seed)) does: each group on its own, `values` first."""
+    a, b, delta = finite_groups(values, reference)
     if len(a) < 2 or len(b) < 2:
         return Interval(delta, math.nan, math.nan)
     rng = np.random.default_rng(seed)
@@ -154,8 +141,8 @@ def bootstrap_difference(values: list[float], reference: list[float], seed: int 
 def superiority(values: list[float], reference: list[float]) -> float:
     """P(X > Y) + P(X = Y) / 2 for X a random finite value of `values` and Y one of `reference`:
     the common-language effect size, Mann-Whitney's U / (n m). NaN when a group is empty."""
-    a, b = np.asarray(finite(values)), np.asarray(finite(reference))
-    if len(a) == 0 or len(b) == 0:
+    a, b, _ = finite_groups(values, reference)
+    if not len(a) or not len(b):
         return math.nan
     wins = np.count_nonzero(a[:, None] > b[None, :]) + 0.5 * np.count_nonzero(a[:, None] == b[None, :])
     return float(wins / (len(a) * len(b)))
@@ -163,8 +150,4 @@ def superiority(values: list[float], reference: list[float]) -> float:
 
 def ranking(scores: dict[str, float]) -> list[str]:
     """The names from the highest score to the lowest; equal scores by name, NaN scores last."""
-    def key(name: str) -> tuple[bool, float, str]:
-        score = scores[name]
-        return (True, 0.0, name) if math.isnan(score) else (False, -score, name)
-
-    return sorted(scores, key=key)
+    return sorted(scores, key=lambda name: (math.isnan(scores[name]), -np.nan_to_num(scores[name]), name))
