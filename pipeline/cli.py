@@ -1,12 +1,5 @@
-"""The thin shell each command runs its work in: one clear line and an exit code on failure.
-
-    if __name__ == "__main__":
-        parser = cli.parser(__doc__)
-        parser.add_argument("--out", type=Path, required=True)
-        arguments = parser.parse_args()
-        with cli.one_line_errors():
-            compare(load_params(), arguments.out, ...)
-"""
+"""The thin shell each command runs its work in, under `cli.parser(__doc__)`'s arguments and
+`with cli.one_line_errors():` one clear line and an exit code on failure."""
 
 from __future__ import annotations
 
@@ -37,7 +30,7 @@ def one_line_errors() -> Iterator[None]:
         print(f"error: {one_line}", file=sys.stderr)
         sys.exit(error.exit_code)
     except OSError as error:
-        if error.errno not in UNWRITABLE:
+        if error.errno not in WAY_OUT:
             raise
         print(f"error: {unwritable(error)}", file=sys.stderr)
         sys.exit(1)
@@ -46,29 +39,26 @@ def one_line_errors() -> Iterator[None]:
         sys.exit(130)
 
 
-# What a user's machine does to a write: a full disk or quota, a read-only mount, another owner.
-UNWRITABLE = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES}
+# What a user's machine does to a write (a full disk or quota, a read-only mount, another owner)
+# and what the user can do about it.
 WAY_OUT = {errno.ENOSPC: "free some space there", errno.EDQUOT: "free some space there",
            errno.EROFS: "make it writable", errno.EACCES: "make it writable"}
 
 
 def unwritable(error: OSError) -> str:
     """`<folder>: <what is wrong> (writing <file>, <bytes> bytes); <way out>, then ...`: the folder
-    a write failed in, the file and the bytes it needed where known (pipeline.fsio notes them)."""
+    a write failed in (relative to the repository where inside it), the file and the bytes it
+    needed where known (pipeline.fsio notes them)."""
     what = error.strerror[0].lower() + error.strerror[1:] if error.strerror else os.strerror(error.errno)
     rerun = f"{WAY_OUT[error.errno]}, then `dvc repro` resumes where this stopped"
     if not error.filename:
         return f"{what}; {rerun}"
     path = Path(os.fsdecode(error.filename))
     folder, file = (path, None) if path.is_dir() else (path.parent, path.name)
+    if folder.absolute().is_relative_to(Path.cwd()):
+        folder = folder.absolute().relative_to(Path.cwd())
     writing = ", ".join([*([f"writing {file}"] if file else []), *getattr(error, "__notes__", [])])
-    return f"{shown(folder)}: {what}{f' ({writing})' if writing else ''}; {rerun}"
-
-
-def shown(path: Path) -> str:
-    """`path` relative to the working directory (the repository) where it is inside it."""
-    absolute = path.absolute()
-    return str(absolute.relative_to(Path.cwd())) if absolute.is_relative_to(Path.cwd()) else str(path)
+    return f"{folder}: {what}{f' ({writing})' if writing else ''}; {rerun}"
 
 
 def parser(doc: str) -> argparse.ArgumentParser:

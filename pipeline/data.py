@@ -22,7 +22,6 @@ RAW_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
-IDX_DTYPES = {0x08: np.uint8}
 
 
 class DataError(PipelineError):
@@ -30,22 +29,20 @@ class DataError(PipelineError):
 
 
 def decode_idx(content: bytes, source: str) -> np.ndarray:
-    """An IDX file (uint8 payload, as MNIST's are) as an array of its declared shape."""
-    if len(content) < 4 or content[:2] != b"\0\0" or content[2] not in IDX_DTYPES:
+    """An IDX file of unsigned bytes (type 0x08, as MNIST's are) as an array of its declared shape."""
+    if len(content) < 4 or content[:3] != b"\0\0\x08":
         raise DataError(f"{source}: not an IDX file of unsigned bytes")
     ndim = content[3]
     header = 4 + 4 * ndim
     shape = tuple(int.from_bytes(content[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     if len(content) != header + int(np.prod(shape)):
         raise DataError(f"{source}: size does not match its IDX header {shape}")
-    array = np.frombuffer(content, dtype=np.uint8, offset=header).reshape(shape)
-    return array.copy()
+    return np.frombuffer(content, dtype=np.uint8, offset=header).reshape(shape).copy()  # writable
 
 
 def read_raw_split(raw_dir: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
-    images_name, labels_name = RAW_FILES[split]
     arrays = []
-    for name in (images_name, labels_name):
+    for name in RAW_FILES[split]:
         path = raw_dir / f"{name}.gz"
         try:
             arrays.append(decode_idx(gzip.decompress(path.read_bytes()), str(path)))

@@ -1,9 +1,6 @@
-"""Atomic file writes: a reader sees the old file or the new one, never half of either.
-
-A write that fails (a full disk, a read-only folder) raises an `OSError` naming the file it was
-writing, not the temporary one (a failed `write` names no file at all), with the bytes it needed
-where they are known; `pipeline.cli` turns it into one line.
-"""
+"""Atomic file writes: a reader sees the old file or the new one, never half of either. A failed
+write raises an `OSError` naming the file, not the temporary one (a failed `write` names none),
+with the bytes it needed where known; `pipeline.cli` turns it into one line."""
 
 from __future__ import annotations
 

@@ -1,11 +1,9 @@
 """The comparison in a few numbers: the compare stage's `--metrics` file (dvc.yaml's `metrics:`).
 
-summary.json holds everything; this file holds what a row of `make exp` (`dvc exp show`, a
-column selection) and `dvc metrics diff` need, under short keys so that two variants and a changed
-param fit a 120-column terminal: per variant `<variant>.acc` and `<variant>.loss` (mean test
-accuracy and loss over seeds; `make exp` shows the accuracies) and,
-for every variant but the reference, `<variant>.diff` (its difference from the reference in
-percentage points) and `<variant>.verdict` (Holm-adjusted Welch at 95%, as summary.md says it).
+What a row of `make exp` and `dvc metrics diff` need from summary.json, under keys short enough
+for two variants and a changed param to fit a 120-column terminal: per variant `<variant>.acc`
+and `.loss` (means over seeds) and, but for the reference, `.diff` (from the reference, in
+percentage points) and `.verdict` (Holm-adjusted Welch at 95%, as summary.md says it).
 """
 
 from __future__ import annotations

@@ -1,15 +1,12 @@
 """What a stage's outputs are a function of: its code, its environment, its inputs.
 
-- `import_closure`: the `pipeline/` files a stage module imports, directly or transitively,
-  read from the code (`ast`, function-level imports too). `dvc.yaml` lists exactly these as
-  the stage's code deps; tests/test_provenance.py fails when the two disagree.
-- `environment`: the Python version and the installed versions of every distribution the
-  stage code can import (its third-party imports and what they require), checked against
-  `requirements.lock`. The check stage writes it to `environment.json`, on which every
-  computing stage depends: a new torch or numpy reruns them, a new pytest does not.
-- `inputs_digest`: one fingerprint of a variant's config, data, environment and code. The
-  train stage tags its MLflow runs with it, so compare finds them without run ids in any
-  DVC output (run ids differ on every run; DVC's outputs must not).
+- `import_closure`: the `pipeline/` files a stage module imports at any depth, function-level
+  imports too: `dvc.yaml`'s code deps (tests/test_provenance.py holds the two equal).
+- `environment`: Python's version and every distribution the stages' code can import (and what
+  they require), as `requirements.lock` pins them: the check stage's `environment.json`, on which
+  every computing stage depends (a new torch or numpy reruns them, a new pytest does not).
+- `inputs_digest`: a variant's config, data, environment and code in one fingerprint, which tags
+  its MLflow runs: compare finds them without run ids (new on every run) in DVC's outputs.
 """
 
 from __future__ import annotations
@@ -59,11 +56,9 @@ def _imported_names(path: Path) -> frozenset[str]:
 
 def _module_file(name: str) -> Path | None:
     package, *parts = name.split(".")
-    if package != PACKAGE:
-        return None
     base = PACKAGE_DIR.joinpath(*parts)
     candidates = [base.with_suffix(".py"), base / "__init__.py"] if parts else [base / "__init__.py"]
-    return next((candidate for candidate in candidates if candidate.is_file()), None)
+    return next((path for path in candidates if path.is_file()), None) if package == PACKAGE else None
 
 
 def stage_module(stage: str) -> str:
@@ -76,14 +71,12 @@ def import_closure(module: str) -> list[Path]:
     files, pending = set(), [module]
     while pending:
         name = pending.pop()
-        parent = name.rpartition(".")[0]
-        if parent:
-            pending.append(parent)  # importing `a.b` runs `a/__init__.py` first
+        if "." in name:
+            pending.append(name.rpartition(".")[0])  # importing `a.b` runs `a/__init__.py` first
         path = _module_file(name)
-        if path is None or path in files:
-            continue
-        files.add(path)
-        pending.extend(_imported_names(path))
+        if path is not None and path not in files:
+            files.add(path)
+            pending.extend(_imported_names(path))
     return sorted(files)
 
 
@@ -93,48 +86,39 @@ def third_party_imports(files: list[Path]) -> set[str]:
     return {top for top in tops if top != PACKAGE and top not in sys.stdlib_module_names}
 
 
-def _canonical(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
-
-
-def _required_distributions(roots: set[str]) -> set[str]:
-    """The distributions in `roots` and, transitively, those they require (extras left out)."""
+def stage_distributions() -> set[str]:
+    """The installed distributions whose code the stages can run, recorders left out, and
+    transitively those they require (extras left out)."""
     from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
 
-    found, pending = set(), list(roots)
+    modules = third_party_imports([path for stage in STAGES for path in import_closure(stage_module(stage))])
+    providers = metadata.packages_distributions()
+    found, pending = set(), [dist for module in modules - RECORDERS for dist in providers.get(module, [module])]
     while pending:
-        name = _canonical(pending.pop())
+        name = canonicalize_name(pending.pop())
         if name in found:
             continue
         try:
-            requires = metadata.requires(name) or []
+            requirements = map(Requirement, metadata.requires(name) or [])
         except metadata.PackageNotFoundError:
             continue  # an optional requirement that is not installed
         found.add(name)
-        for line in requires:
-            requirement = Requirement(line)
-            if requirement.marker is None or requirement.marker.evaluate({"extra": ""}):
-                pending.append(requirement.name)
+        pending += [req.name for req in requirements if req.marker is None or req.marker.evaluate({"extra": ""})]
     return found
-
-
-def stage_distributions() -> set[str]:
-    """The installed distributions whose code the stages can run, recorders left out."""
-    modules = third_party_imports([path for stage in STAGES for path in import_closure(stage_module(stage))])
-    providers = metadata.packages_distributions()
-    roots = {dist for module in modules - RECORDERS for dist in providers.get(module, [module])}
-    return _required_distributions(roots)
 
 
 def read_lock(path: Path) -> tuple[str | None, dict[str, str]]:
     """(the Python `major.minor` it was compiled for, {canonical name: pinned version})."""
+    from packaging.utils import canonicalize_name
+
     try:
         text = path.read_text()
     except OSError as error:
         raise LockError(f"{path}: cannot read ({error.strerror}); the lock file pins the environment")
     python = re.search(r"autogenerated by pip-compile with Python (\d+\.\d+)", text)
     pins = dict(re.findall(r"^([A-Za-z0-9][A-Za-z0-9._-]*)(?:\[[^\]]*\])?==([^\s\\;]+)", text, re.MULTILINE))
-    return (python.group(1) if python else None), {_canonical(name): version for name, version in pins.items()}
+    return (python.group(1) if python else None), {canonicalize_name(name): version for name, version in pins.items()}
 
 
 def environment(lock_path: Path) -> dict:
@@ -168,14 +152,10 @@ def read_environment(root: Path) -> dict:
     return read_json(root / ENVIRONMENT_FILE, "run the check stage (dvc repro check)")
 
 
-def file_digest(paths: list[Path], root: Path) -> dict[str, str]:
-    return {str(path.relative_to(root)): hashlib.sha256(path.read_bytes()).hexdigest() for path in paths}
-
-
 def inputs_digest(config: dict, data_digest: str, environment_record: dict, stage: str) -> str:
     """What a stage's run computed from: config, prepared data, environment and its code."""
-    blob = json.dumps({
-        "config": config, "data": data_digest, "environment": environment_record,
-        "code": file_digest(import_closure(stage_module(stage)), PACKAGE_DIR.parent),
-    }, sort_keys=True).encode()
+    code = {str(path.relative_to(PACKAGE_DIR.parent)): hashlib.sha256(path.read_bytes()).hexdigest()
+            for path in import_closure(stage_module(stage))}
+    blob = json.dumps({"config": config, "data": data_digest, "environment": environment_record, "code": code},
+                      sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:32]

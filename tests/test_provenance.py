@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from packaging.utils import canonicalize_name
 
 from pipeline import provenance
 from pipeline.provenance import LockError, environment, import_closure, read_lock, stage_distributions
@@ -81,7 +82,7 @@ def test_the_installed_environment_is_the_lock():
     `make env GPU=1` adds (requirements-gpu.lock), where installed, at its pinned version."""
     _, pins = read_lock(ROOT / provenance.LOCK_FILE)
     _, gpu_pins = read_lock(ROOT / provenance.GPU_LOCK_FILE)
-    installed = {provenance._canonical(d.metadata["Name"]): d.version for d in metadata.distributions()}
+    installed = {canonicalize_name(d.metadata["Name"]): d.version for d in metadata.distributions()}
     installed.pop("pip")  # the venv's own installer; the lock pins what the project runs
     installed.pop("mnist-bn-pipeline", None)  # this checkout's metadata, where a `pip install -e .` left it
     assert {name: version for name, version in installed.items() if name not in gpu_pins} == pins
