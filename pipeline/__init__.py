@@ -2,13 +2,11 @@
 
 import os
 
-# numpy's and scipy's OpenBLAS pick their float32 GEMM kernel by the CPU when they load, unless
-# OPENBLAS_CORETYPE names one, and kernels differ in the last bits: the evaluate stage's test loss
-# was not the same on an AMD EPYC of family 25 (SkylakeX's AVX-512 kernel) and one of family 26
-# (OpenBLAS 0.3.31 takes it for Haswell, and machines may set the variable themselves). Every
-# process of the pipeline imports this package before numpy, so it names one kernel here: Haswell's
-# (AVX2 and FMA), which every x86-64 CPU with those runs, whatever the variable said.
-# tests/test_package.py holds numpy to the pick.
+# OpenBLAS (numpy's, scipy's) picks its float32 GEMM kernel by the CPU, or by OPENBLAS_CORETYPE,
+# and kernels differ in the last bits: the evaluate stage's test loss differed between AMD EPYCs of
+# family 25 (SkylakeX's AVX-512 kernel) and 26 (taken for Haswell by OpenBLAS 0.3.31). Every process
+# of the pipeline imports this package before numpy, so it names one kernel, whatever the variable
+# said: Haswell's (AVX2 and FMA), which every x86-64 CPU with those runs (tests/test_package.py).
 OPENBLAS_CORE = "Haswell"
 
 

@@ -57,12 +57,9 @@ def read_raw_split(raw_dir: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
 
 @dataclass(frozen=True)
 class Split:
-    """Pixels as stored, uint8 [N, 784], and labels as int64 [N].
-
-    Kept as bytes, a quarter of the float size: the train split is 43 MB instead of 172 MB,
-    so most of the rows a step gathers come from the CPU's cache rather than from memory.
-    `as_images` turns the rows a computation takes into what the lab fed its network.
-    """
+    """Pixels as stored, uint8 [N, 784], and labels as int64 [N]: as bytes the train split is
+    43 MB instead of 172 MB, so most rows a step gathers come from the CPU's cache, not memory;
+    `as_images` turns the rows a computation takes into what the lab fed its network."""
 
     pixels: torch.Tensor
     labels: torch.Tensor
@@ -105,13 +102,11 @@ def load_split(prepared_dir: Path, split: str, device: torch.device) -> Split:
 
 
 def as_images(pixels: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """uint8 pixels as float images in [0, 1]: x / 255, correctly rounded; into `out` where given
-    (a float tensor of the pixels' shape).
+    """uint8 pixels as float images in [0, 1], x / 255 correctly rounded, into `out` where given.
 
-    TF1's reader multiplied by float32(1/255) instead, one bit off for 126 of the 256 byte
-    values; that re-draws each seed's run but moves no mean (no_norm over 20 seeds: 95.42% ±
-    0.40 against 95.28% ± 0.52; benchmarks/fidelity/README.md).
-    """
+    TF1's reader multiplied by float32(1/255), one bit off for 126 of the 256 byte values: each
+    seed's run re-drawn, no mean moved (no_norm over 20 seeds: 95.42% ± 0.40 against 95.28% ±
+    0.52; benchmarks/fidelity/README.md)."""
     return (pixels.float() if out is None else out.copy_(pixels)).div_(255)
 
 

@@ -26,13 +26,13 @@ from pipeline.fsio import read_json
 PACKAGE = "pipeline"
 PACKAGE_DIR = Path(__file__).resolve().parent
 STAGES = ("check", "download", "prepare", "train", "curves", "evaluate", "compare")  # dvc.yaml's stages
-# MLflow records what the stages compute; no DVC output depends on its version (or on its
-# ~100 requirements), so upgrading it reruns nothing.
+# MLflow records what the stages compute: no DVC output depends on its version (or its ~100
+# requirements), so upgrading it reruns nothing.
 RECORDERS = {"mlflow"}
 LOCK_FILE = "requirements.lock"
-# What `make env GPU=1` adds (triton, torch.compile's, which no stage calls): installed or not, it
-# changes no stage's numbers, so the record leaves it out and a CPU and a GPU set-up share one
-# environment.json (and so the run-cache); installed, it must still be the version pinned there.
+# What `make env GPU=1` adds (triton, torch.compile's, which no stage calls) changes no number:
+# the record leaves it out, so CPU and GPU set-ups share environment.json (and the run-cache);
+# installed, it must still be the version pinned there.
 GPU_LOCK_FILE = "requirements-gpu.lock"
 ENVIRONMENT_FILE = "environment.json"  # the check stage's output, at the repository root
 
@@ -66,8 +66,7 @@ def stage_module(stage: str) -> str:
 
 
 def import_closure(module: str) -> list[Path]:
-    """The package files `module` (e.g. `pipeline.stages.train`) runs, itself and the packages'
-    `__init__` included."""
+    """The package files `module` (e.g. `pipeline.stages.train`) runs, `__init__`s included."""
     files, pending = set(), [module]
     while pending:
         name = pending.pop()

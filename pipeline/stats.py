@@ -15,8 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 CONFIDENCE = 0.95
-# The percentile bootstrap draws from numpy's PCG64 seeded with this constant: the same values
-# give the same interval, to the byte, on every run (and the summary says which seed it was).
+# The bootstrap's numpy seed: the same values give the same interval, to the byte, on every run.
 BOOTSTRAP_SEED = 0
 BOOTSTRAP_RESAMPLES = 10_000
 
@@ -40,10 +39,8 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 def summarize(metrics: dict[str, list[float]]) -> dict[str, float]:
     """`name` and `name_std` over seeds (`mean_std`) for each metric."""
-    summary = {}
-    for name, values in metrics.items():
-        summary[name], summary[f"{name}_std"] = mean_std(values)
-    return summary
+    return {key: value for name, values in metrics.items()
+            for key, value in zip((name, f"{name}_std"), mean_std(values))}
 
 
 def diverged_epochs(losses: list[list[float]]) -> list[int | None]:
@@ -131,10 +128,9 @@ def bootstrap_difference(values: list[float], reference: list[float], seed: int 
     if len(a) < 2 or len(b) < 2:
         return Interval(delta, math.nan, math.nan)
     rng = np.random.default_rng(seed)
-    resampled_a = a[rng.integers(0, len(a), (resamples, len(a)))].mean(axis=-1)
-    resampled_b = b[rng.integers(0, len(b), (resamples, len(b)))].mean(axis=-1)
+    resampled = [group[rng.integers(0, len(group), (resamples, len(group)))].mean(axis=-1) for group in (a, b)]
     alpha = (1 - CONFIDENCE) / 2
-    low, high = np.quantile(resampled_a - resampled_b, [alpha, 1 - alpha])
+    low, high = np.quantile(resampled[0] - resampled[1], [alpha, 1 - alpha])
     return Interval(delta, float(low), float(high))
 
 

@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.headline import headline
-from pipeline.reports import TITLES
+from pipeline.reports import TITLES, headline
 from pipeline.stages.compare import summary_markdown
 from tests.conftest import ROOT, make_project, repro_pipeline, run
 

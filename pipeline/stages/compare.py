@@ -23,8 +23,7 @@ from pathlib import Path
 from pipeline import cli
 from pipeline.fsio import atomic_write_bytes, atomic_write_json
 from pipeline.config.params import Params, load_params
-from pipeline.headline import headline
-from pipeline.reports import comparison_plots, markdown_table, seed_dots_plot
+from pipeline.reports import comparison_plots, headline, markdown_table, seed_dots_plot
 from pipeline.stats import (
     BOOTSTRAP_RESAMPLES,
     BOOTSTRAP_SEED,

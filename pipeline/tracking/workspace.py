@@ -21,7 +21,7 @@ class Workspace:
     checkpoints: Path  # a folder per variant
     evaluate: Path  # a folder per variant
     compare: Path  # the comparison's figures and tables
-    metrics: Path  # the comparison in a few numbers, for `dvc exp show` (pipeline/headline.py)
+    metrics: Path  # the comparison in a few numbers, for `dvc exp show` (pipeline/reports.py)
 
     @classmethod
     def of(cls, root: Path) -> Workspace:
