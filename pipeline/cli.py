@@ -46,9 +46,8 @@ WAY_OUT = {errno.ENOSPC: "free some space there", errno.EDQUOT: "free some space
 
 
 def unwritable(error: OSError) -> str:
-    """`<folder>: <what is wrong> (writing <file>, <bytes> bytes); <way out>, then ...`: the folder
-    a write failed in (relative to the repository where inside it), the file and the bytes it
-    needed where known (pipeline.fsio notes them)."""
+    """`<folder>: <what is wrong> (writing <file>, <bytes> bytes); <way out>, then ...`, the folder
+    relative to the repository where inside it, the file and bytes where known (fsio notes them)."""
     what = error.strerror[0].lower() + error.strerror[1:] if error.strerror else os.strerror(error.errno)
     rerun = f"{WAY_OUT[error.errno]}, then `dvc repro` resumes where this stopped"
     if not error.filename:

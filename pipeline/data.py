@@ -1,9 +1,8 @@
 """MNIST on disk: IDX decoding and the prepared splits the training loop reads whole.
 
-A prepared split is a folder of two `.npy` files, `images.npy` (uint8 [N, 28, 28]) and
-`labels.npy` (int64 [N]): numpy reads them without torch (the evaluate stage never imports
-it, 1.8 s of its 2.2 s), torch takes them without a copy, and the bytes depend on the
-arrays alone.
+A prepared split is a folder of `images.npy` (uint8 [N, 28, 28]) and `labels.npy` (int64 [N]):
+numpy reads them without torch (which the evaluate stage never imports: 1.8 s of its 2.2 s),
+torch takes them without a copy, and the bytes depend on the arrays alone.
 """
 
 from __future__ import annotations
@@ -18,36 +17,30 @@ import numpy as np
 from pipeline.errors import PipelineError
 from pipeline.fsio import atomic_write, read_json
 
-RAW_FILES = {
-    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
-}
+RAW_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+             "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
 
 
 class DataError(PipelineError):
     pass
 
 
-def decode_idx(content: bytes, source: str) -> np.ndarray:
-    """An IDX file of unsigned bytes (type 0x08, as MNIST's are) as an array of its declared shape."""
-    if len(content) < 4 or content[:3] != b"\0\0\x08":
-        raise DataError(f"{source}: not an IDX file of unsigned bytes")
-    ndim = content[3]
-    header = 4 + 4 * ndim
-    shape = tuple(int.from_bytes(content[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    if len(content) != header + int(np.prod(shape)):
-        raise DataError(f"{source}: size does not match its IDX header {shape}")
-    return np.frombuffer(content, dtype=np.uint8, offset=header).reshape(shape).copy()  # writable
-
-
 def read_raw_split(raw_dir: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """The split's images and labels from their IDX files (of unsigned bytes, type 0x08, as MNIST's are)."""
     arrays = []
     for name in RAW_FILES[split]:
         path = raw_dir / f"{name}.gz"
         try:
-            arrays.append(decode_idx(gzip.decompress(path.read_bytes()), str(path)))
+            content = gzip.decompress(path.read_bytes())
         except (OSError, EOFError, zlib.error) as error:  # missing, not gzip, cut short, damaged inside
             raise DataError(f"{path}: cannot read ({error}); run the download stage") from None
+        if len(content) < 4 or content[:3] != b"\0\0\x08":
+            raise DataError(f"{path}: not an IDX file of unsigned bytes")
+        header = 4 + 4 * content[3]
+        shape = tuple(int.from_bytes(content[i : i + 4], "big") for i in range(4, header, 4))
+        if len(content) != header + int(np.prod(shape)):
+            raise DataError(f"{path}: size does not match its IDX header {shape}")
+        arrays.append(np.frombuffer(content, dtype=np.uint8, offset=header).reshape(shape).copy())  # writable
     images, labels = arrays
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
         raise DataError(f"{raw_dir}: {split} images {tuple(images.shape)} and labels "

@@ -1,8 +1,5 @@
-"""The one exception type a stage raises for a user's mistake or an outside fault.
-
-The CLI turns it into one line on stderr and a non-zero exit; anything else is a bug and
-keeps its traceback.
-"""
+"""The one exception type a stage raises for a user's mistake or an outside fault: the CLI turns
+it into one line on stderr and a non-zero exit; anything else is a bug and keeps its traceback."""
 
 
 class PipelineError(Exception):

@@ -54,13 +54,6 @@ def _imported_names(path: Path) -> frozenset[str]:
     return frozenset(names)
 
 
-def _module_file(name: str) -> Path | None:
-    package, *parts = name.split(".")
-    base = PACKAGE_DIR.joinpath(*parts)
-    candidates = [base.with_suffix(".py"), base / "__init__.py"] if parts else [base / "__init__.py"]
-    return next((path for path in candidates if path.is_file()), None) if package == PACKAGE else None
-
-
 def stage_module(stage: str) -> str:
     return f"{PACKAGE}.stages.{stage}"
 
@@ -72,7 +65,10 @@ def import_closure(module: str) -> list[Path]:
         name = pending.pop()
         if "." in name:
             pending.append(name.rpartition(".")[0])  # importing `a.b` runs `a/__init__.py` first
-        path = _module_file(name)
+        package, *parts = name.split(".")
+        base = PACKAGE_DIR.joinpath(*parts)
+        candidates = [base.with_suffix(".py"), base / "__init__.py"] if parts else [base / "__init__.py"]
+        path = next((path for path in candidates if path.is_file()), None) if package == PACKAGE else None
         if path is not None and path not in files:
             files.add(path)
             pending.extend(_imported_names(path))

@@ -34,12 +34,9 @@ def write_curves(path: Path, history: dict[str, list[list[float]]]) -> None:
 
 
 def tight_png(fig) -> bytes:
-    """The PNG `fig.savefig(format="png", dpi=DPI, bbox_inches="tight")` writes, drawn once.
-
-    savefig draws a figure twice for a tight box, the first time only to lay it out and measure
-    it; here the layout engine lays it out, the artists' extents measure it, and savefig, handed
-    the box, draws once: the lab's six comparison figures in 0.81 s of CPU instead of 0.93 s.
-    """
+    """The PNG `fig.savefig(format="png", dpi=DPI, bbox_inches="tight")` writes, drawn once, not
+    twice: the layout engine lays it out and the artists' extents measure it, which savefig draws
+    a first time for (the lab's six comparison figures: 0.81 s of CPU instead of 0.93 s)."""
     from matplotlib import rcParams
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
@@ -55,8 +52,8 @@ def tight_png(fig) -> bytes:
     return buffer.getvalue()
 
 
-# Ten colours (tab10, matplotlib's default cycle); past ten variants the line style and marker
-# change too, so up to forty variants look different and more still have their own label.
+# tab10 (matplotlib's default cycle); past ten variants the line style and marker change too:
+# forty variants look different, and more still have their own label.
 COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd",
           "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
 LINESTYLES = ("-", "--", "-.", ":")
@@ -72,8 +69,7 @@ def variant_styles(variants: list[str]) -> dict[str, dict]:
 
 
 def plot_metric(ax, metric: str, histories: dict[str, dict], order: list[str], legend: bool = True) -> None:
-    """Mean over seeds per variant, with a band of ±1 std where there are several seeds; the
-    legend lists the variants in `order` (their rank)."""
+    """Mean over seeds per variant in `order` (their rank), a band of ±1 std where several seeds."""
     styles = variant_styles(list(histories))
     for variant in order:
         history = histories[variant]
@@ -96,8 +92,7 @@ def plot_metric(ax, metric: str, histories: dict[str, dict], order: list[str], l
 
 
 def comparison_figures(histories: dict[str, dict], order: list[str]) -> dict[str, object]:
-    """{file stem: Figure}: the lab's four plots, then the four together as `curves`; legends
-    list the variants in `order` (their rank)."""
+    """{file stem: Figure}: the lab's four plots, then the four together as `curves`."""
     from matplotlib.figure import Figure
 
     figures = {}
@@ -156,9 +151,8 @@ CELL, LEFT, TOP, BAR = 44, 56, 44, 16  # the confusion figure's layout, in pixel
 
 
 def blues_lut() -> np.ndarray:
-    """[256, 3] uint8: matplotlib's 256-entry lookup table of Blues, as `colormaps["Blues"](i, bytes=True)`
-    gives it: linear between the anchors in matplotlib's arithmetic (np.interp's rounds one byte
-    differently), scaled by 255 and truncated."""
+    """[256, 3] uint8: `colormaps["Blues"](i, bytes=True)`, linear between the anchors in
+    matplotlib's arithmetic (np.interp's rounds one byte differently), scaled by 255 and truncated."""
     anchors = np.array([[int(color[i : i + 2], 16) / 255 for i in (1, 3, 5)] for color in BLUES])
     x, xind = np.linspace(0, 1, len(BLUES)) * 255, 255 * np.linspace(0, 1, 256)
     ind = np.searchsorted(x, xind)[1:-1]
@@ -168,20 +162,16 @@ def blues_lut() -> np.ndarray:
 
 
 def cell_colors(matrix: np.ndarray) -> np.ndarray:
-    """[n, n, 3] uint8: each cell's colour as imshow(matrix, cmap="Blues") gives it (linear from
-    the smallest value to the largest, then Colormap.__call__'s indexing into the table)."""
+    """[n, n, 3] uint8: each cell's colour as imshow(matrix, cmap="Blues") gives it."""
     low, high = float(matrix.min()), float(matrix.max())
     scaled = (matrix - low) / (high - low) if high > low else np.zeros(matrix.shape)
     return blues_lut()[np.clip((scaled * 256).astype(int), 0, 255)]
 
 
 def confusion_plot(matrix: np.ndarray, title: str, path: Path) -> Path:
-    """The matrix as imshow(cmap="Blues") shows it, each non-zero cell's count written in it, a colour bar.
-
-    Drawn with Pillow rather than matplotlib: matplotlib's import and this figure's render
-    were ~0.7 s of the evaluate stage's ~1 s, Pillow's 0.05 s. The colours are matplotlib's
-    (tests/test_reports.py holds them equal to imshow's).
-    """
+    """The matrix as imshow(cmap="Blues") shows it, each non-zero cell's count in it, a colour bar;
+    drawn by Pillow in 0.05 s, where matplotlib's import and render were ~0.7 s of the evaluate
+    stage's ~1 s (the colours are imshow's: tests/test_reports.py)."""
     from PIL import Image, ImageDraw, ImageFont
 
     size = len(matrix) * CELL

@@ -1,10 +1,8 @@
 """Statistics over seeds, one definition for every stage: means and spreads, Student-t and Welch
 intervals, Holm's adjustment, a seeded bootstrap interval, P(a seed beats another), a ranking.
-
-A diverged seed has non-finite losses: they are left out of means and spreads (and the seed
-counted as diverged); its accuracies are finite (about one class in ten) and count.
-scipy.special gives the two t-distribution formulas; scipy.stats would add ~0.5 s of imports.
-"""
+A diverged seed's non-finite losses are left out of means and spreads (the seed counted as
+diverged); its accuracies are finite (about one class in ten) and count. scipy.special gives
+the two t-distribution formulas; scipy.stats would add ~0.5 s of imports."""
 
 from __future__ import annotations
 
