@@ -1,5 +1,5 @@
-"""The thin shell each command runs its work in, under `cli.parser(__doc__)`'s arguments and
-`with cli.one_line_errors():` one clear line and an exit code on failure."""
+"""The thin shell each command runs in: `cli.parser(__doc__)` for its arguments, and around its
+work `with cli.one_line_errors():` for one clear line and an exit code on failure."""
 
 from __future__ import annotations
 

@@ -63,12 +63,14 @@ def import_closure(module: str) -> list[Path]:
     files, pending = set(), [module]
     while pending:
         name = pending.pop()
-        if "." in name:
-            pending.append(name.rpartition(".")[0])  # importing `a.b` runs `a/__init__.py` first
         package, *parts = name.split(".")
+        if package != PACKAGE:
+            continue
+        if parts:
+            pending.append(name.rpartition(".")[0])  # importing `a.b` runs `a/__init__.py` first
         base = PACKAGE_DIR.joinpath(*parts)
         candidates = [base.with_suffix(".py"), base / "__init__.py"] if parts else [base / "__init__.py"]
-        path = next((path for path in candidates if path.is_file()), None) if package == PACKAGE else None
+        path = next((path for path in candidates if path.is_file()), None)
         if path is not None and path not in files:
             files.add(path)
             pending.extend(_imported_names(path))
