@@ -145,12 +145,10 @@ def environment(lock_path: Path) -> dict:
 
 
 def read_environment(root: Path) -> dict:
-    """The check stage's record, as the stages that depend on it read it."""
     return read_json(root / ENVIRONMENT_FILE, "run the check stage (dvc repro check)")
 
 
 def inputs_digest(config: dict, data_digest: str, environment_record: dict, stage: str) -> str:
-    """What a stage's run computed from: config, prepared data, environment and its code."""
     code = {str(path.relative_to(PACKAGE_DIR.parent)): hashlib.sha256(path.read_bytes()).hexdigest()
             for path in import_closure(stage_module(stage))}
     blob = json.dumps({"config": config, "data": data_digest, "environment": environment_record, "code": code},

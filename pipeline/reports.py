@@ -112,7 +112,6 @@ def comparison_figures(histories: dict[str, dict], order: list[str]) -> dict[str
 
 
 def comparison_plots(histories: dict[str, dict], out_dir: Path, order: list[str]) -> list[Path]:
-    """`comparison_figures` as `<stem>.png` files in `out_dir`."""
     figures = comparison_figures(histories, order)
     for stem, fig in figures.items():
         atomic_write_bytes(out_dir / f"{stem}.png", tight_png(fig))
@@ -178,13 +177,11 @@ def confusion_plot(matrix: np.ndarray, title: str, path: Path) -> Path:
     image = Image.new("RGB", (LEFT + size + 24 + BAR + 48, TOP + size + 52), "white")
     draw = ImageDraw.Draw(image)
     font, small = ImageFont.load_default(size=13), ImageFont.load_default(size=10)
-    colors, high = cell_colors(matrix), float(matrix.max())
-    for i, j in np.ndindex(matrix.shape):
-        x, y = LEFT + j * CELL, TOP + i * CELL
-        draw.rectangle((x, y, x + CELL - 1, y + CELL - 1), fill=tuple(colors[i, j].tolist()))
-        if matrix[i, j]:
-            draw.text((x + CELL / 2, y + CELL / 2), f"{matrix[i, j]:.0f}", anchor="mm", font=small,
-                      fill="white" if matrix[i, j] > high / 2 else "black")
+    image.paste(Image.fromarray(cell_colors(matrix).repeat(CELL, axis=0).repeat(CELL, axis=1)), (LEFT, TOP))
+    high = float(matrix.max())
+    for i, j in zip(*np.nonzero(matrix)):  # each count in its cell
+        draw.text((LEFT + j * CELL + CELL / 2, TOP + i * CELL + CELL / 2), f"{matrix[i, j]:.0f}", anchor="mm",
+                  font=small, fill="white" if matrix[i, j] > high / 2 else "black")
     for k in range(len(matrix)):
         draw.text((LEFT + k * CELL + CELL / 2, TOP + size + 4), str(k), anchor="mt", font=font, fill="black")
         draw.text((LEFT - 6, TOP + k * CELL + CELL / 2), str(k), anchor="rm", font=font, fill="black")

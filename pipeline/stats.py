@@ -23,7 +23,6 @@ def finite(values: list[float]) -> list[float]:
 
 
 def diverged(losses: list[float]) -> int:
-    """How many seeds diverged: their losses are not finite."""
     return len(losses) - len(finite(losses))
 
 
