@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -47,8 +47,7 @@ def diverged_epochs(losses: list[list[float]]) -> list[int | None]:
             for seed in range(seeds)]
 
 
-@dataclass(frozen=True)
-class Interval:
+class Interval(NamedTuple):
     mean: float
     low: float
     high: float
@@ -71,8 +70,7 @@ def mean_interval(values: list[float]) -> Interval:
     return Interval(mean, mean - half, mean + half)
 
 
-@dataclass(frozen=True)
-class Difference:
+class Difference(NamedTuple):
     delta: Interval
     p_value: float
 
