@@ -158,7 +158,6 @@ def fetch(source: str, name: str, policy: Policy) -> bytes:
 def fetch_verified(name: str, sources: list[str], expected: str, policy: Policy) -> bytes:
     failures = []
     for source in each_source(sources):
-        delay = policy.backoff_s
         for attempt in range(1, policy.attempts + 1):
             try:
                 return verify(name, fetch(source, name, policy), expected)
@@ -166,8 +165,7 @@ def fetch_verified(name: str, sources: list[str], expected: str, policy: Policy)
                 if not failure.retry or attempt == policy.attempts:
                     failures.append(f"{source}: {failure}" + (f" after {attempt} tries" if attempt > 1 else ""))
                     break
-                time.sleep(delay)
-                delay *= 2
+                time.sleep(policy.backoff_s * 2 ** (attempt - 1))
     raise DownloadError(f"{name}.gz: every source failed: " + "; ".join(failures) + " (set MNIST_MIRROR to a "
                         "local folder or an http(s) URL prefix holding MNIST's four .gz files)")
 
