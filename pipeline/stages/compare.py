@@ -1,13 +1,11 @@
 """Stage `compare`: the variants against each other, with error bars over seeds.
 
-Reads each variant's train and evaluate outputs in `<DIR>/<variant>/` (dvc.yaml names the folders) and
-writes to --out: the lab's four plots (mean curve per variant with a ±1 std band), `test_acc_seeds.png`,
-`summary.md` (the variants ranked by `compare.select_by`'s mean with the test metrics' mean, std and
-95% CI; each one's difference from the reference with its Welch and bootstrap CIs, P(beats), Welch's
-and Holm's p) with its numbers in `summary.json`, and the headline numbers to --metrics (`make exp`'s
-columns), the same bytes for the same inputs. It ends by mirroring the workspace into MLflow
-(pipeline/tracking/workspace.py, as `make publish` does): every variant's runs, the comparison's run
-grouping them, the registered model.
+Writes to --out the lab's four plots (mean curve per variant, ±1 std band), `test_acc_seeds.png` and
+`summary.md` (the variants ranked by `compare.select_by`'s mean; each one against the reference: Welch
+and bootstrap CIs, P(beats), Welch's and Holm's p) with its numbers in `summary.json`; the headline
+numbers to --metrics (`make exp`'s columns); the same bytes for the same inputs. It ends by mirroring the
+workspace into MLflow (pipeline/tracking/workspace.py, as `make publish` does): every variant's runs,
+the comparison's run grouping them, the registered model.
 """
 
 from __future__ import annotations
@@ -20,20 +18,8 @@ from pipeline.fsio import atomic_write_bytes, atomic_write_json
 from pipeline.config.params import Params, load_params
 from pipeline.headline import headline
 from pipeline.reports import comparison_plots, markdown_table, seed_dots_plot
-from pipeline.stats import (
-    BOOTSTRAP_RESAMPLES,
-    BOOTSTRAP_SEED,
-    CONFIDENCE,
-    bootstrap_difference,
-    diverged,
-    finite,
-    holm,
-    mean_interval,
-    mean_std,
-    ranking,
-    superiority,
-    welch_difference,
-)
+from pipeline.stats import (BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, CONFIDENCE, bootstrap_difference, diverged, finite,
+                            holm, mean_interval, mean_std, ranking, superiority, welch_difference)
 from pipeline.tracking.record import read_json
 from pipeline.tracking.process import RecordProcess, opened
 from pipeline.tracking.store import Tracking, check_store, runs_page

@@ -1,16 +1,12 @@
 """Stage `download`: fetch MNIST's four IDX files into the folder `--out` names, verified by SHA-256.
 
-Sources are tried in order: `MNIST_MIRROR` (an http(s) URL prefix or a local folder) when set, then
-torchvision's mirror list. The check is on each file's *decompressed* content, so a mirror that
-recompressed a file is as good as the original. A file lands in the output folder by an atomic
-rename after its digest matched, never unverified.
-
-When every source fails (offline), the last source is the copy DVC's cache holds for the last run's
-output: DVC deletes a stage's outputs before it runs the command, so a forced run offline would
-otherwise leave the folder empty. Not `persist: true`: it turns off the run-cache for the stage (a
-worker's `dvc repro --pull` restores data/raw from it: docs/sweeps.md); not an unforced stage: online,
-a forced run does fetch and verify again. The copy is found through dvc.lock's `.dir` entry for the
-folder in the cache folder `dvc cache dir` names, both as DVC documents them, and checked like a fetch.
+Sources in order: `MNIST_MIRROR` (an http(s) URL prefix or a local folder) when set, then torchvision's
+mirrors. The check is on the *decompressed* content (a recompressed file is as good), and a file lands
+in the folder by an atomic rename after its digest matched. When every source fails (offline), the last
+is the copy DVC's cache holds for the last run (DVC deletes a stage's outputs before it runs, so a
+forced run offline would leave the folder empty): found through dvc.lock's `.dir` entry and `dvc cache
+dir`, as DVC documents both. Not `persist: true`: it turns off the stage's run-cache, which a worker's
+`dvc repro --pull` restores data/raw from (docs/sweeps.md); and online, a forced run does fetch again.
 """
 
 from __future__ import annotations

@@ -1,14 +1,12 @@
 """Stage `train@<variant>`: train every seed of one variant as one stacked model.
 
-After each epoch: loss and accuracy on the whole train split (eval mode, as the lab does) and on
-validation; the resumable state written atomically to `.dvc/tmp/train/<variant>/`, outside DVC's
-outputs, and mirrored into MLflow (live curves). A killed stage rerun resumes from the last completed
-epoch, bit-identical to an uninterrupted run. At the end the outputs are written once (checkpoints,
-`weights.npz` for numpy, curves, history, `run.json`), a function of the stage's inputs alone (no run
-ids, times or paths), so DVC's run-cache can restore them; the MLflow record is a view of them
-(pipeline/tracking/record.py), written in the tracking process (pipeline/tracking/process.py). A store
-that cannot take it costs no training: one line says the record waits; compare or `make publish`
-completes it. What one epoch hands the next is a `Progress`, returned by `record_epoch`, not shared.
+After each epoch: loss and accuracy on the whole train and validation splits (eval mode, as the lab
+does), the resumable state written to `.dvc/tmp/train/<variant>/` (outside DVC's outputs) and mirrored
+into MLflow (live curves). A killed stage rerun resumes from the last completed epoch, bit-identical to
+an uninterrupted run. The outputs are written once at the end, a function of the inputs alone (no run
+ids, times or paths), so DVC's run-cache can restore them; the MLflow record (pipeline/tracking/) is a
+view of them. A store that cannot take it costs no training: one line says the record waits, and
+compare or `make publish` completes it.
 """
 
 from __future__ import annotations
@@ -90,10 +88,8 @@ class Run:
 
 @dataclass(frozen=True)
 class Progress:
-    """Where training stands after an epoch: what the next epoch's record and a resume start from.
-
-    Replaced, never changed in place: the tracking process may pickle `history` after `submit`.
-    """
+    """Where training stands after an epoch, what the next one and a resume start from: replaced, never
+    changed in place (the tracking process may pickle `history` after `submit`)."""
 
     epoch: int  # the last epoch recorded; 0 before the first
     best: dict  # per replica, its weights and optimizer state from the epoch of its best val_acc
@@ -173,13 +169,9 @@ def start_or_resume(run: Run, model: StackedMlp, optimizer: FusedOptimizer) -> P
 
 
 def record_epoch(run: Run, previous: Future, epoch: int, trained: dict, train_seconds: float) -> Progress:
-    """Evaluate the weights `epoch` ended with, checkpoint and log them; the progress after it.
-
-    Runs on a second thread while the next epochs train: with one torch thread each, the lab's
-    whole-split evaluation (~0.3 s an epoch for 5 seeds) takes the other core. `previous` is the
-    record of the epoch before, done by then (the one evaluation thread takes them in order); its
-    error is this record's too.
-    """
+    """Evaluate the weights `epoch` ended with, checkpoint and log them; the progress after it. On the
+    evaluation thread while the next epochs train (with one torch thread each, the lab's whole-split
+    evaluation, ~0.3 s an epoch for 5 seeds, takes the other core), after `previous`: its error is ours."""
     progress = previous.result()
     run.evaluated.load_state_dict(trained["model"])
     metrics = epoch_metrics(run.evaluated, run.train_split, run.val_split, run.config.eval_batch_size)
