@@ -49,10 +49,7 @@ def summary_markdown(test_acc: dict, test_loss: dict, reference: str, *, seeds: 
             f"variant.\n\n{text}")
     others = [v for v in order if v != reference]
     if others:
-        against, differences = reference_section(test_acc, reference, others)
-        text += against
-        for variant in others:
-            table[variant] |= differences[variant]
+        text += reference_section(test_acc, reference, others, table)
     return text, table
 
 
@@ -82,12 +79,13 @@ def ranking_section(test_acc: dict, test_loss: dict, metric: str, scores: dict[s
     return text, table
 
 
-def reference_section(test_acc: dict, reference: str, others: list[str]) -> tuple[str, dict]:
-    """Each other variant's test accuracy against the reference's: Welch, Holm, bootstrap, P(beats)."""
+def reference_section(test_acc: dict, reference: str, others: list[str], table: dict) -> str:
+    """Each other variant's test accuracy against the reference's: Welch, Holm, bootstrap, P(beats),
+    added to its row of `table` too."""
     welch = {v: welch_difference(test_acc[v], test_acc[reference]) for v in others}
     adjusted = dict(zip(others, holm([welch[v].p_value for v in others])))
     family = sum(not math.isnan(p) for p in adjusted.values())
-    rows, sentences, differences = [], [], {}
+    rows, sentences = [], []
     for variant in others:
         diff, p_holm = welch[variant], adjusted[variant]
         boot = bootstrap_difference(test_acc[variant], test_acc[reference])
@@ -103,9 +101,9 @@ def reference_section(test_acc: dict, reference: str, others: list[str]) -> tupl
             f"- {variant} vs {reference}: test accuracy differs by {delta} points (95% CI {welch_ci} by Welch's t, "
             f"{boot_ci} by bootstrap); a random {variant} seed beats a random {reference} seed {p_beats} of the "
             f"time; Welch's t-test p = {p_welch}, Holm-adjusted p = {p_adjusted}: {verdict}.")
-        differences[variant] = {"diff_vs_reference": diff.delta.mean, "diff_ci95": [diff.delta.low, diff.delta.high],
-                                "diff_ci95_bootstrap": [boot.low, boot.high], "p_superiority": beats,
-                                "p_value": diff.p_value, "p_holm": p_holm, "significant": significant}
+        table[variant] |= {"diff_vs_reference": diff.delta.mean, "diff_ci95": [diff.delta.low, diff.delta.high],
+                           "diff_ci95_bootstrap": [boot.low, boot.high], "p_superiority": beats,
+                           "p_value": diff.p_value, "p_holm": p_holm, "significant": significant}
     text = (f"\n## Against the reference ({reference})\n\n"
             f"Differences in test accuracy, in percentage points, with 95% intervals by Welch's t and by a "
             f"percentile bootstrap ({BOOTSTRAP_RESAMPLES:,} resamples of the seeds, numpy seed {BOOTSTRAP_SEED}). "
@@ -114,7 +112,7 @@ def reference_section(test_acc: dict, reference: str, others: list[str]) -> tupl
             f"{family} testable comparison{'s' * (family != 1)} with {reference}; the verdict uses it.\n\n")
     text += markdown_table(["variant", "difference", "95% CI (Welch)", "95% CI (bootstrap)",
                             f"P(beats {reference})", "Welch p", "Holm p", "verdict"], rows)
-    return text + "\n" + "\n".join(sentences) + "\n", differences
+    return text + "\n" + "\n".join(sentences) + "\n"
 
 
 def compare(params: Params, paths: Workspace, tracking: Tracking | None = None) -> dict:
