@@ -35,8 +35,7 @@ def estimated_bytes(config: VariantConfig) -> int:
     norms = 0 if config.norm == "none" else 4 * sum(config.hidden_sizes)  # scale, shift, running stats
     replicas = len(config.seeds)
     state = STATE_COPIES * (weights + norms) * replicas * FLOAT_BYTES
-    # Evaluation: a batch of images (no larger than a split) and each layer's activations for
-    # every replica, twice over.
+    # Evaluation: a batch of images (no larger than a split), each layer's activations per replica, twice over.
     batch = min(config.eval_batch_size, MNIST_IMAGES)
     activations = 2 * batch * (28 * 28 + replicas * (sum(config.hidden_sizes) + 10)) * FLOAT_BYTES
     return state + activations + SPLIT_BYTES

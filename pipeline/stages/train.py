@@ -47,11 +47,10 @@ class Paths:
     prepared: Path  # the prepared splits (DVC dep)
     checkpoints: Path  # the final and best checkpoints (DVC output)
     out: Path  # curves, history and run.json for the later stages (DVC outputs)
-    scratch: Path  # what a killed run resumes from; DVC neither hashes nor deletes it
+    scratch: Path  # what a killed run resumes from: no DVC path (DVC deletes outputs before a stage runs)
 
     @classmethod
     def of(cls, root: Path, variant: str, prepared: Path, checkpoints: Path, out: Path) -> Paths:
-        # Scratch is no DVC path (DVC deletes outputs before a stage runs): derived, not in dvc.yaml.
         return cls(prepared, checkpoints, out, root / ".dvc" / "tmp" / "train" / variant)
 
 
