@@ -41,27 +41,22 @@ def estimated_bytes(config: VariantConfig) -> int:
     return state + activations + SPLIT_BYTES
 
 
-def check_machine(params: Params) -> None:
-    """What the params ask of this machine: one line naming the key if it cannot run them."""
+def check(params: Params, root: Path) -> dict:
+    """What the params ask of this machine (one line naming the key if it cannot run them); the
+    environment recorded."""
     if params.train.device == "cuda":
         import torch
 
         if not torch.cuda.is_available():
-            raise ParamsError("params.yaml: train.device: 'cuda' but this machine has no CUDA device "
-                              "(use auto or cpu)")
+            raise ParamsError("params.yaml: train.device: 'cuda' but this machine has no CUDA device (use auto or cpu)")
     import psutil
 
     total = psutil.virtual_memory().total
     for name in params.variants:
         needed = estimated_bytes(params.variant(name))
         if needed > total:
-            raise ParamsError(f"params.yaml: variants.{name}: needs about {needed / 2**30:.1f} GiB "
-                              f"(hidden_sizes x {len(params.seeds)} seeds), this machine has "
-                              f"{total / 2**30:.1f} GiB")
-
-
-def check(params: Params, root: Path) -> dict:
-    check_machine(params)
+            raise ParamsError(f"params.yaml: variants.{name}: needs about {needed / 2**30:.1f} GiB (hidden_sizes x "
+                              f"{len(params.seeds)} seeds), this machine has {total / 2**30:.1f} GiB")
     environment = provenance.environment(root / provenance.LOCK_FILE)
     atomic_write_json(root / provenance.ENVIRONMENT_FILE, environment)
     print(f"params.yaml valid; environment: Python {environment['python']}, "
