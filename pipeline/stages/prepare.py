@@ -22,8 +22,7 @@ def split_indices(total: int, val_size: int, seed: int) -> tuple[np.ndarray, np.
     """(train, validation) rows: `torch_randperm(total, seed)` split, the split every result so
     far was computed on (numpy's own permutation would draw another)."""
     if not 0 < val_size < total:
-        raise DataError(f"data.val_size: {val_size} must be between 0 and {total} "
-                        f"(the number of training images)")
+        raise DataError(f"data.val_size: {val_size} must be between 0 and {total} (the number of training images)")
     order = torch_randperm(total, seed)
     return order[val_size:], order[:val_size]
 
