@@ -1,18 +1,11 @@
 """Stage `compare`: the variants against each other, with error bars over seeds.
 
-    python -m pipeline.stages.compare --train DIR --evaluate DIR --checkpoints DIR --out DIR --metrics FILE
-
-reads each variant's train and evaluate outputs in `<DIR>/<variant>/` (dvc.yaml names the
-folders) and writes to --out: the lab's four plots (mean curve per variant with a ±1 std
-band), `test_acc_seeds.png`, and `summary.md` (how many seeds and what they vary; the variants ranked
-by `compare.select_by`'s mean with mean, std and 95% CI of the test metrics; each variant's
-difference from the reference in points with its Welch and seeded-bootstrap 95% CIs, the chance
-that its seed beats a reference seed, and Welch's p beside Holm's adjustment over all the
-comparisons with the reference, said in one sentence too) with its numbers in `summary.json`,
-and the headline numbers to --metrics (`make exp`'s columns).
-All of it is deterministic: the same inputs give the same bytes. It ends by mirroring the
-workspace into MLflow (pipeline/tracking/workspace.py, as `make publish` does): every variant's
-runs completed from their outputs, the comparison's run grouping them, the registered model.
+Writes to --out the lab's four plots (mean curve per variant, ±1 std band), `test_acc_seeds.png` and
+`summary.md` (the variants ranked by `compare.select_by`'s mean; each one against the reference: Welch
+and bootstrap CIs, P(beats), Welch's and Holm's p) with its numbers in `summary.json`; the headline
+numbers to --metrics (`make exp`'s columns); the same bytes for the same inputs. It ends by mirroring the
+workspace into MLflow (pipeline/tracking/workspace.py, as `make publish` does): every variant's runs,
+the comparison's run grouping them, the registered model.
 """
 
 from __future__ import annotations
@@ -24,47 +17,22 @@ from pipeline import cli
 from pipeline.fsio import atomic_write_bytes, atomic_write_json
 from pipeline.config.params import Params, load_params
 from pipeline.reports import comparison_plots, headline, markdown_table, seed_dots_plot
-from pipeline.stats import (
-    BOOTSTRAP_RESAMPLES,
-    BOOTSTRAP_SEED,
-    CONFIDENCE,
-    bootstrap_difference,
-    diverged,
-    finite,
-    holm,
-    mean_interval,
-    mean_std,
-    ranking,
-    superiority,
-    welch_difference,
-)
+from pipeline.stats import (BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, CONFIDENCE, bootstrap_difference, diverged, finite,
+                            holm, mean_interval, mean_std, ranking, superiority, welch_difference)
 from pipeline.tracking.record import read_json
 from pipeline.tracking.process import RecordProcess, opened
 from pipeline.tracking.store import Tracking, check_store, runs_page
 from pipeline.tracking.workspace import Workspace, mirror_workspace
 
 
-def pct(value: float) -> str:
-    return "n/a" if math.isnan(value) else f"{100 * value:.2f}%"
+def shown(value: float, spec: str = ".2%") -> str:
+    """`value` in the format `spec` (`%`: times 100, as a percentage), n/a for NaN (one seed, say)."""
+    return "n/a" if math.isnan(value) else format(value, spec)
 
 
 def points(value: float) -> str:
-    return "n/a" if math.isnan(value) else f"{100 * value:+.2f}"
-
-
-def percent(value: float) -> str:
-    return "n/a" if math.isnan(value) else f"{100 * value:.1f}%"
-
-
-def p_text(value: float) -> str:
-    return "n/a" if math.isnan(value) else f"{value:.2g}"
-
-
-def seeds_sentence(seeds: list[int], split_seed: int) -> str:
-    listed = ", ".join(map(str, seeds))
-    return (f"Every variant was trained once per seed, {len(seeds)} seed{'s' * (len(seeds) != 1)} ({listed}): "
-            "a seed sets the initial weights and the order of the training batches; the train/validation "
-            f"split is fixed (`data.split_seed` {split_seed}), the same for every seed and variant.")
+    """A difference of two accuracies in percentage points."""
+    return shown(100 * value, "+.2f")
 
 
 def summary_markdown(test_acc: dict, test_loss: dict, reference: str, *, seeds: list[int], split_seed: int,
@@ -74,13 +42,13 @@ def summary_markdown(test_acc: dict, test_loss: dict, reference: str, *, seeds: 
     metric, scores = rank_by or ("test_acc", {v: mean_std(test_acc[v])[0] for v in test_acc})
     order = ranking(scores)
     text, table = ranking_section(test_acc, test_loss, metric, scores, order)
-    text = f"# Test results\n\n{seeds_sentence(seeds, split_seed)}\n\n" + text
+    text = (f"# Test results\n\nEvery variant was trained once per seed, {len(seeds)} seed{'s' * (len(seeds) != 1)} "
+            f"({', '.join(map(str, seeds))}): a seed sets the initial weights and the order of the training batches; "
+            f"the train/validation split is fixed (`data.split_seed` {split_seed}), the same for every seed and "
+            f"variant.\n\n{text}")
     others = [v for v in order if v != reference]
     if others:
-        against, differences = reference_section(test_acc, reference, others)
-        text += against
-        for variant in others:
-            table[variant] |= differences[variant]
+        text += reference_section(test_acc, reference, others, table)
     return text, table
 
 
@@ -95,9 +63,9 @@ def ranking_section(test_acc: dict, test_loss: dict, metric: str, scores: dict[s
         if count:
             notes.append(f"- {variant}: {count} of {len(test_loss[variant])} seeds diverged (non-finite loss); "
                          "their losses are left out of the means, their accuracies count.")
-        score = [pct(scores[variant])] if metric != "test_acc" else []
-        rows.append([str(rank), variant, str(len(test_acc[variant])), *score, pct(acc.mean), pct(std),
-                     f"[{pct(acc.low)}, {pct(acc.high)}]", f"{loss.mean:.4f}"])
+        score = [shown(scores[variant])] if metric != "test_acc" else []
+        rows.append([str(rank), variant, str(len(test_acc[variant])), *score, shown(acc.mean), shown(std),
+                     f"[{shown(acc.low)}, {shown(acc.high)}]", f"{loss.mean:.4f}"])
         table[variant] = {"rank": rank, "rank_by": metric, "rank_score": scores[variant],
                           "test_acc_mean": acc.mean, "test_acc_std": std, "test_acc_ci95": [acc.low, acc.high],
                           "test_loss_mean": loss.mean, "diverged_seeds": count}
@@ -110,12 +78,13 @@ def ranking_section(test_acc: dict, test_loss: dict, metric: str, scores: dict[s
     return text, table
 
 
-def reference_section(test_acc: dict, reference: str, others: list[str]) -> tuple[str, dict]:
-    """Each other variant's test accuracy against the reference's: Welch, Holm, bootstrap, P(beats)."""
+def reference_section(test_acc: dict, reference: str, others: list[str], table: dict) -> str:
+    """Each other variant's test accuracy against the reference's: Welch, Holm, bootstrap, P(beats),
+    added to its row of `table` too."""
     welch = {v: welch_difference(test_acc[v], test_acc[reference]) for v in others}
     adjusted = dict(zip(others, holm([welch[v].p_value for v in others])))
     family = sum(not math.isnan(p) for p in adjusted.values())
-    rows, sentences, differences = [], [], {}
+    rows, sentences = [], []
     for variant in others:
         diff, p_holm = welch[variant], adjusted[variant]
         boot = bootstrap_difference(test_acc[variant], test_acc[reference])
@@ -123,19 +92,17 @@ def reference_section(test_acc: dict, reference: str, others: list[str]) -> tupl
         significant = p_holm < 1 - CONFIDENCE  # False for NaN
         verdict = ("significant at 95%" if significant else "not significant at 95%") \
             if not math.isnan(p_holm) else "untestable with one seed"
-        rows.append([variant, points(diff.delta.mean), f"[{points(diff.delta.low)}, {points(diff.delta.high)}]",
-                     f"[{points(boot.low)}, {points(boot.high)}]", percent(beats), p_text(diff.p_value),
-                     p_text(p_holm), verdict])
+        delta, welch_ci = points(diff.delta.mean), f"[{points(diff.delta.low)}, {points(diff.delta.high)}]"
+        boot_ci, p_beats = f"[{points(boot.low)}, {points(boot.high)}]", shown(beats, ".1%")
+        p_welch, p_adjusted = shown(diff.p_value, ".2g"), shown(p_holm, ".2g")
+        rows.append([variant, delta, welch_ci, boot_ci, p_beats, p_welch, p_adjusted, verdict])
         sentences.append(
-            f"- {variant} vs {reference}: test accuracy differs by {points(diff.delta.mean)} points "
-            f"(95% CI [{points(diff.delta.low)}, {points(diff.delta.high)}] by Welch's t, "
-            f"[{points(boot.low)}, {points(boot.high)}] by bootstrap); a random {variant} seed beats a random "
-            f"{reference} seed {percent(beats)} of the time; Welch's t-test p = {p_text(diff.p_value)}, "
-            f"Holm-adjusted p = {p_text(p_holm)}: {verdict}."
-        )
-        differences[variant] = {"diff_vs_reference": diff.delta.mean, "diff_ci95": [diff.delta.low, diff.delta.high],
-                                "diff_ci95_bootstrap": [boot.low, boot.high], "p_superiority": beats,
-                                "p_value": diff.p_value, "p_holm": p_holm, "significant": significant}
+            f"- {variant} vs {reference}: test accuracy differs by {delta} points (95% CI {welch_ci} by Welch's t, "
+            f"{boot_ci} by bootstrap); a random {variant} seed beats a random {reference} seed {p_beats} of the "
+            f"time; Welch's t-test p = {p_welch}, Holm-adjusted p = {p_adjusted}: {verdict}.")
+        table[variant] |= {"diff_vs_reference": diff.delta.mean, "diff_ci95": [diff.delta.low, diff.delta.high],
+                           "diff_ci95_bootstrap": [boot.low, boot.high], "p_superiority": beats,
+                           "p_value": diff.p_value, "p_holm": p_holm, "significant": significant}
     text = (f"\n## Against the reference ({reference})\n\n"
             f"Differences in test accuracy, in percentage points, with 95% intervals by Welch's t and by a "
             f"percentile bootstrap ({BOOTSTRAP_RESAMPLES:,} resamples of the seeds, numpy seed {BOOTSTRAP_SEED}). "
@@ -144,7 +111,7 @@ def reference_section(test_acc: dict, reference: str, others: list[str]) -> tupl
             f"{family} testable comparison{'s' * (family != 1)} with {reference}; the verdict uses it.\n\n")
     text += markdown_table(["variant", "difference", "95% CI (Welch)", "95% CI (bootstrap)",
                             f"P(beats {reference})", "Welch p", "Holm p", "verdict"], rows)
-    return text + "\n" + "\n".join(sentences) + "\n", differences
+    return text + "\n" + "\n".join(sentences) + "\n"
 
 
 def compare(params: Params, paths: Workspace, tracking: Tracking | None = None) -> dict:

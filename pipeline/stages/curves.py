@@ -1,10 +1,9 @@
 """Stage `curves`: every variant's per-epoch curves in one CSV, led by a `variant` column, for `dvc plots`.
 
-The top-level plots of dvc.yaml name their source files one by one: a directory as a source is a
-plot per file, and there is neither a glob nor a loop over params. So that the four comparison
-plots draw a line per variant, the sweep's grid points and any variant added later included,
-with no edit of dvc.yaml, they read this one file; the `variants` template (.dvc/plots/variants.json)
-colours a line per value of its `variant` column.
+dvc.yaml's top-level plots name their source files one by one (a directory is a plot per file; there
+is no glob or loop over params). So that the four comparison plots draw a line per variant, the
+sweep's and any added later included, with no edit of dvc.yaml, they read this one file; the
+`variants` template (.dvc/plots/variants.json) colours a line per value of its `variant` column.
 """
 
 from __future__ import annotations

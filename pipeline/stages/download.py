@@ -1,18 +1,12 @@
 """Stage `download`: fetch MNIST's four IDX files into the folder `--out` names, verified by SHA-256.
 
-Sources are tried in order: `MNIST_MIRROR` (an http(s) URL prefix or a local folder) when
-set, then torchvision's mirror list. The check is on each file's *decompressed* content, so
-a mirror that recompressed a file is as good as the original. Nothing unverified is ever
-written into the output folder: a file lands there by an atomic rename after its digest matched.
-
-When every source fails (offline), the file DVC's cache holds for the last run's output is the
-last source: DVC deletes a stage's outputs before it runs the command, so a forced run
-(`make repro ARGS=--force`, `dvc repro -f`) offline would otherwise leave the folder empty. Why not
-the alternatives: `persist: true` on the output would keep it, but turns off the run-cache for the
-stage (a worker's `dvc repro --pull` restores data/raw from it: docs/sweeps.md); not forcing
-this stage would make `--force` mean less than DVC's `-f`, and online a forced run does fetch and
-verify again. The copy is found through dvc.lock's entry for the folder (its `.dir` listing) in the
-cache folder `dvc cache dir` names, both as DVC documents them, and checked like a fetched file.
+Sources in order: `MNIST_MIRROR` (an http(s) URL prefix or a local folder) when set, then torchvision's
+mirrors. The check is on the *decompressed* content (a recompressed file is as good), and a file lands
+in the folder by an atomic rename after its digest matched. When every source fails (offline), the last
+is the copy DVC's cache holds for the last run (DVC deletes a stage's outputs before it runs, so a
+forced run offline would leave the folder empty): found through dvc.lock's `.dir` entry and `dvc cache
+dir`, as DVC documents both. Not `persist: true`: it turns off the stage's run-cache, which a worker's
+`dvc repro --pull` restores data/raw from (docs/sweeps.md); and online, a forced run does fetch again.
 """
 
 from __future__ import annotations
@@ -23,7 +17,6 @@ import hashlib
 import http.client
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -46,9 +39,10 @@ MNIST_SHA256 = {
     "t10k-labels-idx1-ubyte": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
 }
 
-
-# The way out when every source failed (offline, say), at the end of that one line.
-MIRROR_HINT = " (set MNIST_MIRROR to a local folder or an http(s) URL prefix holding MNIST's four .gz files)"
+# In a source list, torchvision's mirrors (MNIST.mirrors), read where they are reached: importing
+# torchvision.datasets (torch and torchvision's models with it) took 1.66 s of the stage's 2.1 s
+# here, on every run that a working `MNIST_MIRROR` serves.
+TORCHVISION_MIRRORS = "torchvision's mirrors"
 
 
 class DownloadError(PipelineError):
@@ -71,22 +65,14 @@ class Policy:
     backoff_s: float = 1.0  # doubles after each failed attempt
 
 
-# In a source list, torchvision's mirrors (MNIST.mirrors), read where they are reached: importing
-# torchvision.datasets (torch and torchvision's models with it) took 1.66 s of the stage's 2.1 s
-# here, on every run that a working `MNIST_MIRROR` serves.
-TORCHVISION_MIRRORS = "torchvision's mirrors"
-
-
-@functools.cache
-def torchvision_mirrors() -> list[str]:
-    from torchvision.datasets import MNIST
-
-    return list(MNIST.mirrors)
-
-
 def each_source(sources: list[str]):
     for source in sources:
-        yield from torchvision_mirrors() if source == TORCHVISION_MIRRORS else [source]
+        if source == TORCHVISION_MIRRORS:
+            from torchvision.datasets import MNIST
+
+            yield from MNIST.mirrors
+        else:
+            yield source
 
 
 def parse_sources(mirror_env: str | None, mirrors: list[str]) -> list[str]:
@@ -103,27 +89,33 @@ def parse_sources(mirror_env: str | None, mirrors: list[str]) -> list[str]:
             raise DownloadError(f"MNIST_MIRROR: {mirror_env!r} is not a valid URL (no host)")
         return [mirror_env.rstrip("/") + "/", *mirrors]
     if parsed.scheme not in ("", "file"):
-        raise DownloadError(
-            f"MNIST_MIRROR: {mirror_env!r} is neither an http(s) URL nor a local folder"
-        )
+        raise DownloadError(f"MNIST_MIRROR: {mirror_env!r} is neither an http(s) URL nor a local folder")
     folder = Path(parsed.path if parsed.scheme == "file" else mirror_env)
     if not folder.is_dir():
         raise DownloadError(f"MNIST_MIRROR: folder {str(folder)!r} does not exist")
     return [str(folder.resolve()), *mirrors]
 
 
-def verified_content(name: str, compressed: bytes, expected_sha256: str) -> None:
+def verify(name: str, compressed: bytes, expected_sha256: str) -> bytes:
+    """`compressed` itself where its decompressed content has the digest expected."""
     if not compressed.startswith(b"\x1f\x8b"):
         head = compressed[:64].lstrip().lower()
         kind = "an HTML page" if head.startswith((b"<!doctype", b"<html")) else "not gzip data"
         raise SourceFailed(f"got {kind} instead of {name}.gz")
     try:
-        content = gzip.decompress(compressed)
+        digest = hashlib.sha256(gzip.decompress(compressed)).hexdigest()
     except (EOFError, OSError, zlib.error) as error:
         raise SourceFailed(f"corrupt or truncated gzip ({error})", retry=True) from None
-    digest = hashlib.sha256(content).hexdigest()
     if digest != expected_sha256:
         raise SourceFailed(f"SHA-256 mismatch (got {digest[:12]}…, want {expected_sha256[:12]}…)")
+    return compressed
+
+
+def verified_file(path: Path, name: str, expected: str) -> bytes | None:
+    try:
+        return verify(name, path.read_bytes(), expected)
+    except (OSError, SourceFailed):
+        return None
 
 
 def fetch_url(url: str, policy: Policy) -> bytes:
@@ -139,14 +131,11 @@ def fetch_url(url: str, policy: Policy) -> bytes:
                 if time.monotonic() - started > policy.deadline_s:
                     raise SourceFailed(f"took longer than {policy.deadline_s:g} s", retry=True)
     except urllib.error.HTTPError as error:
-        retry = error.code >= 500 or error.code == 429
-        raise SourceFailed(f"HTTP {error.code} {error.reason}", retry=retry) from None
-    except (TimeoutError, socket.timeout):
+        raise SourceFailed(f"HTTP {error.code} {error.reason}", retry=error.code >= 500 or error.code == 429) from None
+    except TimeoutError:
         raise SourceFailed(f"timed out after {policy.timeout_s:g} s", retry=True) from None
-    except urllib.error.URLError as error:
-        raise SourceFailed(f"cannot connect ({error.reason})", retry=True) from None
-    except (ConnectionError, OSError, http.client.HTTPException) as error:
-        raise SourceFailed(f"connection failed ({error})", retry=True) from None
+    except (OSError, http.client.HTTPException) as error:  # a URLError among them: its reason
+        raise SourceFailed(f"connection failed ({getattr(error, 'reason', error)})", retry=True) from None
     body = b"".join(chunks)
     if declared is not None and declared.isdigit() and len(body) != int(declared):
         raise SourceFailed(f"truncated body ({len(body)} of {declared} bytes)", retry=True)
@@ -165,92 +154,59 @@ def fetch(source: str, name: str, policy: Policy) -> bytes:
 def fetch_verified(name: str, sources: list[str], expected: str, policy: Policy) -> bytes:
     failures = []
     for source in each_source(sources):
-        delay = policy.backoff_s
         for attempt in range(1, policy.attempts + 1):
             try:
-                body = fetch(source, name, policy)
-                verified_content(name, body, expected)
-                return body
+                return verify(name, fetch(source, name, policy), expected)
             except SourceFailed as failure:
                 if not failure.retry or attempt == policy.attempts:
-                    tries = f" after {attempt} tries" if attempt > 1 else ""
-                    failures.append(f"{source}: {failure}{tries}")
+                    failures.append(f"{source}: {failure}" + (f" after {attempt} tries" if attempt > 1 else ""))
                     break
-                time.sleep(delay)
-                delay *= 2
-    raise DownloadError(f"{name}.gz: every source failed: " + "; ".join(failures) + MIRROR_HINT)
+                time.sleep(policy.backoff_s * 2 ** (attempt - 1))
+    raise DownloadError(f"{name}.gz: every source failed: " + "; ".join(failures) + " (set MNIST_MIRROR to a "
+                        "local folder or an http(s) URL prefix holding MNIST's four .gz files)")
 
 
-def is_verified(path: Path, name: str, expected: str) -> bool:
-    try:
-        verified_content(name, path.read_bytes(), expected)
-    except (OSError, SourceFailed):
-        return False
-    return True
-
-
-LOCK_FILE = Path("dvc.lock")
-
-
-def dvc_cache_listing(raw_dir: Path, lock: Path = LOCK_FILE) -> tuple[Path, dict[str, str]] | None:
-    """(DVC's cache folder, {file name: its md5}) of `raw_dir` as dvc.lock last recorded it; None
-    where there is no such record (no lock, no entry, the listing not in the cache)."""
+def dvc_cached(raw_dir: Path) -> dict[str, Path]:
+    """{file name: its copy in DVC's cache} of `raw_dir` as dvc.lock last recorded it; empty where
+    there is no such record (no lock, no entry, the listing not in the cache)."""
     import yaml
 
     try:
-        stages = yaml.safe_load(lock.read_text())["stages"]
+        stages = yaml.safe_load(Path("dvc.lock").read_text())["stages"]
         digest = next(out["md5"] for stage in stages.values() for out in stage.get("outs", [])
                       if Path(out["path"]) == raw_dir and out["md5"].endswith(".dir"))
         found = subprocess.run([sys.executable, "-m", "dvc", "cache", "dir"], capture_output=True,
                                text=True, timeout=60, check=True)
         cache = Path(found.stdout.strip()) / "files" / "md5"
         listing = json.loads((cache / digest[:2] / digest[2:]).read_text())
-        return cache, {entry["relpath"]: entry["md5"] for entry in listing}
+        return {entry["relpath"]: cache / entry["md5"][:2] / entry["md5"][2:] for entry in listing}
     except (OSError, ValueError, KeyError, TypeError, StopIteration, yaml.YAMLError, subprocess.SubprocessError):
-        return None
+        return {}
 
 
-def from_dvc_cache(name: str, expected: str, listing: tuple[Path, dict[str, str]] | None) -> bytes | None:
-    """`name`.gz as DVC's cache holds it, if it is there and verifies."""
-    if listing is None or f"{name}.gz" not in listing[1]:
-        return None
-    digest = listing[1][f"{name}.gz"]
-    try:
-        body = (listing[0] / digest[:2] / digest[2:]).read_bytes()
-        verified_content(name, body, expected)
-    except (OSError, SourceFailed):
-        return None
-    return body
-
-
-def download(
-    raw_dir: Path,
-    sources: list[str],
-    checksums: dict[str, str] = MNIST_SHA256,
-    policy: Policy = Policy(),
-) -> list[str]:
+def download(raw_dir: Path, sources: list[str], checksums: dict[str, str] = MNIST_SHA256,
+             policy: Policy = Policy()) -> list[str]:
     """Make `raw_dir` hold the four verified `.gz` files; returns the names it fetched."""
     raw_dir.mkdir(parents=True, exist_ok=True)
     fetched = []
-    cached = functools.cache(lambda: dvc_cache_listing(raw_dir))  # looked at once, where a fetch fails
+    cached = functools.cache(lambda: dvc_cached(raw_dir))  # looked at once, where a fetch fails
     for name, expected in checksums.items():
         target = raw_dir / f"{name}.gz"
-        if target.exists() and is_verified(target, name, expected):
+        if verified_file(target, name, expected):
             print(f"{target}: present and verified")
             continue
         try:
             body = fetch_verified(name, sources, expected, policy)
+            fetched.append(name)
+            how = f"fetched and verified ({len(body):,} bytes)"
         except DownloadError:
-            body = from_dvc_cache(name, expected, cached())
-            if body is None:
+            copy = cached().get(f"{name}.gz")
+            body = copy and verified_file(copy, name, expected)
+            if not body:
                 raise
-            atomic_write_bytes(target, body)
-            print(f"{target}: every source failed (offline?); kept the copy DVC's cache holds for "
-                  f"dvc.lock's {raw_dir}, verified")
-            continue
+            how = f"every source failed (offline?); kept the copy DVC's cache holds for dvc.lock's {raw_dir}, verified"
         atomic_write_bytes(target, body)
-        print(f"{target}: fetched and verified ({len(body):,} bytes)")
-        fetched.append(name)
+        print(f"{target}: {how}")
     return fetched
 
 

@@ -1,14 +1,11 @@
 """Stage `evaluate@<variant>`: the final weights of every seed on the test split.
 
-    python -m pipeline.stages.evaluate --variant NAME --weights WEIGHTS.npz --test SPLIT --out DIR
-
-Writes to DIR `metrics.json` (test_loss and test_acc, mean over seeds, and their std: what
-`dvc metrics show` lists), `per_seed.json`, `per_class.json` and a confusion matrix PNG.
-The forward pass runs in numpy (pipeline/nn/inference.py) and the figure is drawn with Pillow
-(pipeline/reports.py): importing torch was 1.8 s of this stage's 2.2 s; the stage now takes
-0.13-0.15x its former time (benchmarks/bench_startup.py). The compare stage, which opens
-MLflow anyway, logs the results into the variant's runs: opening MLflow here would triple
-this stage's time (~3 s of imports and store start-up).
+Writes to --out `metrics.json` (test_loss and test_acc, mean over seeds, and their std: what `dvc metrics
+show` lists), `per_seed.json`, `per_class.json` and a confusion matrix PNG. The forward pass runs in
+numpy (pipeline/nn/inference.py) and the figure is drawn with Pillow (pipeline/reports.py): importing
+torch was 1.8 s of this stage's 2.2 s; the stage now takes 0.13-0.15x its former time
+(benchmarks/bench_startup.py). The compare stage, which opens MLflow anyway, logs the results into the
+variant's runs: opening MLflow here would triple this stage's time (~3 s of imports and store start-up).
 """
 
 from __future__ import annotations
@@ -18,7 +15,6 @@ from pathlib import Path
 from threadpoolctl import threadpool_limits
 
 from pipeline import cli
-
 from pipeline.nn import inference
 from pipeline.data import read_split
 from pipeline.errors import PipelineError

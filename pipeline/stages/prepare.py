@@ -22,8 +22,7 @@ def split_indices(total: int, val_size: int, seed: int) -> tuple[np.ndarray, np.
     """(train, validation) rows: `torch_randperm(total, seed)` split, the split every result so
     far was computed on (numpy's own permutation would draw another)."""
     if not 0 < val_size < total:
-        raise DataError(f"data.val_size: {val_size} must be between 0 and {total} "
-                        f"(the number of training images)")
+        raise DataError(f"data.val_size: {val_size} must be between 0 and {total} (the number of training images)")
     order = torch_randperm(total, seed)
     return order[val_size:], order[:val_size]
 
@@ -46,13 +45,6 @@ def torch_randperm(n: int, seed: int) -> np.ndarray:
     return np.array(order, dtype=np.int64)
 
 
-def array_digest(arrays: list[np.ndarray]) -> str:
-    hasher = hashlib.sha256()
-    for array in arrays:
-        hasher.update(np.ascontiguousarray(array).tobytes())
-    return hasher.hexdigest()
-
-
 def prepare(data_params: DataParams, raw_dir: Path, prepared_dir: Path) -> dict:
     train_images, train_labels = read_raw_split(raw_dir, "train")
     test_images, test_labels = read_raw_split(raw_dir, "test")
@@ -62,10 +54,13 @@ def prepare(data_params: DataParams, raw_dir: Path, prepared_dir: Path) -> dict:
         "val": (train_images[val_idx], train_labels[val_idx]),
         "test": (test_images, test_labels),
     }
+    digest = hashlib.sha256()
     for split, (images, labels) in splits.items():
         write_split(prepared_dir, split, images, labels)
+        for array in (images, labels):
+            digest.update(np.ascontiguousarray(array))
     manifest = {
-        "digest": array_digest([a for pair in splits.values() for a in pair])[:16],
+        "digest": digest.hexdigest()[:16],
         "sizes": {split: len(labels) for split, (_, labels) in splits.items()},
         "val_size": data_params.val_size,
         "split_seed": data_params.split_seed,

@@ -1,18 +1,12 @@
 """Stage `train@<variant>`: train every seed of one variant as one stacked model.
 
-After each epoch: loss and accuracy on the whole train split (eval mode, as the lab does)
-and on validation; the resumable state written atomically to the variant's scratch folder,
-`.dvc/tmp/train/<variant>/`, outside DVC's outputs, and mirrored into MLflow (live curves). A
-killed stage rerun resumes from the last completed epoch; the result is bit-identical to an
-uninterrupted run. At the end the outputs are written once: final and best checkpoints, the
-final weights for numpy (`weights.npz`, pipeline/nn/inference.py), curves, history and
-`run.json`, all a function of the stage's inputs alone (no run ids, times or paths), so DVC's
-run-cache can restore them; the MLflow record is a view of them (pipeline/tracking/record.py),
-written in the stage's tracking process (pipeline/tracking/process.py). A store that cannot take
-it costs no training: one line says the record waits, and compare or `make publish` completes it.
-
-`train` reads top to bottom: start or resume, the epoch loop, finish. What one epoch hands
-the next is a `Progress`, returned by `record_epoch` (on the evaluation thread), not shared.
+After each epoch: loss and accuracy on the whole train and validation splits (eval mode, as the lab
+does), the resumable state written to `.dvc/tmp/train/<variant>/` (outside DVC's outputs) and mirrored
+into MLflow (live curves). A killed stage rerun resumes from the last completed epoch, bit-identical to
+an uninterrupted run. The outputs are written once at the end, a function of the inputs alone (no run
+ids, times or paths), so DVC's run-cache can restore them; the MLflow record (pipeline/tracking/) is a
+view of them. A store that cannot take it costs no training: one line says the record waits, and
+compare or `make publish` completes it.
 """
 
 from __future__ import annotations
@@ -29,63 +23,35 @@ from pathlib import Path
 import torch
 
 from pipeline import cli, provenance
-
-from pipeline.nn import checkpoint, inference
-
+from pipeline.config.params import Params, load_params
+from pipeline.config.variant import VariantConfig
 from pipeline.data import Split, load_split, read_manifest
 from pipeline.errors import PipelineError
 from pipeline.fsio import atomic_write_json
+from pipeline.nn import checkpoint, inference
 from pipeline.nn.model import StackedMlp
 from pipeline.nn.optimizer import FusedOptimizer
-from pipeline.config.params import Params, load_params
+from pipeline.nn.training import (TrainingStep, configure_runtime, epoch_metrics, make_optimizer, train_epoch,
+                                  trained_state)
 from pipeline.reports import METRICS, epoch_line, progress_bar, write_curves
 from pipeline.stats import diverged_epochs
 from pipeline.tracking.process import LiveRecord
 from pipeline.tracking.record import read_variant
 from pipeline.tracking.store import Tracking
-from pipeline.nn.training import (
-    TrainingStep,
-    configure_runtime,
-    epoch_metrics,
-    make_optimizer,
-    train_epoch,
-    trained_state,
-)
-from pipeline.config.variant import VariantConfig
 
 
 @dataclass(frozen=True)
 class Paths:
-    """Where the stage reads and writes: the paths dvc.yaml's command line names, and the scratch folder."""
+    """The paths dvc.yaml's command line names, and the scratch folder."""
 
     prepared: Path  # the prepared splits (DVC dep)
     checkpoints: Path  # the final and best checkpoints (DVC output)
     out: Path  # curves, history and run.json for the later stages (DVC outputs)
-    scratch: Path  # what a killed run resumes from; DVC neither hashes nor deletes it
+    scratch: Path  # what a killed run resumes from: no DVC path (DVC deletes outputs before a stage runs)
 
     @classmethod
     def of(cls, root: Path, variant: str, prepared: Path, checkpoints: Path, out: Path) -> Paths:
-        # Scratch is no DVC path (DVC deletes outputs before a stage runs): derived, not in dvc.yaml.
         return cls(prepared, checkpoints, out, root / ".dvc" / "tmp" / "train" / variant)
-
-
-def unfinished_checkpoint(path: Path) -> dict | None:
-    """The state a killed run left in its scratch folder, if it is readable."""
-    if not path.exists():
-        return None
-    try:
-        return checkpoint.load(path)
-    except checkpoint.CheckpointError as error:
-        print(f"warning: {error}; starting fresh", file=sys.stderr)
-        return None
-
-
-class Stop(Exception):
-    """SIGTERM, raised where the loop is so the runs can be closed as KILLED."""
-
-
-def _raise_stop(signum, frame):
-    raise Stop()
 
 
 @dataclass(frozen=True)
@@ -98,8 +64,7 @@ class Inputs:
 
     @classmethod
     def of(cls, config: VariantConfig, device: torch.device, threads: int, root: Path, prepared: Path) -> Inputs:
-        manifest = read_manifest(prepared)
-        environment = provenance.read_environment(root)
+        manifest, environment = read_manifest(prepared), provenance.read_environment(root)
         dataset = {"digest": manifest["digest"], "sizes": manifest["sizes"]}
         # The device and the thread count change the last bits of the results: part of the inputs.
         computed_with = config.model_dump() | {"device": device.type, "threads": threads}
@@ -122,10 +87,8 @@ class Run:
 
 @dataclass(frozen=True)
 class Progress:
-    """Where training stands after an epoch: what the next epoch's record and a resume start from.
-
-    Replaced, never changed in place: the tracking process may pickle `history` after `submit`.
-    """
+    """Where training stands after an epoch, what the next one and a resume start from: replaced, never
+    changed in place (the tracking process may pickle `history` after `submit`)."""
 
     epoch: int  # the last epoch recorded; 0 before the first
     best: dict  # per replica, its weights and optimizer state from the epoch of its best val_acc
@@ -133,8 +96,7 @@ class Progress:
 
 
 def train(params: Params, variant: str, root: Path, paths: Paths, tracking: Tracking | None = None) -> dict:
-    """The stage, run in the repository `root`; `tracking` is where MLflow records it (default: this
-    environment's tracking store)."""
+    """The stage, run in the repository `root`; `tracking`: where MLflow records it (default: the environment's)."""
     tracking = tracking or Tracking.from_environment(params.mlflow.experiment_name, root)
     device = configure_runtime(params.train.threads, params.train.device)
     config = params.variant(variant)
@@ -146,7 +108,9 @@ def train(params: Params, variant: str, root: Path, paths: Paths, tracking: Trac
     # (6 pairs; 4.95 s against 4.02 s): there the stage waits at its end for MLflow's start and
     # log_model, and the previous recorder seeded a private map of MLflow's that this one leaves alone.
     with LiveRecord(tracking, run_json(config, inputs), inputs.environment) as live:  # MLflow opens meanwhile
-        train_split, val_split = load_splits(paths.prepared, config, device)
+        train_split, val_split = load_split(paths.prepared, "train", device), load_split(paths.prepared, "val", device)
+        if config.batch_size > len(train_split):
+            raise PipelineError(f"train.batch_size: {config.batch_size} exceeds the train split ({len(train_split)})")
         model = StackedMlp(config).to(device)
         optimizer = make_optimizer(model, config)
         run = Run(config, paths, inputs, live, train_split, val_split, StackedMlp(config).to(device))
@@ -158,7 +122,8 @@ def train(params: Params, variant: str, root: Path, paths: Paths, tracking: Trac
               ThreadPoolExecutor(max_workers=1, thread_name_prefix="evaluate") as evaluator):
             # Epoch e is evaluated on the other core while later epochs train; the record never
             # holds training up (its calls run in the tracking process).
-            recorded = completed(progress)
+            recorded = Future()
+            recorded.set_result(progress)
             for epoch in range(progress.epoch + 1, config.epochs + 1):
                 started = time.perf_counter()
                 with progress_bar(len(train_split), config.batch_size, f"{variant} epoch {epoch}") as bar:
@@ -179,19 +144,15 @@ def run_json(config: VariantConfig, inputs: Inputs) -> dict:
             "seeds": config.seeds, "dataset": inputs.dataset}
 
 
-def load_splits(prepared: Path, config: VariantConfig, device: torch.device) -> tuple[Split, Split]:
-    """The train and validation splits, on the device the stage trains on."""
-    train_split, val_split = load_split(prepared, "train", device), load_split(prepared, "val", device)
-    if config.batch_size > len(train_split):
-        raise PipelineError(f"train.batch_size: {config.batch_size} exceeds the train split ({len(train_split)})")
-    return train_split, val_split
-
-
 def start_or_resume(run: Run, model: StackedMlp, optimizer: FusedOptimizer) -> Progress:
     """A killed run's progress, its weights loaded into `model` and `optimizer`, where its
     inputs are this run's; otherwise a fresh start from epoch 0."""
-    last_path = run.paths.scratch / "last.pt"
-    state = unfinished_checkpoint(last_path)
+    last_path, state = run.paths.scratch / "last.pt", None
+    if last_path.exists():
+        try:
+            state = checkpoint.load(last_path)
+        except checkpoint.CheckpointError as error:
+            print(f"warning: {error}; starting fresh", file=sys.stderr)
     if state is not None and state["inputs_digest"] == run.inputs.digest:
         print(f"{last_path}: resuming after epoch {state['epoch']}")
         model.load_state_dict(state["model"])
@@ -206,20 +167,10 @@ def start_or_resume(run: Run, model: StackedMlp, optimizer: FusedOptimizer) -> P
     return Progress(0, best, {name: [] for name in METRICS})
 
 
-def completed(progress: Progress) -> Future:
-    done = Future()
-    done.set_result(progress)
-    return done
-
-
 def record_epoch(run: Run, previous: Future, epoch: int, trained: dict, train_seconds: float) -> Progress:
-    """Evaluate the weights `epoch` ended with, checkpoint and log them; the progress after it.
-
-    Runs on a second thread while the next epochs train: with one torch thread each, the lab's
-    whole-split evaluation (~0.3 s an epoch for 5 seeds) takes the other core. `previous` is the
-    record of the epoch before, done by then (the one evaluation thread takes them in order); its
-    error is this record's too.
-    """
+    """Evaluate the weights `epoch` ended with, checkpoint and log them; the progress after it. On the
+    evaluation thread while the next epochs train (with one torch thread each, the lab's whole-split
+    evaluation, ~0.3 s an epoch for 5 seeds, takes the other core), after `previous`: its error is ours."""
     progress = previous.result()
     run.evaluated.load_state_dict(trained["model"])
     metrics = epoch_metrics(run.evaluated, run.train_split, run.val_split, run.config.eval_batch_size)
@@ -236,10 +187,10 @@ def record_epoch(run: Run, previous: Future, epoch: int, trained: dict, train_se
 @contextlib.contextmanager
 def runs_closed_on_failure(run: Run):
     """SIGTERM or Ctrl-C: the runs KILLED and one line; any other error: FAILED, raised as is."""
-    previous_handler = signal.signal(signal.SIGTERM, _raise_stop)
+    previous_handler = signal.signal(signal.SIGTERM, signal.default_int_handler)  # raises KeyboardInterrupt
     try:
         yield
-    except (KeyboardInterrupt, Stop):
+    except KeyboardInterrupt:
         run.record.close("KILLED")
         raise PipelineError(f"train@{run.config.name}: interrupted; `dvc repro` resumes after the last "
                             f"completed epoch ({run.paths.scratch / 'last.pt'})") from None
@@ -251,25 +202,17 @@ def runs_closed_on_failure(run: Run):
 
 
 def finish(run: Run, progress: Progress, model: StackedMlp, optimizer: FusedOptimizer) -> dict:
-    """The stage's outputs, a function of its inputs alone."""
-    history = progress.history
-    write_outputs(run.paths, run.config, trained_state(model, optimizer), progress.best, history,
-                  diverged_epochs(history["train_loss"]), run.inputs)
-    return {"final": {name: history[name][-1] for name in METRICS}}
-
-
-def write_outputs(paths: Paths, config: VariantConfig, trained: dict, best: dict, history: dict,
-                  diverged_at: list[int | None], inputs: Inputs) -> None:
-    """Checkpoints, curves, history and run.json."""
-    checkpoints = [paths.checkpoints / "last.pt", paths.checkpoints / "best.pt"]
-    checkpoint.save(checkpoints[0], {"config": config.model_dump(), "epoch": config.epochs, **trained})
-    checkpoint.save(checkpoints[1], best)
+    """The stage's outputs (checkpoints, weights, curves, history, run.json); the last epoch's metrics."""
+    config, paths, history, trained = run.config, run.paths, progress.history, trained_state(model, optimizer)
+    checkpoint.save(paths.checkpoints / "last.pt", {"config": config.model_dump(), "epoch": config.epochs, **trained})
+    checkpoint.save(paths.checkpoints / "best.pt", progress.best)
     inference.save_weights(paths.checkpoints / inference.WEIGHTS_FILE, config.model_dump(),
                            {name: tensor.cpu().numpy() for name, tensor in trained["model"].items()})
     write_curves(paths.out / "curves.csv", history)
-    atomic_write_json(paths.out / "history.json", {"seeds": config.seeds, "best_epoch": best["epoch"],
-                                                   "diverged_epoch": diverged_at, **history})
-    atomic_write_json(paths.out / "run.json", run_json(config, inputs))  # the record's key and params
+    atomic_write_json(paths.out / "history.json", {"seeds": config.seeds, "best_epoch": progress.best["epoch"],
+                                                   "diverged_epoch": diverged_epochs(history["train_loss"]), **history})
+    atomic_write_json(paths.out / "run.json", run_json(config, run.inputs))  # the record's key and params
+    return {"final": {name: history[name][-1] for name in METRICS}}
 
 
 if __name__ == "__main__":
@@ -280,4 +223,5 @@ if __name__ == "__main__":
     args = parser.parse_args()
     with cli.one_line_errors():
         root = Path.cwd()
-        train(load_params(), args.variant, root, Paths.of(root, args.variant, args.prepared, args.checkpoints, args.out))
+        paths = Paths.of(root, args.variant, args.prepared, args.checkpoints, args.out)
+        train(load_params(), args.variant, root, paths)
