@@ -4,14 +4,8 @@ No Dataset or DataLoader in the hot path: the split lives on the device as one t
 replica draws its own seeded permutation per epoch and batches are slices of it. The
 permutation of epoch e is derived from (seed, e) alone, so resuming at any epoch boundary
 needs no saved RNG state and replays exactly the batches an uninterrupted run would see.
-
-At batch 32 a step costs well under a millisecond, so per-step overhead is what counts
-(benchmarks/README.md): each step's rows of every replica are one contiguous index vector,
-gathered with a single `index_select`; the 1/B of the mean loss is the gradient seeded
-into the backward pass rather than a division node (the same bits as the plain form); the
-gradients come from the step by hand (pipeline/nn/backprop.py) or, on the public path, from
-autograd, and go straight to the fused optimizer (pipeline/nn/optimizer.py); pipeline/nn/fastpath.py
-picks the path.
+Each step's rows of every replica are one contiguous index vector, gathered with a single
+`index_select`; pipeline/nn/fastpath.py picks where the gradients come from and the update.
 """
 
 from __future__ import annotations
@@ -107,8 +101,7 @@ class TrainingStep:
         self.model, self.optimizer, self.train, self.config = model, optimizer, train, config
         self.one = torch.ones((), device=train.labels.device)
         self.graphed_rows = len(config.seeds) * config.batch_size if train.labels.is_cuda else None  # full batches
-        self.graph = None
-        self.static_rows = None
+        self.graph = self.static_rows = None
         self.backprops: dict[int, Backprop] = {}  # rows per replica -> its buffers
         # The step by hand records nothing for autograd: in inference mode its calls skip autograd's
         # dispatch (and a view's tracking) altogether, the same kernels: a K=1 step with batch norm
@@ -176,39 +169,26 @@ class Scores:
     acc: torch.Tensor
 
 
-def in_batches(split: Split, batch_size: int):
-    """(images, labels) of a whole split in order, `batch_size` at a time (for evaluation).
-
-    Each batch's images are written into one buffer, valid until the next batch: a new one each
-    batch was page-faulted in anew every time (freed memory goes back to the system), a third of a
-    K=1 evaluation (125 -> 83 ms an epoch at 1,000 images a batch; AMD EPYC, one thread)."""
-    buffer = torch.empty(min(batch_size, len(split)), split.pixels.shape[1], device=split.pixels.device)
-    for start in range(0, len(split), batch_size):
-        pixels = split.pixels[start : start + batch_size]
-        yield as_images(pixels, out=buffer[: len(pixels)]), split.labels[start : start + batch_size]
-
-
 @torch.inference_mode()
 def score(model: nn.Module, split: Split, batch_size: int) -> Scores:
-    """Mean loss and accuracy of every replica on a whole split (eval mode, large batches)."""
+    """Mean loss and accuracy of every replica on a whole split (eval mode, large batches).
+
+    Each batch's images are written into one buffer: a new one each batch was page-faulted in
+    anew every time (freed memory goes back to the system), a third of a K=1 evaluation (125 ->
+    83 ms an epoch at 1,000 images a batch; AMD EPYC, one thread)."""
     model.eval()
     loss_sum = correct = 0
-    for images, labels in in_batches(split, batch_size):
-        logits = model(images)  # [K, n, 10]
+    buffer = torch.empty(min(batch_size, len(split)), split.pixels.shape[1], device=split.pixels.device)
+    for start in range(0, len(split), batch_size):
+        pixels, labels = split.pixels[start : start + batch_size], split.labels[start : start + batch_size]
+        logits = model(as_images(pixels, out=buffer[: len(pixels)]))  # [K, n, 10]
         targets = labels.expand(logits.shape[0], -1)
-        loss_sum = loss_sum + F.cross_entropy(
-            logits.transpose(1, 2), targets, reduction="none"
-        ).double().sum(1)
+        loss_sum = loss_sum + F.cross_entropy(logits.transpose(1, 2), targets, reduction="none").double().sum(1)
         correct = correct + (logits.argmax(-1) == targets).sum(1)
     return Scores(loss=(loss_sum / len(split)).cpu(), acc=(correct.double() / len(split)).cpu())
 
 
 def epoch_metrics(model: StackedMlp, train: Split, val: Split, batch_size: int) -> dict[str, list[float]]:
     """The lab's per-epoch measurements, a list of K values per metric name."""
-    on_train, on_val = score(model, train, batch_size), score(model, val, batch_size)
-    return {
-        "train_loss": on_train.loss.tolist(),
-        "train_acc": on_train.acc.tolist(),
-        "val_loss": on_val.loss.tolist(),
-        "val_acc": on_val.acc.tolist(),
-    }
+    scores = {"train": score(model, train, batch_size), "val": score(model, val, batch_size)}
+    return {f"{split}_{name}": getattr(scores[split], name).tolist() for split in scores for name in ("loss", "acc")}
