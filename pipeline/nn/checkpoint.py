@@ -50,31 +50,26 @@ def _reason(error: Exception) -> str:
     return f"{type(error).__name__}: {words}" if words else type(error).__name__
 
 
-def copied(state: object) -> object:
-    """A nested state with every tensor cloned."""
-    if isinstance(state, dict):
-        return {key: copied(value) for key, value in state.items()}
-    if isinstance(state, list):
-        return [copied(value) for value in state]
-    return state.clone() if isinstance(state, torch.Tensor) else state
-
-
 def merge_replicas(best: object, current: object, improved: torch.Tensor) -> object:
-    """`best` with replica k taken from `current` where improved[k]; for nested state dicts.
-
-    Tensors whose leading dimension is the replica count are per-replica; anything else
-    (Adam's step count, hyperparameters) is the same for every replica and taken as is.
-    """
+    """`best` with replica k taken from `current` where improved[k], for nested state dicts; what
+    `best` lacks is copied from `current`. Tensors whose leading dimension is the replica count are
+    per-replica; anything else (Adam's step count, hyperparameters) is every replica's, taken as is."""
     if isinstance(current, dict):
         best = best if isinstance(best, dict) else {}
-        return {key: merge_replicas(best.get(key), current[key], improved) for key in current}
-    if isinstance(best, list) and isinstance(current, list):
+        return {key: merge_replicas(best.get(key), value, improved) for key, value in current.items()}
+    if isinstance(current, list):
+        best = best if isinstance(best, list) else [None] * len(current)
         return [merge_replicas(b, c, improved) for b, c in zip(best, current, strict=True)]
-    per_replica = isinstance(current, torch.Tensor) and current.dim() > 0 and current.shape[0] == len(improved)
-    if per_replica and isinstance(best, torch.Tensor):
-        mask = improved.to(current.device).view(-1, *([1] * (current.dim() - 1)))
-        return torch.where(mask, current, best)
-    return copied(current)
+    if not isinstance(current, torch.Tensor):
+        return current
+    if isinstance(best, torch.Tensor) and current.dim() > 0 and current.shape[0] == len(improved):
+        return torch.where(improved.to(current.device).view(-1, *([1] * (current.dim() - 1))), current, best)
+    return current.clone()
+
+
+def copied(state: object) -> object:
+    """A nested state with every tensor cloned."""
+    return merge_replicas(None, state, torch.zeros(0, dtype=torch.bool))
 
 
 def update_best(best: dict, trained: dict, val_acc: list[float], epoch: int) -> dict:

@@ -33,12 +33,11 @@ def configure_runtime(threads: int, device: str) -> torch.device:
     if device == "cuda" and not torch.cuda.is_available():
         raise PipelineError("train.device: 'cuda' requested but no CUDA device is available")
     torch.set_num_threads(threads)
-    # Floats below 2^-126 computed and read as zero (FTZ/DAZ) on the CPU, in this thread and those
-    # it starts afterwards (the stage's evaluation thread). Without a norm, gradients and Adam's
-    # moments of units that barely fire decay into denormals, each a slow path for the CPU: a
-    # no-norm epoch of the lab's 5 seeds took 2.62 s, 1.00 s flushed (batch norm 1.36 s either way;
-    # Intel Xeon, AVX-512). The lab's TF1 code ran flushed too: TensorFlow sets FTZ/DAZ in the
-    # threads that run its kernels.
+    # Floats below 2^-126 as zero (FTZ/DAZ) on the CPU, in this thread and those it starts later (the
+    # stage's evaluation thread). Without a norm, gradients and Adam's moments of units that barely
+    # fire decay into denormals, a slow path for the CPU: a no-norm epoch of the lab's 5 seeds took
+    # 2.62 s, 1.00 s flushed (batch norm 1.36 s either way; Intel Xeon, AVX-512). The lab's TF1 code
+    # ran flushed too: TensorFlow sets FTZ/DAZ in the threads that run its kernels.
     torch.set_flush_denormal(True)
     if device == "cuda":
         # On the CPU every kernel this model uses is deterministic for a fixed thread count
@@ -53,10 +52,8 @@ def configure_runtime(threads: int, device: str) -> torch.device:
 
 def epoch_permutations(seeds: list[int], epoch: int, size: int) -> torch.Tensor:
     """[K, N]: the order replica k visits the train split in `epoch` (1-based)."""
-    return torch.stack([
-        torch.randperm(size, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-        for seed in seeds
-    ])
+    return torch.stack([torch.randperm(size, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+                        for seed in seeds])
 
 
 def make_optimizer(model: nn.Module, config: VariantConfig, private: bool | None = None) -> FusedOptimizer:
@@ -70,12 +67,9 @@ def trained_state(model: nn.Module, optimizer: FusedOptimizer) -> dict:
 
 
 def step_rows(order: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
-    """Each step's train rows, [K * B] (replica-major), from the [K, N] permutations.
-
-    One copy lays the full batches out step-major so every step's index is contiguous;
-    the partial last batch, if any, comes last, unless it is a single image: batch
-    statistics of one sample are undefined, so that image waits for the next epoch.
-    """
+    """Each step's train rows, [K * B] (replica-major), from the [K, N] permutations: one copy lays
+    the full batches out step-major so every step's index is contiguous; the partial last batch
+    comes last, unless it is a single image (batch statistics of one sample are undefined)."""
     replicas, size = order.shape
     full = size // batch_size
     head = order[:, : full * batch_size].reshape(replicas, full, batch_size).transpose(0, 1)
@@ -88,13 +82,11 @@ def step_rows(order: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
 class TrainingStep:
     """One optimizer step of every replica on its rows ([K * B], replica-major).
 
-    On the CPU the step runs eagerly. On CUDA a full batch's step (forward, backward, the
-    fused update) is captured once as a CUDA graph and replayed: at batch 32 an eager
-    step is ~2 ms of kernel launches for ~0.2 ms of GPU work. The capture's warm-up runs on
-    the real tensors and is then undone, so every full batch, first or resumed, goes through
-    the same graph; the partial last batch has another shape and runs eagerly. The step by
-    hand's buffers (one set per batch shape) are made in that warm-up, outside the capture, and
-    it makes no host sync: everything it branches on is a shape.
+    On CUDA a full batch's step (forward, backward, the fused update) is captured once as a CUDA
+    graph and replayed: at batch 32 an eager step is ~2 ms of kernel launches for ~0.2 ms of GPU
+    work. The capture's warm-up runs on the real tensors and is then undone, so every full batch,
+    first or resumed, goes through the same graph; the partial last batch and the CPU's steps run
+    eagerly. The step by hand makes its buffers in that warm-up and no host sync (it branches on shapes).
     """
 
     def __init__(self, model: StackedMlp, optimizer: FusedOptimizer, train: Split, config: VariantConfig) -> None:
@@ -104,10 +96,9 @@ class TrainingStep:
         self.graph = self.static_rows = None
         self.backprops: dict[int, Backprop] = {}  # rows per replica -> its buffers
         # The step by hand records nothing for autograd: in inference mode its calls skip autograd's
-        # dispatch (and a view's tracking) altogether, the same kernels: a K=1 step with batch norm
-        # 0.31 -> 0.23 ms, 0.41 -> 0.33 ms in the machine's slow hour; without a norm within noise
-        # (AMD EPYC, one thread, alternated in one process). On CUDA a full batch's step is one graph
-        # replayed: nothing to save there, and the capture stays as checked.
+        # dispatch (and a view's tracking), the same kernels: a K=1 step with batch norm 0.31 -> 0.23 ms
+        # (0.41 -> 0.33 ms in the machine's slow hour), without a norm within noise (AMD EPYC, one
+        # thread, alternated in one process). A CUDA graph has nothing to save, and stays as checked.
         self.inference = optimizer.private and not train.labels.is_cuda
 
     def gradients(self, rows: torch.Tensor) -> list[torch.Tensor]:
