@@ -1,12 +1,10 @@
 """The replica stack's training step by hand: its forward and backward as flat tensor calls.
 
 At batch 32 autograd's bookkeeping (recording the graph, walking it back) and nn.Module's calls
-cost more than the arithmetic. `Backprop` runs the kernels autograd runs for the same step (the
-backward ones are `torch.ops.aten.*_backward`, those autograd's nodes call), on the same views,
-in the same order, into buffers made once: the gradients and running statistics are autograd's
-bit for bit (tests/test_backprop.py). pipeline/nn/fastpath.py checks that once per process and
-device, falls back to `autograd_gradients` where a torch release changed something, and gives
-the figures of what it saves.
+cost more than the arithmetic. `Backprop` runs the kernels autograd runs for the step (the
+backward ones `torch.ops.aten.*_backward`, as autograd's nodes call them) on the same views, in
+the same order, into buffers made once: autograd's gradients and running statistics bit for bit
+(tests/test_backprop.py; pipeline/nn/fastpath.py checks it at run time and gives the figures).
 """
 
 from __future__ import annotations
@@ -25,10 +23,9 @@ aten = torch.ops.aten
 
 def autograd_gradients(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
                        seed: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """The gradients of seed * (summed cross-entropy of model(images) [K, B, C]) by autograd.
-
-    The seed is a factor of the loss (its gradient is then seed * 1.0, the same bits as seeding
-    it into the backward pass): given as grad_outputs it would import sympy, 0.32 s here."""
+    """The gradients of seed * (summed cross-entropy of model(images) [K, B, C]) by autograd: the
+    seed as a factor of the loss has the bits of seeding the backward pass, and given as
+    grad_outputs it would import sympy, 0.32 s here."""
     loss = F.cross_entropy(model(images).flatten(0, 1), labels, reduction="sum")
     return torch.autograd.grad(loss * seed, tuple(model.parameters()))
 
@@ -63,11 +60,9 @@ class Linear:
 
 
 class BatchNorm:
-    """StackedBatchNorm's one `batch_norm` over K*F channels, and the backward of that kernel.
-
-    On the CPU `F.batch_norm` runs `native_batch_norm`, called here directly (18 against 26 us
-    a layer, forward and backward, through the dispatching call); elsewhere it may pick cuDNN's,
-    and `_batch_norm_impl_index` picks as `F.batch_norm` does, its backward following the pick."""
+    """StackedBatchNorm's one `batch_norm` over K*F channels, and that kernel's backward. On the CPU
+    `F.batch_norm` runs `native_batch_norm`, called here directly (18 against 26 us a layer, forward
+    and backward, through the dispatching call); elsewhere `_batch_norm_impl_index` picks as it does."""
 
     NATIVE = ("cpu",)  # the device types where F.batch_norm's kernel is native_batch_norm
 

@@ -36,18 +36,15 @@ def load(path: Path, map_location: str | torch.device = "cpu") -> dict:
     except OSError as error:
         raise CheckpointError(f"{path}: cannot read ({error.strerror})") from None
     except Exception as error:  # on damaged bytes torch.load raises nearly anything: KeyError, IndexError...
-        raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({_reason(error)})") from None
+        # in a few words: its weights-only errors are paragraphs of advice
+        text = str(error).rpartition("WeightsUnpickler error:")[2]
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        words = lines[0].split(". ")[0][:120] if lines else ""
+        reason = f"{type(error).__name__}: {words}" if words else type(error).__name__
+        raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({reason})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a checkpoint of this pipeline (format {FORMAT})")
     return state
-
-
-def _reason(error: Exception) -> str:
-    """torch.load's error in a few words (its weights-only errors are paragraphs of advice)."""
-    text = str(error).rpartition("WeightsUnpickler error:")[2]
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    words = lines[0].split(". ")[0][:120] if lines else ""
-    return f"{type(error).__name__}: {words}" if words else type(error).__name__
 
 
 def merge_replicas(best: object, current: object, improved: torch.Tensor) -> object:

@@ -1,23 +1,21 @@
 """torch's private fast calls of a training step, each behind the public call it shortcuts.
 
 At batch 32 a step costs well under a millisecond, so per-step Python overhead is what counts.
-Two private paths skip it with the same kernels on the same arguments, so the path taken changes
-no output (tests/test_backprop.py, test_optimizer.py, test_training.py): the gradients from
-pipeline/nn/backprop.py's step by hand, where `torch.autograd.grad` records a graph through
-nn.Module calls and walks it; the update by `torch._fused_adam_` / `_fused_adamw_` /
-`_fused_sgd_`, where the functional `torch.optim.adam.adam` / `adamw.adamw` / `sgd.sgd`
-(fused=True) that `torch.optim.<Adam|AdamW|SGD>(fused=True).step()` calls end after grouping
-tensors by device and dtype. Against autograd's engine with the same fused update, the step by
-hand takes 1.88x less CPU time at K=1 with batch norm (0.829 -> 0.442 ms) and without (0.681 ->
-0.363 ms), 1.33x at the lab's K=5 (1.467 -> 1.101 ms), where the first layer's two 784-wide
-products and Adam are most of what is left: medians of 3 alternating runs of 1,000 steps on this
-2-core machine, shared (load 8-13); `python benchmarks/bench_step.py --parts fastpath`.
+The gradients come from pipeline/nn/backprop.py's step by hand, not from `torch.autograd.grad`'s
+graph of nn.Module calls; the update from `torch._fused_adam_` / `_fused_adamw_` / `_fused_sgd_`,
+where torch.optim's functional `adam` / `adamw` / `sgd` (fused=True) end after grouping tensors by
+device and dtype. The same kernels on the same arguments: the path changes no output
+(tests/test_backprop.py, test_optimizer.py, test_training.py). Against autograd's engine and the
+same update, the step by hand takes 1.88x less CPU time at K=1 with batch norm (0.829 -> 0.442 ms)
+and without (0.681 -> 0.363 ms), 1.33x at the lab's K=5 (1.467 -> 1.101 ms), where the first
+layer's two 784-wide products and Adam are most of what is left: medians of 3 alternating runs of
+1,000 steps on a shared 2-core machine (`python -m benchmarks.bench_step --parts fastpath`).
 
 A torch release may rename or change a private call: `private_path(device)` decides once per
 process and device type, at the first optimizer, taking the private calls only where they exist
-and give the public result bit for bit on a few-element problem (every layer type of the step by
-hand, every optimizer); otherwise the public ones, with one line on stderr. PIPELINE_FASTPATH=0
-takes the public path outright (benchmarks, tests).
+and give the public result bit for bit on a few-element problem (every layer type, every
+optimizer); otherwise the public ones, with one line on stderr. PIPELINE_FASTPATH=0 takes the
+public path outright (benchmarks, tests).
 """
 
 from __future__ import annotations
@@ -41,11 +39,9 @@ def update(kind: str, params: list[torch.Tensor], grads: list[torch.Tensor], exp
            exp_avg_sq: list[torch.Tensor], steps: list[torch.Tensor], *, lr: float, weight_decay: float,
            eps: float, private: bool, counts: torch.Tensor) -> None:
     """One step of `kind` in place, as `torch.optim.<Adam|AdamW|SGD>(fused=True).step()` takes it.
-
-    `steps` are the views of `counts`, one float32 count per parameter as torch.optim keeps them
-    (SGD uses none): the private path adds 1 to `counts` in one call (4 us) where `_foreach_add_`
-    makes one per parameter on the CPU (25 us for 8 parameters).
-    """
+    `steps` are the views of `counts`, a float32 count per parameter as torch.optim keeps them (SGD
+    uses none): the private path adds 1 to `counts` in one call (4 us), not one per parameter (25 us
+    for 8 parameters with `_foreach_add_` on the CPU)."""
     if kind == "sgd":
         options = dict(weight_decay=weight_decay, momentum=0.0, lr=lr, dampening=0.0, nesterov=False,
                        maximize=False)

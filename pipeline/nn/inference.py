@@ -86,12 +86,8 @@ def gelu(x: np.ndarray) -> np.ndarray:
 
 
 NORMS = {"batch": batch_norm, "layer": layer_norm}
-ACTIVATIONS = {
-    "relu": lambda x: np.maximum(x, np.float32(0)),
-    "tanh": np.tanh,
-    "sigmoid": lambda x: 1 / (1 + np.exp(-x)),
-    "gelu": gelu,
-}
+ACTIVATIONS = {"relu": lambda x: np.maximum(x, np.float32(0)), "tanh": np.tanh,
+               "sigmoid": lambda x: 1 / (1 + np.exp(-x)), "gelu": gelu}
 
 
 def logits(config: VariantConfig, weights: dict[str, np.ndarray], images: np.ndarray) -> np.ndarray:

@@ -93,15 +93,13 @@ def _layers(config: VariantConfig, linear, batch_norm, layer_norm) -> list[nn.Mo
     """
     layers: list[nn.Module] = []
     for depth, (fan_in, fan_out) in enumerate(layer_sizes(config)):
-        before_bn = depth < len(config.hidden_sizes) and config.norm == "batch"
-        layers.append(linear(depth, fan_in, fan_out, bias=config.bias_before_bn or not before_bn))
-        if depth == len(config.hidden_sizes):
-            return layers
-        if config.norm == "batch":
-            layers.append(batch_norm(fan_out))
-        elif config.norm == "layer":
-            layers.append(layer_norm(fan_out))
-        layers.append(ACTIVATIONS[config.activation]())
+        hidden = depth < len(config.hidden_sizes)
+        bias = config.bias_before_bn or not hidden or config.norm != "batch"
+        layers.append(linear(depth, fan_in, fan_out, bias=bias))
+        if hidden and config.norm != "none":
+            layers.append((batch_norm if config.norm == "batch" else layer_norm)(fan_out))
+        if hidden:
+            layers.append(ACTIVATIONS[config.activation]())
     return layers
 
 

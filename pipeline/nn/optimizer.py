@@ -18,11 +18,9 @@ DEFAULT_WEIGHT_DECAY = {"adam": 0.0, "adamw": 1e-2, "sgd": 0.0}  # torch.optim's
 
 
 class FusedOptimizer:
-    """`step(grads)` updates `params` in place; `state_dict()` is what a checkpoint keeps.
-
-    `private` picks fastpath's private or public calls (default: `fastpath.private_path(device)`);
-    either way the state is the same, so a checkpoint written on one path resumes on the other.
-    """
+    """`step(grads)` updates `params` in place; `state_dict()` is what a checkpoint keeps, the same
+    on fastpath's private calls and its public ones (`private`; default: `fastpath.private_path`),
+    so a checkpoint written on one path resumes on the other."""
 
     def __init__(self, params: list[torch.Tensor], config: VariantConfig, private: bool | None = None) -> None:
         self.params = list(params)
