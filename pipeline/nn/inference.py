@@ -97,15 +97,13 @@ def logits(config: VariantConfig, weights: dict[str, np.ndarray], images: np.nda
     for name, array in weights.items():
         _, position, kind = name.split(".")
         layers.setdefault(int(position), {})[kind] = array
-    x, position = images, 0
-    for _ in config.hidden_sizes:
+    x, stride = images, 2 if config.norm == "none" else 3  # Linear, [norm,] activation
+    for position in range(0, stride * len(config.hidden_sizes), stride):
         x = linear(x, **layers[position])
         if config.norm != "none":
-            position += 1
-            x = NORMS[config.norm](x, config.norm_eps, **layers[position])
+            x = NORMS[config.norm](x, config.norm_eps, **layers[position + 1])
         x = ACTIVATIONS[config.activation](x)
-        position += 2  # the activation's position, then the next Linear's
-    return linear(x, **layers[position])
+    return linear(x, **layers[stride * len(config.hidden_sizes)])
 
 
 def cross_entropy(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
