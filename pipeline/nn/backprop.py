@@ -62,7 +62,8 @@ class Linear:
 class BatchNorm:
     """StackedBatchNorm's one `batch_norm` over K*F channels, and that kernel's backward. On the CPU
     `F.batch_norm` runs `native_batch_norm`, called here directly (18 against 26 us a layer, forward
-    and backward, through the dispatching call); elsewhere `_batch_norm_impl_index` picks as it does."""
+    and backward, through the dispatching call); elsewhere it may pick cuDNN's, and the step calls
+    `_batch_norm_impl_index`, which picks as it does, and the backward of its pick."""
 
     NATIVE = ("cpu",)  # the device types where F.batch_norm's kernel is native_batch_norm
 

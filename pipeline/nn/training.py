@@ -108,11 +108,9 @@ class TrainingStep:
         if not self.optimizer.private:
             images = as_images(self.train.pixels.index_select(0, rows)).view(replicas, batch, -1)
             return autograd_gradients(self.model, images, self.train.labels.index_select(0, rows), self.one / batch)
-        backprop = self.backprops.get(batch)
-        if backprop is None:  # the full batches' buffers, and the partial last batch's
-            backprop = self.backprops[batch] = Backprop(self.model.layers, replicas, batch, self.train.pixels,
-                                                        self.train.labels)
-        return backprop.gradients(rows)
+        if batch not in self.backprops:  # the full batches' buffers, and the partial last batch's
+            self.backprops[batch] = Backprop(self.model.layers, replicas, batch, self.train.pixels, self.train.labels)
+        return self.backprops[batch].gradients(rows)
 
     def eager(self, rows: torch.Tensor) -> None:
         self.optimizer.step(self.gradients(rows))
