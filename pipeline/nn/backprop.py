@@ -107,8 +107,6 @@ class BatchNorm:
 
 
 class LayerNorm:
-    """StackedLayerNorm: `layer_norm` without affine, then each replica's scale and shift."""
-
     def __init__(self, layer: StackedLayerNorm) -> None:
         self.weight, self.bias, self.eps = layer.weight.detach(), layer.bias.detach(), layer.eps
 

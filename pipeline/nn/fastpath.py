@@ -43,8 +43,7 @@ def update(kind: str, params: list[torch.Tensor], grads: list[torch.Tensor], exp
     uses none): the private path adds 1 to `counts` in one call (4 us), not one per parameter (25 us
     for 8 parameters with `_foreach_add_` on the CPU)."""
     if kind == "sgd":
-        options = dict(weight_decay=weight_decay, momentum=0.0, lr=lr, dampening=0.0, nesterov=False,
-                       maximize=False)
+        options = dict(weight_decay=weight_decay, momentum=0.0, lr=lr, dampening=0.0, nesterov=False, maximize=False)
         if private:
             torch._fused_sgd_(params, grads, [], is_first_step=False, **options)
         else:

@@ -43,7 +43,6 @@ class FusedOptimizer:
     def load_state_dict(self, state: dict) -> None:
         if state.get("kind") != self.kind or len(state["exp_avg"]) != len(self.exp_avg):
             raise ValueError(f"optimizer state is for {state.get('kind')!r}, not {self.kind!r}")
-        for mine in self.steps:
-            mine.copy_(state["step"])
+        self.counts.copy_(state["step"])  # every parameter's count, through the views in `steps`
         for mine, saved in zip(self.exp_avg + self.exp_avg_sq, state["exp_avg"] + state["exp_avg_sq"], strict=True):
             mine.copy_(saved)
