@@ -73,7 +73,5 @@ def update_best(best: dict, trained: dict, val_acc: list[float], epoch: int) -> 
     """Replica k's weights and optimizer state from this epoch where its val_acc improved."""
     current = torch.tensor(val_acc)
     improved = current > best["val_acc"]
-    return merge_replicas(best, {
-        **trained, "val_acc": current,
-        "epoch": [epoch if up else kept for up, kept in zip(improved.tolist(), best["epoch"])],
-    }, improved)
+    epochs = [epoch if up else kept for up, kept in zip(improved.tolist(), best["epoch"])]
+    return merge_replicas(best, {**trained, "val_acc": current, "epoch": epochs}, improved)
