@@ -96,9 +96,9 @@ def _layers(config: VariantConfig, linear, batch_norm, layer_norm) -> list[nn.Mo
         hidden = depth < len(config.hidden_sizes)
         bias = config.bias_before_bn or not hidden or config.norm != "batch"
         layers.append(linear(depth, fan_in, fan_out, bias=bias))
-        if hidden and config.norm != "none":
-            layers.append((batch_norm if config.norm == "batch" else layer_norm)(fan_out))
         if hidden:
+            if config.norm != "none":
+                layers.append((batch_norm if config.norm == "batch" else layer_norm)(fan_out))
             layers.append(ACTIVATIONS[config.activation]())
     return layers
 
