@@ -75,7 +75,8 @@ def first_val() -> None:
 
 def multiply_scale() -> None:
     scale = torch.tensor(1.0 / 255.0, dtype=torch.float32)
-    pipeline.nn.training.as_images = lambda pixels, out=None: (pixels.float() if out is None else out.copy_(pixels)).mul_(scale)
+    pipeline.nn.training.as_images = lambda pixels, out=None: (
+        pixels.float() if out is None else out.copy_(pixels)).mul_(scale)
 
 
 CHANGES = {change.__name__: change for change in (tf1_adam_eps, carry, first_val, multiply_scale)}
