@@ -54,9 +54,8 @@ class Linear:
         torch.bmm(self.x_t, grad, out=self.grads[0])
         if self.bias is not None:
             torch.sum(grad, 1, keepdim=True, out=self.grads[1])
-        if self.grad_in is None:
-            return None, self.grads
-        return torch.bmm(grad, self.weight_t, out=self.grad_in), self.grads
+        grad_in = None if self.grad_in is None else torch.bmm(grad, self.weight_t, out=self.grad_in)
+        return grad_in, self.grads
 
 
 class BatchNorm:
