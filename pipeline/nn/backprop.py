@@ -67,8 +67,9 @@ class BatchNorm:
     NATIVE = ("cpu",)  # the device types where F.batch_norm's kernel is native_batch_norm
 
     def __init__(self, layer: StackedBatchNorm, batch: int) -> None:
-        replicas, _, features = self.parameter = layer.weight.shape
+        replicas, _, features = layer.weight.shape
         self.stacked, self.channels = (replicas, batch, features), (batch, replicas * features)
+        self.parameter = (replicas, 1, features)
         self.weight, self.bias = layer.weight.detach().view(-1), layer.bias.detach().view(-1)
         self.running = layer.running_mean.view(-1), layer.running_var.view(-1)
         self.momentum, self.eps = layer.momentum, layer.eps
