@@ -44,14 +44,15 @@ from tests.support import ROOT
 def tf1_adam_eps() -> None:
     def step(self, grads):
         t = float(self.steps[0]) + 1  # the step about to be taken
-        eps = self.eps / (1 - pipeline.fastpath.BETAS[1] ** t) ** 0.5
-        pipeline.fastpath.update(self.kind, list(self.params), list(grads), self.exp_avg, self.exp_avg_sq,
-                                 self.steps, lr=self.lr, weight_decay=0.0, eps=eps, private=self.private)
-    pipeline.optimizer.FusedOptimizer.step = step
+        eps = self.eps / (1 - pipeline.nn.fastpath.BETAS[1] ** t) ** 0.5
+        pipeline.nn.fastpath.update(self.kind, list(self.params), list(grads), self.exp_avg, self.exp_avg_sq,
+                                    self.steps, lr=self.lr, weight_decay=0.0, eps=eps, private=self.private,
+                                    counts=self.counts)
+    pipeline.nn.optimizer.FusedOptimizer.step = step
 
 
 def carry() -> None:
-    permutations = pipeline.training.epoch_permutations
+    permutations = pipeline.nn.training.epoch_permutations
 
     def train_epoch(step, epoch, on_step=None):
         """Epoch e is steps (e-1)*S .. e*S-1 of one stream of shuffled passes, S = N // B."""
@@ -61,7 +62,7 @@ def carry() -> None:
         passes = range(start // size + 1, (end - 1) // size + 2)
         stream = torch.cat([permutations(step.config.seeds, p, size) for p in passes], 1)
         offset = (passes[0] - 1) * size
-        for rows in pipeline.training.step_rows(stream[:, start - offset : end - offset], batch):
+        for rows in pipeline.nn.training.step_rows(stream[:, start - offset : end - offset], batch):
             step(rows)
     bench_fidelity.train_epoch = train_epoch
 
@@ -74,7 +75,8 @@ def first_val() -> None:
 
 def multiply_scale() -> None:
     scale = torch.tensor(1.0 / 255.0, dtype=torch.float32)
-    pipeline.training.as_images = lambda pixels, out=None: (pixels.float() if out is None else out.copy_(pixels)).mul_(scale)
+    pipeline.nn.training.as_images = lambda pixels, out=None: (
+        pixels.float() if out is None else out.copy_(pixels)).mul_(scale)
 
 
 CHANGES = {change.__name__: change for change in (tf1_adam_eps, carry, first_val, multiply_scale)}

@@ -1,14 +1,10 @@
 """The replica stack's training step by hand: its forward and backward as flat tensor calls.
 
 At batch 32 autograd's bookkeeping (recording the graph, walking it back) and nn.Module's calls
-cost more than the arithmetic. `Backprop` runs the kernels autograd runs for the same step, on
-the same views and in the same order, without either: the gradients and running statistics are
-autograd's bit for bit (tests/test_backprop.py), so the path taken changes no output. The
-backward kernels (`torch.ops.aten.*_backward`) are ATen's own, those autograd's nodes call;
-pipeline/nn/fastpath.py checks the whole step against autograd once per process and device, and
-falls back to `autograd_gradients` where a torch release changed something. What it saves:
-half a K=1 step's CPU time (0.83 -> 0.44 ms with batch norm), a quarter of K=5's, where the
-first layer's two 784-wide products and Adam are most of what is left (pipeline/nn/fastpath.py).
+cost more than the arithmetic. `Backprop` runs the kernels autograd runs for the step (the
+backward ones `torch.ops.aten.*_backward`, as autograd's nodes call them) on the same views, in
+the same order, into buffers made once: autograd's gradients and running statistics bit for bit
+(tests/test_backprop.py; pipeline/nn/fastpath.py checks it at run time and gives the figures).
 """
 
 from __future__ import annotations
@@ -27,10 +23,9 @@ aten = torch.ops.aten
 
 def autograd_gradients(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
                        seed: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """The gradients of seed * (summed cross-entropy of model(images) [K, B, C]) by autograd.
-
-    The seed is a factor of the loss (its gradient is then seed * 1.0, the same bits as seeding
-    it into the backward pass): given as grad_outputs it would import sympy, 0.32 s here."""
+    """The gradients of seed * (summed cross-entropy of model(images) [K, B, C]) by autograd: the
+    seed as a factor of the loss has the bits of seeding the backward pass, and given as
+    grad_outputs it would import sympy, 0.32 s here."""
     loss = F.cross_entropy(model(images).flatten(0, 1), labels, reduction="sum")
     return torch.autograd.grad(loss * seed, tuple(model.parameters()))
 
@@ -59,17 +54,15 @@ class Linear:
         torch.bmm(self.x_t, grad, out=self.grads[0])
         if self.bias is not None:
             torch.sum(grad, 1, keepdim=True, out=self.grads[1])
-        if self.grad_in is None:
-            return None, self.grads
-        return torch.bmm(grad, self.weight_t, out=self.grad_in), self.grads
+        grad_in = None if self.grad_in is None else torch.bmm(grad, self.weight_t, out=self.grad_in)
+        return grad_in, self.grads
 
 
 class BatchNorm:
-    """StackedBatchNorm's one `batch_norm` over K*F channels, and the backward of that kernel.
-
-    On the CPU `F.batch_norm` runs `native_batch_norm`, called here directly (18 against 26 us
-    a layer, forward and backward, through the dispatching call); elsewhere it may pick cuDNN's,
-    and `_batch_norm_impl_index` picks as `F.batch_norm` does, its backward following the pick."""
+    """StackedBatchNorm's one `batch_norm` over K*F channels, and that kernel's backward. On the CPU
+    `F.batch_norm` runs `native_batch_norm`, called here directly (18 against 26 us a layer, forward
+    and backward, through the dispatching call); elsewhere it may pick cuDNN's, and the step calls
+    `_batch_norm_impl_index`, which picks as it does, and the backward of its pick."""
 
     NATIVE = ("cpu",)  # the device types where F.batch_norm's kernel is native_batch_norm
 
@@ -113,8 +106,6 @@ class BatchNorm:
 
 
 class LayerNorm:
-    """StackedLayerNorm: `layer_norm` without affine, then each replica's scale and shift."""
-
     def __init__(self, layer: StackedLayerNorm) -> None:
         self.weight, self.bias, self.eps = layer.weight.detach(), layer.bias.detach(), layer.eps
 
@@ -130,54 +121,41 @@ class LayerNorm:
 
 
 class Activation:
-    """relu, tanh or sigmoid, in place: their backward reads the output."""
+    """relu, tanh or sigmoid in place, their backward reading the output; gelu (nn.GELU's
+    default, the exact erf form) reading its input."""
 
     KERNELS = {nn.ReLU: (torch.relu_, lambda grad, y: aten.threshold_backward.default(grad, y, 0)),
                nn.Tanh: (torch.tanh_, aten.tanh_backward.default),
-               nn.Sigmoid: (torch.sigmoid_, aten.sigmoid_backward.default)}
+               nn.Sigmoid: (torch.sigmoid_, aten.sigmoid_backward.default),
+               nn.GELU: (F.gelu, aten.gelu_backward.default)}
 
     def __init__(self, layer: nn.Module) -> None:
         self.forward_kernel, self.backward_kernel = self.KERNELS[type(layer)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.y = self.forward_kernel(x)
-        return self.y
+        self.saved = x  # an in-place kernel's output, gelu's input
+        return self.forward_kernel(x)
 
     def backward(self, grad: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        return self.backward_kernel(grad, self.y), []
+        return self.backward_kernel(grad, self.saved), []
 
 
-class Gelu:
-    """nn.GELU's default, the exact erf form; its backward reads the input."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.x = x
-        return F.gelu(x)
-
-    def backward(self, grad: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        return aten.gelu_backward.default(grad, self.x), []
-
-
-def _manual(layer: nn.Module, batch: int, first: bool):
+def _by_hand(layer: nn.Module, batch: int, first: bool):
     if isinstance(layer, StackedLinear):
         return Linear(layer, batch, first)
     if isinstance(layer, StackedBatchNorm):
         return BatchNorm(layer, batch)
-    if isinstance(layer, StackedLayerNorm):
-        return LayerNorm(layer)
-    return Gelu() if isinstance(layer, nn.GELU) else Activation(layer)
+    return LayerNorm(layer) if isinstance(layer, StackedLayerNorm) else Activation(layer)
 
 
 @functools.cache
 def classes_first_agrees(device_type: str, rows: int, classes: int) -> bool:
     """Whether log-softmax and its backward over logits [rows, classes] laid out classes first
-    ([classes, rows], dim 0) give the bits of the usual layout's kernels (the last dim) here.
-
-    The classes-first kernels go down each column class by class, vectorized across the rows
-    (a scalar exp for a last few rows short of a vector); the last-dim ones sum a row's classes
-    in that order only while they fit in one vector register (fewer than 16 floats with AVX-512,
-    8 with AVX2), in a tree otherwise. So the two are compared once per shape on 64 random
-    problems of it, and a step lays its logits out classes first only where they agree."""
+    ([classes, rows], dim 0) give the bits of the usual layout's kernels (the last dim) here,
+    compared on 64 random problems of the shape. The classes-first kernels go down each column
+    class by class, vectorized across the rows (a scalar exp for a last few rows short of a
+    vector); the last-dim ones sum a row's classes in that order only while they fit in one
+    vector register (fewer than 16 floats with AVX-512, 8 with AVX2), in a tree otherwise."""
     generator = torch.Generator().manual_seed(0)
     logits = (torch.randn(64, rows, classes, generator=generator) * 8).to(device_type)
     grad = torch.randn(64, rows, classes, generator=generator).to(device_type)
@@ -189,15 +167,12 @@ def classes_first_agrees(device_type: str, rows: int, classes: int) -> bool:
 
 
 class Backprop:
-    """The gradients of one step on a split's rows, for a stack whose replicas each take `batch`.
-
-    What it writes (gathered rows, layer outputs, gradients) lives in buffers made once for
-    that shape, so a step allocates little; the train split's partial last batch gets its own.
-    """
+    """The gradients of one step on a split's rows, for a stack whose replicas each take `batch`,
+    written into buffers made once for that shape (the train split's partial last batch gets its own)."""
 
     def __init__(self, layers: nn.Sequential, replicas: int, batch: int, pixels: torch.Tensor,
                  labels: torch.Tensor) -> None:
-        self.layers = [_manual(layer, batch, first=depth == 0) for depth, layer in enumerate(layers)]
+        self.layers = [_by_hand(layer, batch, first=depth == 0) for depth, layer in enumerate(layers)]
         self.split_pixels = pixels
         self.pixels = pixels.new_empty(replicas * batch, pixels.shape[1])
         self.images = torch.empty(replicas * batch, pixels.shape[1], device=pixels.device)
@@ -233,17 +208,7 @@ class Backprop:
         x = self.stacked_images
         for layer in self.layers:
             x = layer.forward(x)
-        self.loss_gradient(rows)
-        grad, grads = self.stacked_grad_logits, []
-        for layer in reversed(self.layers):
-            grad, own = layer.backward(grad)
-            grads += reversed(own)
-        grads.reverse()
-        return grads
-
-    def loss_gradient(self, rows: torch.Tensor) -> None:
-        """d(loss / B)/d(logits) into `grad_logits`: log-softmax's backward of the rows' seeds, over
-        the classes' dim of the scores' layout."""
+        # d(loss / B)/d(logits): log-softmax's backward of the rows' seeds, over the scores' classes dim
         dim = 0 if self.classes_first else 1
         if self.classes_first:
             self.scores.copy_(self.logits.t())
@@ -252,30 +217,33 @@ class Backprop:
         torch._log_softmax_backward_data(self.grad_log_p, log_p, dim, log_p.dtype, out=self.grad_scores)
         if self.classes_first:
             self.grad_logits.copy_(self.grad_scores.t())
+        grad, grads = self.stacked_grad_logits, []
+        for layer in reversed(self.layers):
+            grad, own = layer.backward(grad)
+            grads += reversed(own)
+        grads.reverse()
+        return grads
 
 
-def _every_layer_type(replicas: int, generator: torch.Generator) -> nn.Sequential:
-    """A few-unit stack with each layer type once: 6 inputs, 3 classes."""
+def differs_from_autograd(device: torch.device) -> str | None:
+    """How `Backprop` departs from autograd on a few-unit stack with each layer type once (6
+    inputs, 3 classes), or None where it gives the same bits: every gradient, the running statistics."""
+    generator = torch.Generator().manual_seed(0)
+    replicas, batch = 2, 4
+    pixels = torch.randint(0, 256, (12, 6), dtype=torch.uint8, generator=generator).to(device)
+    labels = torch.randint(0, 3, (12,), generator=generator).to(device)
+    rows = torch.randperm(12, generator=generator)[: replicas * batch].to(device)
+
     def linear(fan_in: int, fan_out: int, bias: bool) -> StackedLinear:
         layer = StackedLinear(torch.randn(replicas, fan_in, fan_out, generator=generator), bias)
         if bias:
             layer.bias.data.normal_(generator=generator)
         return layer
 
-    return nn.Sequential(linear(6, 5, True), StackedBatchNorm(replicas, 5, 0.1, 1e-3), nn.ReLU(),
-                         linear(5, 4, False), StackedLayerNorm(replicas, 4, 1e-3), nn.Tanh(),
-                         linear(4, 4, True), nn.Sigmoid(), linear(4, 4, True), nn.GELU(), linear(4, 3, True))
-
-
-def differs_from_autograd(device: torch.device) -> str | None:
-    """How `Backprop` departs from autograd on a few-element stack, or None where it gives the
-    same bits: every gradient, and the running statistics."""
-    generator = torch.Generator().manual_seed(0)
-    replicas, batch = 2, 4
-    pixels = torch.randint(0, 256, (12, 6), dtype=torch.uint8, generator=generator).to(device)
-    labels = torch.randint(0, 3, (12,), generator=generator).to(device)
-    rows = torch.randperm(12, generator=generator)[: replicas * batch].to(device)
-    by_hand = _every_layer_type(replicas, generator).to(device)
+    by_hand = nn.Sequential(
+        linear(6, 5, True), StackedBatchNorm(replicas, 5, 0.1, 1e-3), nn.ReLU(), linear(5, 4, False),
+        StackedLayerNorm(replicas, 4, 1e-3), nn.Tanh(), linear(4, 4, True), nn.Sigmoid(), linear(4, 4, True),
+        nn.GELU(), linear(4, 3, True)).to(device)
     by_autograd = copy.deepcopy(by_hand)
     images = (pixels.index_select(0, rows).float() / 255).view(replicas, batch, -1)
     seed = torch.ones((), device=device) / batch

@@ -36,52 +36,42 @@ def load(path: Path, map_location: str | torch.device = "cpu") -> dict:
     except OSError as error:
         raise CheckpointError(f"{path}: cannot read ({error.strerror})") from None
     except Exception as error:  # on damaged bytes torch.load raises nearly anything: KeyError, IndexError...
-        raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({_reason(error)})") from None
+        # in a few words: its weights-only errors are paragraphs of advice
+        text = str(error).rpartition("WeightsUnpickler error:")[2]
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        words = lines[0].split(". ")[0][:120] if lines else ""
+        reason = f"{type(error).__name__}: {words}" if words else type(error).__name__
+        raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({reason})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a checkpoint of this pipeline (format {FORMAT})")
     return state
 
 
-def _reason(error: Exception) -> str:
-    """torch.load's error in a few words (its weights-only errors are paragraphs of advice)."""
-    text = str(error).rpartition("WeightsUnpickler error:")[2]
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    words = lines[0].split(". ")[0][:120] if lines else ""
-    return f"{type(error).__name__}: {words}" if words else type(error).__name__
+def merge_replicas(best: object, current: object, improved: torch.Tensor) -> object:
+    """`best` with replica k taken from `current` where improved[k], for nested state dicts; what
+    `best` lacks is copied from `current`. Tensors whose leading dimension is the replica count are
+    per-replica; anything else (Adam's step count, hyperparameters) is every replica's, taken as is."""
+    if isinstance(current, dict):
+        best = best if isinstance(best, dict) else {}
+        return {key: merge_replicas(best.get(key), value, improved) for key, value in current.items()}
+    if isinstance(current, list):
+        best = best if isinstance(best, list) else [None] * len(current)
+        return [merge_replicas(b, c, improved) for b, c in zip(best, current, strict=True)]
+    if not isinstance(current, torch.Tensor):
+        return current
+    if isinstance(best, torch.Tensor) and current.dim() > 0 and current.shape[0] == len(improved):
+        return torch.where(improved.to(current.device).view(-1, *([1] * (current.dim() - 1))), current, best)
+    return current.clone()
 
 
 def copied(state: object) -> object:
     """A nested state with every tensor cloned."""
-    if isinstance(state, dict):
-        return {key: copied(value) for key, value in state.items()}
-    if isinstance(state, list):
-        return [copied(value) for value in state]
-    return state.clone() if isinstance(state, torch.Tensor) else state
-
-
-def merge_replicas(best: object, current: object, improved: torch.Tensor) -> object:
-    """`best` with replica k taken from `current` where improved[k]; for nested state dicts.
-
-    Tensors whose leading dimension is the replica count are per-replica; anything else
-    (Adam's step count, hyperparameters) is the same for every replica and taken as is.
-    """
-    if isinstance(current, dict):
-        best = best if isinstance(best, dict) else {}
-        return {key: merge_replicas(best.get(key), current[key], improved) for key in current}
-    if isinstance(best, list) and isinstance(current, list):
-        return [merge_replicas(b, c, improved) for b, c in zip(best, current, strict=True)]
-    per_replica = isinstance(current, torch.Tensor) and current.dim() > 0 and current.shape[0] == len(improved)
-    if per_replica and isinstance(best, torch.Tensor):
-        mask = improved.to(current.device).view(-1, *([1] * (current.dim() - 1)))
-        return torch.where(mask, current, best)
-    return copied(current)
+    return merge_replicas(None, state, torch.zeros(0, dtype=torch.bool))
 
 
 def update_best(best: dict, trained: dict, val_acc: list[float], epoch: int) -> dict:
     """Replica k's weights and optimizer state from this epoch where its val_acc improved."""
     current = torch.tensor(val_acc)
     improved = current > best["val_acc"]
-    return merge_replicas(best, {
-        **trained, "val_acc": current,
-        "epoch": [epoch if up else kept for up, kept in zip(improved.tolist(), best["epoch"])],
-    }, improved)
+    epochs = [epoch if up else kept for up, kept in zip(improved.tolist(), best["epoch"])]
+    return merge_replicas(best, {**trained, "val_acc": current, "epoch": epochs}, improved)

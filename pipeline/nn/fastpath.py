@@ -1,28 +1,21 @@
 """torch's private fast calls of a training step, each behind the public call it shortcuts.
 
-At batch 32 a step costs well under a millisecond, so per-step Python overhead is what counts
-(benchmarks/README.md). Two private paths skip it:
-  gradients  pipeline/nn/backprop.py's step by hand: the ATen kernels autograd runs for the step
-             (`torch.ops.aten.*_backward` among them), called directly on preallocated buffers,
-             where `torch.autograd.grad` records a graph through nn.Module calls and walks it;
-  update     `torch._fused_adam_` / `_fused_adamw_` / `_fused_sgd_`, where the functional
-             `torch.optim.adam.adam` / `adamw.adamw` / `sgd.sgd` (fused=True) end after
-             grouping tensors by device and dtype. Those functions are what
-             `torch.optim.<Adam|AdamW|SGD>(fused=True).step()` calls; the classes themselves
-             would import `torch._dynamo` in every train stage (1.3-1.5 s measured here).
-Both paths run the same kernels with the same arguments: the same bits (tests/test_backprop.py,
-tests/test_optimizer.py, tests/test_training.py), so the path taken changes no output. Against
-the step before it (autograd's engine called through `run_backward`, the same fused update),
-the step by hand takes 1.88x less CPU time at K=1 with batch norm (0.829 -> 0.442 ms) and
-without (0.681 -> 0.363 ms), 1.33x at the lab's K=5 (1.467 -> 1.101 ms): medians of 3
-alternating runs of 1,000 steps on this 2-core machine, shared (load 8-13);
-`python benchmarks/bench_step.py --parts fastpath` times it against the public path.
+At batch 32 a step costs well under a millisecond, so per-step Python overhead is what counts.
+The gradients come from pipeline/nn/backprop.py's step by hand, not from `torch.autograd.grad`'s
+graph of nn.Module calls; the update from `torch._fused_adam_` / `_fused_adamw_` / `_fused_sgd_`,
+where torch.optim's functional `adam` / `adamw` / `sgd` (fused=True) end after grouping tensors by
+device and dtype. The same kernels on the same arguments: the path changes no output
+(tests/test_backprop.py, test_optimizer.py, test_training.py). Against autograd's engine and the
+same update, the step by hand takes 1.88x less CPU time at K=1 with batch norm (0.829 -> 0.442 ms)
+and without (0.681 -> 0.363 ms), 1.33x at the lab's K=5 (1.467 -> 1.101 ms), where the first
+layer's two 784-wide products and Adam are most of what is left: medians of 3 alternating runs of
+1,000 steps on a shared 2-core machine (`python -m benchmarks.bench_step --parts fastpath`).
 
 A torch release may rename or change a private call: `private_path(device)` decides once per
-process and device type, at the first optimizer, and takes the private calls only where they
-exist and give the public result bit for bit on a few-element problem (every layer type of the
-step by hand, every optimizer); otherwise the public ones, with one line on stderr.
-PIPELINE_FASTPATH=0 takes the public path outright (benchmarks, tests).
+process and device type, at the first optimizer, taking the private calls only where they exist
+and give the public result bit for bit on a few-element problem (every layer type, every
+optimizer); otherwise the public ones, with one line on stderr. PIPELINE_FASTPATH=0 takes the
+public path outright (benchmarks, tests).
 """
 
 from __future__ import annotations
@@ -44,16 +37,13 @@ BETAS = (0.9, 0.999)  # torch.optim's Adam defaults, as the lab's
 @torch.no_grad()
 def update(kind: str, params: list[torch.Tensor], grads: list[torch.Tensor], exp_avg: list[torch.Tensor],
            exp_avg_sq: list[torch.Tensor], steps: list[torch.Tensor], *, lr: float, weight_decay: float,
-           eps: float, private: bool, counts: torch.Tensor | None = None) -> None:
+           eps: float, private: bool, counts: torch.Tensor) -> None:
     """One step of `kind` in place, as `torch.optim.<Adam|AdamW|SGD>(fused=True).step()` takes it.
-
-    `steps` holds one float32 count per parameter, as torch.optim keeps them (SGD uses none);
-    where they are the views of one tensor, `counts`, the private path adds 1 to that: one call
-    (4 us) instead of `_foreach_add_`'s one per parameter on the CPU (25 us for 8 parameters).
-    """
+    `steps` are the views of `counts`, a float32 count per parameter as torch.optim keeps them (SGD
+    uses none): the private path adds 1 to `counts` in one call (4 us), not one per parameter (25 us
+    for 8 parameters with `_foreach_add_` on the CPU)."""
     if kind == "sgd":
-        options = dict(weight_decay=weight_decay, momentum=0.0, lr=lr, dampening=0.0, nesterov=False,
-                       maximize=False)
+        options = dict(weight_decay=weight_decay, momentum=0.0, lr=lr, dampening=0.0, nesterov=False, maximize=False)
         if private:
             torch._fused_sgd_(params, grads, [], is_first_step=False, **options)
         else:
@@ -62,24 +52,17 @@ def update(kind: str, params: list[torch.Tensor], grads: list[torch.Tensor], exp
     options = dict(lr=lr, beta1=BETAS[0], beta2=BETAS[1], weight_decay=weight_decay, eps=eps, amsgrad=False,
                    maximize=False)
     if private:
-        if counts is None:
-            torch._foreach_add_(steps, 1)
-        else:
-            counts.add_(1)
+        counts.add_(1)
         kernel = torch._fused_adam_ if kind == "adam" else torch._fused_adamw_
         kernel(params, grads, exp_avg, exp_avg_sq, [], steps, **options)
     else:
         (adam if kind == "adam" else adamw)(params, grads, exp_avg, exp_avg_sq, [], steps, fused=True, **options)
 
 
-def _tiny_problem(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    generator = torch.Generator().manual_seed(0)
-    return torch.randn(2, 3, generator=generator).to(device), torch.randn(2, 3, generator=generator).to(device)
-
-
 def _updated(kind: str, private: bool, device: torch.device) -> list[torch.Tensor]:
     """Every tensor of a few-element optimizer after two steps with weight decay."""
-    param, grad = _tiny_problem(device)
+    generator = torch.Generator().manual_seed(0)
+    param, grad = (torch.randn(2, 3, generator=generator).to(device) for _ in range(2))
     exp_avg, exp_avg_sq, counts = torch.zeros_like(param), torch.zeros_like(param), torch.zeros(1, device=device)
     for _ in range(2):
         update(kind, [param], [grad], [exp_avg], [exp_avg_sq], list(counts.unbind()), lr=0.01, weight_decay=0.1,
@@ -88,7 +71,7 @@ def _updated(kind: str, private: bool, device: torch.device) -> list[torch.Tenso
 
 
 def private_calls_fail(device: torch.device) -> str | None:
-    """Why the private calls cannot stand in for the public ones on `device`, or None (~X ms)."""
+    """Why the private calls cannot stand in for the public ones on `device`, or None."""
     try:
         reason = backprop.differs_from_autograd(device)
         if reason is not None:

@@ -55,7 +55,7 @@ def load_weights(path: Path) -> tuple[VariantConfig, dict[str, np.ndarray]]:
     return config, arrays
 
 
-def linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
+def linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
     """StackedLinear: x [n, in] shared by the K replicas (one wide GEMM, as torch's) or [K, n, in]."""
     if x.ndim == 2:
         replicas, fan_in, fan_out = weight.shape
@@ -66,16 +66,16 @@ def linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None) -> np.nda
     return out if bias is None else out + bias
 
 
-def batch_norm(x: np.ndarray, layer: dict[str, np.ndarray], eps: float) -> np.ndarray:
+def batch_norm(x: np.ndarray, eps: float, weight, bias, running_mean, running_var) -> np.ndarray:
     """Eval mode: the running statistics folded into a scale and a shift, as torch's CPU kernel folds them."""
-    scale = layer["weight"] * (1 / np.sqrt(layer["running_var"] + np.float32(eps)))
-    return x * scale + (layer["bias"] - layer["running_mean"] * scale)
+    scale = weight * (1 / np.sqrt(running_var + np.float32(eps)))
+    return x * scale + (bias - running_mean * scale)
 
 
-def layer_norm(x: np.ndarray, layer: dict[str, np.ndarray], eps: float) -> np.ndarray:
+def layer_norm(x: np.ndarray, eps: float, weight, bias) -> np.ndarray:
     mean = x.mean(-1, keepdims=True)
     var = np.square(x - mean).mean(-1, keepdims=True)
-    return (x - mean) * (1 / np.sqrt(var + np.float32(eps))) * layer["weight"] + layer["bias"]
+    return (x - mean) * (1 / np.sqrt(var + np.float32(eps))) * weight + bias
 
 
 def gelu(x: np.ndarray) -> np.ndarray:
@@ -86,34 +86,24 @@ def gelu(x: np.ndarray) -> np.ndarray:
 
 
 NORMS = {"batch": batch_norm, "layer": layer_norm}
-ACTIVATIONS = {
-    "relu": lambda x: np.maximum(x, np.float32(0)),
-    "tanh": np.tanh,
-    "sigmoid": lambda x: 1 / (1 + np.exp(-x)),
-    "gelu": gelu,
-}
+ACTIVATIONS = {"relu": lambda x: np.maximum(x, np.float32(0)), "tanh": np.tanh,
+               "sigmoid": lambda x: 1 / (1 + np.exp(-x)), "gelu": gelu}
 
 
 def logits(config: VariantConfig, weights: dict[str, np.ndarray], images: np.ndarray) -> np.ndarray:
     """[K, n, classes] for float32 images [n, 784]: Linear -> norm -> activation per hidden
     layer, then the output Linear, at the nn.Sequential positions pipeline/nn/model.py gives them."""
-    def layer(position: int) -> dict[str, np.ndarray]:
-        prefix = f"layers.{position}."
-        return {name[len(prefix):]: array for name, array in weights.items() if name.startswith(prefix)}
-
-    def linear_at(x: np.ndarray, position: int) -> np.ndarray:
-        params = layer(position)
-        return linear(x, params["weight"], params.get("bias"))
-
-    x, position = images, 0
-    for _ in config.hidden_sizes:
-        x = linear_at(x, position)
+    layers: dict[int, dict[str, np.ndarray]] = {}
+    for name, array in weights.items():
+        _, position, kind = name.split(".")
+        layers.setdefault(int(position), {})[kind] = array
+    x, stride = images, 2 if config.norm == "none" else 3  # Linear, [norm,] activation
+    for position in range(0, stride * len(config.hidden_sizes), stride):
+        x = linear(x, **layers[position])
         if config.norm != "none":
-            position += 1
-            x = NORMS[config.norm](x, layer(position), config.norm_eps)
+            x = NORMS[config.norm](x, config.norm_eps, **layers[position + 1])
         x = ACTIVATIONS[config.activation](x)
-        position += 2  # the activation's position, then the next Linear's
-    return linear_at(x, position)
+    return linear(x, **layers[stride * len(config.hidden_sizes)])
 
 
 def cross_entropy(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:

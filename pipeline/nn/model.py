@@ -15,26 +15,19 @@ from torch import nn
 
 from pipeline.config.variant import VariantConfig
 
-IMAGE_PIXELS = 28 * 28
-NUM_CLASSES = 10
-
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "gelu": nn.GELU}
 
 
 def layer_sizes(config: VariantConfig) -> list[tuple[int, int]]:
-    sizes = [IMAGE_PIXELS, *config.hidden_sizes, NUM_CLASSES]
+    sizes = [28 * 28, *config.hidden_sizes, 10]
     return list(zip(sizes[:-1], sizes[1:]))
 
 
-def glorot_uniform(fan_in: int, fan_out: int, generator: torch.Generator) -> torch.Tensor:
-    """TensorFlow's default kernel initialiser, drawn as [fan_in, fan_out] like a TF kernel."""
-    limit = math.sqrt(6.0 / (fan_in + fan_out))
-    return (torch.rand(fan_in, fan_out, generator=generator) * 2 - 1) * limit
-
-
 def initial_kernels(config: VariantConfig, seed: int) -> list[torch.Tensor]:
+    """TensorFlow's default kernel initialiser (Glorot uniform), drawn as [fan_in, fan_out] like a TF kernel."""
     generator = torch.Generator().manual_seed(seed)
-    return [glorot_uniform(fan_in, fan_out, generator) for fan_in, fan_out in layer_sizes(config)]
+    return [(torch.rand(fan_in, fan_out, generator=generator) * 2 - 1) * math.sqrt(6.0 / (fan_in + fan_out))
+            for fan_in, fan_out in layer_sizes(config)]
 
 
 class StackedLinear(nn.Module):
@@ -56,11 +49,8 @@ class StackedLinear(nn.Module):
 
 
 class StackedBatchNorm(nn.Module):
-    """BatchNorm1d per replica: statistics over each replica's own batch.
-
-    The K replicas' F features are laid side by side as K*F channels of one `batch_norm`
-    call: the same kernel as `nn.BatchNorm1d` (running statistics included), in one op.
-    """
+    """BatchNorm1d per replica: the K replicas' F features side by side as K*F channels of one
+    `batch_norm` call, `nn.BatchNorm1d`'s kernel (running statistics included) in one op."""
 
     def __init__(self, replicas: int, features: int, momentum: float, eps: float) -> None:
         super().__init__()
@@ -73,10 +63,8 @@ class StackedBatchNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         replicas, batch, features = x.shape
         channels = x.transpose(0, 1).reshape(batch, replicas * features)
-        out = F.batch_norm(
-            channels, self.running_mean.view(-1), self.running_var.view(-1),
-            self.weight.view(-1), self.bias.view(-1), self.training, self.momentum, self.eps,
-        )
+        out = F.batch_norm(channels, self.running_mean.view(-1), self.running_var.view(-1), self.weight.view(-1),
+                           self.bias.view(-1), self.training, self.momentum, self.eps)
         return out.view(batch, replicas, features).transpose(0, 1)
 
 
@@ -105,37 +93,28 @@ def _layers(config: VariantConfig, linear, batch_norm, layer_norm) -> list[nn.Mo
     """
     layers: list[nn.Module] = []
     for depth, (fan_in, fan_out) in enumerate(layer_sizes(config)):
-        before_bn = depth < len(config.hidden_sizes) and config.norm == "batch"
-        layers.append(linear(depth, fan_in, fan_out, bias=config.bias_before_bn or not before_bn))
-        if depth == len(config.hidden_sizes):
-            return layers
-        if config.norm == "batch":
-            layers.append(batch_norm(fan_out))
-        elif config.norm == "layer":
-            layers.append(layer_norm(fan_out))
-        layers.append(ACTIVATIONS[config.activation]())
+        hidden = depth < len(config.hidden_sizes)
+        bias = config.bias_before_bn or not hidden or config.norm != "batch"
+        layers.append(linear(depth, fan_in, fan_out, bias=bias))
+        if hidden:
+            if config.norm != "none":
+                layers.append((batch_norm if config.norm == "batch" else layer_norm)(fan_out))
+            layers.append(ACTIVATIONS[config.activation]())
     return layers
 
 
 class StackedMlp(nn.Module):
-    """Input [K, B, 784] (a batch per replica) or [N, 784] (shared); output [K, B, 10]."""
+    """One replica per seed of `config.seeds`, in that order. Input [K, B, 784] (a batch per
+    replica) or [N, 784] (shared); output [K, B, 10]."""
 
     def __init__(self, config: VariantConfig) -> None:
-        """One replica per seed of `config.seeds`, in that order."""
         super().__init__()
         kernels = [initial_kernels(config, seed) for seed in config.seeds]
-        replicas = len(config.seeds)
-        self.replicas = replicas
-        self.layers = nn.Sequential(
-            *_layers(
-                config,
-                linear=lambda depth, *_, bias: StackedLinear(torch.stack([k[depth] for k in kernels]), bias),
-                batch_norm=lambda size: StackedBatchNorm(
-                    replicas, size, config.bn_momentum, config.norm_eps
-                ),
-                layer_norm=lambda size: StackedLayerNorm(replicas, size, config.norm_eps),
-            )
-        )
+        replicas, eps = len(config.seeds), config.norm_eps
+        self.layers = nn.Sequential(*_layers(
+            config, lambda depth, *_, bias: StackedLinear(torch.stack([k[depth] for k in kernels]), bias),
+            lambda size: StackedBatchNorm(replicas, size, config.bn_momentum, eps),
+            lambda size: StackedLayerNorm(replicas, size, eps)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layers(x)
@@ -143,58 +122,35 @@ class StackedMlp(nn.Module):
 
 def plain_mlp(config: VariantConfig, seed: int) -> nn.Sequential:
     """The same network for one seed as an ordinary module: flattens [B, 28, 28] or [B, 784]."""
-    kernels = initial_kernels(config, seed)
-
-    def linear(depth: int, fan_in: int, fan_out: int, bias: bool) -> nn.Linear:
-        layer = nn.Linear(fan_in, fan_out, bias=bias)
-        with torch.no_grad():
-            layer.weight.copy_(kernels[depth].T)
-            if bias:
-                layer.bias.zero_()
-        return layer
-
-    return nn.Sequential(
-        nn.Flatten(),
-        *_layers(
-            config,
-            linear=linear,
-            batch_norm=lambda size: nn.BatchNorm1d(size, eps=config.norm_eps, momentum=config.bn_momentum),
-            layer_norm=lambda size: nn.LayerNorm(size, eps=config.norm_eps),
-        ),
-    )
+    return unstack(StackedMlp(config.model_copy(update={"seeds": [seed]})), config, 0).train()
 
 
 def unstack(stacked: StackedMlp, config: VariantConfig, replica: int) -> nn.Sequential:
-    """Replica k of a stack as a plain module (for export, serving and the registry)."""
-    plain = plain_mlp(config, seed=0)
+    """Replica k of a stack as a plain module (for export, serving and the registry): each
+    tensor of the stack's at the same name one position on (after the Flatten), a kernel transposed."""
+    plain = nn.Sequential(nn.Flatten(), *_layers(
+        config, lambda depth, fan_in, fan_out, bias: nn.Linear(fan_in, fan_out, bias=bias),
+        lambda size: nn.BatchNorm1d(size, eps=config.norm_eps, momentum=config.bn_momentum),
+        lambda size: nn.LayerNorm(size, eps=config.norm_eps)))
+    stacked_state = stacked.state_dict()
     with torch.no_grad():
-        for stacked_layer, plain_layer in zip(stacked.layers, plain[1:], strict=True):
-            if isinstance(stacked_layer, StackedLinear):
-                plain_layer.weight.copy_(stacked_layer.weight[replica].T)
-                if stacked_layer.bias is not None:
-                    plain_layer.bias.copy_(stacked_layer.bias[replica, 0])
-            elif isinstance(stacked_layer, StackedBatchNorm | StackedLayerNorm):
-                plain_layer.weight.copy_(stacked_layer.weight[replica, 0])
-                plain_layer.bias.copy_(stacked_layer.bias[replica, 0])
-                if isinstance(stacked_layer, StackedBatchNorm):
-                    plain_layer.running_mean.copy_(stacked_layer.running_mean[replica, 0])
-                    plain_layer.running_var.copy_(stacked_layer.running_var[replica, 0])
+        for name, tensor in plain.state_dict().items():
+            position, kind = name.split(".")
+            if kind != "num_batches_tracked":
+                own = stacked_state[f"layers.{int(position) - 1}.{kind}"][replica]
+                tensor.copy_(own.T if tensor.dim() == 2 else own.view(-1))
     return plain.eval()
 
 
-def served_replica(final_val_acc: list[float], diverged_epoch: list[int | None]) -> int | None:
-    """The replica served as a variant's model: the best final val_acc of those that never
-    diverged, the first on a tie; None when every replica diverged (nothing is served)."""
-    candidates = [k for k, epoch in enumerate(diverged_epoch) if epoch is None]
-    return max(candidates, key=final_val_acc.__getitem__) if candidates else None
-
-
 def served_model(state: dict, history: dict) -> tuple[nn.Sequential, int] | None:
-    """(the served replica as a plain module, its seed) from a final checkpoint's state and
-    the variant's history.json; None when every replica diverged."""
-    replica = served_replica(history["val_acc"][-1], history["diverged_epoch"])
-    if replica is None:
+    """(the served replica as a plain module, its seed) from a final checkpoint's state and the
+    variant's history.json: the best final val_acc of the replicas that never diverged, the first
+    on a tie; None when every replica diverged (nothing is served)."""
+    final_val_acc = history["val_acc"][-1]
+    candidates = [k for k, epoch in enumerate(history["diverged_epoch"]) if epoch is None]
+    if not candidates:
         return None
+    replica = max(candidates, key=final_val_acc.__getitem__)
     config = VariantConfig(**state["config"])
     stacked = StackedMlp(config)
     stacked.load_state_dict(state["model"])

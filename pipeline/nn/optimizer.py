@@ -2,10 +2,9 @@
 
 No `torch.optim.Optimizer` object: its first construction imports `torch._dynamo` (1.3-1.5 s
 of every train stage, measured here) and its `step` wraps the fused kernels in per-step Python
-(hooks, bookkeeping). The update is torch.optim's fused one, bit for bit (tests/test_optimizer.py).
-
-Only element-wise updates: each replica's update reads its own slice alone, so one
-optimizer over a stack of K is exactly K independent optimizers.
+(hooks, bookkeeping). The update is torch.optim's fused one, bit for bit (tests/test_optimizer.py),
+and element-wise: each replica's update reads its own slice alone, so one optimizer over a stack
+of K is exactly K independent optimizers.
 """
 
 from __future__ import annotations
@@ -19,30 +18,23 @@ DEFAULT_WEIGHT_DECAY = {"adam": 0.0, "adamw": 1e-2, "sgd": 0.0}  # torch.optim's
 
 
 class FusedOptimizer:
-    """`step(grads)` updates `params` in place; `state_dict()` is what a checkpoint keeps.
-
-    `private` picks fastpath's private or public calls (default: `fastpath.private_path(device)`);
-    either way the state and its `state_dict()` are the same, so a checkpoint written on one
-    path resumes on the other.
-    """
+    """`step(grads)` updates `params` in place; `state_dict()` is what a checkpoint keeps, the same
+    on fastpath's private calls and its public ones (`private`; default: `fastpath.private_path`),
+    so a checkpoint written on one path resumes on the other."""
 
     def __init__(self, params: list[torch.Tensor], config: VariantConfig, private: bool | None = None) -> None:
-        self.params = tuple(params)
+        self.params = list(params)
         self.private = fastpath.private_path(params[0].device) if private is None else private
         self.kind, self.lr, self.eps = config.optimizer, config.lr, config.adam_eps
-        wd = config.weight_decay
-        self.weight_decay = DEFAULT_WEIGHT_DECAY[self.kind] if wd is None else wd
-        # Adam's t per parameter, float32 as torch.optim's fused path keeps it: all equal, views of
-        # one tensor so the private path counts them in one call (fastpath.update).
-        self.counts = torch.zeros(len(params), device=params[0].device)
+        self.weight_decay = DEFAULT_WEIGHT_DECAY[self.kind] if config.weight_decay is None else config.weight_decay
+        self.counts = torch.zeros(len(params), device=params[0].device)  # Adam's t per parameter (fastpath.update)
         self.steps = list(self.counts.unbind())
         self.exp_avg = [torch.zeros_like(p) for p in params] if self.kind != "sgd" else []
         self.exp_avg_sq = [torch.zeros_like(p) for p in params] if self.kind != "sgd" else []
 
     def step(self, grads: list[torch.Tensor]) -> None:
-        fastpath.update(self.kind, list(self.params), list(grads), self.exp_avg, self.exp_avg_sq, self.steps,
-                        lr=self.lr, weight_decay=self.weight_decay, eps=self.eps, private=self.private,
-                        counts=self.counts)
+        fastpath.update(self.kind, self.params, list(grads), self.exp_avg, self.exp_avg_sq, self.steps, lr=self.lr,
+                        weight_decay=self.weight_decay, eps=self.eps, private=self.private, counts=self.counts)
 
     def state_dict(self) -> dict:
         return {"kind": self.kind, "step": self.steps[0], "exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq}
@@ -51,7 +43,6 @@ class FusedOptimizer:
     def load_state_dict(self, state: dict) -> None:
         if state.get("kind") != self.kind or len(state["exp_avg"]) != len(self.exp_avg):
             raise ValueError(f"optimizer state is for {state.get('kind')!r}, not {self.kind!r}")
-        for mine in self.steps:
-            mine.copy_(state["step"])
+        self.counts.copy_(state["step"])  # every parameter's count, through the views in `steps`
         for mine, saved in zip(self.exp_avg + self.exp_avg_sq, state["exp_avg"] + state["exp_avg_sq"], strict=True):
             mine.copy_(saved)

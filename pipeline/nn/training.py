@@ -4,14 +4,8 @@ No Dataset or DataLoader in the hot path: the split lives on the device as one t
 replica draws its own seeded permutation per epoch and batches are slices of it. The
 permutation of epoch e is derived from (seed, e) alone, so resuming at any epoch boundary
 needs no saved RNG state and replays exactly the batches an uninterrupted run would see.
-
-At batch 32 a step costs well under a millisecond, so per-step overhead is what counts
-(benchmarks/README.md): each step's rows of every replica are one contiguous index vector,
-gathered with a single `index_select`; the 1/B of the mean loss is the gradient seeded
-into the backward pass rather than a division node (the same bits as the plain form); the
-gradients come from the step by hand (pipeline/nn/backprop.py) or, on the public path, from
-autograd, and go straight to the fused optimizer (pipeline/nn/optimizer.py); pipeline/nn/fastpath.py
-picks the path.
+Each step's rows of every replica are one contiguous index vector, gathered with a single
+`index_select`; pipeline/nn/fastpath.py picks where the gradients come from and the update.
 """
 
 from __future__ import annotations
@@ -39,12 +33,11 @@ def configure_runtime(threads: int, device: str) -> torch.device:
     if device == "cuda" and not torch.cuda.is_available():
         raise PipelineError("train.device: 'cuda' requested but no CUDA device is available")
     torch.set_num_threads(threads)
-    # Floats below 2^-126 computed and read as zero (FTZ/DAZ) on the CPU, in this thread and those
-    # it starts afterwards (the stage's evaluation thread). Without a norm, gradients and Adam's
-    # moments of units that barely fire decay into denormals, each a slow path for the CPU: a
-    # no-norm epoch of the lab's 5 seeds took 2.62 s, 1.00 s flushed (batch norm 1.36 s either way;
-    # Intel Xeon, AVX-512). The lab's TF1 code ran flushed too: TensorFlow sets FTZ/DAZ in the
-    # threads that run its kernels.
+    # Floats below 2^-126 as zero (FTZ/DAZ) on the CPU, in this thread and those it starts later (the
+    # stage's evaluation thread). Without a norm, gradients and Adam's moments of units that barely
+    # fire decay into denormals, a slow path for the CPU: a no-norm epoch of the lab's 5 seeds took
+    # 2.62 s, 1.00 s flushed (batch norm 1.36 s either way; Intel Xeon, AVX-512). The lab's TF1 code
+    # ran flushed too: TensorFlow sets FTZ/DAZ in the threads that run its kernels.
     torch.set_flush_denormal(True)
     if device == "cuda":
         # On the CPU every kernel this model uses is deterministic for a fixed thread count
@@ -59,10 +52,8 @@ def configure_runtime(threads: int, device: str) -> torch.device:
 
 def epoch_permutations(seeds: list[int], epoch: int, size: int) -> torch.Tensor:
     """[K, N]: the order replica k visits the train split in `epoch` (1-based)."""
-    return torch.stack([
-        torch.randperm(size, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-        for seed in seeds
-    ])
+    return torch.stack([torch.randperm(size, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+                        for seed in seeds])
 
 
 def make_optimizer(model: nn.Module, config: VariantConfig, private: bool | None = None) -> FusedOptimizer:
@@ -76,12 +67,9 @@ def trained_state(model: nn.Module, optimizer: FusedOptimizer) -> dict:
 
 
 def step_rows(order: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
-    """Each step's train rows, [K * B] (replica-major), from the [K, N] permutations.
-
-    One copy lays the full batches out step-major so every step's index is contiguous;
-    the partial last batch, if any, comes last, unless it is a single image: batch
-    statistics of one sample are undefined, so that image waits for the next epoch.
-    """
+    """Each step's train rows, [K * B] (replica-major), from the [K, N] permutations: one copy lays
+    the full batches out step-major so every step's index is contiguous; the partial last batch
+    comes last, unless it is a single image (batch statistics of one sample are undefined)."""
     replicas, size = order.shape
     full = size // batch_size
     head = order[:, : full * batch_size].reshape(replicas, full, batch_size).transpose(0, 1)
@@ -94,27 +82,23 @@ def step_rows(order: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
 class TrainingStep:
     """One optimizer step of every replica on its rows ([K * B], replica-major).
 
-    On the CPU the step runs eagerly. On CUDA a full batch's step (forward, backward, the
-    fused update) is captured once as a CUDA graph and replayed: at batch 32 an eager
-    step is ~2 ms of kernel launches for ~0.2 ms of GPU work. The capture's warm-up runs on
-    the real tensors and is then undone, so every full batch, first or resumed, goes through
-    the same graph; the partial last batch has another shape and runs eagerly. The step by
-    hand's buffers (one set per batch shape) are made in that warm-up, outside the capture, and
-    it makes no host sync: everything it branches on is a shape.
+    On CUDA a full batch's step (forward, backward, the fused update) is captured once as a CUDA
+    graph and replayed: at batch 32 an eager step is ~2 ms of kernel launches for ~0.2 ms of GPU
+    work. The capture's warm-up runs on the real tensors and is then undone, so every full batch,
+    first or resumed, goes through the same graph; the partial last batch and the CPU's steps run
+    eagerly. The step by hand makes its buffers in that warm-up and no host sync (it branches on shapes).
     """
 
     def __init__(self, model: StackedMlp, optimizer: FusedOptimizer, train: Split, config: VariantConfig) -> None:
         self.model, self.optimizer, self.train, self.config = model, optimizer, train, config
         self.one = torch.ones((), device=train.labels.device)
         self.graphed_rows = len(config.seeds) * config.batch_size if train.labels.is_cuda else None  # full batches
-        self.graph = None
-        self.static_rows = None
+        self.graph = self.static_rows = None
         self.backprops: dict[int, Backprop] = {}  # rows per replica -> its buffers
         # The step by hand records nothing for autograd: in inference mode its calls skip autograd's
-        # dispatch (and a view's tracking) altogether, the same kernels: a K=1 step with batch norm
-        # 0.31 -> 0.23 ms, 0.41 -> 0.33 ms in the machine's slow hour; without a norm within noise
-        # (AMD EPYC, one thread, alternated in one process). On CUDA a full batch's step is one graph
-        # replayed: nothing to save there, and the capture stays as checked.
+        # dispatch (and a view's tracking), the same kernels: a K=1 step with batch norm 0.31 -> 0.23 ms
+        # (0.41 -> 0.33 ms in the machine's slow hour), without a norm within noise (AMD EPYC, one
+        # thread, alternated in one process). A CUDA graph has nothing to save, and stays as checked.
         self.inference = optimizer.private and not train.labels.is_cuda
 
     def gradients(self, rows: torch.Tensor) -> list[torch.Tensor]:
@@ -124,11 +108,9 @@ class TrainingStep:
         if not self.optimizer.private:
             images = as_images(self.train.pixels.index_select(0, rows)).view(replicas, batch, -1)
             return autograd_gradients(self.model, images, self.train.labels.index_select(0, rows), self.one / batch)
-        backprop = self.backprops.get(batch)
-        if backprop is None:  # the full batches' buffers, and the partial last batch's
-            backprop = self.backprops[batch] = Backprop(self.model.layers, replicas, batch, self.train.pixels,
-                                                        self.train.labels)
-        return backprop.gradients(rows)
+        if batch not in self.backprops:  # the full batches' buffers, and the partial last batch's
+            self.backprops[batch] = Backprop(self.model.layers, replicas, batch, self.train.pixels, self.train.labels)
+        return self.backprops[batch].gradients(rows)
 
     def eager(self, rows: torch.Tensor) -> None:
         self.optimizer.step(self.gradients(rows))
@@ -176,39 +158,26 @@ class Scores:
     acc: torch.Tensor
 
 
-def in_batches(split: Split, batch_size: int):
-    """(images, labels) of a whole split in order, `batch_size` at a time (for evaluation).
-
-    Each batch's images are written into one buffer, valid until the next batch: a new one each
-    batch was page-faulted in anew every time (freed memory goes back to the system), a third of a
-    K=1 evaluation (125 -> 83 ms an epoch at 1,000 images a batch; AMD EPYC, one thread)."""
-    buffer = torch.empty(min(batch_size, len(split)), split.pixels.shape[1], device=split.pixels.device)
-    for start in range(0, len(split), batch_size):
-        pixels = split.pixels[start : start + batch_size]
-        yield as_images(pixels, out=buffer[: len(pixels)]), split.labels[start : start + batch_size]
-
-
 @torch.inference_mode()
 def score(model: nn.Module, split: Split, batch_size: int) -> Scores:
-    """Mean loss and accuracy of every replica on a whole split (eval mode, large batches)."""
+    """Mean loss and accuracy of every replica on a whole split (eval mode, large batches).
+
+    Each batch's images are written into one buffer: a new one each batch was page-faulted in
+    anew every time (freed memory goes back to the system), a third of a K=1 evaluation (125 ->
+    83 ms an epoch at 1,000 images a batch; AMD EPYC, one thread)."""
     model.eval()
     loss_sum = correct = 0
-    for images, labels in in_batches(split, batch_size):
-        logits = model(images)  # [K, n, 10]
+    buffer = torch.empty(min(batch_size, len(split)), split.pixels.shape[1], device=split.pixels.device)
+    for start in range(0, len(split), batch_size):
+        pixels, labels = split.pixels[start : start + batch_size], split.labels[start : start + batch_size]
+        logits = model(as_images(pixels, out=buffer[: len(pixels)]))  # [K, n, 10]
         targets = labels.expand(logits.shape[0], -1)
-        loss_sum = loss_sum + F.cross_entropy(
-            logits.transpose(1, 2), targets, reduction="none"
-        ).double().sum(1)
+        loss_sum = loss_sum + F.cross_entropy(logits.transpose(1, 2), targets, reduction="none").double().sum(1)
         correct = correct + (logits.argmax(-1) == targets).sum(1)
     return Scores(loss=(loss_sum / len(split)).cpu(), acc=(correct.double() / len(split)).cpu())
 
 
 def epoch_metrics(model: StackedMlp, train: Split, val: Split, batch_size: int) -> dict[str, list[float]]:
     """The lab's per-epoch measurements, a list of K values per metric name."""
-    on_train, on_val = score(model, train, batch_size), score(model, val, batch_size)
-    return {
-        "train_loss": on_train.loss.tolist(),
-        "train_acc": on_train.acc.tolist(),
-        "val_loss": on_val.loss.tolist(),
-        "val_acc": on_val.acc.tolist(),
-    }
+    scores = {"train": score(model, train, batch_size), "val": score(model, val, batch_size)}
+    return {f"{split}_{name}": getattr(scores[split], name).tolist() for split in scores for name in ("loss", "acc")}
