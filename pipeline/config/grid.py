@@ -10,42 +10,35 @@ from __future__ import annotations
 import itertools
 import math
 import re
-from typing import get_args
 
 from pydantic import Field, create_model, field_validator
-from pydantic.fields import FieldInfo
 
-from pipeline.config.variant import Choices, ModelChoices, Strict
+from pipeline.config.variant import VARIANT_CHOICES, Choices, ModelChoices, Strict, constrained
 
 VARIANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")  # a folder, a DVC stage key, a run name
 # Every grid point is a train and an evaluate stage, an MLflow run and a line in each plot.
 MAX_GRID_POINTS = 256
 GRID_PREFIX = "sweep-"  # the variants named so are the grid points of `sweep:`, and nothing else
+NAME_LABELS = {"hidden_sizes": "h"}  # a number in a name follows its key's label; words go bare
 
 
 class _Axes(Choices):
     @field_validator("*")
     @classmethod
     def _distinct(cls, values: list) -> list:
-        seen = set()
-        for value in values:
-            if repr(value) in seen:  # validated values: `1` and `1.0` are both 1.0 by now
+        texts = [repr(value) for value in values]  # validated values: `1` and `1.0` are both 1.0 by now
+        for value, text in zip(values, texts):
+            if texts.count(text) > 1:
                 raise ValueError(f"the values of an axis must be distinct ({value!r} twice)")
-            seen.add(repr(value))
         return values
 
 
-def _axis(choice: FieldInfo) -> tuple:
-    """The axis of a ModelChoices key: a non-empty list of values that the key itself accepts."""
-    (value_type,) = [arg for arg in get_args(choice.annotation) if arg is not type(None)]
-    return list[value_type] | None, Field(None, min_length=1, max_length=MAX_GRID_POINTS)
-
-
-# Built from ModelChoices so that an axis accepts exactly what a variant's key does, and a key
-# added there can be swept without a second list of types to keep in step.
+# An axis accepts exactly what a variant's key does (the same constrained type), and a key added
+# to VARIANT_CHOICES can be swept without a second list of types to keep in step.
 SweepAxes = create_model(
     "SweepAxes", __base__=_Axes, __doc__="Values to cross, per key a variant may override.",
-    **{key: _axis(choice) for key, choice in ModelChoices.model_fields.items()},
+    **{key: (list[constrained(key)] | None, Field(None, min_length=1, max_length=MAX_GRID_POINTS))
+       for key in VARIANT_CHOICES},
 )
 
 
@@ -54,9 +47,6 @@ def _number(value: float) -> str:
     # distinct names. '-' joins a name's parts and '.' would split the key path
     # `variants.<name>`, so they become 'm' and 'p': 0.003 -> 0p003, 1e-05 -> 1em05.
     return repr(value).replace(".", "p").replace("e-", "em").replace("e+", "e")
-
-
-NAME_LABELS = {"hidden_sizes": "h"}  # a number in a name follows its key's label; words go bare
 
 
 def grid_point_name(choices: dict) -> str:
@@ -75,9 +65,7 @@ def grid_point_name(choices: dict) -> str:
 def expand(axes: SweepAxes) -> dict[str, ModelChoices]:
     """The grid points by name, in the order of the axes' values (the last key varies fastest)."""
     swept = axes.model_dump(exclude_none=True)  # ModelChoices' key order, so names are stable
-    if not swept:
-        return {}
-    points = [dict(zip(swept, values)) for values in itertools.product(*swept.values())]
+    points = [dict(zip(swept, values)) for values in itertools.product(*swept.values())] if swept else []
     return {grid_point_name(point): ModelChoices.model_validate(point) for point in points}
 
 
@@ -90,13 +78,13 @@ class SweepParams(Strict):
     @classmethod
     def _bounded(cls, axes: SweepAxes) -> SweepAxes:
         lengths = [len(values) for values in axes.model_dump(exclude_none=True).values()]
-        if lengths and math.prod(lengths) > MAX_GRID_POINTS:
+        if math.prod(lengths) > MAX_GRID_POINTS:
             raise ValueError(f"{math.prod(lengths)} grid points ({' x '.join(map(str, lengths))}); "
                              f"at most {MAX_GRID_POINTS}")
-        for name in expand(axes):
-            if not VARIANT_NAME.match(name):  # only its length can fail the rule
-                raise ValueError(f"grid point {name!r} has a name longer than 64 characters "
-                                 "(it names folders, stages and runs)")
+        longest = max(expand(axes), key=len, default="")
+        if longest and not VARIANT_NAME.match(longest):  # only its length can fail the rule
+            raise ValueError(f"grid point {longest!r} has a name longer than 64 characters "
+                             "(it names folders, stages and runs)")
         return axes
 
     def grid(self) -> dict[str, ModelChoices]:
@@ -111,6 +99,6 @@ def stale_grid_point(variants: dict[str, ModelChoices], grid: dict[str, ModelCho
             return f"{name}: missing"
         if name not in grid:
             return f"{name}: not a grid point of sweep: (names starting {GRID_PREFIX!r} are the grid's)"
-        if written[name].model_dump(exclude_none=True) != grid[name].model_dump(exclude_none=True):
+        if written[name] != grid[name]:
             return f"{name}: not the values of its grid point"
     return None
