@@ -51,36 +51,43 @@ class Stopped(PipelineError):
         self.exit_code = 128 + signum
 
 
-class Relay(threading.Thread):
-    """A dvc command's standard output, line by line: kept (`capture`), or onto this terminal but
-    DVC's push hint; `ready` set as the stage `stage` starts its command."""
+class Dvc(subprocess.Popen):
+    """`dvc --wait-for-lock <args>` in a process group of its own (with the stages it runs). Its output
+    is kept (`capture`), passed on to this terminal line by line but DVC's push hint, or (`hint`)
+    left as it is; `ready` is set as the stage `stage` starts its command."""
 
-    def __init__(self, process: subprocess.Popen, capture: bool, stage: str | None) -> None:
-        super().__init__(daemon=True)
-        self.process, self.capture, self.stage = process, capture, stage
-        self.kept: list[str] = []
+    def __init__(self, args: tuple[str, ...], capture: bool, hint: bool, stage: str | None) -> None:
+        super().__init__(["dvc", "--wait-for-lock", *args], stdout=None if hint else subprocess.PIPE, text=True,
+                         bufsize=1, process_group=0)
+        self.name, self.stage = " ".join(args), stage
+        self.kept: list[str] | None = [] if capture else None
         self.ready = threading.Event()
-        self.start()
+        self.relay = threading.Thread(target=self.pass_on, daemon=True)
+        if not hint:
+            self.relay.start()
 
-    def run(self) -> None:
-        for line in self.process.stdout:
-            if self.stage is not None and line.strip() == STAGE_RUNS.format(self.stage):
+    def pass_on(self) -> None:
+        for line in self.stdout:
+            if line.strip() == STAGE_RUNS.format(self.stage):
                 self.ready.set()
-            if self.capture:
+            if self.kept is not None:
                 self.kept.append(line)
             elif line.strip() != PUSH_HINT:
                 sys.stdout.write(line)
                 sys.stdout.flush()
 
+    def passed_on(self) -> None:
+        """Waits until an ended command's output is all passed on."""
+        if self.stdout is not None:
+            self.relay.join(timeout=GRACE_S)
+
 
 class Dvcs:
-    """The `dvc --wait-for-lock <args>` processes this command runs, each in a process group of its
-    own (with the stages it runs), all stopped when the block ends: on a signal this process is sent
-    (SIGINT, SIGTERM, SIGHUP), its parent's end, a failure, or an error here."""
+    """The `dvc` processes this command runs, all stopped when the block ends: on a signal this
+    process is sent (SIGINT, SIGTERM, SIGHUP), its parent's end, a failure, or an error here."""
 
     def __init__(self) -> None:
-        self.running: dict[str, subprocess.Popen] = {}
-        self.relays: dict[subprocess.Popen, Relay] = {}
+        self.running: list[Dvc] = []
         self.signum: int | None = None
         self.parent = os.getppid()
 
@@ -105,45 +112,36 @@ class Dvcs:
             self.signum = signal.SIGTERM
             raise Stopped(self.signum, f"the process that started it ({self.parent}) ended")
 
-    def start(self, *args: str, capture: bool = False, hint: bool = False, ready: str | None = None):
-        """`dvc <args>`: its output kept for `result` where `capture`, else on this terminal (DVC's
-        push hint only where `hint`); `ready`: the stage whose command's start `starting` waits for."""
+    def start(self, *args: str, capture: bool = False, hint: bool = False, ready: str | None = None) -> Dvc:
+        """`dvc <args>` (Dvc); `ready`: the stage whose command's start `starting` waits for."""
         self.check()
-        process = subprocess.Popen(["dvc", "--wait-for-lock", *args], stdout=None if hint else subprocess.PIPE,
-                                   text=True, bufsize=1, process_group=0)
-        if not hint:
-            self.relays[process] = Relay(process, capture, ready)
-        self.running[" ".join(args)] = process
-        return process
+        self.running.append(Dvc(args, capture, hint, ready))
+        return self.running[-1]
 
     def starting(self) -> bool:
         """Whether a running command has not reached its `ready` stage's command yet: it holds the
         repository lock, waits for it, or runs the stages before."""
-        return any(relay.stage and not relay.ready.is_set()
-                   for process, relay in self.relays.items() if process in self.running.values())
+        return any(process.stage is not None and not process.ready.is_set() for process in self.running)
 
-    def ended(self) -> list[tuple[str, subprocess.Popen]]:
-        """The commands that ended since the last call, after waiting POLL_S for one; their output
-        is all relayed."""
+    def ended(self) -> list[Dvc]:
+        """The commands that ended since the last call (their output all passed on), after waiting
+        POLL_S for one."""
         time.sleep(POLL_S)
         self.check()
-        done = [(name, process) for name, process in self.running.items() if process.poll() is not None]
-        for name, process in done:
-            del self.running[name]
-            if process in self.relays:
-                self.relays[process].join(timeout=GRACE_S)
+        done = [process for process in self.running if process.poll() is not None]
+        for process in done:
+            self.running.remove(process)
+            process.passed_on()
         return done
 
-    def result(self, process: subprocess.Popen) -> str:
+    def result(self, process: Dvc) -> str:
         """Waits for a started command (others may end meanwhile); its kept output. Its failure raises
         DvcFailed."""
-        while process in self.running.values():
+        while process in self.running:
             self.ended()
         if process.returncode != 0:
-            raise DvcFailed(f"dvc {' '.join(process.args[2:])} exited with {process.returncode}",
-                            exit_code=process.returncode)
-        relay = self.relays.pop(process, None)
-        return "".join(relay.kept) if relay else ""
+            raise DvcFailed(f"dvc {process.name} exited with {process.returncode}", exit_code=process.returncode)
+        return "".join(process.kept or [])
 
     def output(self, *args: str, capture: bool = False, hint: bool = False) -> str:
         return self.result(self.start(*args, capture=capture, hint=hint))
@@ -151,20 +149,19 @@ class Dvcs:
     def stop(self, signum: int) -> None:
         """`signum` to each running command's group, SIGKILL to each GRACE_S later (a group outlives
         its `dvc` where DVC died on SIGTERM before the stage it ran)."""
-        groups = [process.pid for process in self.running.values()]
+        groups = [process.pid for process in self.running]
         deadline = time.monotonic() + GRACE_S
         for sent in (signum, signal.SIGKILL):
             for group in groups:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(group, sent)
             while sent == signum and time.monotonic() < deadline and any(map(_group_alive, groups)):
-                for process in self.running.values():
+                for process in self.running:
                     process.poll()  # reaped: a group of zombies is empty
                 time.sleep(POLL_S)
-        for process in self.running.values():
+        for process in self.running:
             process.wait()
-            if process in self.relays:
-                self.relays[process].join(timeout=GRACE_S)
+            process.passed_on()
         self.running.clear()
 
 

@@ -34,11 +34,6 @@ EVALUATE_PREFIX = "evaluate@"  # and `evaluate: foreach: ${variants}`
 UPSTREAM = ("check", "download", "prepare")
 
 
-def stale_stages(dvcs: Dvcs) -> set[str]:
-    """The stages `dvc repro` would run now (a dvc.yaml stage is named by itself in the answer)."""
-    return {name.rpartition(":")[2] for name in json.loads(dvcs.output("status", "--json", capture=True) or "{}")}
-
-
 def variant_chains(trains: list[str], stale: set[str], force: bool) -> list[tuple[str, ...]]:
     """Each train stage to run with its variant's evaluate stage after it (the first variant done is
     evaluated while the others train). Where the upstream stages are to run, the first chain runs
@@ -60,10 +55,10 @@ def side_by_side(dvcs: Dvcs, chains: list[tuple[str, ...]], jobs: int, force: bo
         while pending and len(dvcs.running) < jobs and not dvcs.starting():
             stages = pending.pop(0)
             dvcs.start("repro", *options, "-s", *stages, ready=next(s for s in stages if s.startswith(TRAIN_PREFIX)))
-        for name, process in dvcs.ended():
+        for process in dvcs.ended():
             if process.returncode != 0:
                 dvcs.stop(signal.SIGINT)
-                raise DvcFailed(f"dvc {name} exited with {process.returncode}; the chains beside it "
+                raise DvcFailed(f"dvc {process.name} exited with {process.returncode}; the chains beside it "
                                 "were stopped", exit_code=process.returncode)
 
 
@@ -73,7 +68,9 @@ def repro(dvcs: Dvcs, force: bool = False, jobs: int | None = None) -> None:
     params = load_params()  # a mistake ends the command here, in one line, before DVC runs
     trains = [f"{TRAIN_PREFIX}{variant}" for variant in params.variants]
     jobs = jobs or max(1, len(os.sched_getaffinity(0)) // params.train.threads)
-    stale = set() if force else stale_stages(dvcs)
+    # The stages `dvc repro` would run now (a dvc.yaml stage is named by itself in the answer).
+    stale = set() if force else {name.rpartition(":")[2]
+                                 for name in json.loads(dvcs.output("status", "--json", capture=True) or "{}")}
     if not force and not stale:
         print("Data and pipelines are up to date.")
         return

@@ -72,36 +72,9 @@ def _last_comment(node: CommentedBase) -> tuple[list, int] | None:
     return inner or (node.ca.items.setdefault(key, [None, None, None, None]), position)
 
 
-def _pop_gap(variants: CommentedMap) -> str:
-    """The blank lines and comments between `variants:`'s last line and the next section, taken
-    off that line (an end-of-line comment stays) so that they can follow the new last line."""
-    entry, position = _last_comment(variants) or ([None], 0)
-    if entry[position] is None:
-        return ""
-    line, _, gap = entry[position].value.partition("\n")  # the first newline ends the entry's own line
-    if line:
-        entry[position].value = line + "\n"
-    else:
-        entry[position] = None
-    return gap
-
-
-def _put_gap(variants: CommentedMap, gap: str) -> None:
-    entry, position = _last_comment(variants)
-    if entry[position] is None:
-        entry[position] = CommentToken("\n" + gap, CommentMark(0), None)
-    else:
-        entry[position].value += gap
-
-
-def _flow(value: object) -> object:
-    """`value` written on one line: a grid point is one line of `variants:`."""
-    if isinstance(value, dict):
-        node = CommentedMap({key: _flow(item) for key, item in value.items()})
-    elif isinstance(value, list):
-        node = CommentedSeq(value)
-    else:
-        return value
+def _flow(choices: dict) -> CommentedMap:
+    """A grid point's choices on one line of `variants:` (what is inside a flow node is flow too)."""
+    node = CommentedMap(choices)
     node.fa.set_flow_style()
     return node
 
@@ -110,13 +83,24 @@ def rewrite(text: str, grid: dict[str, ModelChoices]) -> str:
     """`text` with the grid points of `variants:` replaced by `grid`'s, after the hand-written ones."""
     yaml, document = _round_trip(text)
     variants = document["variants"]
-    gap = _pop_gap(variants)
+    # The blank lines and comments between `variants:`'s last line and the next section: taken off
+    # that line (an end-of-line comment stays) to follow the new last line.
+    entry, position = _last_comment(variants) or ([None], 0)
+    line, _, gap = entry[position].value.partition("\n") if entry[position] else ("", "", "")
+    if line:  # the first newline ends the entry's own line
+        entry[position].value = line + "\n"
+    else:
+        entry[position] = None
     for name in [name for name in variants if name.startswith(GRID_PREFIX)]:
         del variants[name]
     for name, choices in grid.items():
         variants[name] = _flow(choices.model_dump(exclude_none=True))
     if gap and variants:
-        _put_gap(variants, gap)
+        entry, position = _last_comment(variants)
+        if entry[position] is None:
+            entry[position] = CommentToken("\n" + gap, CommentMark(0), None)
+        else:
+            entry[position].value += gap
     out = io.StringIO()
     yaml.dump(document, out)
     return out.getvalue()

@@ -1,9 +1,6 @@
-"""The grid of `sweep:`: axes of values per key a variant may override, crossed into grid points.
-
-Each grid point is a variant named from its values (`sweep-batch-lr0p003`), which
-`python -m pipeline.commands.sweep` writes into `variants:`; `Params` refuses a `variants:` that is not
-the expansion of its `sweep:`.
-"""
+"""The grid of `sweep:`: axes of values per key a variant may override, crossed into grid points, each
+a variant named from its values (`sweep-batch-lr0p003`). `python -m pipeline.commands.sweep` writes
+them into `variants:`; `Params` refuses a `variants:` that is not the expansion of its `sweep:`."""
 
 from __future__ import annotations
 
@@ -11,7 +8,7 @@ import itertools
 import math
 import re
 
-from pydantic import Field, create_model, field_validator
+from pydantic import Field, create_model, field_validator, model_validator
 
 from pipeline.config.variant import VARIANT_CHOICES, Choices, ModelChoices, Strict, constrained
 
@@ -31,6 +28,24 @@ class _Axes(Choices):
             if texts.count(text) > 1:
                 raise ValueError(f"the values of an axis must be distinct ({value!r} twice)")
         return values
+
+    @model_validator(mode="after")
+    def _bounded(self) -> _Axes:
+        lengths = [len(values) for values in self.model_dump(exclude_none=True).values()]
+        if math.prod(lengths) > MAX_GRID_POINTS:
+            raise ValueError(f"{math.prod(lengths)} grid points ({' x '.join(map(str, lengths))}); "
+                             f"at most {MAX_GRID_POINTS}")
+        longest = max(self.grid(), key=len, default="")
+        if longest and not VARIANT_NAME.match(longest):  # only its length can fail the rule
+            raise ValueError(f"grid point {longest!r} has a name longer than 64 characters "
+                             "(it names folders, stages and runs)")
+        return self
+
+    def grid(self) -> dict[str, ModelChoices]:
+        """The grid points by name, in the order of the axes' values (the last key varies fastest)."""
+        swept = self.model_dump(exclude_none=True)  # ModelChoices' key order, so names are stable
+        points = [dict(zip(swept, values)) for values in itertools.product(*swept.values())] if swept else []
+        return {grid_point_name(point): ModelChoices.model_validate(point) for point in points}
 
 
 # An axis accepts exactly what a variant's key does (the same constrained type), and a key added
@@ -62,33 +77,13 @@ def grid_point_name(choices: dict) -> str:
     return GRID_PREFIX + "-".join(parts)
 
 
-def expand(axes: SweepAxes) -> dict[str, ModelChoices]:
-    """The grid points by name, in the order of the axes' values (the last key varies fastest)."""
-    swept = axes.model_dump(exclude_none=True)  # ModelChoices' key order, so names are stable
-    points = [dict(zip(swept, values)) for values in itertools.product(*swept.values())] if swept else []
-    return {grid_point_name(point): ModelChoices.model_validate(point) for point in points}
-
-
 class SweepParams(Strict):
     """A grid of variants: every combination of the axes' values is one variant, a grid point."""
 
     axes: SweepAxes = SweepAxes()
 
-    @field_validator("axes")
-    @classmethod
-    def _bounded(cls, axes: SweepAxes) -> SweepAxes:
-        lengths = [len(values) for values in axes.model_dump(exclude_none=True).values()]
-        if math.prod(lengths) > MAX_GRID_POINTS:
-            raise ValueError(f"{math.prod(lengths)} grid points ({' x '.join(map(str, lengths))}); "
-                             f"at most {MAX_GRID_POINTS}")
-        longest = max(expand(axes), key=len, default="")
-        if longest and not VARIANT_NAME.match(longest):  # only its length can fail the rule
-            raise ValueError(f"grid point {longest!r} has a name longer than 64 characters "
-                             "(it names folders, stages and runs)")
-        return axes
-
     def grid(self) -> dict[str, ModelChoices]:
-        return expand(self.axes)
+        return self.axes.grid()
 
 
 def stale_grid_point(variants: dict[str, ModelChoices], grid: dict[str, ModelChoices]) -> str | None:

@@ -1,12 +1,9 @@
-"""Validated parameters: `params.yaml` is loaded once, here, into frozen pydantic models.
+"""Validated parameters: `params.yaml` is loaded once, here, into frozen pydantic models; every
+stage takes a `Params`. A bad value is a `ParamsError`: one line naming the key path and what is wrong.
 
-Every stage takes a `Params` object; nothing else reads the YAML. A bad value raises
-`ParamsError` with one line that names the key path and what is wrong.
-
-The YAML is read as DVC reads it (ruamel.yaml, YAML 1.2: `1e-3` is a number, `yes` a word),
-so the values checked here are the values `dvc.lock` records. Types are strict: `true` is no
-epoch count and `"0.01"` no learning rate; numbers are finite; every bound is what the code
-that consumes the value can run (seeds fit torch's generator, names are what MLflow accepts).
+The YAML is read as DVC reads it (ruamel.yaml, YAML 1.2: `1e-3` is a number, `yes` a word), so the
+values checked are the values `dvc.lock` records. Types are strict (`true` is no epoch count, `"0.01"`
+no learning rate), numbers finite, every bound what the code that consumes the value can run.
 """
 
 from __future__ import annotations
@@ -19,7 +16,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 
 from pipeline.errors import ParamsError
 from pipeline.config.grid import VARIANT_NAME, SweepParams, stale_grid_point
-from pipeline.config.variant import ModelChoices, Seed, Strict, TrainParams, VariantConfig, variant_config
+from pipeline.config.variant import RUNTIME, ModelChoices, Seed, Strict, TrainParams, VariantConfig
 
 PARAMS_FILE = Path("params.yaml")  # read from the project root, where DVC runs every stage
 MNIST_TRAIN_SIZE = 60_000
@@ -122,7 +119,8 @@ class Params(Strict):
     def variant(self, name: str) -> VariantConfig:
         if name not in self.variants:
             raise ParamsError(f"variants.{name}: no such variant (variants: {', '.join(self.variants)})")
-        return variant_config(name, self.seeds, self.train, self.variants[name])
+        choices = self.train.model_dump(exclude=set(RUNTIME)) | self.variants[name].model_dump(exclude_none=True)
+        return VariantConfig(name=name, seeds=self.seeds, **choices)
 
 
 def _validate(model: type[BaseModel], raw: object, source: str, within: tuple[str, ...] = ()):

@@ -1,8 +1,6 @@
-"""What a variant is, defined once: the fields of `train:` (`TrainParams`). `ModelChoices` (what a
-variant may override in `variants:`) and `VariantConfig` (one variant with the `train:` defaults
-filled in, which the train, evaluate and compare stages take whole, and checkpoints carry) derive
-from it.
-"""
+"""What a variant is, defined once: the fields of `train:` (`TrainParams`). From it, `ModelChoices`: what a
+variant may override in `variants:`; `VariantConfig`: one variant with the `train:` defaults filled in,
+which the train, evaluate and compare stages take whole (and checkpoints carry)."""
 
 from __future__ import annotations
 
@@ -78,7 +76,3 @@ VariantConfig = create_model(
     **{key: (constrained(key), ...) for key in TrainParams.model_fields if key not in RUNTIME},
 )
 
-
-def variant_config(name: str, seeds: list[int], train: TrainParams, choices: ModelChoices) -> VariantConfig:
-    shared = train.model_dump(exclude=set(RUNTIME))
-    return VariantConfig(name=name, seeds=seeds, **(shared | choices.model_dump(exclude_none=True)))
