@@ -68,7 +68,7 @@ class Dvc(subprocess.Popen):
 
     def pass_on(self) -> None:
         for line in self.stdout:
-            if line.strip() == STAGE_RUNS.format(self.stage):
+            if self.stage is not None and line.strip() == STAGE_RUNS.format(self.stage):
                 self.ready.set()
             if self.kept is not None:
                 self.kept.append(line)
@@ -83,8 +83,7 @@ class Dvc(subprocess.Popen):
 
 
 class Dvcs:
-    """The `dvc` processes this command runs, all stopped when the block ends: on a signal this
-    process is sent (SIGINT, SIGTERM, SIGHUP), its parent's end, a failure, or an error here."""
+    """The `dvc` processes this command runs, all stopped as the block ends (a signal, `make`'s end, an error)."""
 
     def __init__(self) -> None:
         self.running: list[Dvc] = []
