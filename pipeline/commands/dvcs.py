@@ -1,11 +1,9 @@
-"""`dvc` commands run side by side by `make repro` (pipeline/commands/repro.py), each a process of
-its own, stopped together.
+"""The `dvc` processes `make repro` runs side by side (pipeline/commands/repro.py), stopped together.
 
-Nothing they start outlives them (tests/test_repro_faults.py): each `dvc` runs in a process
-group of its own, with the stages it runs; a signal that ends the command running them (Ctrl-C,
-SIGTERM to it or to `make`, which passes it on), `make`'s death, or a failed chain sends each
-running group the signal (SIGINT for a failed chain, as Ctrl-C: the train stages close their
-runs KILLED), and what is alive GRACE_S later is killed.
+Nothing they start outlives them (tests/test_repro_faults.py): each `dvc` runs in a process group of
+its own, with its stages. A signal that ends this command (Ctrl-C, SIGTERM to it or to `make`, which
+passes it on), `make`'s death or a failed chain (SIGINT, as Ctrl-C: the train stages close their runs
+KILLED) sends each group the signal, and what is alive GRACE_S later is killed.
 """
 
 from __future__ import annotations
@@ -123,8 +121,7 @@ class Dvcs:
         return any(process.stage is not None and not process.ready.is_set() for process in self.running)
 
     def ended(self) -> list[Dvc]:
-        """The commands that ended since the last call (their output all passed on), after waiting
-        POLL_S for one."""
+        """The commands that ended since the last call (output all passed on), after waiting POLL_S."""
         time.sleep(POLL_S)
         self.check()
         done = [process for process in self.running if process.poll() is not None]
@@ -134,8 +131,7 @@ class Dvcs:
         return done
 
     def result(self, process: Dvc) -> str:
-        """Waits for a started command (others may end meanwhile); its kept output. Its failure raises
-        DvcFailed."""
+        """A started command's kept output once it ends (others may end meanwhile); DvcFailed if it failed."""
         while process in self.running:
             self.ended()
         if process.returncode != 0:

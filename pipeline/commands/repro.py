@@ -1,22 +1,20 @@
 """`python -m pipeline.commands.repro [--force] [--jobs N]` (`make repro`): `dvc repro`, with the
 variants' train stages side by side.
 
-DVC runs a pipeline's stages one at a time, and each train stage trains on `train.threads`
-threads (1 by default, for bit-identical results): on a 2-core machine one core idles through
-most of the lab. DVC's documented way to run independent stages in parallel is a `dvc repro`
-process each, with `--wait-for-lock`: DVC lets go of its repository lock while a stage's command
-runs, locks each stage's dependencies and outputs, and a `dvc` that finds the lock taken waits.
-So, once the params are valid (a mistake: one line, before DVC runs anything):
+DVC runs stages one at a time, and a train stage trains on `train.threads` threads (1 by default,
+for bit-identical results): on 2 cores one idles through most of the lab. DVC's documented way to
+run independent stages in parallel is a `dvc repro --wait-for-lock` process each (DVC lets go of
+its lock while a stage's command runs; a `dvc` that finds it taken waits). So, params valid (a
+mistake: one line, before DVC runs anything):
 
   1. `dvc status`: nothing to do, nothing more is run;
   2. `dvc repro -s train@<variant> evaluate@<variant>` of each variant to train (variant_chains),
      `--jobs` at a time (default: the cores this process may use over `train.threads`), each
      started once the one before runs its train stage;
-  3. `dvc repro`: the rest (curves, compare), exactly as DVC would; forced, the stages left by name.
+  3. `dvc repro`: the rest (curves, compare), as DVC would; forced, the stages left by name.
 
-Each stage runs its own command with its own inputs, so the outputs and dvc.lock are the ones
-`dvc repro` writes (tests/test_pipeline.py holds them byte-identical). Any other argument
-(targets, `-s`, `--dry`, ...) goes to one plain `dvc repro`.
+Each stage runs its own command on its own inputs: the outputs and dvc.lock are `dvc repro`'s
+(tests/test_pipeline.py). Any other argument (targets, `-s`, `--dry`, ...) goes to one `dvc repro`.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ VARIANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")  # a folder, a DV
 # Every grid point is a train and an evaluate stage, an MLflow run and a line in each plot.
 MAX_GRID_POINTS = 256
 GRID_PREFIX = "sweep-"  # the variants named so are the grid points of `sweep:`, and nothing else
-NAME_LABELS = {"hidden_sizes": "h"}  # a number in a name follows its key's label; words go bare
+NAME_LABELS = {"hidden_sizes": "h"}  # a number in a name follows its key's label
 
 
 class _Axes(Choices):
@@ -68,12 +68,9 @@ def grid_point_name(choices: dict) -> str:
     """`sweep-h64x64-batch-tanh-lr0p003`: the prefix, then each swept key's value in ModelChoices'
     order. Only [a-z0-9-]: no '.', which DVC would read as a key path in `variants.<name>`."""
     parts = []
-    for key, value in choices.items():
-        if isinstance(value, str):
-            parts.append(value)  # a word of the key's Literal; no two keys share one
-        else:
-            numbers = value if isinstance(value, list) else [value]
-            parts.append(NAME_LABELS.get(key, key) + "x".join(_number(number) for number in numbers))
+    for key, value in choices.items():  # a word (of the key's Literal: no two keys share one) goes bare
+        numbers = value if isinstance(value, list) else [value]
+        parts.append(value if isinstance(value, str) else NAME_LABELS.get(key, key) + "x".join(map(_number, numbers)))
     return GRID_PREFIX + "-".join(parts)
 
 
