@@ -20,7 +20,6 @@ from pipeline.config.variant import RUNTIME, ModelChoices, Seed, Strict, TrainPa
 
 PARAMS_FILE = Path("params.yaml")  # read from the project root, where DVC runs every stage
 MNIST_TRAIN_SIZE = 60_000
-MLFLOW_ALIAS = re.compile(r"^[A-Za-z0-9_-]{1,255}$")  # mlflow.utils.validation's alias rule
 MAX_SEEDS = 256  # the seeds list is logged as one MLflow param (at most 6,000 characters)
 PYDANTIC_MESSAGES = {"extra_forbidden": "unknown key", "missing": "required key is missing"}
 
@@ -49,7 +48,7 @@ class CompareParams(Strict):
     @field_validator("alias", "challenger_alias")
     @classmethod
     def _alias(cls, alias: str) -> str:
-        if not MLFLOW_ALIAS.match(alias):
+        if not re.fullmatch(r"[A-Za-z0-9_-]{1,255}", alias):  # mlflow.utils.validation's alias rule
             raise ValueError(f"{alias!r}: an alias is 1-255 letters, digits, '_' or '-'")
         if alias.lower() == "latest" or re.fullmatch(r"[vV]\d+", alias):
             raise ValueError(f"{alias!r} is reserved by MLflow ('latest' and 'v<number>' name versions)")
