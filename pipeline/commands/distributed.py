@@ -78,7 +78,6 @@ def run_variant(repository: str, commit: str, variant: str, environment: dict[st
 
 
 def run_sweep(root: Path, repository: str) -> None:
-    """Every variant on the cluster, then restored here; with no cluster, `dvc repro` here."""
     if not os.environ.get("DASK_SCHEDULER_ADDRESS"):
         print("DASK_SCHEDULER_ADDRESS not set: running here with `dvc repro`", flush=True)
         dvc(root, "repro")

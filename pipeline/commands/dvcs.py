@@ -75,7 +75,6 @@ class Dvc(subprocess.Popen):
                 sys.stdout.flush()
 
     def passed_on(self) -> None:
-        """Waits until an ended command's output is all passed on."""
         if self.stdout is not None:
             self.relay.join(timeout=GRACE_S)
 

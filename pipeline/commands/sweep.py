@@ -150,7 +150,6 @@ def forget(points: set[str], root: Path) -> int:
 
 
 def sweep(path: Path = PARAMS_FILE) -> None:
-    """Writes the grid of `path`'s `sweep:` into its `variants:`."""
     source = str(path)
     text = read_params(path)
     raw = parse_yaml(text, source)

@@ -75,8 +75,6 @@ def grid_point_name(choices: dict) -> str:
 
 
 class SweepParams(Strict):
-    """A grid of variants: every combination of the axes' values is one variant, a grid point."""
-
     axes: SweepAxes = SweepAxes()
 
     def grid(self) -> dict[str, ModelChoices]:
