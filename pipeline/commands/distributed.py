@@ -1,13 +1,11 @@
 """`python -m pipeline.commands.distributed`: every variant's train and evaluate stages as tasks on a Dask
-cluster, then this repository's `dvc repro` restores them all from DVC's run-cache and compares.
+cluster (`DASK_SCHEDULER_ADDRESS`; without one, a plain `dvc repro` here), then this repository's
+`dvc repro` restores them all from DVC's run-cache and compares.
 
-The cluster's address comes from the environment, as Dask reads it (`DASK_SCHEDULER_ADDRESS`);
-without one the command is a plain `dvc repro` here. A task runs on a worker in a clone of its own
-at the commit being run: it checks the worker's environment against the lock, lets DVC restore
-the prepared data from the shared remote's run-cache (`dvc repro --pull`), runs the variant's
-stages through DVC, and pushes their outputs and run-cache entries back. MLflow runs go to the
-tracking server the workers are configured for. A worker lost mid-task: Dask runs the task again
-elsewhere, and the new attempt closes the runs the lost one left RUNNING (tracking.py).
+A task runs in a worker's own clone at the commit being run: it checks the worker's environment
+against the lock, restores the prepared data from the shared remote's run-cache (`dvc repro
+--pull`), runs the variant's stages and pushes their outputs and run-cache entries back. A worker
+lost mid-task: Dask runs the task elsewhere, which closes the runs the lost one left RUNNING.
 """
 
 from __future__ import annotations
@@ -54,21 +52,19 @@ def dvc(cwd: Path, *args: str, env: dict[str, str] | None = None) -> float:
 
 
 def run_variant(repository: str, commit: str, variant: str, environment: dict[str, str]) -> dict:
-    """The task: train@variant and evaluate@variant through DVC in a clone on this worker;
-    returns the seconds of each step."""
+    """The task: train@variant and evaluate@variant through DVC in a clone on this worker; each step's seconds."""
     from distributed import get_worker
 
     folder = Path(get_worker().local_directory)
     clone = folder / f"{variant}-{commit[:12]}-{os.getpid()}"
     shutil.rmtree(clone, ignore_errors=True)
     env = os.environ | environment
-    seconds = {}
     started = time.perf_counter()
     subprocess.run(["git", "clone", "--quiet", "--no-checkout", repository, str(clone)], check=True, timeout=300)
     git(clone, "checkout", "--quiet", commit)
     # One DVC cache per worker: the prepared data is downloaded once, not once per task.
     dvc(clone, "config", "--local", "cache.dir", str(folder / "dvc-cache"))
-    seconds["clone"] = time.perf_counter() - started
+    seconds = {"clone": time.perf_counter() - started}
     started = time.perf_counter()
     check = subprocess.run([sys.executable, "-m", "pipeline.stages.check"], cwd=clone, env=env, capture_output=True,
                            text=True)
@@ -81,7 +77,14 @@ def run_variant(repository: str, commit: str, variant: str, environment: dict[st
     return seconds
 
 
-def run_on_cluster(root: Path, repository: str) -> None:
+def run_sweep(root: Path, repository: str) -> None:
+    if not os.environ.get("DASK_SCHEDULER_ADDRESS"):
+        print("DASK_SCHEDULER_ADDRESS not set: running here with `dvc repro`", flush=True)
+        dvc(root, "repro")
+        return
+    if not os.environ.get("MLFLOW_TRACKING_URI", "").startswith(("http://", "https://")):
+        raise PipelineError("MLFLOW_TRACKING_URI: the workers need a tracking server they all reach "
+                            "(http://...); a local store would stay in their clones")
     from distributed import Client, as_completed
 
     variants = list(load_params(root / "params.yaml").variants)
@@ -102,18 +105,6 @@ def run_on_cluster(root: Path, repository: str) -> None:
             print(f"{tasks[task]}: {steps}", flush=True)
     print(f"all variants in {time.perf_counter() - started:.1f}s; restoring them here from the run-cache", flush=True)
     dvc(root, "repro", "--pull")
-
-
-def run_sweep(root: Path, repository: str) -> None:
-    """Every variant on the cluster, then restored here; with no cluster, `dvc repro` here."""
-    if not os.environ.get("DASK_SCHEDULER_ADDRESS"):
-        print("DASK_SCHEDULER_ADDRESS not set: running here with `dvc repro`", flush=True)
-        dvc(root, "repro")
-        return
-    if not os.environ.get("MLFLOW_TRACKING_URI", "").startswith(("http://", "https://")):
-        raise PipelineError("MLFLOW_TRACKING_URI: the workers need a tracking server they all reach "
-                            "(http://...); a local store would stay in their clones")
-    run_on_cluster(root, repository)
 
 
 if __name__ == "__main__":

@@ -1,16 +1,12 @@
 """`python -m pipeline.commands.sweep`: the grid points of params.yaml's `sweep:` written into its `variants:`.
 
 DVC makes the `train@<variant>` and `evaluate@<variant>` stages from `foreach: ${variants}` as it
-parses dvc.yaml, from the values params.yaml holds: it cannot compute a grid. So the grid points
-are written into `variants:`, where each one is a variant like any other (its own stages, cache,
-params dep `variants.<name>` and column in `dvc exp show`). They are the variants named
-`sweep-...` (grid.GRID_PREFIX), after the hand-written ones; this command replaces exactly those.
-The file is rewritten by ruamel.yaml's round trip, which keeps comments, quotes and the
-hand-written variants; the new text is validated as the check stage will read it, and nothing is
-written when it is invalid. A grid point it removes leaves nothing behind: its stages' entries in
-dvc.lock go (DVC keeps the entries of stages dvc.yaml no longer makes) and so do the outputs they
-list, with their .gitignore lines; DVC's cache keeps their data, so a point added back is restored
-from the run-cache, not trained again.
+parses dvc.yaml: it cannot compute a grid. So each grid point is written into `variants:`, a variant
+like any other (its own stages, cache, params dep and column in `dvc exp show`), named `sweep-...`
+after the hand-written ones; this command replaces exactly those. ruamel.yaml's round trip keeps
+comments, quotes and the hand-written variants, and nothing is written unless the new text is valid
+as the check stage reads it. A point removed leaves nothing behind (its stages' dvc.lock entries
+and outputs go); DVC's cache keeps their data, so a point added back is restored from the run-cache.
 """
 
 from __future__ import annotations
@@ -65,56 +61,20 @@ def _round_trip(text: str) -> tuple[YAML, CommentedMap]:
     return yaml, document
 
 
-def _last_comment_slot(node: CommentedBase) -> tuple[CommentedBase, object, int] | None:
-    """(node, key, index into its comment entry) where ruamel keeps the text after a block's last
-    line: on the deepest last entry; None for a flow block (its parent's entry keeps it)."""
+def _last_comment(node: CommentedBase) -> tuple[list, int] | None:
+    """(comment entry, index into it) where ruamel keeps the text after a block's last line: on the
+    deepest last entry; None for a flow block (its parent's entry keeps it)."""
     if node.fa.flow_style() or not node:
         return None
-    if isinstance(node, CommentedMap):
-        key, position = next(reversed(node)), 2
-    else:
-        key, position = len(node) - 1, 0
+    key, position = (next(reversed(node)), 2) if isinstance(node, CommentedMap) else (len(node) - 1, 0)
     value = node[key]
-    inner = _last_comment_slot(value) if isinstance(value, (CommentedMap, CommentedSeq)) else None
-    return inner or (node, key, position)
+    inner = _last_comment(value) if isinstance(value, (CommentedMap, CommentedSeq)) else None
+    return inner or (node.ca.items.setdefault(key, [None, None, None, None]), position)
 
 
-def _pop_gap(variants: CommentedMap) -> str:
-    """The blank lines and comments between `variants:`'s last line and the next section, taken
-    off that line (an end-of-line comment stays) so that they can follow the new last line."""
-    slot = _last_comment_slot(variants)
-    if slot is None:
-        return ""
-    node, key, position = slot
-    entry = node.ca.items.get(key)
-    token = entry[position] if entry else None
-    if token is None:
-        return ""
-    line, _, gap = token.value.partition("\n")  # the first newline ends the entry's own line
-    if line:
-        token.value = line + "\n"
-    else:
-        entry[position] = None
-    return gap
-
-
-def _put_gap(variants: CommentedMap, gap: str) -> None:
-    node, key, position = _last_comment_slot(variants)
-    entry = node.ca.items.setdefault(key, [None, None, None, None])
-    if entry[position] is None:
-        entry[position] = CommentToken("\n" + gap, CommentMark(0), None)
-    else:
-        entry[position].value += gap
-
-
-def _flow(value: object) -> object:
-    """`value` written on one line: a grid point is one line of `variants:`."""
-    if isinstance(value, dict):
-        node = CommentedMap({key: _flow(item) for key, item in value.items()})
-    elif isinstance(value, list):
-        node = CommentedSeq(value)
-    else:
-        return value
+def _flow(choices: dict) -> CommentedMap:
+    """A grid point's choices on one line of `variants:` (what is inside a flow node is flow too)."""
+    node = CommentedMap(choices)
     node.fa.set_flow_style()
     return node
 
@@ -123,13 +83,24 @@ def rewrite(text: str, grid: dict[str, ModelChoices]) -> str:
     """`text` with the grid points of `variants:` replaced by `grid`'s, after the hand-written ones."""
     yaml, document = _round_trip(text)
     variants = document["variants"]
-    gap = _pop_gap(variants)
+    # The blank lines and comments between `variants:`'s last line and the next section: taken off
+    # that line (an end-of-line comment stays) to follow the new last line.
+    entry, position = _last_comment(variants) or ([None], 0)
+    line, _, gap = entry[position].value.partition("\n") if entry[position] else ("", "", "")
+    if line:  # the first newline ends the entry's own line
+        entry[position].value = line + "\n"
+    else:
+        entry[position] = None
     for name in [name for name in variants if name.startswith(GRID_PREFIX)]:
         del variants[name]
     for name, choices in grid.items():
         variants[name] = _flow(choices.model_dump(exclude_none=True))
     if gap and variants:
-        _put_gap(variants, gap)
+        entry, position = _last_comment(variants)
+        if entry[position] is None:
+            entry[position] = CommentToken("\n" + gap, CommentMark(0), None)
+        else:
+            entry[position].value += gap
     out = io.StringIO()
     yaml.dump(document, out)
     return out.getvalue()
@@ -179,7 +150,6 @@ def forget(points: set[str], root: Path) -> int:
 
 
 def sweep(path: Path = PARAMS_FILE) -> None:
-    """Writes the grid of `path`'s `sweep:` into its `variants:`."""
     source = str(path)
     text = read_params(path)
     raw = parse_yaml(text, source)

@@ -1,51 +1,59 @@
-"""The grid of `sweep:`: axes of values per key a variant may override, crossed into grid points.
-
-Each grid point is a variant named from its values (`sweep-batch-lr0p003`), which
-`python -m pipeline.commands.sweep` writes into `variants:`; `Params` refuses a `variants:` that is not
-the expansion of its `sweep:`.
-"""
+"""The grid of `sweep:`: axes of values per key a variant may override, crossed into grid points, each
+a variant named from its values (`sweep-batch-lr0p003`). `python -m pipeline.commands.sweep` writes
+them into `variants:`; `Params` refuses a `variants:` that is not the expansion of its `sweep:`."""
 
 from __future__ import annotations
 
 import itertools
 import math
 import re
-from typing import get_args
 
-from pydantic import Field, create_model, field_validator
-from pydantic.fields import FieldInfo
+from pydantic import Field, create_model, field_validator, model_validator
 
-from pipeline.config.variant import Choices, ModelChoices, Strict
+from pipeline.config.variant import VARIANT_CHOICES, Choices, ModelChoices, Strict, constrained
 
 VARIANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")  # a folder, a DVC stage key, a run name
 # Every grid point is a train and an evaluate stage, an MLflow run and a line in each plot.
 MAX_GRID_POINTS = 256
 GRID_PREFIX = "sweep-"  # the variants named so are the grid points of `sweep:`, and nothing else
+NAME_LABELS = {"hidden_sizes": "h"}  # a number in a name follows its key's label
 
 
 class _Axes(Choices):
     @field_validator("*")
     @classmethod
     def _distinct(cls, values: list) -> list:
-        seen = set()
-        for value in values:
-            if repr(value) in seen:  # validated values: `1` and `1.0` are both 1.0 by now
+        texts = [repr(value) for value in values]  # validated values: `1` and `1.0` are both 1.0 by now
+        for value, text in zip(values, texts):
+            if texts.count(text) > 1:
                 raise ValueError(f"the values of an axis must be distinct ({value!r} twice)")
-            seen.add(repr(value))
         return values
 
+    @model_validator(mode="after")
+    def _bounded(self) -> _Axes:
+        lengths = [len(values) for values in self.model_dump(exclude_none=True).values()]
+        if math.prod(lengths) > MAX_GRID_POINTS:
+            raise ValueError(f"{math.prod(lengths)} grid points ({' x '.join(map(str, lengths))}); "
+                             f"at most {MAX_GRID_POINTS}")
+        longest = max(self.grid(), key=len, default="")
+        if longest and not VARIANT_NAME.match(longest):  # only its length can fail the rule
+            raise ValueError(f"grid point {longest!r} has a name longer than 64 characters "
+                             "(it names folders, stages and runs)")
+        return self
 
-def _axis(choice: FieldInfo) -> tuple:
-    """The axis of a ModelChoices key: a non-empty list of values that the key itself accepts."""
-    (value_type,) = [arg for arg in get_args(choice.annotation) if arg is not type(None)]
-    return list[value_type] | None, Field(None, min_length=1, max_length=MAX_GRID_POINTS)
+    def grid(self) -> dict[str, ModelChoices]:
+        """The grid points by name, in the order of the axes' values (the last key varies fastest)."""
+        swept = self.model_dump(exclude_none=True)  # ModelChoices' key order, so names are stable
+        points = [dict(zip(swept, values)) for values in itertools.product(*swept.values())] if swept else []
+        return {grid_point_name(point): ModelChoices.model_validate(point) for point in points}
 
 
-# Built from ModelChoices so that an axis accepts exactly what a variant's key does, and a key
-# added there can be swept without a second list of types to keep in step.
+# An axis accepts exactly what a variant's key does (the same constrained type), and a key added
+# to VARIANT_CHOICES can be swept without a second list of types to keep in step.
 SweepAxes = create_model(
     "SweepAxes", __base__=_Axes, __doc__="Values to cross, per key a variant may override.",
-    **{key: _axis(choice) for key, choice in ModelChoices.model_fields.items()},
+    **{key: (list[constrained(key)] | None, Field(None, min_length=1, max_length=MAX_GRID_POINTS))
+       for key in VARIANT_CHOICES},
 )
 
 
@@ -56,51 +64,21 @@ def _number(value: float) -> str:
     return repr(value).replace(".", "p").replace("e-", "em").replace("e+", "e")
 
 
-NAME_LABELS = {"hidden_sizes": "h"}  # a number in a name follows its key's label; words go bare
-
-
 def grid_point_name(choices: dict) -> str:
     """`sweep-h64x64-batch-tanh-lr0p003`: the prefix, then each swept key's value in ModelChoices'
     order. Only [a-z0-9-]: no '.', which DVC would read as a key path in `variants.<name>`."""
     parts = []
-    for key, value in choices.items():
-        if isinstance(value, str):
-            parts.append(value)  # a word of the key's Literal; no two keys share one
-        else:
-            numbers = value if isinstance(value, list) else [value]
-            parts.append(NAME_LABELS.get(key, key) + "x".join(_number(number) for number in numbers))
+    for key, value in choices.items():  # a word (of the key's Literal: no two keys share one) goes bare
+        numbers = value if isinstance(value, list) else [value]
+        parts.append(value if isinstance(value, str) else NAME_LABELS.get(key, key) + "x".join(map(_number, numbers)))
     return GRID_PREFIX + "-".join(parts)
 
 
-def expand(axes: SweepAxes) -> dict[str, ModelChoices]:
-    """The grid points by name, in the order of the axes' values (the last key varies fastest)."""
-    swept = axes.model_dump(exclude_none=True)  # ModelChoices' key order, so names are stable
-    if not swept:
-        return {}
-    points = [dict(zip(swept, values)) for values in itertools.product(*swept.values())]
-    return {grid_point_name(point): ModelChoices.model_validate(point) for point in points}
-
-
 class SweepParams(Strict):
-    """A grid of variants: every combination of the axes' values is one variant, a grid point."""
-
     axes: SweepAxes = SweepAxes()
 
-    @field_validator("axes")
-    @classmethod
-    def _bounded(cls, axes: SweepAxes) -> SweepAxes:
-        lengths = [len(values) for values in axes.model_dump(exclude_none=True).values()]
-        if lengths and math.prod(lengths) > MAX_GRID_POINTS:
-            raise ValueError(f"{math.prod(lengths)} grid points ({' x '.join(map(str, lengths))}); "
-                             f"at most {MAX_GRID_POINTS}")
-        for name in expand(axes):
-            if not VARIANT_NAME.match(name):  # only its length can fail the rule
-                raise ValueError(f"grid point {name!r} has a name longer than 64 characters "
-                                 "(it names folders, stages and runs)")
-        return axes
-
     def grid(self) -> dict[str, ModelChoices]:
-        return expand(self.axes)
+        return self.axes.grid()
 
 
 def stale_grid_point(variants: dict[str, ModelChoices], grid: dict[str, ModelChoices]) -> str | None:
@@ -111,6 +89,6 @@ def stale_grid_point(variants: dict[str, ModelChoices], grid: dict[str, ModelCho
             return f"{name}: missing"
         if name not in grid:
             return f"{name}: not a grid point of sweep: (names starting {GRID_PREFIX!r} are the grid's)"
-        if written[name].model_dump(exclude_none=True) != grid[name].model_dump(exclude_none=True):
+        if written[name] != grid[name]:
             return f"{name}: not the values of its grid point"
     return None

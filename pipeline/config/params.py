@@ -1,13 +1,9 @@
-"""Validated parameters: `params.yaml` is loaded once, here, into frozen pydantic models.
+"""Validated parameters: `params.yaml` is loaded once, here, into frozen pydantic models; every
+stage takes a `Params`. A bad value is a `ParamsError`: one line naming the key path and what is wrong.
 
-Every stage takes a `Params` object; nothing else reads the YAML. A bad value raises
-`ParamsError` with one line that names the key path and what is wrong.
-
-The YAML is read as DVC reads it (ruamel.yaml, YAML 1.2: `1e-3` is a number, `yes` a word),
-so the values checked here are the values `dvc.lock` records. Types are strict: `true` is no
-epoch count and `"0.01"` no learning rate; numbers are finite; every bound is what the code
-that consumes the value can run (seeds fit torch's generator, names are what MLflow accepts).
-The grid points of `sweep:` must be in `variants:` as `python -m pipeline.commands.sweep` writes them.
+The YAML is read as DVC reads it (ruamel.yaml, YAML 1.2: `1e-3` is a number, `yes` a word), so the
+values checked are the values `dvc.lock` records. Types are strict (`true` is no epoch count, `"0.01"`
+no learning rate), numbers finite, every bound what the code that consumes the value can run.
 """
 
 from __future__ import annotations
@@ -20,13 +16,12 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 
 from pipeline.errors import ParamsError
 from pipeline.config.grid import VARIANT_NAME, SweepParams, stale_grid_point
-from pipeline.config.variant import ModelChoices, Seed, Strict, TrainParams, VariantConfig, variant_config
+from pipeline.config.variant import RUNTIME, ModelChoices, Seed, Strict, TrainParams, VariantConfig
 
 PARAMS_FILE = Path("params.yaml")  # read from the project root, where DVC runs every stage
 MNIST_TRAIN_SIZE = 60_000
-MLFLOW_ALIAS = re.compile(r"^[A-Za-z0-9_-]{1,255}$")  # mlflow.utils.validation's alias rule
-MLFLOW_VERSION_ALIAS = re.compile(r"^[vV]\d+$")  # reserved by MLflow for version numbers
 MAX_SEEDS = 256  # the seeds list is logged as one MLflow param (at most 6,000 characters)
+PYDANTIC_MESSAGES = {"extra_forbidden": "unknown key", "missing": "required key is missing"}
 
 
 class DataParams(Strict):
@@ -53,9 +48,9 @@ class CompareParams(Strict):
     @field_validator("alias", "challenger_alias")
     @classmethod
     def _alias(cls, alias: str) -> str:
-        if not MLFLOW_ALIAS.match(alias):
+        if not re.fullmatch(r"[A-Za-z0-9_-]{1,255}", alias):  # mlflow.utils.validation's alias rule
             raise ValueError(f"{alias!r}: an alias is 1-255 letters, digits, '_' or '-'")
-        if alias.lower() == "latest" or MLFLOW_VERSION_ALIAS.match(alias):
+        if alias.lower() == "latest" or re.fullmatch(r"[vV]\d+", alias):
             raise ValueError(f"{alias!r} is reserved by MLflow ('latest' and 'v<number>' name versions)")
         return alias
 
@@ -92,12 +87,9 @@ class Params(Strict):
     def _safe_names(cls, variants: dict[str, ModelChoices]) -> dict[str, ModelChoices]:
         for name in variants:
             if not VARIANT_NAME.match(name):
-                raise ValueError(
-                    f"variant name {name!r} must be letters, digits, '_' or '-' "
-                    "(at most 64; it names folders, stages and runs)"
-                )
-        folded = [name.lower() for name in variants]
-        if len(set(folded)) != len(folded):
+                raise ValueError(f"variant name {name!r} must be letters, digits, '_' or '-' "
+                                 "(at most 64; it names folders, stages and runs)")
+        if len({name.lower() for name in variants}) != len(variants):
             raise ValueError("variant names must differ in more than letter case "
                              "(they name folders, and some file systems ignore case)")
         return variants
@@ -110,51 +102,39 @@ class Params(Strict):
                              "(run `python -m pipeline.commands.sweep`)")
         train_size = MNIST_TRAIN_SIZE - self.data.val_size
         if self.train.batch_size > train_size:
-            raise ValueError(
-                f"train.batch_size: {self.train.batch_size} is larger than the train split "
-                f"({train_size} images)"
-            )
+            raise ValueError(f"train.batch_size: {self.train.batch_size} is larger than the train split "
+                             f"({train_size} images)")
         for name in self.variants:
-            config = self.variant(name)
-            if config.norm == "batch" and config.batch_size < 2:
+            if self.variant(name).norm == "batch" and self.train.batch_size < 2:
                 raise ValueError(f"variants.{name}: batch norm needs train.batch_size >= 2 "
                                  "(the statistics of one image are undefined)")
         if self.compare.alias == self.compare.challenger_alias:
             raise ValueError(f"compare.challenger_alias: {self.compare.alias!r} is compare.alias already")
         if self.compare.reference not in self.variants:
-            raise ValueError(
-                f"compare.reference: {self.compare.reference!r} is not a variant "
-                f"(variants: {', '.join(self.variants)})"
-            )
+            raise ValueError(f"compare.reference: {self.compare.reference!r} is not a variant "
+                             f"(variants: {', '.join(self.variants)})")
         return self
 
     def variant(self, name: str) -> VariantConfig:
         if name not in self.variants:
             raise ParamsError(f"variants.{name}: no such variant (variants: {', '.join(self.variants)})")
-        return variant_config(name, self.seeds, self.train, self.variants[name])
-
-
-def _describe(error: ValidationError, source: str, within: tuple[str, ...]) -> str:
-    parts = []
-    for issue in error.errors():
-        path = ".".join(str(part) for part in (*within, *issue["loc"]))
-        if issue["type"] == "extra_forbidden":
-            message = "unknown key"
-        elif issue["type"] == "missing":
-            message = "required key is missing"
-        else:
-            message = issue["msg"].removeprefix("Value error, ")
-            if "input" in issue and issue["type"] not in ("value_error",):
-                message += f" (got {issue['input']!r})"
-        parts.append(f"{path}: {message}" if path else message)
-    return f"{source}: " + "; ".join(parts)
+        choices = self.train.model_dump(exclude=set(RUNTIME)) | self.variants[name].model_dump(exclude_none=True)
+        return VariantConfig(name=name, seeds=self.seeds, **choices)
 
 
 def _validate(model: type[BaseModel], raw: object, source: str, within: tuple[str, ...] = ()):
+    """`raw` as a `model`, or a ParamsError: `<source>: <key path>: <what is wrong>`, each issue."""
     try:
         return model.model_validate(raw)
     except ValidationError as error:
-        raise ParamsError(_describe(error, source, within)) from None
+        parts = []
+        for issue in error.errors():
+            path = ".".join(str(part) for part in (*within, *issue["loc"]))
+            message = PYDANTIC_MESSAGES.get(issue["type"], issue["msg"].removeprefix("Value error, "))
+            if issue["type"] not in (*PYDANTIC_MESSAGES, "value_error"):
+                message += f" (got {issue['input']!r})"
+            parts.append(f"{path}: {message}" if path else message)
+        raise ParamsError(f"{source}: " + "; ".join(parts)) from None
 
 
 def parse_params(raw: object, source: str = "params.yaml") -> Params:
@@ -168,27 +148,20 @@ def parse_sweep(raw: dict, source: str = "params.yaml") -> SweepParams:
     return _validate(SweepParams, raw.get("sweep", {}), source, ("sweep",))
 
 
-def _duplicate_key(node, path: str = "") -> str | None:
-    """The first key that a mapping of the composed YAML repeats, with where; else None."""
-    if node is None:
-        return None
+def _duplicate_keys(node, path: str = ""):
+    """Each key that a mapping of the composed YAML repeats, with where."""
     if node.tag.endswith(":map"):
-        seen = {}
+        lines = {}
         for key, value in node.value:
             where = f"{path}.{key.value}" if path else str(key.value)
-            if key.value in seen:
-                return (f"{where}: duplicate key (lines {seen[key.value] + 1} and "
-                        f"{key.start_mark.line + 1}); YAML would silently keep the last")
-            seen[key.value] = key.start_mark.line
-            found = _duplicate_key(value, where)
-            if found:
-                return found
+            if key.value in lines:
+                yield (f"{where}: duplicate key (lines {lines[key.value] + 1} and {key.start_mark.line + 1}); "
+                       "YAML would silently keep the last")
+            lines[key.value] = key.start_mark.line
+            yield from _duplicate_keys(value, where)
     elif node.tag.endswith(":seq"):
         for index, item in enumerate(node.value):
-            found = _duplicate_key(item, f"{path}.{index}")
-            if found:
-                return found
-    return None
+            yield from _duplicate_keys(item, f"{path}.{index}")
 
 
 def parse_yaml(text: str, source: str) -> object:
@@ -198,8 +171,8 @@ def parse_yaml(text: str, source: str) -> object:
 
     yaml = YAML(typ="safe", pure=True)
     try:
-        duplicate = _duplicate_key(yaml.compose(text))
-        if duplicate:
+        node = yaml.compose(text)
+        if duplicate := node and next(_duplicate_keys(node), None):
             raise ParamsError(f"{source}: {duplicate}")
         return yaml.load(text)
     except MarkedYAMLError as error:

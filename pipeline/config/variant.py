@@ -1,8 +1,6 @@
-"""What a variant is, defined once: the fields of `train:` (`TrainParams`). The rest derive from it:
-`ModelChoices`, the subset a variant may override in `variants:` (each optional), and
-`VariantConfig`, one variant with the `train:` defaults filled in, which the train, evaluate and
-compare stages take whole (and checkpoints carry).
-"""
+"""What a variant is, defined once: the fields of `train:` (`TrainParams`). From it, `ModelChoices`: what a
+variant may override in `variants:`; `VariantConfig`: one variant with the `train:` defaults filled in,
+which the train, evaluate and compare stages take whole (and checkpoints carry)."""
 
 from __future__ import annotations
 
@@ -14,16 +12,8 @@ from pydantic.fields import FieldInfo
 # Every seed goes into torch.Generator().manual_seed(seed * 1_000_003 + epoch) (training.py);
 # below 2**32 that stays far inside the generator's 64 bits.
 MAX_SEED = 2**32 - 1
-MAX_WIDTH = 65_536  # units per hidden layer
-MAX_LAYERS = 64
-MAX_THREADS = 256
-
-Norm = Literal["batch", "layer", "none"]
-Activation = Literal["relu", "tanh", "sigmoid", "gelu"]
-Optimizer = Literal["adam", "sgd", "adamw"]
-Device = Literal["auto", "cpu", "cuda"]
 Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
-HiddenSizes = Annotated[list[Annotated[PositiveInt, Field(le=MAX_WIDTH)]], Field(min_length=1, max_length=MAX_LAYERS)]
+Width = Annotated[PositiveInt, Field(le=65_536)]  # units per hidden layer
 
 
 class Strict(BaseModel):
@@ -37,10 +27,10 @@ class TrainParams(Strict):
 
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(32, ge=1)
-    hidden_sizes: HiddenSizes = [32, 32]
-    norm: Norm = "none"
-    activation: Activation = "relu"
-    optimizer: Optimizer = "adam"
+    hidden_sizes: list[Width] = Field([32, 32], min_length=1, max_length=64)
+    norm: Literal["batch", "layer", "none"] = "none"
+    activation: Literal["relu", "tanh", "sigmoid", "gelu"] = "relu"
+    optimizer: Literal["adam", "sgd", "adamw"] = "adam"
     lr: float = Field(0.01, gt=0)
     # TensorFlow 1 defaults, which the lab ran with: BN decay 0.99 is PyTorch momentum 0.01.
     bn_momentum: float = Field(0.01, gt=0, lt=1)
@@ -49,8 +39,8 @@ class TrainParams(Strict):
     # TF1's dense layer kept its bias before batch norm; the port drops it (pipeline/nn/model.py).
     bias_before_bn: bool = False
     weight_decay: float | None = Field(None, ge=0)
-    device: Device = "auto"
-    threads: int = Field(1, ge=1, le=MAX_THREADS)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int = Field(1, ge=1, le=256)
     eval_batch_size: int = Field(1_000, ge=1)
 
 
@@ -58,8 +48,9 @@ VARIANT_CHOICES = ("hidden_sizes", "norm", "activation", "optimizer", "lr")  # t
 RUNTIME = ("device", "threads")  # where a variant runs, not what it is: no part of a VariantConfig
 
 
-def _constrained(field: FieldInfo) -> object:
-    """The field's type with its constraints (`gt=0`, lengths) attached, without its default."""
+def constrained(key: str) -> object:
+    """`train.<key>`'s type with its constraints (`gt=0`, lengths) attached, without its default."""
+    field: FieldInfo = TrainParams.model_fields[key]
     return Annotated[(field.annotation, *field.metadata)] if field.metadata else field.annotation
 
 
@@ -75,17 +66,13 @@ class Choices(Strict):
 
 ModelChoices = create_model(
     "ModelChoices", __base__=Choices, __doc__="What a variant may override: the architecture and its optimizer.",
-    **{key: (_constrained(TrainParams.model_fields[key]) | None, None) for key in VARIANT_CHOICES},
+    **{key: (constrained(key) | None, None) for key in VARIANT_CHOICES},
 )
 
 VariantConfig = create_model(
     "VariantConfig", __base__=Strict,
     __doc__="One variant with the shared defaults filled in: everything that shapes its training.",
     name=(str, ...), seeds=(list[int], ...),
-    **{key: (_constrained(field), ...) for key, field in TrainParams.model_fields.items() if key not in RUNTIME},
+    **{key: (constrained(key), ...) for key in TrainParams.model_fields if key not in RUNTIME},
 )
 
-
-def variant_config(name: str, seeds: list[int], train: TrainParams, choices: ModelChoices) -> VariantConfig:
-    shared = train.model_dump(exclude=set(RUNTIME))
-    return VariantConfig(name=name, seeds=seeds, **(shared | choices.model_dump(exclude_none=True)))
