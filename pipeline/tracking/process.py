@@ -7,12 +7,12 @@ would hold the GIL those two need. The same code with the record in a thread ins
 published lab, 3 alternating repeats, medians, the 2-core AMD EPYC, quiet): plain `dvc repro`
 1.14x the wall time (16.3 s against 14.3 s), 1.23x with log_model's one-off costs paid early in
 that thread; `make repro` 0.98x either way (its two train stages fill both cores already).
-Compare draws its figures while the worker imports MLflow and opens the store. One worker,
-forked on Linux: calls run in order.
+Compare draws its figures while the worker imports MLflow and opens the store.
 """
 
 from __future__ import annotations
 
+import functools
 import multiprocessing
 import os
 import signal
@@ -22,12 +22,16 @@ import time
 from concurrent.futures import Future, ProcessPoolExecutor
 
 from pipeline.reports import METRICS
-from pipeline.tracking import model, record
+from pipeline.tracking import record
 from pipeline.tracking.store import StoreDown, Tracking, check_store, connect, one_line
 
-_opened: list = []  # in the worker: (client, experiment id), once the store is open
 _seen: dict = {}  # in the worker: what record.mirror_variant found and logged
 _outage: list[StoreDown] = []  # in the worker: the calls queued behind a failed one fail at once
+
+
+@functools.cache
+def _store(tracking: Tracking) -> tuple:
+    return connect(tracking, checked=True)  # the stage checked the store
 
 
 def _call(tracking: Tracking, fn, args: tuple):
@@ -35,9 +39,7 @@ def _call(tracking: Tracking, fn, args: tuple):
         raise _outage[0]
     try:
         with one_line(tracking.uri):
-            if not _opened:
-                _opened.append(connect(tracking, checked=True))  # the stage checked the store
-            return fn(*_opened[0], *args)
+            return fn(*_store(tracking), *args)
     except StoreDown as error:
         _outage.append(error)
         raise
@@ -53,19 +55,19 @@ def _mirror(client, experiment: str, outputs: record.VariantOutputs) -> dict:
 
 
 def _warm(client, experiment: str, digest: str) -> None:
-    model.warm_model_logging(client, experiment, _seen[digest]["variant"])
+    record.warm_model_logging(client, experiment, _seen[digest]["variant"])
 
 
 def _start_worker(stage_pid: int) -> None:
     # Ctrl-C reaches the whole process group; the stage decides what its runs become (KILLED)
-    # and says so through this process, which ends when the stage closes it or is gone.
+    # and says so through this process, which ends when the stage closes it or is gone: a
+    # SIGKILLed stage cannot close it, and a forked worker never reads end-of-file.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     threading.Thread(target=_exit_with, args=(stage_pid,), daemon=True).start()
 
 
 def _exit_with(stage_pid: int) -> None:
-    """A SIGKILLed stage cannot close its worker, and a forked one never reads end-of-file."""
     while os.getppid() == stage_pid:
         time.sleep(0.5)
     os._exit(1)
@@ -73,44 +75,40 @@ def _exit_with(stage_pid: int) -> None:
 
 class RecordProcess:
     """The worker: `submit(fn, *args)` runs `fn(client, experiment, *args)` there, in order, the
-    store opened by the first call; MLflow's errors come back as a refusal or a StoreDown."""
+    store opened by the first call; MLflow's errors come back as a refusal or a StoreDown. On
+    leaving, it waits for the calls sent; a failed stage drops those not started."""
 
     def __init__(self, tracking: Tracking) -> None:
         self.tracking = tracking
         sys.stdout.flush()  # a forked copy of unwritten output would be printed twice
-        method = "fork" if sys.platform == "linux" else "spawn"
+        method = "fork" if sys.platform == "linux" else "spawn"  # forked at the first call
         self.pool = ProcessPoolExecutor(1, multiprocessing.get_context(method), _start_worker, (os.getpid(),))
 
     def submit(self, fn, *args) -> Future:
         return self.pool.submit(_call, self.tracking, fn, args)
 
-    def shutdown(self, failed: bool) -> None:
-        """Waits for the calls sent; a failed stage drops those not started."""
-        self.pool.shutdown(wait=True, cancel_futures=failed)
-
-    def __enter__(self) -> RecordProcess:
+    def __enter__(self):
         return self
 
     def __exit__(self, exc_type, *exc) -> None:
-        self.shutdown(failed=exc_type is not None)
+        self.pool.shutdown(wait=True, cancel_futures=exc_type is not None)
 
 
-class LiveRecord:
+class LiveRecord(RecordProcess):
     """The stage's scratch state mirrored (record.mirror_variant) after each epoch, its outputs at
     the end. A store that cannot take it (StoreDown, at the start or later) costs no training:
-    one line says the record waits, and nothing more is sent. A refusal ends the stage."""
+    one line says the record waits, and nothing more is sent (what a stage dropped, the next
+    mirror adds). A refusal ends the stage."""
 
     def __init__(self, tracking: Tracking, run: dict, environment: dict) -> None:
-        self.tracking, self.run, self.environment = tracking, run, environment
-        self.pool, self.refusal, self.waiting = None, None, False
+        super().__init__(tracking)
+        self.run, self.environment, self.refusal, self.waiting = run, environment, None, False
         try:
             check_store(tracking)  # a refused login ends the stage here, in seconds
         except StoreDown as error:
             self._wait(error)
-        else:
-            self.pool = RecordProcess(tracking)
         self.opened = self.mirror({})  # the runs made (or found) while the stage loads its data
-        self._submit(_warm, run["inputs_digest"])
+        self.submit(_warm, run["inputs_digest"])
 
     def _wait(self, error: StoreDown) -> None:
         if not self.waiting:
@@ -126,17 +124,17 @@ class LiveRecord:
         elif error is not None:
             self.refusal = error
 
-    def _submit(self, fn, *args) -> Future | None:
-        if self.pool is None or self.waiting or self.refusal is not None:
+    def submit(self, fn, *args) -> Future | None:
+        if self.waiting or self.refusal is not None:
             return None
-        future = self.pool.submit(fn, *args)
+        future = super().submit(fn, *args)
         future.add_done_callback(self._sent)
         return future
 
     def mirror(self, history: dict) -> Future | None:
         """The epochs of `history` ({metric: [per-epoch values]}) that the runs lack, sent."""
-        return self._submit(_mirror, record.VariantOutputs(self.run, self.environment,
-                                                           history or {name: [] for name in METRICS}))
+        return self.submit(_mirror, record.VariantOutputs(self.run, self.environment,
+                                                          history or {name: [] for name in METRICS}))
 
     def raise_refused(self, wait_for: Future | None = None) -> None:
         if wait_for is not None:
@@ -145,17 +143,10 @@ class LiveRecord:
             raise self.refusal
 
     def finish(self, outputs: record.VariantOutputs) -> None:
-        self.raise_refused(self._submit(_mirror, outputs))
+        self.raise_refused(self.submit(_mirror, outputs))
 
     def close(self, status: str) -> None:
         """The runs of these inputs still RUNNING ended `status` (a stage that stops), if the store takes it."""
-        future = self._submit(record.close_runs, self.run["inputs_digest"], status)
+        future = self.submit(record.close_runs, self.run["inputs_digest"], status)
         if future is not None:
             future.exception()  # waits; whatever it met, the stage's own error is the one to say
-
-    def __enter__(self) -> LiveRecord:
-        return self
-
-    def __exit__(self, exc_type, *exc) -> None:
-        if self.pool is not None:  # what a failed stage dropped, the next mirror adds
-            self.pool.shutdown(failed=exc_type is not None)
