@@ -50,27 +50,25 @@ def opened(client, experiment: str) -> str:
     return experiment
 
 
-def _mirror(client, experiment: str, outputs: record.VariantOutputs) -> dict:
-    return record.mirror_variant(client, experiment, outputs, _seen)
-
-
-def _warm(client, experiment: str, digest: str) -> None:
-    record.warm_model_logging(client, experiment, _seen[digest]["variant"])
+def _mirror(client, experiment: str, outputs: record.VariantOutputs, warm: bool = False) -> None:
+    ids = record.mirror_variant(client, experiment, outputs, _seen)
+    if warm:
+        record.warm_model_logging(client, experiment, ids["variant"])
 
 
 def _start_worker(stage_pid: int) -> None:
-    # Ctrl-C reaches the whole process group; the stage decides what its runs become (KILLED)
-    # and says so through this process, which ends when the stage closes it or is gone: a
-    # SIGKILLed stage cannot close it, and a forked worker never reads end-of-file.
+    """Ctrl-C reaches the whole process group; the stage decides what its runs become (KILLED)
+    and says so through this process, which ends when the stage closes it or is gone: a
+    SIGKILLed stage cannot close it, and a forked worker never reads end-of-file."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    threading.Thread(target=_exit_with, args=(stage_pid,), daemon=True).start()
 
+    def exit_with_stage() -> None:
+        while os.getppid() == stage_pid:
+            time.sleep(0.5)
+        os._exit(1)
 
-def _exit_with(stage_pid: int) -> None:
-    while os.getppid() == stage_pid:
-        time.sleep(0.5)
-    os._exit(1)
+    threading.Thread(target=exit_with_stage, daemon=True).start()
 
 
 class RecordProcess:
@@ -108,7 +106,7 @@ class LiveRecord(RecordProcess):
         except StoreDown as error:
             self._wait(error)
         self.opened = self.mirror({})  # the runs made (or found) while the stage loads its data
-        self.submit(_warm, run["inputs_digest"])
+        self.mirror({}, warm=True)  # log_model's one-off costs paid while the stage trains
 
     def _wait(self, error: StoreDown) -> None:
         if not self.waiting:
@@ -131,10 +129,10 @@ class LiveRecord(RecordProcess):
         future.add_done_callback(self._sent)
         return future
 
-    def mirror(self, history: dict) -> Future | None:
+    def mirror(self, history: dict, warm: bool = False) -> Future | None:
         """The epochs of `history` ({metric: [per-epoch values]}) that the runs lack, sent."""
         return self.submit(_mirror, record.VariantOutputs(self.run, self.environment,
-                                                          history or {name: [] for name in METRICS}))
+                                                          history or {name: [] for name in METRICS}), warm)
 
     def raise_refused(self, wait_for: Future | None = None) -> None:
         if wait_for is not None:

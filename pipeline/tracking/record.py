@@ -1,12 +1,10 @@
 """The MLflow record: a view of DVC's outputs, written by one idempotent function.
 
-A variant's outputs (data/train/<variant>/run.json and history.json, data/checkpoints/<variant>/,
-data/evaluate/<variant>/ once evaluated, environment.json) hold everything its runs show, the
-same bytes for the same inputs. `mirror_variant` finds the variant's run and a child run per
-seed by their inputs digest (run.json's), makes what is missing and adds only what the store
-lacks: an epoch already logged is not logged again, an artifact or model already there is not
-uploaded again; complete outputs close the runs FINISHED. The train stage calls it each epoch
-with its scratch state (live curves), compare and `publish` with the outputs on disk: a
+A variant's outputs (run.json, history.json, its checkpoints and evaluation, environment.json)
+hold everything its runs show, the same bytes for the same inputs. `mirror_variant` finds the
+variant's run and a child run per seed by their inputs digest, makes what is missing and adds
+only what the store lacks; complete outputs close the runs FINISHED. The train stage calls it each
+epoch with its scratch state (live curves), compare and `publish` with the outputs on disk: a
 workspace filled by `dvc pull` or DVC's run-cache publishes the same runs as the one that trained.
 """
 
@@ -64,8 +62,14 @@ def mirror_variant(client, experiment: str, outputs: VariantOutputs, seen: dict 
     for replica, run_id in enumerate(ids["seeds"]):
         log_new_epochs(client, run_id, [{k: v[replica] for k, v in metrics.items()} for metrics in epochs], seen)
     log_new_epochs(client, ids["variant"], [summarize(metrics) for metrics in epochs], seen)
-    if outputs.evaluation is not None:
-        log_evaluation(client, ids, outputs.evaluation, len(epochs))
+    if outputs.evaluation is not None:  # the test metrics at the last epoch's step
+        per_seed = read_json(outputs.evaluation / "per_seed.json")
+        values = {name: per_seed[name] for name in ("test_loss", "test_acc")}
+        for i, run_id in enumerate(ids["seeds"]):
+            log_new_epochs(client, run_id, [{k: v[i] for k, v in values.items()}], {}, "test_acc", len(epochs))
+        log_new_epochs(client, ids["variant"], [summarize(values)], {}, "test_acc", len(epochs))
+        log_missing_artifacts(client, ids["variant"], "evaluation", [
+            outputs.evaluation / name for name in ("confusion.png", "per_class.json", "per_seed.json")])
     if outputs.checkpoints is not None:
         finish(client, experiment, ids, outputs)
     return ids
@@ -109,9 +113,7 @@ def _oldest_or_made(client, experiment: str, found: list, outputs: VariantOutput
     params = flatten("", outputs.run["config"]) | flatten("env", {"python": environment["python"],
                                                                    **environment["packages"]})
     params |= {"seed": tags[SEED_TAG]} if tags[SEED_TAG] else {"replicas": str(len(outputs.run["seeds"]))}
-    missing = [Param(key, value) for key, value in params.items() if key not in run.data.params]
-    for start in range(0, len(missing), 100):  # MLflow's per-call limit on params
-        client.log_batch(run.info.run_id, params=missing[start : start + 100])
+    client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in params.items() if k not in run.data.params])
     if not run.inputs.dataset_inputs:
         dataset = outputs.run["dataset"]
         entity = Dataset(name=f"mnist-{dataset['digest']}", digest=dataset["digest"], source_type="local",
@@ -129,35 +131,22 @@ def flatten(prefix: str, value: object) -> dict[str, str]:
                                                                     item).items()}
 
 
-def log_new_epochs(client, run_id: str, metrics_by_epoch: list[dict[str, float]], seen: dict) -> None:
-    """The epochs (numbered from 1) whose step the run's history lacks, in as few calls as MLflow's
-    limit of 1000 metrics a call allows; an epoch is never split between calls, so a call cut
-    short leaves each epoch logged whole or not at all, and `val_acc`'s steps say which are."""
+def log_new_epochs(client, run_id: str, metrics_by_epoch: list[dict[str, float]], seen: dict, key: str = "val_acc",
+                   first: int = 1) -> None:
+    """The epochs (numbered from `first`) whose step the run's history of `key` lacks, in as few
+    calls as MLflow's limit of 1000 metrics a call allows; an epoch is never split between calls,
+    so a call cut short leaves each epoch logged whole or not at all, and `key`'s steps say which."""
     from mlflow.entities import Metric
 
-    if run_id not in seen:
-        seen[run_id] = {m.step for m in client.get_metric_history(run_id, "val_acc")}
+    if (run_id, key) not in seen:
+        seen[run_id, key] = {m.step for m in client.get_metric_history(run_id, key)}
     now = int(time.time() * 1000)
-    new = [(epoch, metrics) for epoch, metrics in enumerate(metrics_by_epoch, start=1) if epoch not in seen[run_id]]
+    new = [(epoch, metrics) for epoch, metrics in enumerate(metrics_by_epoch, first) if epoch not in seen[run_id, key]]
     per_call = max(1, 1000 // max((len(metrics) for _, metrics in new), default=1))
     for start in range(0, len(new), per_call):
         client.log_batch(run_id, metrics=[Metric(name, float(value), now, epoch) for epoch, metrics in
                                           new[start : start + per_call] for name, value in metrics.items()])
-        seen[run_id] |= {epoch for epoch, _ in new[start : start + per_call]}
-
-
-def log_evaluation(client, ids: dict, folder: Path, epochs: int) -> None:
-    """The evaluate stage's test metrics (at the last epoch's step) and files, where missing."""
-    from mlflow.entities import Metric
-
-    per_seed, now = read_json(folder / "per_seed.json"), int(time.time() * 1000)
-    values = {name: per_seed[name] for name in ("test_loss", "test_acc")}
-    for run_id, metrics in [*((run_id, {k: v[i] for k, v in values.items()}) for i, run_id in enumerate(ids["seeds"])),
-                            (ids["variant"], summarize(values))]:
-        if not any(m.step == epochs for m in client.get_metric_history(run_id, "test_acc")):
-            client.log_batch(run_id, metrics=[Metric(k, float(v), now, epochs) for k, v in metrics.items()])
-    log_missing_artifacts(client, ids["variant"], "evaluation",
-                          [folder / name for name in ("confusion.png", "per_class.json", "per_seed.json")])
+        seen[run_id, key] |= {epoch for epoch, _ in new[start : start + per_call]}
 
 
 def log_missing_artifacts(client, run_id: str, folder: str, files: list[Path]) -> None:
@@ -169,7 +158,7 @@ def log_missing_artifacts(client, run_id: str, folder: str, files: list[Path]) -
 
 def finish(client, experiment: str, ids: dict, outputs: VariantOutputs) -> None:
     """Complete outputs: each seed's best epoch and divergence, the checkpoints, the served model,
-    every run FINISHED (a run a dead stage left RUNNING is closed so)."""
+    every run FINISHED."""
     from mlflow.entities import RunTag
 
     history = outputs.history
@@ -178,17 +167,17 @@ def finish(client, experiment: str, ids: dict, outputs: VariantOutputs) -> None:
             "diverged", "false" if diverged is None else f"true (epoch {diverged})")])
     count = sum(epoch is not None for epoch in history["diverged_epoch"])
     client.set_tag(ids["variant"], "diverged_seeds", f"{count} of {len(history['diverged_epoch'])}")
-    log_missing_artifacts(client, ids["variant"], "checkpoints", [outputs.checkpoints / n for n in ("last.pt", "best.pt")])
+    log_missing_artifacts(client, ids["variant"], "checkpoints", [outputs.checkpoints / "last.pt",
+                                                                  outputs.checkpoints / "best.pt"])
     if not logged_model_ids(client, experiment, ids["variant"]):
         log_model(client, ids["variant"], outputs)
-    for run_id in [ids["variant"], *ids["seeds"]]:
-        if client.get_run(run_id).info.status != "FINISHED":
-            client.set_terminated(run_id, status="FINISHED")
+    close_runs(client, experiment, outputs.run["inputs_digest"], "FINISHED")
 
 
 def close_runs(client, experiment: str, digest: str, status: str) -> None:
-    """The runs of these inputs still RUNNING ended `status` (KILLED, FAILED): a stage that stops."""
-    for run in client.search_runs([experiment], f"tags.{INPUTS_TAG} = '{digest}' AND attributes.status = 'RUNNING'"):
+    """The runs of these inputs not FINISHED ended `status`: KILLED or FAILED where a stage stops,
+    FINISHED where the outputs are complete (a run a dead stage left RUNNING is closed so)."""
+    for run in client.search_runs([experiment], f"tags.{INPUTS_TAG} = '{digest}' AND attributes.status != 'FINISHED'"):
         client.set_terminated(run.info.run_id, status=status)
 
 
@@ -227,9 +216,9 @@ def logged_model_ids(client, experiment: str, run_id: str) -> list[str]:
 
 
 def log_model(client, run_id: str, outputs: VariantOutputs) -> None:
-    """The served seed (pipeline/nn/model.served_model) as a plain nn.Sequential, with its
-    signature; none when every seed diverged. The input example is two blank images: the images
-    are not among the outputs, and the record is a function of them."""
+    """The served seed (pipeline/nn/model.served_model) as a plain nn.Sequential with its signature;
+    none when every seed diverged. The input example is two blank images: the record is a function
+    of the outputs, which hold no images."""
     import mlflow
     import numpy as np
     import torch
@@ -252,15 +241,12 @@ def log_model(client, run_id: str, outputs: VariantOutputs) -> None:
 
 
 def warm_model_logging(client, experiment: str, run_id: str) -> None:
-    """log_model's one-off costs paid while the stage trains (the train stage's tracking process
-    calls it once the store is open), where `run_id` has no model yet: a rerun of the same inputs
-    logs none (train stage alone, 6 alternating runs: CPU 6.07 -> 5.86 s with the skip). Paid:
-    the flavor's import, and the map of every installed distribution's modules that MLflow builds
-    to check a requirement (torch's 14,700-file record included), by saving a one-layer model to a
-    folder thrown away (0.37 s of CPU where torch is imported already, as in the forked tracking
-    process). Train stage, whole process, against the same code without it (alternating,
-    medians, 2 busy cores): the published lab 0.78x the wall time (5.69 s against 7.32 s), tiny
-    data 0.88x (4.95 s, 5.65 s)."""
+    """log_model's one-off costs paid while the stage trains, where `run_id` has no model yet (a
+    rerun of the same inputs logs none; the skip: CPU 6.07 -> 5.86 s, 6 alternating runs): the
+    flavor's import, and MLflow's map of every installed distribution's modules (torch's 14,700
+    files) to check a requirement, built by saving a one-layer model to a folder thrown away (0.37 s
+    of CPU where torch is imported). Train stage, whole process, alternating, medians, 2 busy cores:
+    the published lab 0.78x the wall time without it (5.69 s against 7.32 s), tiny data 0.88x."""
     if logged_model_ids(client, experiment, run_id):
         return
     import tempfile
@@ -273,14 +259,13 @@ def warm_model_logging(client, experiment: str, run_id: str) -> None:
 
 
 def _pytorch_flavor():
-    """mlflow.pytorch, and how the record saves a model: pickled, not MLflow's default pt2
-    (torch.export costs ~2.3 s here, and the model is a plain stack of torch.nn layers), with
-    explicit requirements (inferring them imports the model in a subprocess, ~6 s). MLflow warns
-    about pickle on every save; whoever loads one is told once, in the registered model's
-    description (registry.py)."""
+    """mlflow.pytorch and how the record saves a model: pickled, not pt2 (torch.export costs ~2.3 s,
+    and the model is plain torch.nn layers), with explicit requirements (inferring them imports the
+    model in a subprocess, ~6 s). Its warning on every pickled save is left out: whoever loads one
+    is told once, in the registered model's description (workspace.py)."""
     import mlflow.pytorch
 
-    logging.getLogger("mlflow.pytorch").addFilter(_not_the_pickle_warning)  # added once, however often called
+    logging.getLogger("mlflow.pytorch").addFilter(_not_the_pickle_warning)  # once, however often called
     return mlflow.pytorch, {"serialization_format": "pickle",
                             "pip_requirements": mlflow.pytorch.get_default_pip_requirements()}
 

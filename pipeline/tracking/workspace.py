@@ -1,14 +1,9 @@
 """The workspace's results, as DVC's outputs hold them, mirrored into a tracking store (what
 `make publish` and the compare stage write): every variant's runs (record.py), the comparison's
-run, and the best variant's model in the Model Registry.
-
-The best variant has the highest mean over seeds of `val_acc` at the last epoch, or of
-`test_acc` when `compare.select_by: test_acc`. Its logged model becomes a version of
-`compare.registered_model`, tagged with the variant, the metric and its score, the data digest,
-the inputs digest and the compare run: one version per distinct trained model, so a rerun that
-writes the same bytes adds none and moves no alias. `compare.alias` (`champion`) moves to a new
-version only when it beats the champion on the same metric over the same data; otherwise the
-new version gets `compare.challenger_alias`.
+run, and the best variant's model in the Model Registry: one version per distinct trained model
+(its inputs digest), so a rerun that writes the same bytes adds none and moves no alias.
+`compare.alias` moves to a new version only when it beats the champion on the same metric over
+the same data; otherwise the new version gets `compare.challenger_alias`.
 """
 
 from __future__ import annotations
@@ -65,17 +60,16 @@ def mirror_workspace(client, experiment: str, params: Params, workspace: Workspa
             or any(o.evaluation is None for o in outputs.values())):
         return None
     digests = {v: out.run["inputs_digest"] for v, out in outputs.items()}
-    group = record.mirror_comparison(client, experiment, workspace.compare, ids,
-                                     record.comparison_digest(digests, workspace.compare))
+    digest = record.comparison_digest(digests, workspace.compare)
+    group = record.mirror_comparison(client, experiment, workspace.compare, ids, digest)
     test_acc = {v: record.read_json(out.evaluation / "per_seed.json")["test_acc"] for v, out in outputs.items()}
     choice = select_best(params, {v: out.history for v, out in outputs.items()}, test_acc)
     registered = None
     if choice is not None:
         registered = register(client, experiment, params, choice, ids[choice.variant]["variant"], group,
-                              outputs[choice.variant].run["dataset"]["digest"], digests[choice.variant])
+                              outputs[choice.variant].run)
         client.set_tag(group, "registered_model", f"{registered['name']}/{registered['version']}")
-    if client.get_run(group).info.status != "FINISHED":
-        client.set_terminated(group, "FINISHED")
+    record.close_runs(client, experiment, digest, "FINISHED")
     return registered
 
 
@@ -86,7 +80,8 @@ def missing(client, experiment: str, params: Params, workspace: Workspace) -> li
     digests = {}
     for variant in trained:
         out = workspace.variant(variant)
-        digests[variant], epochs, runs = out.run["inputs_digest"], len(out.history["val_acc"]), 1 + len(out.run["seeds"])
+        digests[variant] = out.run["inputs_digest"]
+        epochs, runs = len(out.history["val_acc"]), len(out.run["seeds"]) + 1
         found = client.search_runs([experiment], f"tags.{INPUTS_TAG} = '{digests[variant]}'")
         main = [r for r in found if record.SEED_TAG not in r.data.tags and r.info.run_name == variant]
         if not main or len(found) < runs:
@@ -103,9 +98,9 @@ def missing(client, experiment: str, params: Params, workspace: Workspace) -> li
 
 
 def select_best(params: Params, histories: dict[str, dict], test_acc: dict[str, list[float]]) -> Choice | None:
-    """The variant with the highest mean score, ties to the one listed first in params.
-    Only variants with a served model (a seed that never diverged) and a finite score are
-    candidates; None when there is none (nothing is registered)."""
+    """The variant with the highest mean over seeds of `val_acc` at the last epoch, or of
+    `test_acc` (`compare.select_by`), ties to the one listed first; only variants with a served
+    model (a seed that never diverged) and a finite score; None when there is none."""
     metric = params.compare.select_by
     scores = {v: mean_std(histories[v]["val_acc"][-1] if metric == "val_acc" else test_acc[v])[0]
               for v in params.variants}
@@ -115,15 +110,21 @@ def select_best(params: Params, histories: dict[str, dict], test_acc: dict[str, 
     return None if best is None else Choice(best, metric, scores[best])
 
 
-def register(client, experiment_id: str, params: Params, choice: Choice, run_id: str,
-             compare_run_id: str, data_digest: str, inputs_digest: str) -> dict:
-    """The version of the registered model that `run_id`'s logged model is: the one already made
-    from these inputs (no alias moves), or a new one, champion or challenger."""
+def register(client, experiment: str, params: Params, choice: Choice, run_id: str, compare_run_id: str,
+             run: dict) -> dict:
+    """The version of the registered model that `run_id`'s logged model is (`run`: its run.json):
+    the one already made from these inputs (no alias moves), or a new one, champion or challenger."""
     from mlflow.exceptions import MlflowException
 
-    (variant, metric, score), name = choice, params.compare.registered_model
-    if not versions_of(client, name, inputs_digest):
-        model_ids = record.logged_model_ids(client, experiment_id, run_id)
+    name, inputs_digest = params.compare.registered_model, run["inputs_digest"]
+
+    def oldest_of_these_inputs():
+        versions = client.search_model_versions(f"name = '{name}'")
+        return min((v for v in versions if v.tags.get(INPUTS_TAG) == inputs_digest), key=lambda v: int(v.version),
+                   default=None)
+
+    if oldest_of_these_inputs() is None:
+        model_ids = record.logged_model_ids(client, experiment, run_id)
         if not model_ids:
             raise PipelineError(f"run {run_id} has no logged model {record.MODEL_NAME!r}; rerun its train stage "
                                 "(dvc repro -f)")
@@ -135,24 +136,19 @@ def register(client, experiment_id: str, params: Params, choice: Choice, run_id:
         except MlflowException as error:
             if error.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
                 raise
-        made = client.create_model_version(
-            name, source=f"models:/{model_ids[0]}", run_id=run_id, model_id=model_ids[0],
-            tags={"variant": variant, "select_by": metric, "score": repr(score), metric: f"{score:.6f}",
-                  "data_digest": data_digest, INPUTS_TAG: inputs_digest, "compare_run_id": compare_run_id},
-            description=f"{variant}: mean {metric} over seeds {score:.4f}")
-        if versions_of(client, name, inputs_digest)[0].version != made.version:
+        tags = {"variant": choice.variant, "select_by": choice.metric, "score": repr(choice.score),
+                choice.metric: f"{choice.score:.6f}", "data_digest": run["dataset"]["digest"],
+                INPUTS_TAG: inputs_digest, "compare_run_id": compare_run_id}
+        made = client.create_model_version(name, source=f"models:/{model_ids[0]}", run_id=run_id, tags=tags,
+                                           model_id=model_ids[0], description=f"{choice.variant}: mean "
+                                           f"{choice.metric} over seeds {choice.score:.4f}")
+        if oldest_of_these_inputs().version != made.version:
             client.delete_model_version(name, made.version)  # a comparison registering it at once made it first
         else:
             settle_aliases(client, name, params.compare.alias, params.compare.challenger_alias, made.version)
-    version = client.get_model_version(name, versions_of(client, name, inputs_digest)[0].version)
+    version = client.get_model_version(name, oldest_of_these_inputs().version)
     return {"name": name, "version": int(version.version), "alias": (version.aliases or [""])[0],
-            "variant": variant, "select_by": metric, "score": score}
-
-
-def versions_of(client, name: str, inputs_digest: str) -> list:
-    """The versions of `name` made from these inputs (the same trained bytes), oldest first."""
-    return sorted((v for v in client.search_model_versions(f"name = '{name}'")
-                   if v.tags.get(INPUTS_TAG) == inputs_digest), key=lambda v: int(v.version))
+            "variant": choice.variant, "select_by": choice.metric, "score": choice.score}
 
 
 def settle_aliases(client, name: str, champion: str, challenger: str, new_version: str | int) -> str:
