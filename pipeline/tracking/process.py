@@ -1,13 +1,12 @@
-"""The record's second process: MLflow's import, its store and its calls in one forked worker,
-off the stage's own work; the train stage's live record (`LiveRecord`) and the compare stage use it.
+"""The record's second process: MLflow's import, store and calls in one forked worker, off the
+stage's own work (the train stage's `LiveRecord`; compare draws its figures meanwhile).
 
 A train stage computes on one torch thread and evaluates on a second; MLflow costs it seconds of
 pure Python (the import ~1 s, opening an SQLite store ~0.8 s, `log_model` ~0.4 s) that in a thread
-would hold the GIL those two need. The same code with the record in a thread instead (the
-published lab, 3 alternating repeats, medians, the 2-core AMD EPYC, quiet): plain `dvc repro`
-1.14x the wall time (16.3 s against 14.3 s), 1.23x with log_model's one-off costs paid early in
-that thread; `make repro` 0.98x either way (its two train stages fill both cores already).
-Compare draws its figures while the worker imports MLflow and opens the store.
+would hold the GIL those two need. With the record in a thread instead (the published lab, 3
+alternating repeats, medians, 2-core AMD EPYC): plain `dvc repro` 1.14x the wall time (16.3 s
+against 14.3 s; 1.23x with log_model's one-off costs paid early in that thread), `make repro`
+0.98x either way (its two train stages fill both cores already).
 """
 
 from __future__ import annotations
@@ -115,7 +114,7 @@ class LiveRecord(RecordProcess):
                   "completes it from the outputs", file=sys.stderr, flush=True)
 
     def _sent(self, future: Future) -> None:
-        """Called as each call ends (in the pool's thread), and again by a stage that waits on it."""
+        """As each call ends (in the pool's thread), and again where the stage waits on one."""
         error = None if future.cancelled() else future.exception()
         if isinstance(error, StoreDown):
             self._wait(error)
@@ -144,7 +143,7 @@ class LiveRecord(RecordProcess):
         self.raise_refused(self.submit(_mirror, outputs))
 
     def close(self, status: str) -> None:
-        """The runs of these inputs still RUNNING ended `status` (a stage that stops), if the store takes it."""
+        """The runs of these inputs ended `status` (a stage that stops), if the store takes it."""
         future = self.submit(record.close_runs, self.run["inputs_digest"], status)
         if future is not None:
             future.exception()  # waits; whatever it met, the stage's own error is the one to say
