@@ -136,12 +136,12 @@ def register(client, experiment: str, params: Params, choice: Choice, run_id: st
         except MlflowException as error:
             if error.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
                 raise
-        tags = {"variant": choice.variant, "select_by": choice.metric, "score": repr(choice.score),
-                choice.metric: f"{choice.score:.6f}", "data_digest": run["dataset"]["digest"],
-                INPUTS_TAG: inputs_digest, "compare_run_id": compare_run_id}
-        made = client.create_model_version(name, source=f"models:/{model_ids[0]}", run_id=run_id, tags=tags,
-                                           model_id=model_ids[0], description=f"{choice.variant}: mean "
-                                           f"{choice.metric} over seeds {choice.score:.4f}")
+        made = client.create_model_version(
+            name, source=f"models:/{model_ids[0]}", run_id=run_id, model_id=model_ids[0],
+            description=f"{choice.variant}: mean {choice.metric} over seeds {choice.score:.4f}",
+            tags={"variant": choice.variant, "select_by": choice.metric, "score": repr(choice.score),
+                  choice.metric: f"{choice.score:.6f}", "data_digest": run["dataset"]["digest"],
+                  INPUTS_TAG: inputs_digest, "compare_run_id": compare_run_id})
         if oldest_of_these_inputs().version != made.version:
             client.delete_model_version(name, made.version)  # a comparison registering it at once made it first
         else:
