@@ -16,7 +16,7 @@ import yaml
 
 from pipeline.reports import METRICS
 from pipeline.tracking.record import (SEED_TAG, VariantOutputs, close_runs, flatten, log_new_epochs, mirror_variant,
-                                     settle)
+                                     variant_runs)
 from pipeline.tracking.store import INPUTS_TAG, PARENT_TAG, connect
 from tests.conftest import run, stage_env, tiny_mnist_arrays, tiny_params, variant_run_ids, write_mirror
 from tests.faults import full_disk, read_only
@@ -74,12 +74,12 @@ def test_log_models_warm_up_is_paid_only_where_the_run_has_no_model_yet(local_tr
     import mlflow.pytorch
     import torch
 
-    from pipeline.tracking.model import MODEL_NAME
+    from pipeline.tracking.record import MODEL_NAME
 
     client, experiment = connect(local_tracking)
     run_id = client.create_run(experiment).info.run_id
     warmed = ("import sys; from pathlib import Path; from pipeline.tracking.store import Tracking, connect; "
-              "from pipeline.tracking.model import warm_model_logging; "
+              "from pipeline.tracking.record import warm_model_logging; "
               f"tracking = Tracking({local_tracking.uri!r}, Path({str(local_tracking.root)!r}), 'lab'); "
               f"warm_model_logging(*connect(tracking), {run_id!r}); print('mlflow.pytorch' in sys.modules)")
     env = stage_env()
@@ -105,11 +105,11 @@ def test_of_two_runs_made_at_once_the_later_is_deleted_by_its_own_stage_at_its_e
     client, experiment = connect(local_tracking)
     ours = mirror_variant(client, experiment, live(1))  # this stage's runs
     # Another stage's run of seed 0, made at the same moment and earlier by its clock, which
-    # neither stage's search had seen (record.first_made kept both).
+    # neither stage's search had seen (record.variant_runs kept both).
     start = client.get_run(ours["seeds"][0]).info.start_time - 1
     theirs = client.create_run(experiment, run_name="batchnorm-seed0", start_time=start, tags={
         INPUTS_TAG: "inputs-1", "variant": "batchnorm", SEED_TAG: "0", PARENT_TAG: ours["variant"]}).info.run_id
-    settled = settle(client, experiment, live(2), ours)
+    settled = variant_runs(client, experiment, live(2), ours)
     assert settled == {"variant": ours["variant"], "seeds": [theirs, ours["seeds"][1]]}
     assert client.get_run(ours["seeds"][0]).info.lifecycle_stage == "deleted"
     assert client.get_run(theirs).data.params["seed"] == "0"  # completed where the other stage had not yet

@@ -15,7 +15,7 @@ from pipeline.nn import checkpoint
 from pipeline.data import as_images, load_split
 from pipeline.errors import ParamsError
 from pipeline.nn.model import StackedMlp
-from pipeline.tracking.registry import select_best, settle_aliases
+from pipeline.tracking.workspace import select_best, settle_aliases
 from pipeline.config.variant import VariantConfig
 from tests.conftest import project_client, run, tiny_params, variant_run_ids
 from tests.shared_project import reproduced_project

@@ -60,8 +60,8 @@ def test_every_run_metric_point_and_artifact_sent_is_recorded(load, monkeypatch)
     assert len(made) == len(proxy.acknowledged("POST", "/runs/create"))
     # Each execution: its compare run and its no_norm's three (variant + 2 seeds). The four train
     # batch norm from the same inputs, so they share its three runs (found by the inputs digest); a
-    # stage that made one at the same moment as another deletes its own (record.first_made, or at
-    # the stage's end record.settle, where neither had seen the other's yet).
+    # stage that made one at the same moment as another deletes its own (record.variant_runs as it makes it, or
+    # again at the stage's end, where neither had seen the other's yet).
     runs = client.search_runs([experiment], max_results=1000)
     assert len(runs) == 4 * (1 + 3) + 3, sorted(r.info.run_name for r in runs)
     unfinished = {r.info.run_name: r.info.status for r in runs if r.info.status != "FINISHED"}

@@ -142,7 +142,7 @@ def compare_outputs(params: Params, paths: Workspace, histories: dict, test_acc:
                     ) -> tuple[dict, str]:
     """The figures, summary.md, summary.json and the headline metrics; (the table, the summary's text)."""
     variants, out = list(params.variants), paths.compare
-    metric = params.compare.select_by  # the registry's score (registry.select_best), ranked
+    metric = params.compare.select_by  # the registry's score (workspace.select_best), ranked
     scores = {v: mean_std(histories[v]["val_acc"][-1] if metric == "val_acc" else test_acc[v])[0] for v in variants}
     order = ranking(scores)
     comparison_plots(histories, out, order)

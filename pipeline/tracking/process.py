@@ -1,18 +1,17 @@
-"""The record's second process: MLflow's import, its store and its calls in one forked worker,
-off the stage's own work; the train stage's live record (`LiveRecord`) and the compare stage use it.
+"""The record's second process: MLflow's import, store and calls in one forked worker, off the
+stage's own work (the train stage's `LiveRecord`; compare draws its figures meanwhile).
 
 A train stage computes on one torch thread and evaluates on a second; MLflow costs it seconds of
 pure Python (the import ~1 s, opening an SQLite store ~0.8 s, `log_model` ~0.4 s) that in a thread
-would hold the GIL those two need. The same code with the record in a thread instead (the
-published lab, 3 alternating repeats, medians, the 2-core AMD EPYC, quiet): plain `dvc repro`
-1.14x the wall time (16.3 s against 14.3 s), 1.23x with log_model's one-off costs paid early in
-that thread; `make repro` 0.98x either way (its two train stages fill both cores already).
-Compare draws its figures while the worker imports MLflow and opens the store. One worker,
-forked on Linux: calls run in order.
+would hold the GIL those two need. With the record in a thread instead (the published lab, 3
+alternating repeats, medians, 2-core AMD EPYC): plain `dvc repro` 1.14x the wall time (16.3 s
+against 14.3 s; 1.23x with log_model's one-off costs paid early in that thread), `make repro`
+0.98x either way (its two train stages fill both cores already).
 """
 
 from __future__ import annotations
 
+import functools
 import multiprocessing
 import os
 import signal
@@ -22,12 +21,16 @@ import time
 from concurrent.futures import Future, ProcessPoolExecutor
 
 from pipeline.reports import METRICS
-from pipeline.tracking import model, record
+from pipeline.tracking import record
 from pipeline.tracking.store import StoreDown, Tracking, check_store, connect, one_line
 
-_opened: list = []  # in the worker: (client, experiment id), once the store is open
 _seen: dict = {}  # in the worker: what record.mirror_variant found and logged
 _outage: list[StoreDown] = []  # in the worker: the calls queued behind a failed one fail at once
+
+
+@functools.cache
+def _store(tracking: Tracking) -> tuple:
+    return connect(tracking, checked=True)  # the stage checked the store
 
 
 def _call(tracking: Tracking, fn, args: tuple):
@@ -35,9 +38,7 @@ def _call(tracking: Tracking, fn, args: tuple):
         raise _outage[0]
     try:
         with one_line(tracking.uri):
-            if not _opened:
-                _opened.append(connect(tracking, checked=True))  # the stage checked the store
-            return fn(*_opened[0], *args)
+            return fn(*_store(tracking), *args)
     except StoreDown as error:
         _outage.append(error)
         raise
@@ -48,69 +49,63 @@ def opened(client, experiment: str) -> str:
     return experiment
 
 
-def _mirror(client, experiment: str, outputs: record.VariantOutputs) -> dict:
-    return record.mirror_variant(client, experiment, outputs, _seen)
-
-
-def _warm(client, experiment: str, digest: str) -> None:
-    model.warm_model_logging(client, experiment, _seen[digest]["variant"])
+def _mirror(client, experiment: str, outputs: record.VariantOutputs, warm: bool = False) -> None:
+    ids = record.mirror_variant(client, experiment, outputs, _seen)
+    if warm:
+        record.warm_model_logging(client, experiment, ids["variant"])
 
 
 def _start_worker(stage_pid: int) -> None:
-    # Ctrl-C reaches the whole process group; the stage decides what its runs become (KILLED)
-    # and says so through this process, which ends when the stage closes it or is gone.
+    """Ctrl-C reaches the whole process group; the stage decides what its runs become (KILLED)
+    and says so through this process, which ends when the stage closes it or is gone: a
+    SIGKILLed stage cannot close it, and a forked worker never reads end-of-file."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    threading.Thread(target=_exit_with, args=(stage_pid,), daemon=True).start()
 
+    def exit_with_stage() -> None:
+        while os.getppid() == stage_pid:
+            time.sleep(0.5)
+        os._exit(1)
 
-def _exit_with(stage_pid: int) -> None:
-    """A SIGKILLed stage cannot close its worker, and a forked one never reads end-of-file."""
-    while os.getppid() == stage_pid:
-        time.sleep(0.5)
-    os._exit(1)
+    threading.Thread(target=exit_with_stage, daemon=True).start()
 
 
 class RecordProcess:
     """The worker: `submit(fn, *args)` runs `fn(client, experiment, *args)` there, in order, the
-    store opened by the first call; MLflow's errors come back as a refusal or a StoreDown."""
+    store opened by the first call; MLflow's errors come back as a refusal or a StoreDown. On
+    leaving, it waits for the calls sent; a failed stage drops those not started."""
 
     def __init__(self, tracking: Tracking) -> None:
         self.tracking = tracking
         sys.stdout.flush()  # a forked copy of unwritten output would be printed twice
-        method = "fork" if sys.platform == "linux" else "spawn"
+        method = "fork" if sys.platform == "linux" else "spawn"  # forked at the first call
         self.pool = ProcessPoolExecutor(1, multiprocessing.get_context(method), _start_worker, (os.getpid(),))
 
     def submit(self, fn, *args) -> Future:
         return self.pool.submit(_call, self.tracking, fn, args)
 
-    def shutdown(self, failed: bool) -> None:
-        """Waits for the calls sent; a failed stage drops those not started."""
-        self.pool.shutdown(wait=True, cancel_futures=failed)
-
-    def __enter__(self) -> RecordProcess:
+    def __enter__(self):
         return self
 
     def __exit__(self, exc_type, *exc) -> None:
-        self.shutdown(failed=exc_type is not None)
+        self.pool.shutdown(wait=True, cancel_futures=exc_type is not None)
 
 
-class LiveRecord:
+class LiveRecord(RecordProcess):
     """The stage's scratch state mirrored (record.mirror_variant) after each epoch, its outputs at
     the end. A store that cannot take it (StoreDown, at the start or later) costs no training:
-    one line says the record waits, and nothing more is sent. A refusal ends the stage."""
+    one line says the record waits, and nothing more is sent (what a stage dropped, the next
+    mirror adds). A refusal ends the stage."""
 
     def __init__(self, tracking: Tracking, run: dict, environment: dict) -> None:
-        self.tracking, self.run, self.environment = tracking, run, environment
-        self.pool, self.refusal, self.waiting = None, None, False
+        super().__init__(tracking)
+        self.run, self.environment, self.refusal, self.waiting = run, environment, None, False
         try:
             check_store(tracking)  # a refused login ends the stage here, in seconds
         except StoreDown as error:
             self._wait(error)
-        else:
-            self.pool = RecordProcess(tracking)
         self.opened = self.mirror({})  # the runs made (or found) while the stage loads its data
-        self._submit(_warm, run["inputs_digest"])
+        self.mirror({}, warm=True)  # log_model's one-off costs paid while the stage trains
 
     def _wait(self, error: StoreDown) -> None:
         if not self.waiting:
@@ -119,24 +114,24 @@ class LiveRecord:
                   "completes it from the outputs", file=sys.stderr, flush=True)
 
     def _sent(self, future: Future) -> None:
-        """Called as each call ends (in the pool's thread), and again by a stage that waits on it."""
+        """As each call ends (in the pool's thread), and again where the stage waits on one."""
         error = None if future.cancelled() else future.exception()
         if isinstance(error, StoreDown):
             self._wait(error)
         elif error is not None:
             self.refusal = error
 
-    def _submit(self, fn, *args) -> Future | None:
-        if self.pool is None or self.waiting or self.refusal is not None:
+    def submit(self, fn, *args) -> Future | None:
+        if self.waiting or self.refusal is not None:
             return None
-        future = self.pool.submit(fn, *args)
+        future = super().submit(fn, *args)
         future.add_done_callback(self._sent)
         return future
 
-    def mirror(self, history: dict) -> Future | None:
+    def mirror(self, history: dict, warm: bool = False) -> Future | None:
         """The epochs of `history` ({metric: [per-epoch values]}) that the runs lack, sent."""
-        return self._submit(_mirror, record.VariantOutputs(self.run, self.environment,
-                                                           history or {name: [] for name in METRICS}))
+        return self.submit(_mirror, record.VariantOutputs(self.run, self.environment,
+                                                          history or {name: [] for name in METRICS}), warm)
 
     def raise_refused(self, wait_for: Future | None = None) -> None:
         if wait_for is not None:
@@ -145,17 +140,10 @@ class LiveRecord:
             raise self.refusal
 
     def finish(self, outputs: record.VariantOutputs) -> None:
-        self.raise_refused(self._submit(_mirror, outputs))
+        self.raise_refused(self.submit(_mirror, outputs))
 
     def close(self, status: str) -> None:
-        """The runs of these inputs still RUNNING ended `status` (a stage that stops), if the store takes it."""
-        future = self._submit(record.close_runs, self.run["inputs_digest"], status)
+        """The runs of these inputs ended `status` (a stage that stops), if the store takes it."""
+        future = self.submit(record.close_runs, self.run["inputs_digest"], status)
         if future is not None:
             future.exception()  # waits; whatever it met, the stage's own error is the one to say
-
-    def __enter__(self) -> LiveRecord:
-        return self
-
-    def __exit__(self, exc_type, *exc) -> None:
-        if self.pool is not None:  # what a failed stage dropped, the next mirror adds
-            self.pool.shutdown(failed=exc_type is not None)

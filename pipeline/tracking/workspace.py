@@ -1,14 +1,22 @@
-"""The workspace's results, as DVC's outputs hold them, mirrored into a tracking store: every
-variant's runs, the comparison's run and the registered model (what `make publish` and the compare
-stage write; pipeline/tracking/record.py mirrors one variant)."""
+"""The workspace's results, as DVC's outputs hold them, mirrored into a tracking store (what
+`make publish` and the compare stage write): every variant's runs (record.py), the comparison's
+run, and the best variant's model in the Model Registry: one version per distinct trained model
+(its inputs digest), so a rerun that writes the same bytes adds none and moves no alias.
+`compare.alias` moves to a new version only when it beats the champion on the same metric over
+the same data; otherwise the new version gets `compare.challenger_alias`.
+"""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from pipeline.config.params import Params
-from pipeline.tracking import record, registry
+from pipeline.errors import PipelineError
+from pipeline.stats import mean_std
+from pipeline.tracking import record
 from pipeline.tracking.store import INPUTS_TAG
 
 
@@ -32,47 +40,52 @@ class Workspace:
     def variant(self, name: str) -> record.VariantOutputs:
         return record.read_variant(self.root, self.train / name, self.checkpoints / name, self.evaluate / name)
 
+    def trained(self, params: Params) -> list[str]:
+        """The variants whose train stage has written its outputs (a workspace part-way through)."""
+        return [v for v in params.variants if (self.train / v / "run.json").exists()]
+
+
+class Choice(NamedTuple):
+    variant: str
+    metric: str
+    score: float  # mean over seeds
+
 
 def mirror_workspace(client, experiment: str, params: Params, workspace: Workspace) -> dict | None:
     """Every variant's runs, then the comparison's and the registry (once compare has written its
     outputs); returns what was registered (None: nothing comparable, or no comparison yet)."""
-    outputs = {v: workspace.variant(v) for v in trained(params, workspace)}
+    outputs = {v: workspace.variant(v) for v in workspace.trained(params)}
     ids = {v: record.mirror_variant(client, experiment, out) for v, out in outputs.items()}
     if (len(outputs) < len(params.variants) or not (workspace.compare / "summary.json").exists()
             or any(o.evaluation is None for o in outputs.values())):
         return None
     digests = {v: out.run["inputs_digest"] for v, out in outputs.items()}
-    group = record.mirror_comparison(client, experiment, workspace.compare, ids,
-                                     record.comparison_digest(digests, workspace.compare))
+    digest = record.comparison_digest(digests, workspace.compare)
+    group = record.mirror_comparison(client, experiment, workspace.compare, ids, digest)
     test_acc = {v: record.read_json(out.evaluation / "per_seed.json")["test_acc"] for v, out in outputs.items()}
-    choice = registry.select_best(params, {v: out.history for v, out in outputs.items()}, test_acc)
+    choice = select_best(params, {v: out.history for v, out in outputs.items()}, test_acc)
     registered = None
     if choice is not None:
-        registered = registry.register(client, experiment, params, choice, ids[choice.variant]["variant"], group,
-                                       outputs[choice.variant].run["dataset"]["digest"], digests[choice.variant])
+        registered = register(client, experiment, params, choice, ids[choice.variant]["variant"], group,
+                              outputs[choice.variant].run)
         client.set_tag(group, "registered_model", f"{registered['name']}/{registered['version']}")
-    if client.get_run(group).info.status != "FINISHED":
-        client.set_terminated(group, "FINISHED")
+    record.close_runs(client, experiment, digest, "FINISHED")
     return registered
-
-
-def trained(params: Params, workspace: Workspace) -> list[str]:
-    """The variants whose train stage has written its outputs (a workspace part-way through)."""
-    return [v for v in params.variants if (workspace.train / v / "run.json").exists()]
 
 
 def missing(client, experiment: str, params: Params, workspace: Workspace) -> list[str]:
     """What `mirror_workspace` would add, a line each: runs, epochs, the comparison."""
-    lines = [f"{v}: not trained here yet, skipped" for v in params.variants if v not in trained(params, workspace)]
+    trained = workspace.trained(params)
+    lines = [f"{v}: not trained here yet, skipped" for v in params.variants if v not in trained]
     digests = {}
-    for variant in trained(params, workspace):
+    for variant in trained:
         out = workspace.variant(variant)
         digests[variant] = out.run["inputs_digest"]
-        runs = client.search_runs([experiment], f"tags.{INPUTS_TAG} = '{digests[variant]}'")
-        main = [r for r in runs if record.SEED_TAG not in r.data.tags and r.info.run_name == variant]
-        epochs = len(out.history["val_acc"])
-        if not main or len(runs) < 1 + len(out.run["seeds"]):
-            lines.append(f"{variant}: would add its {1 + len(out.run['seeds'])} runs, {epochs} epochs each")
+        epochs, runs = len(out.history["val_acc"]), len(out.run["seeds"]) + 1
+        found = client.search_runs([experiment], f"tags.{INPUTS_TAG} = '{digests[variant]}'")
+        main = [r for r in found if record.SEED_TAG not in r.data.tags and r.info.run_name == variant]
+        if not main or len(found) < runs:
+            lines.append(f"{variant}: would add its {runs} runs, {epochs} epochs each")
             continue
         logged = len(client.get_metric_history(main[0].info.run_id, "val_acc"))
         if logged < epochs or main[0].info.status != "FINISHED":
@@ -82,3 +95,95 @@ def missing(client, experiment: str, params: Params, workspace: Workspace) -> li
         if not client.search_runs([experiment], f"tags.{INPUTS_TAG} = '{digest}'", max_results=1):
             lines.append("compare: would add its run, figures and tables, and register the best model")
     return lines
+
+
+def select_best(params: Params, histories: dict[str, dict], test_acc: dict[str, list[float]]) -> Choice | None:
+    """The variant with the highest mean over seeds of `val_acc` at the last epoch, or of
+    `test_acc` (`compare.select_by`), ties to the one listed first; only variants with a served
+    model (a seed that never diverged) and a finite score; None when there is none."""
+    metric = params.compare.select_by
+    scores = {v: mean_std(histories[v]["val_acc"][-1] if metric == "val_acc" else test_acc[v])[0]
+              for v in params.variants}
+    candidates = [v for v in params.variants if math.isfinite(scores[v])
+                  and any(epoch is None for epoch in histories[v]["diverged_epoch"])]
+    best = max(candidates, key=scores.__getitem__, default=None)
+    return None if best is None else Choice(best, metric, scores[best])
+
+
+def register(client, experiment: str, params: Params, choice: Choice, run_id: str, compare_run_id: str,
+             run: dict) -> dict:
+    """The version of the registered model that `run_id`'s logged model is (`run`: its run.json):
+    the one already made from these inputs (no alias moves), or a new one, champion or challenger."""
+    from mlflow.exceptions import MlflowException
+
+    name, inputs_digest = params.compare.registered_model, run["inputs_digest"]
+
+    def oldest_of_these_inputs():
+        versions = client.search_model_versions(f"name = '{name}'")
+        return min((v for v in versions if v.tags.get(INPUTS_TAG) == inputs_digest), key=lambda v: int(v.version),
+                   default=None)
+
+    if oldest_of_these_inputs() is None:
+        model_ids = record.logged_model_ids(client, experiment, run_id)
+        if not model_ids:
+            raise PipelineError(f"run {run_id} has no logged model {record.MODEL_NAME!r}; rerun its train stage "
+                                "(dvc repro -f)")
+        try:
+            client.create_registered_model(name, description=(
+                "The best variant of the batch-norm MNIST lab, picked by the compare stage. Its versions are pickled "
+                "torch models (MLflow's pickle format, which runs code when loaded): load them only from a tracking "
+                "server you trust."))
+        except MlflowException as error:
+            if error.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+                raise
+        made = client.create_model_version(
+            name, source=f"models:/{model_ids[0]}", run_id=run_id, model_id=model_ids[0],
+            description=f"{choice.variant}: mean {choice.metric} over seeds {choice.score:.4f}",
+            tags={"variant": choice.variant, "select_by": choice.metric, "score": repr(choice.score),
+                  choice.metric: f"{choice.score:.6f}", "data_digest": run["dataset"]["digest"],
+                  INPUTS_TAG: inputs_digest, "compare_run_id": compare_run_id})
+        if oldest_of_these_inputs().version != made.version:
+            client.delete_model_version(name, made.version)  # a comparison registering it at once made it first
+        else:
+            settle_aliases(client, name, params.compare.alias, params.compare.challenger_alias, made.version)
+    version = client.get_model_version(name, oldest_of_these_inputs().version)
+    return {"name": name, "version": int(version.version), "alias": (version.aliases or [""])[0],
+            "variant": choice.variant, "select_by": choice.metric, "score": choice.score}
+
+
+def settle_aliases(client, name: str, champion: str, challenger: str, new_version: str | int) -> str:
+    """Put `champion` on the best version comparable with the current champion (scored on the same
+    metric over the same data; the new one where there is none); `challenger` on the new version
+    where it is not the champion. Returns the alias the new version got. Read, decide, write, then
+    read again: a comparison registering at once is seen on the next pass, so concurrent compares
+    end on the same, best, champion."""
+    from mlflow.exceptions import MlflowException
+
+    def score(version) -> float:
+        try:
+            return float(version.tags.get("score", "nan"))
+        except ValueError:
+            return math.nan
+
+    def comparable(version, reference) -> bool:
+        return math.isfinite(score(version)) and "data_digest" in version.tags and all(
+            version.tags.get(key) == reference.tags.get(key) for key in ("select_by", "data_digest"))
+
+    new_version, seen = str(new_version), set()
+    for _ in range(10):
+        versions = {str(v.version): v for v in client.search_model_versions(f"name = '{name}'")}
+        if set(versions) == seen:
+            break
+        seen = set(versions)
+        try:
+            current = versions.get(str(client.get_model_version_by_alias(name, champion).version))
+        except MlflowException:  # no champion yet
+            current = None
+        reference = current if current is not None and comparable(current, current) else versions[new_version]
+        candidates = [v for v in versions.values() if comparable(v, reference)] or [versions[new_version]]
+        best = max(candidates, key=lambda v: (score(v), -int(v.version)))  # a tie keeps the earlier version
+        client.set_registered_model_alias(name, champion, best.version)
+    if str(best.version) == new_version:
+        return champion
+    client.set_registered_model_alias(name, challenger, new_version)
+    return challenger
