@@ -65,6 +65,6 @@ def check(params: Params, root: Path) -> dict:
 
 
 if __name__ == "__main__":
-    cli.parser(__doc__).parse_args()
+    cli.arguments(__doc__)
     with cli.one_line_errors():
         check(load_params(), Path())  # relative paths in messages

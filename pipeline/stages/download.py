@@ -228,9 +228,7 @@ def read_checksums(path: Path) -> dict[str, str]:
 
 
 if __name__ == "__main__":
-    parser = cli.parser(__doc__)
-    parser.add_argument("--out", type=Path, required=True)
-    args = parser.parse_args()
+    args = cli.arguments(__doc__, "out")
     with cli.one_line_errors():
         sources = parse_sources(os.environ.get("MNIST_MIRROR"), [TORCHVISION_MIRRORS])
         # A different data set in MNIST's format (or the tests' tiny one) brings its own digests.

@@ -58,11 +58,6 @@ def evaluate(params: Params, variant: str, weights_path: Path, test_dir: Path, o
 
 
 if __name__ == "__main__":
-    parser = cli.parser(__doc__)
-    parser.add_argument("--variant", required=True)
-    parser.add_argument("--weights", type=Path, required=True, help="the train stage's weights.npz")
-    parser.add_argument("--test", type=Path, required=True, help="the prepared test split's folder")
-    parser.add_argument("--out", type=Path, required=True)
-    args = parser.parse_args()
+    args = cli.arguments(__doc__, "weights", "test", "out", variant=str)  # --weights: train@variant's weights.npz
     with cli.one_line_errors():
         evaluate(load_params(), args.variant, args.weights, args.test, args.out)

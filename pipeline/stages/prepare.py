@@ -71,9 +71,6 @@ def prepare(data_params: DataParams, raw_dir: Path, prepared_dir: Path) -> dict:
 
 
 if __name__ == "__main__":
-    parser = cli.parser(__doc__)
-    parser.add_argument("--raw", type=Path, required=True)
-    parser.add_argument("--out", type=Path, required=True)
-    args = parser.parse_args()
+    args = cli.arguments(__doc__, "raw", "out")
     with cli.one_line_errors():
         prepare(load_params().data, args.raw, args.out)

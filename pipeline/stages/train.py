@@ -216,11 +216,7 @@ def finish(run: Run, progress: Progress, model: StackedMlp, optimizer: FusedOpti
 
 
 if __name__ == "__main__":
-    parser = cli.parser(__doc__)
-    for name in ("--prepared", "--checkpoints", "--out"):  # the paths dvc.yaml names
-        parser.add_argument(name, type=Path, required=True)
-    parser.add_argument("--variant", required=True)
-    args = parser.parse_args()
+    args = cli.arguments(__doc__, "prepared", "checkpoints", "out", variant=str)
     with cli.one_line_errors():
         root = Path.cwd()
         paths = Paths.of(root, args.variant, args.prepared, args.checkpoints, args.out)
