@@ -1,8 +1,4 @@
-"""Checkpoints: written atomically, loaded with `weights_only=True`, checked before use.
-
-`last.pt` is written at the end of every epoch and is what a killed train stage resumes
-from; `best.pt` holds, for each replica, its weights from the epoch of its best val_acc.
-"""
+"""Checkpoints: written atomically, loaded with `weights_only=True`, checked before use."""
 
 from __future__ import annotations
 

@@ -1,8 +1,7 @@
 """Stage `prepare`: a seeded train/validation split of MNIST's training images, test kept whole.
 
-Writes `<out>/{train,val,test}/` (uint8 images [N, 28, 28], int64 labels, as `.npy`:
-pipeline/data.py), ready to be loaded whole by the training loop, and `manifest.json` with
-sizes and a content digest that MLflow records as the runs' dataset lineage.
+Writes `<out>/{train,val,test}/` (pipeline/data.py's prepared splits) and `manifest.json` with sizes and
+a content digest that MLflow records as the runs' dataset lineage.
 """
 
 from __future__ import annotations
