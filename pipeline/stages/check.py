@@ -42,8 +42,6 @@ def estimated_bytes(config: VariantConfig) -> int:
 
 
 def check(params: Params, root: Path) -> dict:
-    """What the params ask of this machine (one line naming the key if it cannot run them); the
-    environment recorded."""
     if params.train.device == "cuda":
         import torch
 
