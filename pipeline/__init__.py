@@ -1,4 +1,4 @@
-"""The batch-norm MNIST lab as DVC stages (check, download, prepare, train, evaluate, compare) and their library."""
+"""The batch-norm MNIST lab as DVC stages (pipeline/stages/) and their library."""
 
 import os
 

@@ -63,3 +63,11 @@ def unwritable(error: OSError) -> str:
 def parser(doc: str) -> argparse.ArgumentParser:
     return argparse.ArgumentParser(description=doc.split("\n")[0])
 
+
+def arguments(doc: str, *paths: str, **others: type) -> argparse.Namespace:
+    """A stage's command line: a required `--<name>` for each of `paths` (a path) and of `others` (of its type)."""
+    command = parser(doc)
+    for name, kind in {**dict.fromkeys(paths, Path), **others}.items():
+        command.add_argument(f"--{name}", type=kind, required=True)
+    return command.parse_args()
+

@@ -42,9 +42,8 @@ def summarize(metrics: dict[str, list[float]]) -> dict[str, float]:
 
 def diverged_epochs(losses: list[list[float]]) -> list[int | None]:
     """Per seed, the first epoch (1-based) whose loss in [epoch][seed] is not finite; None if none."""
-    seeds = len(losses[0]) if losses else 0
-    return [next((epoch for epoch, values in enumerate(losses, start=1) if not math.isfinite(values[seed])), None)
-            for seed in range(seeds)]
+    return [next((epoch for epoch, loss in enumerate(seed_losses, start=1) if not math.isfinite(loss)), None)
+            for seed_losses in zip(*losses)]
 
 
 class Interval(NamedTuple):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.data import DataError, as_images, load_split, read_split, split_path, write_split
+from pipeline.data import DataError, as_images, load_split, read_split, write_split
 
 
 def test_split_keeps_bytes_and_as_images_divides_by_255_exactly(tmp_path):
@@ -23,7 +23,7 @@ def test_split_keeps_bytes_and_as_images_divides_by_255_exactly(tmp_path):
     assert images.min() == 0 and images.max() == 1
     buffer = torch.full((2, 512), float("nan"))
     assert as_images(split.pixels, out=buffer) is buffer and torch.equal(buffer, expected)  # an evaluation's reused buffer
-    numpy_pixels, numpy_labels = read_split(split_path(tmp_path, "val"))  # what evaluate reads, without torch
+    numpy_pixels, numpy_labels = read_split(tmp_path / "val")  # what evaluate reads, without torch
     assert np.array_equal(numpy_pixels, pixels.reshape(2, 512)) and numpy_labels.tolist() == [3, 7]
     assert torch.equal(torch.from_numpy(numpy_pixels.astype(np.float32) / np.float32(255)), expected)
 

@@ -1,8 +1,4 @@
-"""Checkpoints: written atomically, loaded with `weights_only=True`, checked before use.
-
-`last.pt` is written at the end of every epoch and is what a killed train stage resumes
-from; `best.pt` holds, for each replica, its weights from the epoch of its best val_acc.
-"""
+"""Checkpoints: written atomically, loaded with `weights_only=True`, checked before use."""
 
 from __future__ import annotations
 
@@ -38,8 +34,7 @@ def load(path: Path, map_location: str | torch.device = "cpu") -> dict:
     except Exception as error:  # on damaged bytes torch.load raises nearly anything: KeyError, IndexError...
         # in a few words: its weights-only errors are paragraphs of advice
         text = str(error).rpartition("WeightsUnpickler error:")[2]
-        lines = [line.strip() for line in text.splitlines() if line.strip()]
-        words = lines[0].split(". ")[0][:120] if lines else ""
+        words = next((line.strip() for line in text.splitlines() if line.strip()), "").split(". ")[0][:120]
         reason = f"{type(error).__name__}: {words}" if words else type(error).__name__
         raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({reason})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:

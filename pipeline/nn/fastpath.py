@@ -1,6 +1,5 @@
 """torch's private fast calls of a training step, each behind the public call it shortcuts.
 
-At batch 32 a step costs well under a millisecond, so per-step Python overhead is what counts.
 The gradients come from pipeline/nn/backprop.py's step by hand, not from `torch.autograd.grad`'s
 graph of nn.Module calls; the update from `torch._fused_adam_` / `_fused_adamw_` / `_fused_sgd_`,
 where torch.optim's functional `adam` / `adamw` / `sgd` (fused=True) end after grouping tensors by

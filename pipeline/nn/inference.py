@@ -14,8 +14,8 @@ import io
 import json
 import math
 import zipfile
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -113,8 +113,7 @@ def cross_entropy(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return np.log(np.exp(shifted).sum(-1)) - np.take_along_axis(shifted, labels[None, :, None], -1)[..., 0]
 
 
-@dataclass(frozen=True)
-class Evaluation:
+class Evaluation(NamedTuple):
     """Per replica: mean loss [K], accuracy [K] and confusion counts [K, true, predicted]."""
 
     loss: np.ndarray

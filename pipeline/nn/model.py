@@ -133,12 +133,11 @@ def unstack(stacked: StackedMlp, config: VariantConfig, replica: int) -> nn.Sequ
         lambda size: nn.BatchNorm1d(size, eps=config.norm_eps, momentum=config.bn_momentum),
         lambda size: nn.LayerNorm(size, eps=config.norm_eps)))
     stacked_state = stacked.state_dict()
-    with torch.no_grad():
-        for name, tensor in plain.state_dict().items():
-            position, kind = name.split(".")
-            if kind != "num_batches_tracked":
-                own = stacked_state[f"layers.{int(position) - 1}.{kind}"][replica]
-                tensor.copy_(own.T if tensor.dim() == 2 else own.view(-1))
+    for name, tensor in plain.state_dict().items():  # detached: copied into without autograd
+        position, kind = name.split(".")
+        if kind != "num_batches_tracked":
+            own = stacked_state[f"layers.{int(position) - 1}.{kind}"][replica]
+            tensor.copy_(own.T if tensor.dim() == 2 else own.view(-1))
     return plain.eval()
 
 

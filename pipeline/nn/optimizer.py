@@ -1,10 +1,9 @@
 """Adam, AdamW and SGD for a replica stack, run through pipeline/nn/fastpath.py's update.
 
-No `torch.optim.Optimizer` object: its first construction imports `torch._dynamo` (1.3-1.5 s
-of every train stage, measured here) and its `step` wraps the fused kernels in per-step Python
-(hooks, bookkeeping). The update is torch.optim's fused one, bit for bit (tests/test_optimizer.py),
-and element-wise: each replica's update reads its own slice alone, so one optimizer over a stack
-of K is exactly K independent optimizers.
+No `torch.optim.Optimizer` object: its first construction imports `torch._dynamo` (1.3-1.5 s of every
+train stage, measured here) and its `step` wraps the fused kernels in per-step Python (hooks,
+bookkeeping). The update, torch.optim's fused one, is element-wise: each replica's update reads its own
+slice alone, so one optimizer over a stack of K is exactly K independent optimizers.
 """
 
 from __future__ import annotations
@@ -39,7 +38,6 @@ class FusedOptimizer:
     def state_dict(self) -> dict:
         return {"kind": self.kind, "step": self.steps[0], "exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq}
 
-    @torch.no_grad()
     def load_state_dict(self, state: dict) -> None:
         if state.get("kind") != self.kind or len(state["exp_avg"]) != len(self.exp_avg):
             raise ValueError(f"optimizer state is for {state.get('kind')!r}, not {self.kind!r}")

@@ -4,14 +4,12 @@ No Dataset or DataLoader in the hot path: the split lives on the device as one t
 replica draws its own seeded permutation per epoch and batches are slices of it. The
 permutation of epoch e is derived from (seed, e) alone, so resuming at any epoch boundary
 needs no saved RNG state and replays exactly the batches an uninterrupted run would see.
-Each step's rows of every replica are one contiguous index vector, gathered with a single
-`index_select`; pipeline/nn/fastpath.py picks where the gradients come from and the update.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -150,8 +148,7 @@ def train_epoch(step: TrainingStep, epoch: int, on_step=None) -> None:
                 on_step()
 
 
-@dataclass(frozen=True)
-class Scores:
+class Scores(NamedTuple):
     """Per-replica loss and accuracy, each a [K] tensor."""
 
     loss: torch.Tensor

@@ -42,8 +42,6 @@ def estimated_bytes(config: VariantConfig) -> int:
 
 
 def check(params: Params, root: Path) -> dict:
-    """What the params ask of this machine (one line naming the key if it cannot run them); the
-    environment recorded."""
     if params.train.device == "cuda":
         import torch
 
@@ -65,6 +63,6 @@ def check(params: Params, root: Path) -> dict:
 
 
 if __name__ == "__main__":
-    cli.parser(__doc__).parse_args()
+    cli.arguments(__doc__)
     with cli.one_line_errors():
         check(load_params(), Path())  # relative paths in messages

@@ -156,10 +156,7 @@ def compare_outputs(params: Params, paths: Workspace, histories: dict, test_acc:
 
 
 if __name__ == "__main__":
-    parser = cli.parser(__doc__)
-    for name in ("train", "evaluate", "checkpoints", "out", "metrics"):  # the paths dvc.yaml names
-        parser.add_argument(f"--{name}", type=Path, required=True)
-    args = parser.parse_args()
+    args = cli.arguments(__doc__, "train", "evaluate", "checkpoints", "out", "metrics")
     with cli.one_line_errors():
         compare(load_params(), Workspace(Path.cwd(), args.train, args.checkpoints, args.evaluate, args.out,
                                          args.metrics))

@@ -33,9 +33,6 @@ def curves(variants: list[str], train_dir: Path, out: Path) -> None:
 
 
 if __name__ == "__main__":
-    parser = cli.parser(__doc__)
-    parser.add_argument("--train", type=Path, required=True)  # the train stages' outputs, a folder per variant
-    parser.add_argument("--out", type=Path, required=True)
-    args = parser.parse_args()
+    args = cli.arguments(__doc__, "train", "out")  # --train: the train stages' outputs, a folder per variant
     with cli.one_line_errors():
         curves(list(load_params().variants), args.train, args.out)

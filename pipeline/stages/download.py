@@ -118,9 +118,15 @@ def verified_file(path: Path, name: str, expected: str) -> bytes | None:
         return None
 
 
-def fetch_url(url: str, policy: Policy) -> bytes:
+def fetch(source: str, name: str, policy: Policy) -> bytes:
+    """`name`'s `.gz` file from a local folder or an http(s) URL prefix."""
+    if not source.startswith(("http://", "https://")):
+        path = Path(source) / f"{name}.gz"
+        if not path.is_file():
+            raise SourceFailed(f"{path} does not exist")
+        return path.read_bytes()
     started = time.monotonic()
-    request = urllib.request.Request(url, headers={"User-Agent": "mnist-bn-pipeline"})
+    request = urllib.request.Request(source + name + ".gz", headers={"User-Agent": "mnist-bn-pipeline"})
     try:
         with urllib.request.urlopen(request, timeout=policy.timeout_s) as response:
             declared = response.headers.get("Content-Length")
@@ -140,15 +146,6 @@ def fetch_url(url: str, policy: Policy) -> bytes:
     if declared is not None and declared.isdigit() and len(body) != int(declared):
         raise SourceFailed(f"truncated body ({len(body)} of {declared} bytes)", retry=True)
     return body
-
-
-def fetch(source: str, name: str, policy: Policy) -> bytes:
-    if source.startswith(("http://", "https://")):
-        return fetch_url(source + name + ".gz", policy)
-    path = Path(source) / f"{name}.gz"
-    if not path.is_file():
-        raise SourceFailed(f"{path} does not exist")
-    return path.read_bytes()
 
 
 def fetch_verified(name: str, sources: list[str], expected: str, policy: Policy) -> bytes:
@@ -228,9 +225,7 @@ def read_checksums(path: Path) -> dict[str, str]:
 
 
 if __name__ == "__main__":
-    parser = cli.parser(__doc__)
-    parser.add_argument("--out", type=Path, required=True)
-    args = parser.parse_args()
+    args = cli.arguments(__doc__, "out")
     with cli.one_line_errors():
         sources = parse_sources(os.environ.get("MNIST_MIRROR"), [TORCHVISION_MIRRORS])
         # A different data set in MNIST's format (or the tests' tiny one) brings its own digests.

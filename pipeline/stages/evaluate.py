@@ -1,9 +1,8 @@
 """Stage `evaluate@<variant>`: the final weights of every seed on the test split.
 
 Writes to --out `metrics.json` (test_loss and test_acc, mean over seeds, and their std: what `dvc metrics
-show` lists), `per_seed.json`, `per_class.json` and a confusion matrix PNG. The forward pass runs in
-numpy (pipeline/nn/inference.py) and the figure is drawn with Pillow (pipeline/reports.py): importing
-torch was 1.8 s of this stage's 2.2 s; the stage now takes 0.13-0.15x its former time
+show` lists), `per_seed.json`, `per_class.json` and a confusion matrix PNG, with neither torch nor
+matplotlib (pipeline/nn/inference.py, reports.confusion_plot): 0.13-0.15x the stage's time with them
 (benchmarks/bench_startup.py). The compare stage, which opens MLflow anyway, logs the results into the
 variant's runs: opening MLflow here would triple this stage's time (~3 s of imports and store start-up).
 """
@@ -36,13 +35,11 @@ def evaluate(params: Params, variant: str, weights_path: Path, test_dir: Path, o
         raise PipelineError(f"{weights_path}: the weights of variant {config.name!r}, not {variant!r}")
     pixels, labels = read_split(test_dir)
     with threadpool_limits(params.train.threads, user_api="blas"):  # the same count, the same bits
-        result = inference.evaluate(config, weights, pixels, labels, params.train.eval_batch_size)
-    test_loss, test_acc = result.loss.tolist(), result.acc.tolist()
-    confusion = result.confusion  # [K, true, predicted]
+        loss, acc, confusion = inference.evaluate(config, weights, pixels, labels, params.train.eval_batch_size)
     per_class = confusion.diagonal(axis1=1, axis2=2) / confusion.sum(axis=2).clip(min=1)  # [K, classes]
 
-    per_seed = {"test_loss": test_loss, "test_acc": test_acc}
-    metrics = summarize(per_seed) | {"diverged_seeds": diverged(test_loss)}
+    per_seed = {"test_loss": loss.tolist(), "test_acc": acc.tolist()}
+    metrics = summarize(per_seed) | {"diverged_seeds": diverged(per_seed["test_loss"])}
     atomic_write_json(out / "metrics.json", metrics)
     atomic_write_json(out / "per_seed.json", {"seeds": config.seeds, **per_seed})
     atomic_write_json(out / "per_class.json", {
@@ -58,11 +55,6 @@ def evaluate(params: Params, variant: str, weights_path: Path, test_dir: Path, o
 
 
 if __name__ == "__main__":
-    parser = cli.parser(__doc__)
-    parser.add_argument("--variant", required=True)
-    parser.add_argument("--weights", type=Path, required=True, help="the train stage's weights.npz")
-    parser.add_argument("--test", type=Path, required=True, help="the prepared test split's folder")
-    parser.add_argument("--out", type=Path, required=True)
-    args = parser.parse_args()
+    args = cli.arguments(__doc__, "weights", "test", "out", variant=str)  # --weights: train@variant's weights.npz
     with cli.one_line_errors():
         evaluate(load_params(), args.variant, args.weights, args.test, args.out)

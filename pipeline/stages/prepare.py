@@ -1,8 +1,7 @@
 """Stage `prepare`: a seeded train/validation split of MNIST's training images, test kept whole.
 
-Writes `<out>/{train,val,test}/` (uint8 images [N, 28, 28], int64 labels, as `.npy`:
-pipeline/data.py), ready to be loaded whole by the training loop, and `manifest.json` with
-sizes and a content digest that MLflow records as the runs' dataset lineage.
+Writes `<out>/{train,val,test}/` (pipeline/data.py's prepared splits) and `manifest.json` with sizes and
+a content digest that MLflow records as the runs' dataset lineage.
 """
 
 from __future__ import annotations
@@ -71,9 +70,6 @@ def prepare(data_params: DataParams, raw_dir: Path, prepared_dir: Path) -> dict:
 
 
 if __name__ == "__main__":
-    parser = cli.parser(__doc__)
-    parser.add_argument("--raw", type=Path, required=True)
-    parser.add_argument("--out", type=Path, required=True)
-    args = parser.parse_args()
+    args = cli.arguments(__doc__, "raw", "out")
     with cli.one_line_errors():
         prepare(load_params().data, args.raw, args.out)

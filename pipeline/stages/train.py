@@ -17,8 +17,8 @@ import signal
 import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -40,8 +40,7 @@ from pipeline.tracking.record import read_variant
 from pipeline.tracking.store import Tracking
 
 
-@dataclass(frozen=True)
-class Paths:
+class Paths(NamedTuple):
     """The paths dvc.yaml's command line names, and the scratch folder."""
 
     prepared: Path  # the prepared splits (DVC dep)
@@ -54,8 +53,7 @@ class Paths:
         return cls(prepared, checkpoints, out, root / ".dvc" / "tmp" / "train" / variant)
 
 
-@dataclass(frozen=True)
-class Inputs:
+class Inputs(NamedTuple):
     """What the run computes from besides its config: data lineage, environment, their digest."""
 
     dataset: dict  # the prepared splits' digest and sizes
@@ -72,8 +70,7 @@ class Inputs:
                    provenance.inputs_digest(computed_with, dataset["digest"], environment, "train"))
 
 
-@dataclass(frozen=True)
-class Run:
+class Run(NamedTuple):
     """What starting, recording each epoch and finishing share: fixed once the variant's training starts."""
 
     config: VariantConfig
@@ -85,8 +82,7 @@ class Run:
     evaluated: StackedMlp  # the evaluation thread's own copy of the model, loaded anew each epoch
 
 
-@dataclass(frozen=True)
-class Progress:
+class Progress(NamedTuple):
     """Where training stands after an epoch, what the next one and a resume start from: replaced, never
     changed in place (the tracking process may pickle `history` after `submit`)."""
 
@@ -216,11 +212,7 @@ def finish(run: Run, progress: Progress, model: StackedMlp, optimizer: FusedOpti
 
 
 if __name__ == "__main__":
-    parser = cli.parser(__doc__)
-    for name in ("--prepared", "--checkpoints", "--out"):  # the paths dvc.yaml names
-        parser.add_argument(name, type=Path, required=True)
-    parser.add_argument("--variant", required=True)
-    args = parser.parse_args()
+    args = cli.arguments(__doc__, "prepared", "checkpoints", "out", variant=str)
     with cli.one_line_errors():
         root = Path.cwd()
         paths = Paths.of(root, args.variant, args.prepared, args.checkpoints, args.out)
