@@ -6,21 +6,21 @@ MLflow's default auth configuration, both on the real stack (PostgreSQL, moto's 
 
 Both servers run side by side, each with its own PostgreSQL and S3 prefix and the same worker
 count; only the auth config differs (deploy/basic_auth.ini against the basic_auth.ini MLflow
-ships, whose credential cache is off). 1, 4 and 8 clients, each a process logging variants the
-way a train stage does: `start_variant_runs`, an epoch's `log_epoch` per epoch (the seed runs'
-epochs after the last one, as with epochs shorter than SEED_RUNS_EVERY_S), `log_trained_model`
-with two checkpoints, `set_status` (the lab's 5 seeds and 10 epochs, no torch model). The
-configurations alternate within each round. Every request's latency is taken in the client;
-afterwards the metric points and artifacts acknowledged are counted against what PostgreSQL
-and S3 hold. Those clients log as fast as the server answers (its capacity); the `8 paced` rows
-give 8 clients the lab's epoch time (PACED), as a sweep's train stages log, for 45 s. `--quick`:
-one round of 15 s per unpaced measurement (about 5 minutes), for a busy machine; the default is 3
-rounds of 30 s (about 14 minutes).
+ships, whose credential cache is off). 1, 4 and 8 clients, each a process recording variants as a
+train stage does (`record.mirror_variant` after each epoch, then with the finished outputs: real
+checkpoints, the served model; the lab's 5 seeds and 10 epochs, new inputs each variant), the
+configurations alternating. Latencies are taken in the clients; the metric points and artifacts
+acknowledged are then counted against what PostgreSQL and S3 hold. Unpaced clients log as fast
+as the server answers (its capacity); the `8 paced` rows give 8 clients the lab's epoch time
+(PACED), as a sweep's train stages log, for 45 s. `--quick`: one round of 15 s per unpaced
+measurement (about 5 minutes), for a busy machine; the default is 3 rounds of 30 s (~14 minutes).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import itertools
 import json
 import os
 import platform
@@ -42,17 +42,12 @@ CLIENTS = (1, 4, 8)
 # (a train stage of 5 seeds: ~18 s for 10 epochs), the load the issue sized (about 17 requests/s).
 PACED = (8, 1.8)  # (clients, seconds an epoch takes)
 EXPERIMENT = "bench"
+ENVIRONMENT = {"python": platform.python_version(), "packages": {"torch": "2", "numpy": "2", "mlflow": "3"}}
 USER = "bench"
 
 
 class Stop(BaseException):
     """The measurement's time is up: raised before a request would be sent, through MLflow's handlers."""
-
-
-def mlflow_default_auth_config() -> Path:
-    import importlib.util
-
-    return Path(importlib.util.find_spec("mlflow").origin).parent / "server" / "auth" / "basic_auth.ini"
 
 
 _window: dict = {}  # in a client process: the server measured, the deadline, the exchanges so far
@@ -68,7 +63,7 @@ def record_requests(uri: str, deadline: float, exchanges: list) -> None:
         send = requests.Session.request
 
         def recorded(session, method, url, *args, **kwargs):
-            if not url.startswith(_window["uri"]):
+            if _window["uri"] is None or not url.startswith(_window["uri"]):
                 return send(session, method, url, *args, **kwargs)
             if time.time() >= _window["deadline"]:
                 raise Stop()
@@ -85,63 +80,100 @@ def record_requests(uri: str, deadline: float, exchanges: list) -> None:
     _window.update(uri=uri, deadline=deadline, exchanges=exchanges)
 
 
-def client_load(uri: str, password: str, start_at: float, seconds: float, folder: str, epoch_s: float = 0.0,
-                offset_s: float = 0.0) -> list:
-    """One client: variants logged as a train stage logs them, from `start_at` for `seconds`; each
-    epoch `epoch_s` long (0: the next call as soon as the last is answered), the first call
-    `offset_s` after `start_at`."""
-    os.environ |= {"MLFLOW_TRACKING_USERNAME": USER, "MLFLOW_TRACKING_PASSWORD": password,
-                   "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
-    from mlflow import MlflowClient
+def connected(server: dict) -> tuple:
+    """(client, experiment id) of the bench user, opened as a train stage's record process opens it."""
+    os.environ |= {"MLFLOW_TRACKING_USERNAME": USER, "MLFLOW_TRACKING_PASSWORD": server["password"]}
+    from pipeline.tracking.store import Tracking, connect
 
-    from pipeline.tracking import runs as variant_runs
+    return connect(Tracking(server["uri"], Path(server["root"]), EXPERIMENT), checked=True)
+
+
+def history_after(config, epochs: int) -> dict:
+    """What a train stage mirrors after `epochs` epochs: per metric, per epoch, each seed's value."""
+    from pipeline.reports import METRICS
+
+    return {name: [[0.5 + epoch / 100 + seed / 1000 for seed in config.seeds] for epoch in range(1, epochs + 1)]
+            for name in METRICS}
+
+
+def train_record(client, experiment: str, config, run: dict, checkpoints: Path, epoch_s: float,
+                 deadline: float) -> None:
+    """One variant's record as its train stage writes it (pipeline/tracking/process.LiveRecord):
+    the runs made and log_model's one-off costs paid, the history so far after each epoch, then the
+    finished outputs: best and diverged epochs, the two checkpoints and the served model."""
+    from pipeline.tracking.record import VariantOutputs, mirror_variant, warm_model_logging
+
+    seen: dict = {}  # the stage's record process: what its earlier calls found and logged
+    ids = mirror_variant(client, experiment, VariantOutputs(run, ENVIRONMENT, history_after(config, 0)), seen)
+    warm_model_logging(client, experiment, ids["variant"])
+    for epoch in range(1, config.epochs + 1):
+        time.sleep(max(0.0, min(epoch_s, deadline - time.time())))  # training
+        mirror_variant(client, experiment, VariantOutputs(run, ENVIRONMENT, history_after(config, epoch)), seen)
+    finished = {"seeds": config.seeds, "best_epoch": [config.epochs] * len(config.seeds),
+                "diverged_epoch": [None] * len(config.seeds)} | history_after(config, config.epochs)
+    mirror_variant(client, experiment, VariantOutputs(run, ENVIRONMENT, finished, checkpoints), seen)
+
+
+def client_load(server: dict, start_at: float, seconds: float, checkpoints: str, epoch_s: float = 0.0,
+                offset_s: float = 0.0) -> list:
+    """One client: variants recorded as a train stage records them, from `start_at` for `seconds`;
+    each epoch `epoch_s` long (0: the next call as soon as the last is answered), the first call
+    `offset_s` after `start_at`."""
     from pipeline.config.params import load_params
+    from pipeline.stages.train import Inputs, run_json
 
     config = load_params(ROOT / "params.yaml").variant("batchnorm")
-    environment = {"python": platform.python_version(), "packages": {"torch": "2", "numpy": "2", "mlflow": "3"}}
-    dataset = {"digest": "bench", "uri": "data/prepared", "sizes": {"train": 55000, "val": 5000, "test": 10000}}
-    checkpoints = sorted(Path(folder).glob("*.pt"))
-    # A client is one variant, trained again and again: its inputs digest is its own, as each
-    # variant's is in a sweep. (One digest for every client had each start close the others'
-    # running runs as abandoned: hundreds of updates a measurement that no sweep makes.)
-    digest = f"bench-{os.getpid()}"
-    client = MlflowClient(uri)
+    dataset = {"digest": "bench", "sizes": {"train": 55000, "val": 5000, "test": 10000}}
+    client, experiment = connected(server)
     exchanges: list = []
     time.sleep(max(0.0, start_at + offset_s - time.time()))
-    record_requests(uri, start_at + seconds, exchanges)
+    record_requests(server["uri"], start_at + seconds, exchanges)
     try:
-        while True:
-            run_ids = variant_runs.start_variant_runs(client, EXPERIMENT, config, {"inputs_digest": digest}, dataset,
-                                                      environment)
-            epochs = []
-            for epoch in range(1, config.epochs + 1):
-                time.sleep(max(0.0, min(epoch_s, start_at + seconds - time.time())))  # training
-                metrics = {name: [0.5 + epoch / 100 + seed / 1000 for seed in config.seeds]
-                           for name in ("train_loss", "train_acc", "val_loss", "val_acc")}
-                epochs.append((epoch, int(time.time() * 1000), metrics))
-                variant_runs.log_epoch(client, run_ids, epochs[-1], epochs if epoch == config.epochs else [])
-            variant_runs.log_trained_model(client, run_ids, None, [config.epochs] * len(config.seeds),
-                                           [None] * len(config.seeds), checkpoints)
-            variant_runs.set_status(client, run_ids, "FINISHED")
+        for trained in itertools.count():
+            # New inputs each variant, as in a sweep (the same digest would add nothing), each with its
+            # served model, as a train stage logs it: 26 of a variant's 140 requests, 0.13 of its 0.46 s
+            # of client CPU (one client, 3 variants with and without, a busy 2-core machine).
+            digest = f"bench-{os.getpid()}-{trained}"
+            train_record(client, experiment, config, run_json(config, Inputs(dataset, {}, digest)),
+                         Path(checkpoints), epoch_s, start_at + seconds)
     except Stop:
+        _window["uri"] = None  # the next measurement's connect is none of this one's exchanges
         return exchanges
 
 
-def warm(seconds: float) -> None:
-    """Imports done, and every worker of the pool started, before any measurement."""
-    import mlflow  # noqa: F401
+def write_checkpoints(folder: Path) -> Path:
+    """last.pt and best.pt of the lab's batchnorm variant, saved as its train stage saves them
+    (untrained weights: the record only loads them to log the served model)."""
+    import torch
 
-    from pipeline.config import params  # noqa: F401
-    from pipeline.tracking import runs  # noqa: F401
+    from pipeline.config.params import load_params
+    from pipeline.nn import checkpoint, training
+    from pipeline.nn.model import StackedMlp
 
+    config = load_params(ROOT / "params.yaml").variant("batchnorm")
+    model = StackedMlp(config)
+    trained = training.trained_state(model, training.make_optimizer(model, config))
+    checkpoint.save(folder / "last.pt", {"config": config.model_dump(), "epoch": config.epochs, **trained})
+    checkpoint.save(folder / "best.pt", {**trained, "val_acc": torch.zeros(len(config.seeds)),
+                                         "epoch": [config.epochs] * len(config.seeds)})
+    return folder
+
+
+def warm(server: dict, seconds: float) -> None:
+    """Imports and log_model's one-off costs done, every worker of the pool started, before measuring."""
+    from pipeline.stages import train  # noqa: F401
+    from pipeline.tracking import record
+
+    client, experiment = connected(server)
+    record.warm_model_logging(client, experiment, "0" * 32)
     time.sleep(seconds)
 
 
-def measure(pool, server: dict, clients: int, seconds: float, folder: Path, epoch_s: float = 0.0) -> dict:
+def measure(pool, server: dict, clients: int, seconds: float, checkpoints: Path, epoch_s: float = 0.0) -> dict:
     start_at = time.time() + 1.0  # every client waiting before the first request
     # Paced clients start an epoch's fraction apart, as independent machines do (started together,
     # all would log at the same instants).
-    futures = [pool.submit(client_load, server["uri"], server["password"], start_at, seconds, str(folder), epoch_s,
+    futures = [pool.submit(client_load, server["login"], start_at, seconds, str(checkpoints), epoch_s,
                            index * epoch_s / clients) for index in range(clients)]
     exchanges = [exchange for future in futures for exchange in future.result()]
     latencies = sorted(seconds for _, _, _, seconds, _ in exchanges)
@@ -164,7 +196,8 @@ def start_servers(folder: Path, s3, servers: dict) -> None:
 
     from pipeline.tracking.store import Tracking, connect
 
-    for name, auth_config in (("shipped", None), ("mlflow-default", mlflow_default_auth_config())):
+    shipped_by_mlflow = Path(importlib.util.find_spec("mlflow").origin).parent / "server" / "auth" / "basic_auth.ini"
+    for name, auth_config in (("shipped", None), ("mlflow-default", shipped_by_mlflow)):
         (folder / name).mkdir()
         server = TeamServer(folder / name, start_postgres(), s3, free_port(), secrets.token_urlsafe(16),
                             auth_config=auth_config, artifacts_prefix=name)
@@ -173,13 +206,8 @@ def start_servers(folder: Path, s3, servers: dict) -> None:
         password = create_user(server.uri, server.admin_password, USER)
         os.environ |= {"MLFLOW_TRACKING_USERNAME": USER, "MLFLOW_TRACKING_PASSWORD": password}
         connect(Tracking(server.uri, folder / name, EXPERIMENT))
-        servers[name] = {"server": server, "uri": server.uri, "password": password}
-
-
-def stored(server: TeamServer, name: str) -> dict:
-    """What the configuration's PostgreSQL and S3 prefix hold."""
-    keys = [key.removeprefix(f"{name}/") for key in server.s3.keys(f"{name}/")]
-    return {"metric_points": server.postgres.scalar("SELECT count(*) FROM metrics"), "artifacts": sorted(keys)}
+        login = {"uri": server.uri, "password": password, "root": str(folder / name)}  # what a client needs
+        servers[name] = {"server": server, "login": login}
 
 
 def summary(results: dict, servers: dict) -> dict:
@@ -196,7 +224,9 @@ def summary(results: dict, servers: dict) -> dict:
     for name, by_clients in results.items():
         sent_points = sum(r["metric_points"] for rounds in by_clients.values() for r in rounds)
         sent_artifacts = sorted({a for rounds in by_clients.values() for r in rounds for a in r["artifacts"]})
-        held = stored(servers[name]["server"], name)
+        server = servers[name]["server"]  # what its PostgreSQL and S3 prefix hold:
+        held = {"metric_points": server.postgres.scalar("SELECT count(*) FROM metrics"),
+                "artifacts": sorted(key.removeprefix(f"{name}/") for key in server.s3.keys(f"{name}/"))}
         checks[name] = {"metric_points_sent": sent_points, "metric_points_stored": held["metric_points"],
                         "artifacts_sent": len(sent_artifacts), "artifacts_stored": len(held["artifacts"]),
                         "all_stored": sent_points == held["metric_points"] and sent_artifacts == held["artifacts"]}
@@ -228,8 +258,7 @@ def main() -> None:
     rounds, seconds = (1, 15.0) if args.quick else (3, 30.0)
     os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"  # no request but the server's, in the clients too
     folder = Path(tempfile.mkdtemp(prefix="bench-server-"))
-    for name in ("last.pt", "best.pt"):  # checkpoints of a realistic order of size
-        (folder / name).write_bytes(os.urandom(64 * 1024))
+    checkpoints = write_checkpoints(folder)
     s3 = start_s3()
     servers = {}
     started = time.time()
@@ -239,7 +268,7 @@ def main() -> None:
         results = {name: {**{str(clients): [] for clients in CLIENTS}, paced: []} for name in servers}
         context = get_context("spawn")  # clean client processes: no thread of the S3 server forked into them
         with ProcessPoolExecutor(max(CLIENTS), mp_context=context) as pool:
-            for future in [pool.submit(warm, 2.0) for _ in range(max(CLIENTS))]:
+            for future in [pool.submit(warm, servers["shipped"]["login"], 2.0) for _ in range(max(CLIENTS))]:
                 future.result()
             for index in range(rounds):
                 # Paced: long enough for each client's variants to end (10 epochs of 1.8 s and more).
@@ -247,7 +276,7 @@ def main() -> None:
                                                     (PACED[0], paced, max(seconds, 45.0), PACED[1])]:
                     order = list(servers) if (index + clients) % 2 == 0 else list(reversed(servers))
                     for name in order:  # alternating, so drift on a shared machine hits both alike
-                        results[name][key].append(measure(pool, servers[name], clients, span, folder, epoch_s))
+                        results[name][key].append(measure(pool, servers[name], clients, span, checkpoints, epoch_s))
                         row = results[name][key][-1]
                         print(f"round {index + 1} {name} {key} clients: {row['requests_per_s']:.1f} requests/s, "
                               f"p95 {1000 * percentile(row['latencies_s'], 0.95):.0f} ms", flush=True)
