@@ -52,31 +52,23 @@ class Stopped(PipelineError):
 class Dvc(subprocess.Popen):
     """`dvc --wait-for-lock <args>` in a process group of its own (with the stages it runs). Its output
     is kept (`capture`), passed on to this terminal line by line but DVC's push hint, or (`hint`)
-    left as it is; `ready` is set as the stage `stage` starts its command."""
+    left as it is; `ready` once the stage `stage` starts its command (at once without one)."""
 
     def __init__(self, args: tuple[str, ...], capture: bool, hint: bool, stage: str | None) -> None:
         super().__init__(["dvc", "--wait-for-lock", *args], stdout=None if hint else subprocess.PIPE, text=True,
                          bufsize=1, process_group=0)
-        self.name, self.stage = " ".join(args), stage
+        self.name, self.ready = " ".join(args), stage is None
         self.kept: list[str] | None = [] if capture else None
-        self.ready = threading.Event()
-        self.relay = threading.Thread(target=self.pass_on, daemon=True)
-        if not hint:
-            self.relay.start()
+        self.relay = threading.Thread(target=self.pass_on, args=(STAGE_RUNS.format(stage),), daemon=True)
+        self.relay.start()
 
-    def pass_on(self) -> None:
-        for line in self.stdout:
-            if self.stage is not None and line.strip() == STAGE_RUNS.format(self.stage):
-                self.ready.set()
+    def pass_on(self, stage_runs: str) -> None:
+        for line in self.stdout or ():  # `hint`: DVC writes to this terminal itself
+            self.ready = self.ready or line.strip() == stage_runs
             if self.kept is not None:
                 self.kept.append(line)
             elif line.strip() != PUSH_HINT:
-                sys.stdout.write(line)
-                sys.stdout.flush()
-
-    def passed_on(self) -> None:
-        if self.stdout is not None:
-            self.relay.join(timeout=GRACE_S)
+                print(line, end="", flush=True)
 
 
 class Dvcs:
@@ -117,7 +109,7 @@ class Dvcs:
     def starting(self) -> bool:
         """Whether a running command has not reached its `ready` stage's command yet: it holds the
         repository lock, waits for it, or runs the stages before."""
-        return any(process.stage is not None and not process.ready.is_set() for process in self.running)
+        return not all(process.ready for process in self.running)
 
     def ended(self) -> list[Dvc]:
         """The commands that ended since the last call (output all passed on), after waiting POLL_S."""
@@ -126,7 +118,7 @@ class Dvcs:
         done = [process for process in self.running if process.poll() is not None]
         for process in done:
             self.running.remove(process)
-            process.passed_on()
+            process.relay.join(timeout=GRACE_S)
         return done
 
     def result(self, process: Dvc) -> str:
@@ -155,7 +147,7 @@ class Dvcs:
                 time.sleep(POLL_S)
         for process in self.running:
             process.wait()
-            process.passed_on()
+            process.relay.join(timeout=GRACE_S)
         self.running.clear()
 
 

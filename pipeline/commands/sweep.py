@@ -72,13 +72,6 @@ def _last_comment(node: CommentedBase) -> tuple[list, int] | None:
     return inner or (node.ca.items.setdefault(key, [None, None, None, None]), position)
 
 
-def _flow(choices: dict) -> CommentedMap:
-    """A grid point's choices on one line of `variants:` (what is inside a flow node is flow too)."""
-    node = CommentedMap(choices)
-    node.fa.set_flow_style()
-    return node
-
-
 def rewrite(text: str, grid: dict[str, ModelChoices]) -> str:
     """`text` with the grid points of `variants:` replaced by `grid`'s, after the hand-written ones."""
     yaml, document = _round_trip(text)
@@ -94,7 +87,8 @@ def rewrite(text: str, grid: dict[str, ModelChoices]) -> str:
     for name in [name for name in variants if name.startswith(GRID_PREFIX)]:
         del variants[name]
     for name, choices in grid.items():
-        variants[name] = _flow(choices.model_dump(exclude_none=True))
+        variants[name] = CommentedMap(choices.model_dump(exclude_none=True))
+        variants[name].fa.set_flow_style()  # on one line (what is inside a flow node is flow too)
     if gap and variants:
         entry, position = _last_comment(variants)
         if entry[position] is None:
