@@ -27,15 +27,12 @@ FORWARDED = ("MLFLOW_TRACKING_URI", "MNIST_MIRROR", "MNIST_CHECKSUMS")
 
 
 def git(root: Path, *args: str) -> str:
-    # rstrip: `git status --porcelain` lines start with a space where the index is unchanged
-    return subprocess.run(["git", *args], cwd=root, check=True, capture_output=True, text=True).stdout.rstrip()
+    return subprocess.run(["git", *args], cwd=root, check=True, capture_output=True, text=True).stdout.strip()
 
 
 def committed_head(root: Path) -> str:
     """The commit the workers will clone; refused while the workspace holds edits they would not see."""
-    changed = [line[3:] for line in git(root, "status", "--porcelain", "--untracked-files=no").splitlines()
-               if line[3:] != "dvc.lock"]
-    if changed:
+    if changed := git(root, "diff", "--name-only", "HEAD", "--", ".", ":(exclude)dvc.lock").splitlines():
         raise PipelineError(f"{changed[0]}: uncommitted change; the workers run the committed code and params: "
                             "commit first")
     return git(root, "rev-parse", "HEAD")

@@ -23,9 +23,8 @@ class _Axes(Choices):
     @field_validator("*")
     @classmethod
     def _distinct(cls, values: list) -> list:
-        texts = [repr(value) for value in values]  # validated values: `1` and `1.0` are both 1.0 by now
-        for value, text in zip(values, texts):
-            if texts.count(text) > 1:
+        for value in values:  # validated values: `1` and `1.0` are both 1.0 by now
+            if values.count(value) > 1:
                 raise ValueError(f"the values of an axis must be distinct ({value!r} twice)")
         return values
 
@@ -65,8 +64,7 @@ def _number(value: float) -> str:
 
 
 def grid_point_name(choices: dict) -> str:
-    """`sweep-h64x64-batch-tanh-lr0p003`: the prefix, then each swept key's value in ModelChoices'
-    order. Only [a-z0-9-]: no '.', which DVC would read as a key path in `variants.<name>`."""
+    """`sweep-h64x64-batch-tanh-lr0p003`: the prefix, then each swept key's value in ModelChoices' order."""
     parts = []
     for key, value in choices.items():  # a word (of the key's Literal: no two keys share one) goes bare
         numbers = value if isinstance(value, list) else [value]
