@@ -2,10 +2,9 @@
 cluster (`DASK_SCHEDULER_ADDRESS`; without one, a plain `dvc repro` here), then this repository's
 `dvc repro` restores them all from DVC's run-cache and compares.
 
-A task runs in a worker's own clone at the commit being run: it checks the worker's environment
-against the lock, restores the prepared data from the shared remote's run-cache (`dvc repro
---pull`), runs the variant's stages and pushes their outputs and run-cache entries back. A worker
-lost mid-task: Dask runs the task elsewhere, which closes the runs the lost one left RUNNING.
+A task (run_variant) runs in a worker's own clone at the commit being run, its inputs restored from
+the shared remote's run-cache and its outputs pushed back. A worker lost mid-task: Dask runs the
+task elsewhere, which closes the runs the lost one left RUNNING.
 """
 
 from __future__ import annotations
@@ -93,8 +92,7 @@ def run_sweep(root: Path, repository: str) -> None:
     with Client() as client:  # DASK_SCHEDULER_ADDRESS
         print(f"{len(variants)} variants on {len(client.scheduler_info()['workers'])} workers "
               f"at {client.scheduler.address}", flush=True)
-        # retries: a stage that fails (an MLflow outage past its retries, say) runs once more;
-        # a worker lost mid-task is Dask's own business (the task is rescheduled).
+        # retries: a stage that fails (an MLflow outage past its retries, say) runs once more.
         tasks = {client.submit(run_variant, repository, commit, variant, environment, pure=False, retries=1,
                                key=f"variant-{variant}-{commit[:12]}"): variant for variant in variants}
         for task in as_completed(tasks):

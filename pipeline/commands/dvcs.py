@@ -20,8 +20,7 @@ from pipeline.errors import PipelineError
 
 POLL_S = 0.01  # the next command starts within 10 ms of one's end; a signal or make's end is seen as soon
 # What the stages get to end on the signal (a train stage closes its runs KILLED, ~0.1 s with a
-# local store) before their groups are killed: whatever ends this command, nothing it started
-# is alive 5 s later.
+# local store): whatever ends this command, nothing it started is alive 5 s later.
 GRACE_S = 3.0
 # DVC's line after every `dvc repro` that ran a stage: said once, by the last `dvc repro`, where
 # the chains before it would have said it two or more times.

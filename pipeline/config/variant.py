@@ -7,7 +7,6 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, create_model, field_validator
-from pydantic.fields import FieldInfo
 
 # Every seed goes into torch.Generator().manual_seed(seed * 1_000_003 + epoch) (training.py);
 # below 2**32 that stays far inside the generator's 64 bits.
@@ -50,7 +49,7 @@ RUNTIME = ("device", "threads")  # where a variant runs, not what it is: no part
 
 def constrained(key: str) -> object:
     """`train.<key>`'s type with its constraints (`gt=0`, lengths) attached, without its default."""
-    field: FieldInfo = TrainParams.model_fields[key]
+    field = TrainParams.model_fields[key]
     return Annotated[(field.annotation, *field.metadata)] if field.metadata else field.annotation
 
 
