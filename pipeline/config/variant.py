@@ -63,15 +63,10 @@ class Choices(Strict):
         return value
 
 
-ModelChoices = create_model(
-    "ModelChoices", __base__=Choices, __doc__="What a variant may override: the architecture and its optimizer.",
-    **{key: (constrained(key) | None, None) for key in VARIANT_CHOICES},
-)
+ModelChoices = create_model("ModelChoices", __base__=Choices,
+                            **{key: (constrained(key) | None, None) for key in VARIANT_CHOICES})
 
 VariantConfig = create_model(
-    "VariantConfig", __base__=Strict,
-    __doc__="One variant with the shared defaults filled in: everything that shapes its training.",
-    name=(str, ...), seeds=(list[int], ...),
+    "VariantConfig", __base__=Strict, name=(str, ...), seeds=(list[int], ...),
     **{key: (constrained(key), ...) for key in TrainParams.model_fields if key not in RUNTIME},
 )
-
