@@ -32,20 +32,12 @@ STAGE_RUNS = "Running stage '{}':"
 
 
 class DvcFailed(PipelineError):
-    """A dvc command that failed (it said why on this terminal), with its exit code."""
+    """A dvc command that failed (it said why on this terminal), or all stopped as a signal came or
+    whatever started this command ended; with the exit code to end with."""
 
     def __init__(self, message: str, exit_code: int) -> None:
         super().__init__(message)
         self.exit_code = exit_code
-
-
-class Stopped(PipelineError):
-    """This command was sent a signal, or whatever started it ended."""
-
-    def __init__(self, signum: int, cause: str) -> None:
-        super().__init__(f"{cause}: the dvc commands and stages it started were stopped; `make repro` "
-                         "resumes where they were")
-        self.exit_code = 128 + signum
 
 
 class Dvc(subprocess.Popen):
@@ -89,15 +81,15 @@ class Dvcs:
             signal.signal(signum, handler)
 
     def receive(self, signum: int, frame) -> None:
-        self.signum = self.signum or signum  # seen by `check` within POLL_S
+        if self.signum is None:  # seen by `check` within POLL_S
+            self.signum, self.cause = signum, f"interrupted by {signal.Signals(signum).name}"
 
     def check(self) -> None:
-        """Raises `Stopped` where a signal came or the parent (`make`) is gone."""
+        if self.signum is None and os.getppid() != self.parent:  # `make` killed (SIGKILL passes nothing on)
+            self.signum, self.cause = signal.SIGTERM, f"the process that started it ({self.parent}) ended"
         if self.signum is not None:
-            raise Stopped(self.signum, f"interrupted by {signal.Signals(self.signum).name}")
-        if os.getppid() != self.parent:  # `make` killed (SIGKILL passes nothing on)
-            self.signum = signal.SIGTERM
-            raise Stopped(self.signum, f"the process that started it ({self.parent}) ended")
+            raise DvcFailed(f"{self.cause}: the dvc commands and stages it started were stopped; `make repro` "
+                            "resumes where they were", exit_code=128 + self.signum)
 
     def start(self, *args: str, capture: bool = False, hint: bool = False, ready: str | None = None) -> Dvc:
         """`dvc <args>` (Dvc); `ready`: the stage whose command's start `starting` waits for."""
