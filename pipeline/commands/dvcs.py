@@ -92,7 +92,6 @@ class Dvcs:
                             "resumes where they were", exit_code=128 + self.signum)
 
     def start(self, *args: str, capture: bool = False, hint: bool = False, ready: str | None = None) -> Dvc:
-        """`dvc <args>` (Dvc); `ready`: the stage whose command's start `starting` waits for."""
         self.check()
         self.running.append(Dvc(args, capture, hint, ready))
         return self.running[-1]

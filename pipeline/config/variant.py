@@ -15,9 +15,7 @@ Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
 Width = Annotated[PositiveInt, Field(le=65_536)]  # units per hidden layer
 
 
-class Strict(BaseModel):
-    """A params section: unknown keys refused, values frozen, no coercion, finite numbers."""
-
+class Strict(BaseModel):  # a params section
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
