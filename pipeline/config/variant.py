@@ -20,8 +20,6 @@ class Strict(BaseModel):  # a params section
 
 
 class TrainParams(Strict):
-    """Shared training settings; the fields named in VARIANT_CHOICES are every variant's defaults."""
-
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(32, ge=1)
     hidden_sizes: list[Width] = Field([32, 32], min_length=1, max_length=64)
