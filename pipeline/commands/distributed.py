@@ -2,10 +2,9 @@
 cluster (`DASK_SCHEDULER_ADDRESS`; without one, a plain `dvc repro` here), then this repository's
 `dvc repro` restores them all from DVC's run-cache and compares.
 
-A task runs in a worker's own clone at the commit being run: it checks the worker's environment
-against the lock, restores the prepared data from the shared remote's run-cache (`dvc repro
---pull`), runs the variant's stages and pushes their outputs and run-cache entries back. A worker
-lost mid-task: Dask runs the task elsewhere, which closes the runs the lost one left RUNNING.
+A task (run_variant) runs in a worker's own clone at the commit being run, its inputs restored from
+the shared remote's run-cache and its outputs pushed back. A worker lost mid-task: Dask runs the
+task elsewhere, which closes the runs the lost one left RUNNING.
 """
 
 from __future__ import annotations
@@ -27,15 +26,12 @@ FORWARDED = ("MLFLOW_TRACKING_URI", "MNIST_MIRROR", "MNIST_CHECKSUMS")
 
 
 def git(root: Path, *args: str) -> str:
-    # rstrip: `git status --porcelain` lines start with a space where the index is unchanged
-    return subprocess.run(["git", *args], cwd=root, check=True, capture_output=True, text=True).stdout.rstrip()
+    return subprocess.run(["git", *args], cwd=root, check=True, capture_output=True, text=True).stdout.strip()
 
 
 def committed_head(root: Path) -> str:
     """The commit the workers will clone; refused while the workspace holds edits they would not see."""
-    changed = [line[3:] for line in git(root, "status", "--porcelain", "--untracked-files=no").splitlines()
-               if line[3:] != "dvc.lock"]
-    if changed:
+    if changed := git(root, "diff", "--name-only", "HEAD", "--", ".", ":(exclude)dvc.lock").splitlines():
         raise PipelineError(f"{changed[0]}: uncommitted change; the workers run the committed code and params: "
                             "commit first")
     return git(root, "rev-parse", "HEAD")
@@ -96,8 +92,7 @@ def run_sweep(root: Path, repository: str) -> None:
     with Client() as client:  # DASK_SCHEDULER_ADDRESS
         print(f"{len(variants)} variants on {len(client.scheduler_info()['workers'])} workers "
               f"at {client.scheduler.address}", flush=True)
-        # retries: a stage that fails (an MLflow outage past its retries, say) runs once more;
-        # a worker lost mid-task is Dask's own business (the task is rescheduled).
+        # retries: a stage that fails (an MLflow outage past its retries, say) runs once more.
         tasks = {client.submit(run_variant, repository, commit, variant, environment, pure=False, retries=1,
                                key=f"variant-{variant}-{commit[:12]}"): variant for variant in variants}
         for task in as_completed(tasks):

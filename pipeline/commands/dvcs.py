@@ -12,7 +12,6 @@ import contextlib
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 
@@ -20,8 +19,7 @@ from pipeline.errors import PipelineError
 
 POLL_S = 0.01  # the next command starts within 10 ms of one's end; a signal or make's end is seen as soon
 # What the stages get to end on the signal (a train stage closes its runs KILLED, ~0.1 s with a
-# local store) before their groups are killed: whatever ends this command, nothing it started
-# is alive 5 s later.
+# local store): whatever ends this command, nothing it started is alive 5 s later.
 GRACE_S = 3.0
 # DVC's line after every `dvc repro` that ran a stage: said once, by the last `dvc repro`, where
 # the chains before it would have said it two or more times.
@@ -33,50 +31,34 @@ STAGE_RUNS = "Running stage '{}':"
 
 
 class DvcFailed(PipelineError):
-    """A dvc command that failed (it said why on this terminal), with its exit code."""
+    """A dvc command that failed (it said why on this terminal), or all stopped as a signal came or
+    whatever started this command ended; with the exit code to end with."""
 
     def __init__(self, message: str, exit_code: int) -> None:
         super().__init__(message)
         self.exit_code = exit_code
 
 
-class Stopped(PipelineError):
-    """This command was sent a signal, or whatever started it ended."""
-
-    def __init__(self, signum: int, cause: str) -> None:
-        super().__init__(f"{cause}: the dvc commands and stages it started were stopped; `make repro` "
-                         "resumes where they were")
-        self.exit_code = 128 + signum
-
-
 class Dvc(subprocess.Popen):
     """`dvc --wait-for-lock <args>` in a process group of its own (with the stages it runs). Its output
     is kept (`capture`), passed on to this terminal line by line but DVC's push hint, or (`hint`)
-    left as it is; `ready` is set as the stage `stage` starts its command."""
+    left as it is; `ready` once the stage `stage` starts its command (at once without one)."""
 
     def __init__(self, args: tuple[str, ...], capture: bool, hint: bool, stage: str | None) -> None:
         super().__init__(["dvc", "--wait-for-lock", *args], stdout=None if hint else subprocess.PIPE, text=True,
                          bufsize=1, process_group=0)
-        self.name, self.stage = " ".join(args), stage
+        self.name, self.ready = " ".join(args), stage is None
         self.kept: list[str] | None = [] if capture else None
-        self.ready = threading.Event()
-        self.relay = threading.Thread(target=self.pass_on, daemon=True)
-        if not hint:
-            self.relay.start()
+        self.relay = threading.Thread(target=self.pass_on, args=(STAGE_RUNS.format(stage),), daemon=True)
+        self.relay.start()
 
-    def pass_on(self) -> None:
-        for line in self.stdout:
-            if self.stage is not None and line.strip() == STAGE_RUNS.format(self.stage):
-                self.ready.set()
+    def pass_on(self, stage_runs: str) -> None:
+        for line in self.stdout or ():  # `hint`: DVC writes to this terminal itself
+            self.ready = self.ready or line.strip() == stage_runs
             if self.kept is not None:
                 self.kept.append(line)
             elif line.strip() != PUSH_HINT:
-                sys.stdout.write(line)
-                sys.stdout.flush()
-
-    def passed_on(self) -> None:
-        if self.stdout is not None:
-            self.relay.join(timeout=GRACE_S)
+                print(line, end="", flush=True)
 
 
 class Dvcs:
@@ -98,18 +80,17 @@ class Dvcs:
             signal.signal(signum, handler)
 
     def receive(self, signum: int, frame) -> None:
-        self.signum = self.signum or signum  # seen by `check` within POLL_S
+        if self.signum is None:  # seen by `check` within POLL_S
+            self.signum, self.cause = signum, f"interrupted by {signal.Signals(signum).name}"
 
     def check(self) -> None:
-        """Raises `Stopped` where a signal came or the parent (`make`) is gone."""
+        if self.signum is None and os.getppid() != self.parent:  # `make` killed (SIGKILL passes nothing on)
+            self.signum, self.cause = signal.SIGTERM, f"the process that started it ({self.parent}) ended"
         if self.signum is not None:
-            raise Stopped(self.signum, f"interrupted by {signal.Signals(self.signum).name}")
-        if os.getppid() != self.parent:  # `make` killed (SIGKILL passes nothing on)
-            self.signum = signal.SIGTERM
-            raise Stopped(self.signum, f"the process that started it ({self.parent}) ended")
+            raise DvcFailed(f"{self.cause}: the dvc commands and stages it started were stopped; `make repro` "
+                            "resumes where they were", exit_code=128 + self.signum)
 
     def start(self, *args: str, capture: bool = False, hint: bool = False, ready: str | None = None) -> Dvc:
-        """`dvc <args>` (Dvc); `ready`: the stage whose command's start `starting` waits for."""
         self.check()
         self.running.append(Dvc(args, capture, hint, ready))
         return self.running[-1]
@@ -117,7 +98,7 @@ class Dvcs:
     def starting(self) -> bool:
         """Whether a running command has not reached its `ready` stage's command yet: it holds the
         repository lock, waits for it, or runs the stages before."""
-        return any(process.stage is not None and not process.ready.is_set() for process in self.running)
+        return not all(process.ready for process in self.running)
 
     def ended(self) -> list[Dvc]:
         """The commands that ended since the last call (output all passed on), after waiting POLL_S."""
@@ -126,7 +107,7 @@ class Dvcs:
         done = [process for process in self.running if process.poll() is not None]
         for process in done:
             self.running.remove(process)
-            process.passed_on()
+            process.relay.join(timeout=GRACE_S)
         return done
 
     def result(self, process: Dvc) -> str:
@@ -155,7 +136,7 @@ class Dvcs:
                 time.sleep(POLL_S)
         for process in self.running:
             process.wait()
-            process.passed_on()
+            process.relay.join(timeout=GRACE_S)
         self.running.clear()
 
 

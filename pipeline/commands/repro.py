@@ -44,10 +44,9 @@ def variant_chains(trains: list[str], stale: set[str], force: bool) -> list[tupl
     return [(*upstream, *chains[0]), *chains[1:]] if chains else []
 
 
-def side_by_side(dvcs: Dvcs, chains: list[tuple[str, ...]], jobs: int, force: bool) -> None:
-    """`dvc repro -s <stages>` of each chain, `jobs` at a time, each started once the one before
+def side_by_side(dvcs: Dvcs, chains: list[tuple[str, ...]], jobs: int, options: list[str]) -> None:
+    """`dvc repro <options> -s <stages>` of each chain, `jobs` at a time, each started once the one before
     runs its train stage. A failure stops the others (SIGINT, as Ctrl-C) and names its chain."""
-    options = ["--force"] if force else []
     pending = list(chains)
     while pending or dvcs.running:
         while pending and len(dvcs.running) < jobs and not dvcs.starting():
@@ -72,19 +71,16 @@ def repro(dvcs: Dvcs, force: bool = False, jobs: int | None = None) -> None:
     if not force and not stale:
         print("Data and pipelines are up to date.")
         return
+    options = ["--force"] if force else []
     chains = variant_chains(trains, stale, force)
-    if len(chains) < 2 or jobs < 2:  # nothing side by side: DVC's own plan
-        dvcs.output("repro", *(["--force"] if force else []), hint=True)
-        return
-    # Forced, the last `dvc repro` names the stages left, listed while the chains run (no lock taken).
-    listing = dvcs.start("stage", "list", "--name-only", capture=True) if force else None
-    side_by_side(dvcs, chains, jobs, force)
-    if force:
-        done = {stage for chain in chains for stage in chain}
-        dvcs.output("repro", "--force", "-s", *[name for name in dvcs.result(listing).split() if name not in done],
-                    hint=True)
-    else:
-        dvcs.output("repro", hint=True)
+    if len(chains) > 1 and jobs > 1:  # else nothing side by side: DVC's own plan
+        # Forced, the last `dvc repro` names the stages left, listed while the chains run (no lock taken).
+        listing = dvcs.start("stage", "list", "--name-only", capture=True) if force else None
+        side_by_side(dvcs, chains, jobs, options)
+        if force:
+            done = {stage for chain in chains for stage in chain}
+            options += ["-s", *[name for name in dvcs.result(listing).split() if name not in done]]
+    dvcs.output("repro", *options, hint=True)
 
 
 if __name__ == "__main__":

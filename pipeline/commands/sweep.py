@@ -3,10 +3,9 @@
 DVC makes the `train@<variant>` and `evaluate@<variant>` stages from `foreach: ${variants}` as it
 parses dvc.yaml: it cannot compute a grid. So each grid point is written into `variants:`, a variant
 like any other (its own stages, cache, params dep and column in `dvc exp show`), named `sweep-...`
-after the hand-written ones; this command replaces exactly those. ruamel.yaml's round trip keeps
-comments, quotes and the hand-written variants, and nothing is written unless the new text is valid
-as the check stage reads it. A point removed leaves nothing behind (its stages' dvc.lock entries
-and outputs go); DVC's cache keeps their data, so a point added back is restored from the run-cache.
+after the hand-written ones; this command replaces exactly those, in ruamel.yaml's round trip (which
+keeps comments and quotes). A point removed leaves nothing behind (its stages' dvc.lock entries and
+outputs go); DVC's cache keeps their data, so a point added back is restored from the run-cache.
 """
 
 from __future__ import annotations
@@ -72,13 +71,6 @@ def _last_comment(node: CommentedBase) -> tuple[list, int] | None:
     return inner or (node.ca.items.setdefault(key, [None, None, None, None]), position)
 
 
-def _flow(choices: dict) -> CommentedMap:
-    """A grid point's choices on one line of `variants:` (what is inside a flow node is flow too)."""
-    node = CommentedMap(choices)
-    node.fa.set_flow_style()
-    return node
-
-
 def rewrite(text: str, grid: dict[str, ModelChoices]) -> str:
     """`text` with the grid points of `variants:` replaced by `grid`'s, after the hand-written ones."""
     yaml, document = _round_trip(text)
@@ -94,7 +86,8 @@ def rewrite(text: str, grid: dict[str, ModelChoices]) -> str:
     for name in [name for name in variants if name.startswith(GRID_PREFIX)]:
         del variants[name]
     for name, choices in grid.items():
-        variants[name] = _flow(choices.model_dump(exclude_none=True))
+        variants[name] = CommentedMap(choices.model_dump(exclude_none=True))
+        variants[name].fa.set_flow_style()  # on one line (what is inside a flow node is flow too)
     if gap and variants:
         entry, position = _last_comment(variants)
         if entry[position] is None:
@@ -157,7 +150,7 @@ def sweep(path: Path = PARAMS_FILE) -> None:
         parse_params(raw, source)  # names what is wrong with the top level or `variants:`
     grid = parse_sweep(raw, source).grid()
     new_text = rewrite(text, grid)
-    parse_params(parse_yaml(new_text, source), source)  # as the check stage will read it
+    parse_params(parse_yaml(new_text, source), source)  # nothing written that the check stage would refuse
     before = {name for name in raw["variants"] if name.startswith(GRID_PREFIX)}
     if new_text != text:
         atomic_write_bytes(path, new_text.encode())

@@ -23,9 +23,8 @@ class _Axes(Choices):
     @field_validator("*")
     @classmethod
     def _distinct(cls, values: list) -> list:
-        texts = [repr(value) for value in values]  # validated values: `1` and `1.0` are both 1.0 by now
-        for value, text in zip(values, texts):
-            if texts.count(text) > 1:
+        for value in values:  # validated values: `1` and `1.0` are both 1.0 by now
+            if values.count(value) > 1:
                 raise ValueError(f"the values of an axis must be distinct ({value!r} twice)")
         return values
 
@@ -51,7 +50,7 @@ class _Axes(Choices):
 # An axis accepts exactly what a variant's key does (the same constrained type), and a key added
 # to VARIANT_CHOICES can be swept without a second list of types to keep in step.
 SweepAxes = create_model(
-    "SweepAxes", __base__=_Axes, __doc__="Values to cross, per key a variant may override.",
+    "SweepAxes", __base__=_Axes,
     **{key: (list[constrained(key)] | None, Field(None, min_length=1, max_length=MAX_GRID_POINTS))
        for key in VARIANT_CHOICES},
 )
@@ -65,8 +64,7 @@ def _number(value: float) -> str:
 
 
 def grid_point_name(choices: dict) -> str:
-    """`sweep-h64x64-batch-tanh-lr0p003`: the prefix, then each swept key's value in ModelChoices'
-    order. Only [a-z0-9-]: no '.', which DVC would read as a key path in `variants.<name>`."""
+    """`sweep-h64x64-batch-tanh-lr0p003`: the prefix, then each swept key's value in ModelChoices' order."""
     parts = []
     for key, value in choices.items():  # a word (of the key's Literal: no two keys share one) goes bare
         numbers = value if isinstance(value, list) else [value]

@@ -194,6 +194,5 @@ def read_params(path: Path) -> str:
         raise ParamsError(f"{path}: cannot read: not UTF-8 text (byte {error.start})") from None
 
 
-def load_params(path: Path | str = PARAMS_FILE) -> Params:
-    path = Path(path)
+def load_params(path: Path = PARAMS_FILE) -> Params:
     return parse_params(parse_yaml(read_params(path), str(path)), str(path))

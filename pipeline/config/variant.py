@@ -7,7 +7,6 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, create_model, field_validator
-from pydantic.fields import FieldInfo
 
 # Every seed goes into torch.Generator().manual_seed(seed * 1_000_003 + epoch) (training.py);
 # below 2**32 that stays far inside the generator's 64 bits.
@@ -16,15 +15,11 @@ Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
 Width = Annotated[PositiveInt, Field(le=65_536)]  # units per hidden layer
 
 
-class Strict(BaseModel):
-    """A params section: unknown keys refused, values frozen, no coercion, finite numbers."""
-
+class Strict(BaseModel):  # a params section
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 class TrainParams(Strict):
-    """Shared training settings; the fields named in VARIANT_CHOICES are every variant's defaults."""
-
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(32, ge=1)
     hidden_sizes: list[Width] = Field([32, 32], min_length=1, max_length=64)
@@ -50,7 +45,7 @@ RUNTIME = ("device", "threads")  # where a variant runs, not what it is: no part
 
 def constrained(key: str) -> object:
     """`train.<key>`'s type with its constraints (`gt=0`, lengths) attached, without its default."""
-    field: FieldInfo = TrainParams.model_fields[key]
+    field = TrainParams.model_fields[key]
     return Annotated[(field.annotation, *field.metadata)] if field.metadata else field.annotation
 
 
@@ -64,15 +59,10 @@ class Choices(Strict):
         return value
 
 
-ModelChoices = create_model(
-    "ModelChoices", __base__=Choices, __doc__="What a variant may override: the architecture and its optimizer.",
-    **{key: (constrained(key) | None, None) for key in VARIANT_CHOICES},
-)
+ModelChoices = create_model("ModelChoices", __base__=Choices,
+                            **{key: (constrained(key) | None, None) for key in VARIANT_CHOICES})
 
 VariantConfig = create_model(
-    "VariantConfig", __base__=Strict,
-    __doc__="One variant with the shared defaults filled in: everything that shapes its training.",
-    name=(str, ...), seeds=(list[int], ...),
+    "VariantConfig", __base__=Strict, name=(str, ...), seeds=(list[int], ...),
     **{key: (constrained(key), ...) for key in TrainParams.model_fields if key not in RUNTIME},
 )
-
