@@ -13,14 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.config.variant import VariantConfig
+from pipeline.config.variant import VariantConfig, layer_sizes
 
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "gelu": nn.GELU}
-
-
-def layer_sizes(config: VariantConfig) -> list[tuple[int, int]]:
-    sizes = [28 * 28, *config.hidden_sizes, 10]
-    return list(zip(sizes[:-1], sizes[1:]))
 
 
 def initial_kernels(config: VariantConfig, seed: int) -> list[torch.Tensor]:

@@ -16,7 +16,7 @@ from pipeline import cli, provenance
 from pipeline.errors import ParamsError
 from pipeline.fsio import atomic_write_json
 from pipeline.config.params import Params, load_params
-from pipeline.config.variant import VariantConfig
+from pipeline.config.variant import VariantConfig, layer_sizes
 
 FLOAT_BYTES = 4
 # Copies of a replica stack's parameters alive at once: weights, gradients, Adam's two moments,
@@ -28,10 +28,7 @@ SPLIT_BYTES = MNIST_IMAGES * 28 * 28  # MNIST as uint8 pixels, held whole
 
 def estimated_bytes(config: VariantConfig) -> int:
     """A generous estimate of a variant's peak memory in its train stage."""
-    # model.layer_sizes, written out: importing pipeline.nn.model means importing torch, 1.4 s on
-    # every params edit for a stage that computes nothing.
-    sizes = [28 * 28, *config.hidden_sizes, 10]
-    weights = sum(fan_in * fan_out + fan_out for fan_in, fan_out in zip(sizes[:-1], sizes[1:]))
+    weights = sum(fan_in * fan_out + fan_out for fan_in, fan_out in layer_sizes(config))
     norms = 0 if config.norm == "none" else 4 * sum(config.hidden_sizes)  # scale, shift, running stats
     replicas = len(config.seeds)
     state = STATE_COPIES * (weights + norms) * replicas * FLOAT_BYTES
