@@ -69,7 +69,6 @@ VariantConfig = create_model(
 
 
 def layer_sizes(config: VariantConfig) -> list[tuple[int, int]]:
-    """(fan_in, fan_out) of each Linear layer, here without torch: the check stage's memory estimate
-    takes them, and importing torch would cost it 1.4 s on every params edit."""
+    """(fan_in, fan_out) of each Linear; here, not in nn/: torch's import would cost check 1.4 s a params edit."""
     sizes = [28 * 28, *config.hidden_sizes, 10]
     return list(zip(sizes[:-1], sizes[1:]))
