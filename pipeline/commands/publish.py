@@ -3,8 +3,7 @@ the tracking store that MLFLOW_TRACKING_URI names (default: mlflow.db at the rep
 without training: every variant's runs with every epoch, the comparison's run and the registered
 model, all read from DVC's outputs (pipeline/tracking/workspace.py), as the compare stage ends.
 A workspace filled by `dvc pull` or DVC's run-cache publishes the same runs as one that trained;
-run again, it adds nothing; over a partial record, it completes it. `--dry-run` says what it
-would add, and adds nothing.
+run again, it adds nothing; over a partial record, it completes it.
 """
 
 from __future__ import annotations

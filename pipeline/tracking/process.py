@@ -17,7 +17,6 @@ import os
 import signal
 import sys
 import threading
-import time
 from concurrent.futures import Future, ProcessPoolExecutor
 
 from pipeline.reports import METRICS
@@ -55,7 +54,7 @@ def _mirror(client, experiment: str, outputs: record.VariantOutputs, warm: bool 
         record.warm_model_logging(client, experiment, ids["variant"])
 
 
-def _start_worker(stage_pid: int) -> None:
+def _start_worker() -> None:
     """Ctrl-C reaches the whole process group; the stage decides what its runs become (KILLED)
     and says so through this process, which ends when the stage closes it or is gone: a
     SIGKILLed stage cannot close it, and a forked worker never reads end-of-file."""
@@ -63,8 +62,7 @@ def _start_worker(stage_pid: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
     def exit_with_stage() -> None:
-        while os.getppid() == stage_pid:
-            time.sleep(0.5)
+        multiprocessing.parent_process().join()  # its sentinel: the stage's end of a pipe, closed as it dies
         os._exit(1)
 
     threading.Thread(target=exit_with_stage, daemon=True).start()
@@ -79,7 +77,7 @@ class RecordProcess:
         self.tracking = tracking
         sys.stdout.flush()  # a forked copy of unwritten output would be printed twice
         method = "fork" if sys.platform == "linux" else "spawn"  # forked at the first call
-        self.pool = ProcessPoolExecutor(1, multiprocessing.get_context(method), _start_worker, (os.getpid(),))
+        self.pool = ProcessPoolExecutor(1, multiprocessing.get_context(method), _start_worker)
 
     def submit(self, fn, *args) -> Future:
         return self.pool.submit(_call, self.tracking, fn, args)
