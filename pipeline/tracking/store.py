@@ -92,8 +92,7 @@ def _probe(uri: str, path: str, what: str | None, timeout_s: float) -> None:
         login = f"{user}:{os.environ.get('MLFLOW_TRACKING_PASSWORD', '')}".encode()
         request.add_header("Authorization", f"Basic {base64.b64encode(login).decode()}")
     try:
-        with urllib.request.urlopen(request, timeout=timeout_s) as response:
-            response.read()
+        urllib.request.urlopen(request, timeout=timeout_s).close()  # its status is the answer
     except urllib.error.HTTPError as error:
         kind = StoreDown if error.code >= 500 else TrackingError
         if what is None:
