@@ -12,7 +12,7 @@ from pathlib import Path
 
 from pipeline import cli
 from pipeline.config.params import load_params
-from pipeline.tracking.store import Tracking, connect, one_line, runs_page
+from pipeline.tracking.store import Tracking, check_store, connect, one_line, runs_page
 from pipeline.tracking.workspace import Workspace, mirror_workspace, missing
 
 if __name__ == "__main__":
@@ -23,6 +23,7 @@ if __name__ == "__main__":
         params = load_params()
         tracking, workspace = Tracking.from_environment(params.mlflow.experiment_name), Workspace.of(Path.cwd())
         with one_line(tracking.uri):
+            check_store(tracking)
             client, experiment = connect(tracking)
             if dry_run:
                 lines = missing(client, experiment, params, workspace)

@@ -25,11 +25,7 @@ from pipeline.tracking.store import StoreDown, Tracking, check_store, connect, o
 
 _seen: dict = {}  # in the worker: what record.mirror_variant found and logged
 _outage: list[StoreDown] = []  # in the worker: the calls queued behind a failed one fail at once
-
-
-@functools.cache
-def _store(tracking: Tracking) -> tuple:
-    return connect(tracking, checked=True)  # the stage checked the store
+_store = functools.cache(connect)  # in the worker: opened once (the stage checked the store)
 
 
 def _call(tracking: Tracking, fn, args: tuple):
@@ -68,7 +64,7 @@ def _start_worker() -> None:
     threading.Thread(target=exit_with_stage, daemon=True).start()
 
 
-class RecordProcess:
+class RecordProcess(ProcessPoolExecutor):
     """The worker: `submit(fn, *args)` runs `fn(client, experiment, *args)` there, in order, the
     store opened by the first call; MLflow's errors come back as a refusal or a StoreDown. On
     leaving, it waits for the calls sent; a failed stage drops those not started."""
@@ -77,16 +73,13 @@ class RecordProcess:
         self.tracking = tracking
         sys.stdout.flush()  # a forked copy of unwritten output would be printed twice
         method = "fork" if sys.platform == "linux" else "spawn"  # forked at the first call
-        self.pool = ProcessPoolExecutor(1, multiprocessing.get_context(method), _start_worker)
+        super().__init__(1, multiprocessing.get_context(method), _start_worker)
 
     def submit(self, fn, *args) -> Future:
-        return self.pool.submit(_call, self.tracking, fn, args)
-
-    def __enter__(self):
-        return self
+        return super().submit(_call, self.tracking, fn, args)
 
     def __exit__(self, exc_type, *exc) -> None:
-        self.pool.shutdown(wait=True, cancel_futures=exc_type is not None)
+        self.shutdown(wait=True, cancel_futures=exc_type is not None)
 
 
 class LiveRecord(RecordProcess):

@@ -175,17 +175,15 @@ def check_store(tracking: Tracking) -> None:
         check_server(tracking.uri)
 
 
-def connect(tracking: Tracking, checked: bool = False):
-    """MLflow pointed at the store: (client, experiment id), the experiment made with its tags where
-    missing; `checked`: check_store ran already. A fresh SQLite store migrates its schema on first
-    open; stages opening it at once (a DVC queue with -j 2) would race on that: opens take turns."""
+def connect(tracking: Tracking):
+    """MLflow pointed at the store (check_store it first): (client, experiment id), the experiment
+    made with its tags where missing. A fresh SQLite store migrates its schema on first open;
+    stages opening it at once (a DVC queue with -j 2) would race on that: opens take turns."""
     for name, value in MLFLOW_DEFAULTS.items():
         os.environ.setdefault(name, value)
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    if not checked:
-        check_store(tracking)
     mlflow.set_tracking_uri(tracking.uri)
     tracking.root.mkdir(parents=True, exist_ok=True)
     with open(tracking.root / ".mlflow.lock", "w") as lock:
