@@ -3,8 +3,7 @@ the tracking store that MLFLOW_TRACKING_URI names (default: mlflow.db at the rep
 without training: every variant's runs with every epoch, the comparison's run and the registered
 model, all read from DVC's outputs (pipeline/tracking/workspace.py), as the compare stage ends.
 A workspace filled by `dvc pull` or DVC's run-cache publishes the same runs as one that trained;
-run again, it adds nothing; over a partial record, it completes it. `--dry-run` says what it
-would add, and adds nothing.
+run again, it adds nothing; over a partial record, it completes it.
 """
 
 from __future__ import annotations
@@ -13,7 +12,7 @@ from pathlib import Path
 
 from pipeline import cli
 from pipeline.config.params import load_params
-from pipeline.tracking.store import Tracking, connect, one_line, runs_page
+from pipeline.tracking.store import Tracking, check_store, connect, one_line, runs_page
 from pipeline.tracking.workspace import Workspace, mirror_workspace, missing
 
 if __name__ == "__main__":
@@ -24,6 +23,7 @@ if __name__ == "__main__":
         params = load_params()
         tracking, workspace = Tracking.from_environment(params.mlflow.experiment_name), Workspace.of(Path.cwd())
         with one_line(tracking.uri):
+            check_store(tracking)
             client, experiment = connect(tracking)
             if dry_run:
                 lines = missing(client, experiment, params, workspace)

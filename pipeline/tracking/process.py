@@ -17,7 +17,6 @@ import os
 import signal
 import sys
 import threading
-import time
 from concurrent.futures import Future, ProcessPoolExecutor
 
 from pipeline.reports import METRICS
@@ -26,11 +25,7 @@ from pipeline.tracking.store import StoreDown, Tracking, check_store, connect, o
 
 _seen: dict = {}  # in the worker: what record.mirror_variant found and logged
 _outage: list[StoreDown] = []  # in the worker: the calls queued behind a failed one fail at once
-
-
-@functools.cache
-def _store(tracking: Tracking) -> tuple:
-    return connect(tracking, checked=True)  # the stage checked the store
+_store = functools.cache(connect)  # in the worker: opened once (the stage checked the store)
 
 
 def _call(tracking: Tracking, fn, args: tuple):
@@ -55,7 +50,7 @@ def _mirror(client, experiment: str, outputs: record.VariantOutputs, warm: bool 
         record.warm_model_logging(client, experiment, ids["variant"])
 
 
-def _start_worker(stage_pid: int) -> None:
+def _start_worker() -> None:
     """Ctrl-C reaches the whole process group; the stage decides what its runs become (KILLED)
     and says so through this process, which ends when the stage closes it or is gone: a
     SIGKILLed stage cannot close it, and a forked worker never reads end-of-file."""
@@ -63,14 +58,13 @@ def _start_worker(stage_pid: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
     def exit_with_stage() -> None:
-        while os.getppid() == stage_pid:
-            time.sleep(0.5)
+        multiprocessing.parent_process().join()  # its sentinel: the stage's end of a pipe, closed as it dies
         os._exit(1)
 
     threading.Thread(target=exit_with_stage, daemon=True).start()
 
 
-class RecordProcess:
+class RecordProcess(ProcessPoolExecutor):
     """The worker: `submit(fn, *args)` runs `fn(client, experiment, *args)` there, in order, the
     store opened by the first call; MLflow's errors come back as a refusal or a StoreDown. On
     leaving, it waits for the calls sent; a failed stage drops those not started."""
@@ -79,16 +73,13 @@ class RecordProcess:
         self.tracking = tracking
         sys.stdout.flush()  # a forked copy of unwritten output would be printed twice
         method = "fork" if sys.platform == "linux" else "spawn"  # forked at the first call
-        self.pool = ProcessPoolExecutor(1, multiprocessing.get_context(method), _start_worker, (os.getpid(),))
+        super().__init__(1, multiprocessing.get_context(method), _start_worker)
 
     def submit(self, fn, *args) -> Future:
-        return self.pool.submit(_call, self.tracking, fn, args)
-
-    def __enter__(self):
-        return self
+        return super().submit(_call, self.tracking, fn, args)
 
     def __exit__(self, exc_type, *exc) -> None:
-        self.pool.shutdown(wait=True, cancel_futures=exc_type is not None)
+        self.shutdown(wait=True, cancel_futures=exc_type is not None)
 
 
 class LiveRecord(RecordProcess):

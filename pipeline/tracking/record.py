@@ -1,11 +1,9 @@
-"""The MLflow record: a view of DVC's outputs, written by one idempotent function.
+"""The MLflow record: a view of DVC's outputs (`VariantOutputs`), written by one idempotent function.
 
-A variant's outputs (run.json, history.json, its checkpoints and evaluation, environment.json)
-hold everything its runs show, the same bytes for the same inputs. `mirror_variant` finds the
-variant's run and a child run per seed by their inputs digest, makes what is missing and adds
-only what the store lacks; complete outputs close the runs FINISHED. The train stage calls it each
-epoch with its scratch state (live curves), compare and `publish` with the outputs on disk: a
-workspace filled by `dvc pull` or DVC's run-cache publishes the same runs as the one that trained.
+`mirror_variant` finds the variant's run and a child run per seed by their inputs digest, makes
+what is missing and adds only what the store lacks; complete outputs close the runs FINISHED. The
+train stage calls it each epoch with its scratch state (live curves), compare and `publish`
+(workspace.py) with the outputs on disk.
 """
 
 from __future__ import annotations

@@ -92,8 +92,7 @@ def _probe(uri: str, path: str, what: str | None, timeout_s: float) -> None:
         login = f"{user}:{os.environ.get('MLFLOW_TRACKING_PASSWORD', '')}".encode()
         request.add_header("Authorization", f"Basic {base64.b64encode(login).decode()}")
     try:
-        with urllib.request.urlopen(request, timeout=timeout_s) as response:
-            response.read()
+        urllib.request.urlopen(request, timeout=timeout_s).close()  # its status is the answer
     except urllib.error.HTTPError as error:
         kind = StoreDown if error.code >= 500 else TrackingError
         if what is None:
@@ -176,17 +175,15 @@ def check_store(tracking: Tracking) -> None:
         check_server(tracking.uri)
 
 
-def connect(tracking: Tracking, checked: bool = False):
-    """MLflow pointed at the store: (client, experiment id), the experiment made with its tags where
-    missing; `checked`: check_store ran already. A fresh SQLite store migrates its schema on first
-    open; stages opening it at once (a DVC queue with -j 2) would race on that: opens take turns."""
+def connect(tracking: Tracking):
+    """MLflow pointed at the store (check_store it first): (client, experiment id), the experiment
+    made with its tags where missing. A fresh SQLite store migrates its schema on first open;
+    stages opening it at once (a DVC queue with -j 2) would race on that: opens take turns."""
     for name, value in MLFLOW_DEFAULTS.items():
         os.environ.setdefault(name, value)
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    if not checked:
-        check_store(tracking)
     mlflow.set_tracking_uri(tracking.uri)
     tracking.root.mkdir(parents=True, exist_ok=True)
     with open(tracking.root / ".mlflow.lock", "w") as lock:

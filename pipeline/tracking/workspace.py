@@ -2,8 +2,6 @@
 `make publish` and the compare stage write): every variant's runs (record.py), the comparison's
 run, and the best variant's model in the Model Registry: one version per distinct trained model
 (its inputs digest), so a rerun that writes the same bytes adds none and moves no alias.
-`compare.alias` moves to a new version only when it beats the champion on the same metric over
-the same data; otherwise the new version gets `compare.challenger_alias`.
 """
 
 from __future__ import annotations
@@ -118,12 +116,11 @@ def register(client, experiment: str, params: Params, choice: Choice, run_id: st
 
     name, inputs_digest = params.compare.registered_model, run["inputs_digest"]
 
-    def oldest_of_these_inputs():
-        versions = client.search_model_versions(f"name = '{name}'")
-        return min((v for v in versions if v.tags.get(INPUTS_TAG) == inputs_digest), key=lambda v: int(v.version),
-                   default=None)
+    def these_inputs() -> list:  # the oldest version made from them, if any
+        return client.search_model_versions(f"name = '{name}' AND tags.{INPUTS_TAG} = '{inputs_digest}'",
+                                            max_results=1, order_by=["version_number ASC"])
 
-    if oldest_of_these_inputs() is None:
+    if not these_inputs():
         model_ids = record.logged_model_ids(client, experiment, run_id)
         if not model_ids:
             raise PipelineError(f"run {run_id} has no logged model {record.MODEL_NAME!r}; rerun its train stage "
@@ -142,11 +139,11 @@ def register(client, experiment: str, params: Params, choice: Choice, run_id: st
             tags={"variant": choice.variant, "select_by": choice.metric, "score": repr(choice.score),
                   choice.metric: f"{choice.score:.6f}", "data_digest": run["dataset"]["digest"],
                   INPUTS_TAG: inputs_digest, "compare_run_id": compare_run_id})
-        if oldest_of_these_inputs().version != made.version:
+        if these_inputs()[0].version != made.version:
             client.delete_model_version(name, made.version)  # a comparison registering it at once made it first
         else:
             settle_aliases(client, name, params.compare.alias, params.compare.challenger_alias, made.version)
-    version = client.get_model_version(name, oldest_of_these_inputs().version)
+    version = client.get_model_version(name, these_inputs()[0].version)
     return {"name": name, "version": int(version.version), "alias": (version.aliases or [""])[0],
             "variant": choice.variant, "select_by": choice.metric, "score": choice.score}
 
@@ -157,7 +154,6 @@ def settle_aliases(client, name: str, champion: str, challenger: str, new_versio
     where it is not the champion. Returns the alias the new version got. Read, decide, write, then
     read again: a comparison registering at once is seen on the next pass, so concurrent compares
     end on the same, best, champion."""
-    from mlflow.exceptions import MlflowException
 
     def score(version) -> float:
         try:
@@ -175,10 +171,7 @@ def settle_aliases(client, name: str, champion: str, challenger: str, new_versio
         if set(versions) == seen:
             break
         seen = set(versions)
-        try:
-            current = versions.get(str(client.get_model_version_by_alias(name, champion).version))
-        except MlflowException:  # no champion yet
-            current = None
+        current = versions.get(str(client.get_registered_model(name).aliases.get(champion)))  # None: no champion yet
         reference = current if current is not None and comparable(current, current) else versions[new_version]
         candidates = [v for v in versions.values() if comparable(v, reference)] or [versions[new_version]]
         best = max(candidates, key=lambda v: (score(v), -int(v.version)))  # a tie keeps the earlier version
