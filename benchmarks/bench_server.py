@@ -85,7 +85,7 @@ def connected(server: dict) -> tuple:
     os.environ |= {"MLFLOW_TRACKING_USERNAME": USER, "MLFLOW_TRACKING_PASSWORD": server["password"]}
     from pipeline.tracking.store import Tracking, connect
 
-    return connect(Tracking(server["uri"], Path(server["root"]), EXPERIMENT), checked=True)
+    return connect(Tracking(server["uri"], Path(server["root"]), EXPERIMENT))
 
 
 def history_after(config, epochs: int) -> dict:

@@ -22,7 +22,7 @@ pytestmark = [
 ]
 EPOCHS = 10  # tiny epochs: a fault at epoch 2 lands mid-training (40: the S3 test 24 s alone, 10: 17 s)
 # The PostgreSQL test checks only how the outage reads and that publish completes the record, so
-# its stage retries once, at once (MLflow's own variables: the user's win over store.RETRIES).
+# its stage retries once, at once (MLflow's own variables: the user's win over store.MLFLOW_DEFAULTS).
 PUBLISH = [sys.executable, "-m", "pipeline.commands.publish"]
 WAITS = "warning: the MLflow record waits: "
 FAIL_FAST = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0"}

@@ -22,7 +22,7 @@ from pipeline.stats import (BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, CONFIDENCE, boo
 from pipeline.tracking.record import read_json
 from pipeline.tracking.process import RecordProcess, opened
 from pipeline.tracking.store import Tracking, check_store, runs_page
-from pipeline.tracking.workspace import Workspace, mirror_workspace
+from pipeline.tracking.workspace import Workspace, mirror_workspace, selection_scores
 
 
 def shown(value: float, spec: str = ".2%") -> str:
@@ -48,7 +48,10 @@ def summary_markdown(test_acc: dict, test_loss: dict, reference: str, *, seeds: 
             f"variant.\n\n{text}")
     others = [v for v in order if v != reference]
     if others:
-        text += reference_section(test_acc, reference, others, table)
+        section, differences = reference_section(test_acc, reference, others)
+        text += section
+        for variant, row in differences.items():
+            table[variant] |= row
     return text, table
 
 
@@ -78,13 +81,13 @@ def ranking_section(test_acc: dict, test_loss: dict, metric: str, scores: dict[s
     return text, table
 
 
-def reference_section(test_acc: dict, reference: str, others: list[str], table: dict) -> str:
-    """Each other variant's test accuracy against the reference's: Welch, Holm, bootstrap, P(beats),
-    added to its row of `table` too."""
+def reference_section(test_acc: dict, reference: str, others: list[str]) -> tuple[str, dict]:
+    """Each other variant's test accuracy against the reference's: Welch, Holm, bootstrap, P(beats);
+    (the section's text, each variant's numbers for summary.json)."""
     welch = {v: welch_difference(test_acc[v], test_acc[reference]) for v in others}
     adjusted = dict(zip(others, holm([welch[v].p_value for v in others])))
     family = sum(not math.isnan(p) for p in adjusted.values())
-    rows, sentences = [], []
+    rows, sentences, differences = [], [], {}
     for variant in others:
         diff, p_holm = welch[variant], adjusted[variant]
         boot = bootstrap_difference(test_acc[variant], test_acc[reference])
@@ -100,7 +103,7 @@ def reference_section(test_acc: dict, reference: str, others: list[str], table: 
             f"- {variant} vs {reference}: test accuracy differs by {delta} points (95% CI {welch_ci} by Welch's t, "
             f"{boot_ci} by bootstrap); a random {variant} seed beats a random {reference} seed {p_beats} of the "
             f"time; Welch's t-test p = {p_welch}, Holm-adjusted p = {p_adjusted}: {verdict}.")
-        table[variant] |= {"diff_vs_reference": diff.delta.mean, "diff_ci95": [diff.delta.low, diff.delta.high],
+        differences[variant] = {"diff_vs_reference": diff.delta.mean, "diff_ci95": [diff.delta.low, diff.delta.high],
                            "diff_ci95_bootstrap": [boot.low, boot.high], "p_superiority": beats,
                            "p_value": diff.p_value, "p_holm": p_holm, "significant": significant}
     text = (f"\n## Against the reference ({reference})\n\n"
@@ -111,7 +114,7 @@ def reference_section(test_acc: dict, reference: str, others: list[str], table: 
             f"{family} testable comparison{'s' * (family != 1)} with {reference}; the verdict uses it.\n\n")
     text += markdown_table(["variant", "difference", "95% CI (Welch)", "95% CI (bootstrap)",
                             f"P(beats {reference})", "Welch p", "Holm p", "verdict"], rows)
-    return text + "\n" + "\n".join(sentences) + "\n"
+    return text + "\n" + "\n".join(sentences) + "\n", differences
 
 
 def compare(params: Params, paths: Workspace, tracking: Tracking | None = None) -> dict:
@@ -141,9 +144,8 @@ def compare(params: Params, paths: Workspace, tracking: Tracking | None = None) 
 def compare_outputs(params: Params, paths: Workspace, histories: dict, test_acc: dict, test_loss: dict
                     ) -> tuple[dict, str]:
     """The figures, summary.md, summary.json and the headline metrics; (the table, the summary's text)."""
-    variants, out = list(params.variants), paths.compare
-    metric = params.compare.select_by  # the registry's score (workspace.select_best), ranked
-    scores = {v: mean_std(histories[v]["val_acc"][-1] if metric == "val_acc" else test_acc[v])[0] for v in variants}
+    out, metric = paths.compare, params.compare.select_by
+    scores = selection_scores(params, histories, test_acc)  # the registry's score (workspace.select_best), ranked
     order = ranking(scores)
     comparison_plots(histories, out, order)
     seed_dots_plot(test_acc, out / "test_acc_seeds.png", order)

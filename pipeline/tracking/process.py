@@ -44,10 +44,12 @@ def opened(client, experiment: str) -> str:
     return experiment
 
 
-def _mirror(client, experiment: str, outputs: record.VariantOutputs, warm: bool = False) -> None:
-    ids = record.mirror_variant(client, experiment, outputs, _seen)
-    if warm:
-        record.warm_model_logging(client, experiment, ids["variant"])
+def _mirror(client, experiment: str, outputs: record.VariantOutputs) -> None:
+    record.mirror_variant(client, experiment, outputs, _seen)
+
+
+def _warm(client, experiment: str, digest: str) -> None:
+    record.warm_model_logging(client, experiment, _seen[digest]["variant"])
 
 
 def _start_worker() -> None:
@@ -96,7 +98,7 @@ class LiveRecord(RecordProcess):
         except StoreDown as error:
             self._wait(error)
         self.opened = self.mirror({})  # the runs made (or found) while the stage loads its data
-        self.mirror({}, warm=True)  # log_model's one-off costs paid while the stage trains
+        self.submit(_warm, run["inputs_digest"])  # log_model's one-off costs paid while the stage trains
 
     def _wait(self, error: StoreDown) -> None:
         if not self.waiting:
@@ -119,10 +121,10 @@ class LiveRecord(RecordProcess):
         future.add_done_callback(self._sent)
         return future
 
-    def mirror(self, history: dict, warm: bool = False) -> Future | None:
+    def mirror(self, history: dict) -> Future | None:
         """The epochs of `history` ({metric: [per-epoch values]}) that the runs lack, sent."""
         return self.submit(_mirror, record.VariantOutputs(self.run, self.environment,
-                                                          history or {name: [] for name in METRICS}), warm)
+                                                          history or {name: [] for name in METRICS}))
 
     def raise_refused(self, wait_for: Future | None = None) -> None:
         if wait_for is not None:

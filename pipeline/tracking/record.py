@@ -95,7 +95,8 @@ def _oldest_or_made(client, experiment: str, found: list, outputs: VariantOutput
     from mlflow.entities import Dataset, DatasetInput, InputTag, Param
 
     def oldest(runs: list):
-        same = [r for r in runs if r.info.run_name == name and all(r.data.tags.get(k) == v for k, v in tags.items())]
+        same = [r for r in runs if (tags[SEED_TAG] or r.info.run_name == name)  # a seed's run: by its tags
+                and all(r.data.tags.get(k) == v for k, v in tags.items())]
         return min(same, key=lambda r: (r.info.start_time, r.info.run_id), default=None)
 
     digest, run = outputs.run["inputs_digest"], oldest(found)

@@ -95,13 +95,18 @@ def missing(client, experiment: str, params: Params, workspace: Workspace) -> li
     return lines
 
 
-def select_best(params: Params, histories: dict[str, dict], test_acc: dict[str, list[float]]) -> Choice | None:
-    """The variant with the highest mean over seeds of `val_acc` at the last epoch, or of
-    `test_acc` (`compare.select_by`), ties to the one listed first; only variants with a served
-    model (a seed that never diverged) and a finite score; None when there is none."""
+def selection_scores(params: Params, histories: dict[str, dict], test_acc: dict[str, list[float]]) -> dict:
+    """Each variant's mean over seeds of `val_acc` at the last epoch, or of `test_acc`
+    (`compare.select_by`): what the registry picks by and the comparison ranks by."""
     metric = params.compare.select_by
-    scores = {v: mean_std(histories[v]["val_acc"][-1] if metric == "val_acc" else test_acc[v])[0]
-              for v in params.variants}
+    return {v: mean_std(histories[v]["val_acc"][-1] if metric == "val_acc" else test_acc[v])[0]
+            for v in params.variants}
+
+
+def select_best(params: Params, histories: dict[str, dict], test_acc: dict[str, list[float]]) -> Choice | None:
+    """The variant with the best `selection_scores`, ties to the one listed first; only variants
+    with a served model (a seed that never diverged) and a finite score; None when there is none."""
+    metric, scores = params.compare.select_by, selection_scores(params, histories, test_acc)
     candidates = [v for v in params.variants if math.isfinite(scores[v])
                   and any(epoch is None for epoch in histories[v]["diverged_epoch"])]
     best = max(candidates, key=scores.__getitem__, default=None)
@@ -120,7 +125,8 @@ def register(client, experiment: str, params: Params, choice: Choice, run_id: st
         return client.search_model_versions(f"name = '{name}' AND tags.{INPUTS_TAG} = '{inputs_digest}'",
                                             max_results=1, order_by=["version_number ASC"])
 
-    if not these_inputs():
+    found = these_inputs()
+    if not found:
         model_ids = record.logged_model_ids(client, experiment, run_id)
         if not model_ids:
             raise PipelineError(f"run {run_id} has no logged model {record.MODEL_NAME!r}; rerun its train stage "
@@ -139,11 +145,12 @@ def register(client, experiment: str, params: Params, choice: Choice, run_id: st
             tags={"variant": choice.variant, "select_by": choice.metric, "score": repr(choice.score),
                   choice.metric: f"{choice.score:.6f}", "data_digest": run["dataset"]["digest"],
                   INPUTS_TAG: inputs_digest, "compare_run_id": compare_run_id})
-        if these_inputs()[0].version != made.version:
+        found = these_inputs()
+        if found[0].version != made.version:
             client.delete_model_version(name, made.version)  # a comparison registering it at once made it first
         else:
             settle_aliases(client, name, params.compare.alias, params.compare.challenger_alias, made.version)
-    version = client.get_model_version(name, these_inputs()[0].version)
+    version = client.get_model_version(name, found[0].version)  # its aliases as settled
     return {"name": name, "version": int(version.version), "alias": (version.aliases or [""])[0],
             "variant": choice.variant, "select_by": choice.metric, "score": choice.score}
 
