@@ -46,3 +46,14 @@ def test_the_next_chain_starts_once_dvc_has_started_the_train_stage_of_the_one_b
             time.sleep(0.01)
         assert process.poll() is None, "the stage's command ended before its start was seen"
         assert not dvcs.starting()
+
+
+def test_a_dvc_killed_by_a_signal_ends_the_command_as_a_shell_says_it():
+    """A dvc process killed by SIGKILL returns -9; `make repro` then exits 137, as the shell reports
+    a killed command (sys.exit(-9) would exit 247)."""
+    with Dvcs() as dvcs:
+        process = dvcs.start("stage", "list", "--name-only", capture=True)
+        process.kill()
+        with pytest.raises(DvcFailed) as failed:
+            dvcs.result(process)
+    assert failed.value.exit_code == 137

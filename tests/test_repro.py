@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 import sys
 
+import pytest
+
 import yaml
 
 from pipeline.commands.repro import EVALUATE_PREFIX, TRAIN_PREFIX, UPSTREAM, variant_chains
@@ -60,13 +62,14 @@ def test_this_projects_dvc_commands_send_no_analytics():
     assert decided.stdout.split() == ["False"]
 
 
-def test_make_repro_refuses_bad_params_in_one_line_before_dvc_runs(project):
+@pytest.mark.parametrize("force", [[], ["--force"]])
+def test_make_repro_refuses_bad_params_in_one_line_before_dvc_runs(project, force):
     """A mistake in params.yaml ends the command with one line and exit code 2, before it runs any
-    dvc command: DVC writes nothing."""
+    stage (forced, `dvc stage list` reads meanwhile and is stopped): DVC writes nothing."""
     path, env = project
     params = path / "params.yaml"
     params.write_text(re.sub(r"(?m)^(\s+epochs:) \d+$", r"\1 one", params.read_text()))
-    result = run([sys.executable, "-m", "pipeline.commands.repro"], path, env, timeout=60, check=False)
+    result = run([sys.executable, "-m", "pipeline.commands.repro", *force], path, env, timeout=60, check=False)
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip().splitlines() == ["error: params.yaml: train.epochs: Input should be a valid integer "
                                                  "(got 'one')"]

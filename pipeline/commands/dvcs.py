@@ -36,7 +36,7 @@ class DvcFailed(PipelineError):
 
     def __init__(self, message: str, exit_code: int) -> None:
         super().__init__(message)
-        self.exit_code = exit_code
+        self.exit_code = 128 - exit_code if exit_code < 0 else exit_code  # -N: killed by signal N, as a shell says
 
 
 class Dvc(subprocess.Popen):

@@ -5,7 +5,7 @@ DVC runs stages one at a time, and a train stage trains on `train.threads` threa
 for bit-identical results): on 2 cores one idles through most of the lab. DVC's documented way to
 run independent stages in parallel is a `dvc repro --wait-for-lock` process each (DVC lets go of
 its lock while a stage's command runs; a `dvc` that finds it taken waits). So, params valid (a
-mistake: one line, before DVC runs anything):
+mistake: one line, before DVC runs a stage):
 
   1. `dvc status`: nothing to do, nothing more is run;
   2. `dvc repro -s train@<variant> evaluate@<variant>` of each variant to train (variant_chains),
@@ -62,7 +62,11 @@ def side_by_side(dvcs: Dvcs, chains: list[tuple[str, ...]], jobs: int, options: 
 def repro(dvcs: Dvcs, force: bool = False, jobs: int | None = None) -> None:
     from pipeline.config.params import load_params  # pydantic: only where the params are read
 
-    params = load_params()  # a mistake ends the command here, in one line, before DVC runs
+    # Forced, the last `dvc repro` names the stages the chains leave. `dvc stage list` reads dvc.lock,
+    # which a chain rewrites in place (a torn read fails it), so it runs while the params load: only
+    # reading, and stopped with the command where they are wrong.
+    listing = dvcs.start("stage", "list", "--name-only", capture=True) if force else None
+    params = load_params()  # a mistake ends the command here, in one line, before DVC runs a stage
     trains = [f"{TRAIN_PREFIX}{variant}" for variant in params.variants]
     jobs = jobs or max(1, len(os.sched_getaffinity(0)) // params.train.threads)
     # The stages `dvc repro` would run now (a dvc.yaml stage is named by itself in the answer).
@@ -74,12 +78,11 @@ def repro(dvcs: Dvcs, force: bool = False, jobs: int | None = None) -> None:
     options = ["--force"] if force else []
     chains = variant_chains(trains, stale, force)
     if len(chains) > 1 and jobs > 1:  # else nothing side by side: DVC's own plan
-        # Forced, the last `dvc repro` names the stages left, listed while the chains run (no lock taken).
-        listing = dvcs.start("stage", "list", "--name-only", capture=True) if force else None
+        stages = dvcs.result(listing).split() if force else []  # before any chain writes dvc.lock
         side_by_side(dvcs, chains, jobs, options)
         if force:
             done = {stage for chain in chains for stage in chain}
-            options += ["-s", *[name for name in dvcs.result(listing).split() if name not in done]]
+            options += ["-s", *[name for name in stages if name not in done]]
     dvcs.output("repro", *options, hint=True)
 
 

@@ -105,7 +105,8 @@ class Params(Strict):
             raise ValueError(f"train.batch_size: {self.train.batch_size} is larger than the train split "
                              f"({train_size} images)")
         for name in self.variants:
-            if self.variant(name).norm == "batch" and self.train.batch_size < 2:
+            config = self.variant(name)
+            if config.norm == "batch" and config.batch_size < 2:
                 raise ValueError(f"variants.{name}: batch norm needs train.batch_size >= 2 "
                                  "(the statistics of one image are undefined)")
         if self.compare.alias == self.compare.challenger_alias:
