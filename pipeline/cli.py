@@ -1,8 +1,6 @@
 """The thin shell each command runs in: `cli.parser(__doc__)` for its arguments, and around its
 work `with cli.one_line_errors():` for one clear line and an exit code on failure."""
 
-from __future__ import annotations
-
 import argparse
 import contextlib
 import errno

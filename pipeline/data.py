@@ -5,8 +5,6 @@ numpy reads them without torch (which the evaluate stage never imports: pipeline
 torch takes them without a copy, and the bytes depend on the arrays alone.
 """
 
-from __future__ import annotations
-
 import gzip
 import zlib
 from dataclasses import dataclass
@@ -21,10 +19,6 @@ RAW_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
              "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
 
 
-class DataError(PipelineError):
-    pass
-
-
 def read_raw_split(raw_dir: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     """The split's images and labels from their IDX files (of unsigned bytes, type 0x08, as MNIST's are)."""
     arrays = []
@@ -33,17 +27,17 @@ def read_raw_split(raw_dir: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
         try:
             content = gzip.decompress(path.read_bytes())
         except (OSError, EOFError, zlib.error) as error:  # missing, not gzip, cut short, damaged inside
-            raise DataError(f"{path}: cannot read ({error}); run the download stage") from None
+            raise PipelineError(f"{path}: cannot read ({error}); run the download stage") from None
         if len(content) < 4 or content[:3] != b"\0\0\x08":
-            raise DataError(f"{path}: not an IDX file of unsigned bytes")
+            raise PipelineError(f"{path}: not an IDX file of unsigned bytes")
         header = 4 + 4 * content[3]
         shape = tuple(int.from_bytes(content[i : i + 4], "big") for i in range(4, header, 4))
         if len(content) != header + int(np.prod(shape)):
-            raise DataError(f"{path}: size does not match its IDX header {shape}")
+            raise PipelineError(f"{path}: size does not match its IDX header {shape}")
         arrays.append(np.frombuffer(content, dtype=np.uint8, offset=header).reshape(shape).copy())  # writable
     images, labels = arrays
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
-        raise DataError(f"{raw_dir}: {split} images {tuple(images.shape)} and labels "
+        raise PipelineError(f"{raw_dir}: {split} images {tuple(images.shape)} and labels "
                         f"{tuple(labels.shape)} do not match")
     return images, labels.astype(np.int64)
 
@@ -54,8 +48,8 @@ class Split:
     43 MB instead of 172 MB, so most rows a step gathers come from the CPU's cache, not memory;
     `as_images` turns the rows a computation takes into what the lab fed its network."""
 
-    pixels: torch.Tensor
-    labels: torch.Tensor
+    pixels: "torch.Tensor"
+    labels: "torch.Tensor"
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -73,16 +67,16 @@ def read_split(folder: Path) -> tuple[np.ndarray, np.ndarray]:
     try:
         images, labels = (np.load(folder / f"{name}.npy", allow_pickle=False) for name in ("images", "labels"))
     except FileNotFoundError as error:
-        raise DataError(f"{error.filename}: not found; run the prepare stage") from None
+        raise PipelineError(f"{error.filename}: not found; run the prepare stage") from None
     except (OSError, ValueError, EOFError) as error:  # a truncated or foreign file
-        raise DataError(f"{folder}: unreadable ({type(error).__name__}); rerun prepare") from None
+        raise PipelineError(f"{folder}: unreadable ({type(error).__name__}); rerun prepare") from None
     if images.dtype != np.uint8 or labels.dtype != np.int64 or images.ndim != 3 or len(images) != len(labels):
-        raise DataError(f"{folder}: not a prepared split (images {images.dtype} {images.shape}, "
+        raise PipelineError(f"{folder}: not a prepared split (images {images.dtype} {images.shape}, "
                         f"labels {labels.dtype} {labels.shape}); rerun prepare")
     return images.reshape(len(images), -1), labels
 
 
-def load_split(prepared_dir: Path, split: str, device: torch.device) -> Split:
+def load_split(prepared_dir: Path, split: str, device: "torch.device") -> Split:
     """The split as torch tensors on `device` (on the CPU they share the arrays' memory)."""
     import torch
 
@@ -90,7 +84,7 @@ def load_split(prepared_dir: Path, split: str, device: torch.device) -> Split:
     return Split(pixels=torch.from_numpy(pixels).to(device), labels=torch.from_numpy(labels).to(device))
 
 
-def as_images(pixels: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+def as_images(pixels: "torch.Tensor", out: "torch.Tensor | None" = None) -> "torch.Tensor":
     """uint8 pixels as float images in [0, 1], x / 255 correctly rounded, into `out` where given.
 
     TF1's reader multiplied by float32(1/255), one bit off for 126 of the 256 byte values: each

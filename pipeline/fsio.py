@@ -2,8 +2,6 @@
 write raises an `OSError` naming the file, not the temporary one (a failed `write` names none),
 with the bytes it needed where known; `pipeline.cli` turns it into one line."""
 
-from __future__ import annotations
-
 import json
 import os
 import tempfile

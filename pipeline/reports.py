@@ -5,8 +5,6 @@ Figures are matplotlib `Figure`s drawn by Agg without pyplot: no backend, window
 to set up (pyplot's import is ~0.25 s of a stage's start-up).
 """
 
-from __future__ import annotations
-
 import contextlib
 import io
 import math
@@ -33,22 +31,9 @@ def write_curves(path: Path, history: dict[str, list[list[float]]]) -> None:
     atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
 
 
-def tight_png(fig) -> bytes:
-    """The PNG `fig.savefig(format="png", dpi=DPI, bbox_inches="tight")` writes, drawn once, not
-    twice: the layout engine lays it out and the artists' extents measure it, which savefig draws
-    a first time for (the lab's six comparison figures: 0.81 s of CPU instead of 0.93 s)."""
-    from matplotlib import rcParams
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    fig.set_dpi(DPI)
-    renderer = FigureCanvasAgg(fig).get_renderer()
-    engine = fig.get_layout_engine()
-    if engine is not None:
-        engine.execute(fig)
-        fig.set_layout_engine(None)  # laid out: savefig would otherwise draw again to lay it out
-    box = fig.get_tightbbox(renderer).padded(rcParams["savefig.pad_inches"])
+def png(fig) -> bytes:
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=DPI, bbox_inches=box)
+    fig.savefig(buffer, format="png", dpi=DPI, bbox_inches="tight")
     return buffer.getvalue()
 
 
@@ -114,7 +99,7 @@ def comparison_figures(histories: dict[str, dict], order: list[str]) -> dict[str
 def comparison_plots(histories: dict[str, dict], out_dir: Path, order: list[str]) -> list[Path]:
     figures = comparison_figures(histories, order)
     for stem, fig in figures.items():
-        atomic_write_bytes(out_dir / f"{stem}.png", tight_png(fig))
+        atomic_write_bytes(out_dir / f"{stem}.png", png(fig))
     return [out_dir / f"{stem}.png" for stem in figures]
 
 
@@ -140,7 +125,7 @@ def seed_dots_figure(test_acc: dict[str, list[float]], order: list[str]):
 
 
 def seed_dots_plot(test_acc: dict[str, list[float]], path: Path, order: list[str]) -> Path:
-    atomic_write_bytes(path, tight_png(seed_dots_figure(test_acc, order)))
+    atomic_write_bytes(path, png(seed_dots_figure(test_acc, order)))
     return path
 
 

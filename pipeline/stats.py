@@ -4,8 +4,6 @@ A diverged seed's non-finite losses are left out of means and spreads (the seed 
 diverged); its accuracies are finite (about one class in ten) and count. scipy.special gives
 the two t-distribution formulas; scipy.stats would add ~0.5 s of imports."""
 
-from __future__ import annotations
-
 import math
 import statistics
 from typing import NamedTuple

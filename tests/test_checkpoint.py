@@ -1,4 +1,4 @@
-"""Checkpoints: atomic saves, damaged files as one clear CheckpointError, the best-replica merge."""
+"""Checkpoints: atomic saves, damaged files as one clear PipelineError, the best-replica merge."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.nn.checkpoint import FORMAT, CheckpointError, load, merge_replicas, save, update_best
+from pipeline.errors import PipelineError
+from pipeline.nn.checkpoint import FORMAT, load, merge_replicas, save, update_best
 from pipeline.fsio import atomic_write, atomic_write_bytes
 
 STATE = {"epoch": 3, "model": {"w": torch.arange(6.0).view(3, 2)}, "run_ids": ["a", "b", "c"]}
@@ -49,7 +50,7 @@ DAMAGE = {  # what the file holds instead of a checkpoint, given the good file's
 @pytest.mark.parametrize("damage", DAMAGE.values(), ids=DAMAGE)
 def test_damaged_file_is_a_checkpoint_error_naming_it(saved, damage):
     saved.write_bytes(damage(saved.read_bytes()))
-    with pytest.raises(CheckpointError) as caught:
+    with pytest.raises(PipelineError) as caught:
         load(saved)
     assert str(caught.value).startswith(f"{saved}: corrupt or truncated checkpoint (")
     assert "\n" not in str(caught.value) and "weights_only" not in str(caught.value)
@@ -59,14 +60,14 @@ def test_damaged_file_is_a_checkpoint_error_naming_it(saved, damage):
 @pytest.mark.parametrize("other", [[1, 2, 3], {"w": torch.ones(2)}, {"format": 99}], ids=["list", "no-format", "format-99"])
 def test_valid_torch_file_of_something_else_is_rejected(saved, other):
     saved.write_bytes(torch_bytes(other))
-    with pytest.raises(CheckpointError, match="not a checkpoint of this pipeline"):
+    with pytest.raises(PipelineError, match="not a checkpoint of this pipeline"):
         load(saved)
 
 
 def test_missing_or_unreadable_checkpoint_is_named(tmp_path):
-    with pytest.raises(CheckpointError, match=f"^{tmp_path}/none.pt: no such checkpoint$"):
+    with pytest.raises(PipelineError, match=f"^{tmp_path}/none.pt: no such checkpoint$"):
         load(tmp_path / "none.pt")
-    with pytest.raises(CheckpointError, match=f"^{tmp_path}: cannot read "):
+    with pytest.raises(PipelineError, match=f"^{tmp_path}: cannot read "):
         load(tmp_path)
 
 

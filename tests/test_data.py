@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.data import DataError, as_images, load_split, read_split, write_split
+from pipeline.data import as_images, load_split, read_split, write_split
+from pipeline.errors import PipelineError
 
 
 def test_split_keeps_bytes_and_as_images_divides_by_255_exactly(tmp_path):
@@ -29,13 +30,13 @@ def test_split_keeps_bytes_and_as_images_divides_by_255_exactly(tmp_path):
 
 
 def test_a_missing_or_damaged_split_is_one_clear_error(tmp_path):
-    with pytest.raises(DataError, match=rf"^{tmp_path}/test/images.npy: not found; run the prepare stage$"):
+    with pytest.raises(PipelineError, match=rf"^{tmp_path}/test/images.npy: not found; run the prepare stage$"):
         read_split(tmp_path / "test")
     write_split(tmp_path, "test", np.zeros((3, 28, 28), np.uint8), np.arange(3))
     images = tmp_path / "test" / "images.npy"
     images.write_bytes(images.read_bytes()[:200])
-    with pytest.raises(DataError, match=rf"^{tmp_path}/test: unreadable \(ValueError\); rerun prepare$"):
+    with pytest.raises(PipelineError, match=rf"^{tmp_path}/test: unreadable \(ValueError\); rerun prepare$"):
         read_split(tmp_path / "test")
     write_split(tmp_path, "test", np.zeros((3, 28, 28), np.float32), np.arange(3))
-    with pytest.raises(DataError, match=r"not a prepared split \(images float32 \(3, 28, 28\)"):
+    with pytest.raises(PipelineError, match=r"not a prepared split \(images float32 \(3, 28, 28\)"):
         read_split(tmp_path / "test")

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.errors import PipelineError
 from pipeline.stages.download import (
     MNIST_SHA256,
     TORCHVISION_MIRRORS,
-    DownloadError,
     Policy,
     download,
     each_source,
@@ -174,7 +174,7 @@ def test_fault_is_reported_and_nothing_lands_in_raw(server, digests, tmp_path, b
     url = server.mirror("m", behaviour)
     raw = tmp_path / "raw"
     started = time.monotonic()
-    with pytest.raises(DownloadError) as caught:
+    with pytest.raises(PipelineError) as caught:
         download(raw, [url], digests, POLICY)
     assert time.monotonic() - started < POLICY.attempts * POLICY.timeout_s + 2
     message = str(caught.value)
@@ -189,7 +189,7 @@ def test_trickling_server_is_cut_off_at_the_deadline(server, digests):
     url = server.mirror("m", trickle)
     policy = Policy(timeout_s=1, deadline_s=1, attempts=1)
     started = time.monotonic()
-    with pytest.raises(DownloadError, match="took longer than 1 s"):
+    with pytest.raises(PipelineError, match="took longer than 1 s"):
         fetch_verified(FIRST, [url], digests[FIRST], policy)
     assert time.monotonic() - started < 2
 
@@ -216,7 +216,7 @@ def test_all_sources_failing_is_one_error_naming_each_source_and_why(server, dig
     empty.mkdir()
     missing, forbidden = server.mirror("missing", status(404)), server.mirror("html", html_page)
     raw = tmp_path / "raw"
-    with pytest.raises(DownloadError) as caught:
+    with pytest.raises(PipelineError) as caught:
         download(raw, [missing, forbidden, str(empty)], digests, POLICY)
     assert str(caught.value) == (
         f"{FIRST}.gz: every source failed: "
@@ -257,13 +257,13 @@ def test_local_folder_mirror_by_path_and_file_url(tiny_mirror, tmp_path):
 
 def test_mirror_naming_a_missing_folder_is_an_error(tmp_path):
     missing = tmp_path / "no_such_mirror"
-    with pytest.raises(DownloadError, match=f"^MNIST_MIRROR: folder '{missing}' does not exist$"):
+    with pytest.raises(PipelineError, match=f"^MNIST_MIRROR: folder '{missing}' does not exist$"):
         parse_sources(str(missing), ["https://mirror.invalid/"])
 
 
 @pytest.mark.parametrize("url", ["http://", "https:/mnist", "ftp://x", "http://[::1", "http://host:port/"])
 def test_malformed_mirror_url_is_an_error(url):
-    with pytest.raises(DownloadError) as caught:
+    with pytest.raises(PipelineError) as caught:
         parse_sources(url, ["https://mirror.invalid/"])
     assert str(caught.value).startswith(f"MNIST_MIRROR: {url!r} is ")
 

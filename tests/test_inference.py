@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from pipeline.errors import PipelineError
 from pipeline.nn import inference
 from pipeline.data import Split, as_images
 from pipeline.nn.model import StackedBatchNorm, StackedMlp
@@ -111,10 +112,10 @@ def test_weights_file_reads_back_exactly_with_the_same_bytes_every_time(tmp_path
 
 def test_a_missing_or_damaged_weights_file_is_one_clear_error(tmp_path):
     path = tmp_path / "weights.npz"
-    with pytest.raises(inference.WeightsError, match=rf"^{path}: not found; run the train stage$"):
+    with pytest.raises(PipelineError, match=rf"^{path}: not found; run the train stage$"):
         inference.load_weights(path)
     model, config = trained_like("none", "relu", [0])
     inference.save_weights(path, config.model_dump(), arrays_of(model))
     path.write_bytes(path.read_bytes()[:1000])
-    with pytest.raises(inference.WeightsError, match=rf"^{path}: corrupt or truncated weights \(\w+\); rerun"):
+    with pytest.raises(PipelineError, match=rf"^{path}: corrupt or truncated weights \(\w+\); rerun"):
         inference.load_weights(path)

@@ -14,8 +14,9 @@ import pytest
 import torch
 import yaml
 
-from pipeline.data import DataError, load_split, read_manifest
+from pipeline.data import load_split, read_manifest
 from pipeline.config.params import DataParams
+from pipeline.errors import PipelineError
 from pipeline.stages.prepare import prepare, split_indices, torch_randperm
 from pipeline.config.variant import MAX_SEED
 from tests.conftest import TINY_PARAMS, stage_env, with_value
@@ -60,7 +61,7 @@ def test_the_prepare_stage_does_not_import_torch(tmp_path):
 
 @pytest.mark.parametrize("val_size", [0, 50, 60])
 def test_split_indices_refuse_a_validation_size_outside_the_images(val_size):
-    with pytest.raises(DataError, match=rf"^data\.val_size: {val_size} must be between 0 and 50 "):
+    with pytest.raises(PipelineError, match=rf"^data\.val_size: {val_size} must be between 0 and 50 "):
         split_indices(50, val_size, seed=0)
 
 

@@ -12,7 +12,8 @@ import yaml
 from packaging.utils import canonicalize_name
 
 from pipeline import provenance
-from pipeline.provenance import LockError, environment, import_closure, read_lock, stage_distributions
+from pipeline.errors import PipelineError
+from pipeline.provenance import environment, import_closure, read_lock, stage_distributions
 from tests.conftest import ROOT
 
 DVC_YAML = yaml.safe_load((ROOT / "dvc.yaml").read_text())
@@ -100,10 +101,10 @@ def test_environment_differing_from_the_lock_is_one_line(tmp_path):
     lock = (ROOT / provenance.LOCK_FILE).read_text()
     torch_version = metadata.version("torch")
     (tmp_path / "requirements.lock").write_text(lock.replace(f"torch=={torch_version}", "torch==0.0.1"))
-    with pytest.raises(LockError, match=rf"torch {re.escape(torch_version)} is installed but the lock pins 0\.0\.1"):
+    with pytest.raises(PipelineError, match=rf"torch {re.escape(torch_version)} is installed but the lock pins 0\.0\.1"):
         environment(tmp_path / "requirements.lock")
     (tmp_path / "requirements.lock").write_text(lock.replace("with Python 3.", "with Python 2."))
-    with pytest.raises(LockError, match=r"compiled for Python 2\.\d+, running 3\.\d+"):
+    with pytest.raises(PipelineError, match=r"compiled for Python 2\.\d+, running 3\.\d+"):
         environment(tmp_path / "requirements.lock")
 
 

@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
-import pytest
 
-from pipeline.reports import (DPI, METRICS, comparison_figures, comparison_plots, seed_dots_figure, seed_dots_plot,
-                              tight_png, variant_styles)
+from pipeline.reports import METRICS, comparison_figures, comparison_plots, png, seed_dots_plot, variant_styles
 from pipeline.stats import mean_std, ranking
 
 VARIANTS = [f"variant_{index:02d}" for index in range(12)]
@@ -41,29 +37,12 @@ def test_twelve_variant_plots_render_identically_twice(tmp_path):
     assert outputs[0] == outputs[1]
 
 
-def test_the_files_written_hold_each_figures_tight_png(tmp_path):
-    """comparison_plots writes each of comparison_figures as tight_png draws it, in their order."""
+def test_the_files_written_hold_each_figures_png(tmp_path):
+    """comparison_plots writes each of comparison_figures as savefig(bbox_inches="tight") draws it, in their order."""
     histories, test_acc = many_variants(variants=VARIANTS[:2])
     order = ranking({v: mean_std(test_acc[v])[0] for v in VARIANTS[:2]})
     written = [(path.stem, path.read_bytes()) for path in comparison_plots(histories, tmp_path, order)]
-    assert written == [(stem, tight_png(fig)) for stem, fig in comparison_figures(histories, order).items()]
-
-
-@pytest.mark.parametrize("variants, seeds", [(["batchnorm", "no_norm"], 1), (VARIANTS, 3)])
-def test_figures_drawn_once_are_savefigs_tight_pngs(variants, seeds):
-    """tight_png draws a figure once where savefig(bbox_inches="tight") draws it twice: the same
-    bytes, with the legend inside or beside, one seed or several, the grid's constrained layout."""
-    histories, test_acc = many_variants(epochs=10, seeds=seeds, variants=variants)
-    order = ranking({v: mean_std(test_acc[v])[0] for v in variants})
-
-    def figures() -> dict:
-        return comparison_figures(histories, order) | {"test_acc_seeds": seed_dots_figure(test_acc, order)}
-
-    drawn_once = {stem: tight_png(fig) for stem, fig in figures().items()}
-    for stem, fig in figures().items():
-        buffer = io.BytesIO()
-        fig.savefig(buffer, format="png", dpi=DPI, bbox_inches="tight")
-        assert drawn_once[stem] == buffer.getvalue(), stem
+    assert written == [(stem, png(fig)) for stem, fig in comparison_figures(histories, order).items()]
 
 
 def test_legends_list_the_variants_by_rank_beside_the_axes():

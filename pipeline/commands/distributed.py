@@ -7,8 +7,6 @@ the shared remote's run-cache and its outputs pushed back. A worker lost mid-tas
 task elsewhere, which closes the runs the lost one left RUNNING.
 """
 
-from __future__ import annotations
-
 import os
 import shutil
 import subprocess

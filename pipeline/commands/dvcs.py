@@ -6,14 +6,13 @@ passes it on), `make`'s death or a failed chain (SIGINT, as Ctrl-C: the train st
 KILLED) sends each group the signal, and what is alive GRACE_S later is killed.
 """
 
-from __future__ import annotations
-
 import contextlib
 import os
 import signal
 import subprocess
 import threading
 import time
+from typing import Self
 
 from pipeline.errors import PipelineError
 
@@ -70,7 +69,7 @@ class Dvcs:
         self.signum: int | None = None
         self.parent = os.getppid()
 
-    def __enter__(self) -> Dvcs:
+    def __enter__(self) -> Self:
         self.previous = {signum: signal.signal(signum, self.receive)
                          for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
         return self

@@ -6,8 +6,6 @@ A workspace filled by `dvc pull` or DVC's run-cache publishes the same runs as o
 run again, it adds nothing; over a partial record, it completes it.
 """
 
-from __future__ import annotations
-
 from pathlib import Path
 
 from pipeline import cli

@@ -17,8 +17,6 @@ Each stage runs its own command on its own inputs: the outputs and dvc.lock are 
 (tests/test_pipeline.py). Any other argument (targets, `-s`, `--dry`, ...) goes to one `dvc repro`.
 """
 
-from __future__ import annotations
-
 import json
 import os
 import signal

@@ -8,8 +8,6 @@ keeps comments and quotes). A point removed leaves nothing behind (its stages' d
 outputs go); DVC's cache keeps their data, so a point added back is restored from the run-cache.
 """
 
-from __future__ import annotations
-
 import io
 import shutil
 from pathlib import Path

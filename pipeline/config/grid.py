@@ -2,11 +2,10 @@
 a variant named from its values (`sweep-batch-lr0p003`). `python -m pipeline.commands.sweep` writes
 them into `variants:`; `Params` refuses a `variants:` that is not the expansion of its `sweep:`."""
 
-from __future__ import annotations
-
 import itertools
 import math
 import re
+from typing import Self
 
 from pydantic import Field, create_model, field_validator, model_validator
 
@@ -29,7 +28,7 @@ class _Axes(Choices):
         return values
 
     @model_validator(mode="after")
-    def _bounded(self) -> _Axes:
+    def _bounded(self) -> Self:
         lengths = [len(values) for values in self.model_dump(exclude_none=True).values()]
         if math.prod(lengths) > MAX_GRID_POINTS:
             raise ValueError(f"{math.prod(lengths)} grid points ({' x '.join(map(str, lengths))}); "

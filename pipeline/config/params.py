@@ -6,11 +6,9 @@ values checked are the values `dvc.lock` records. Types are strict (`true` is no
 no learning rate), numbers finite, every bound what the code that consumes the value can run.
 """
 
-from __future__ import annotations
-
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Self
 
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
@@ -95,7 +93,7 @@ class Params(Strict):
         return variants
 
     @model_validator(mode="after")
-    def _consistent(self) -> Params:
+    def _consistent(self) -> Self:
         stale = stale_grid_point(self.variants, self.sweep.grid())
         if stale:
             raise ValueError(f"variants.{stale}; variants are not the expansion of sweep: "

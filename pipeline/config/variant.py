@@ -2,8 +2,6 @@
 variant may override in `variants:`; `VariantConfig`: one variant with the `train:` defaults filled in,
 which the train, evaluate and compare stages take whole (and checkpoints carry)."""
 
-from __future__ import annotations
-
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, create_model, field_validator

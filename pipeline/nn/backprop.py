@@ -7,8 +7,6 @@ the same order, into buffers made once: autograd's gradients and running statist
 (tests/test_backprop.py; pipeline/nn/fastpath.py checks it at run time and gives the figures).
 """
 
-from __future__ import annotations
-
 import copy
 import functools
 

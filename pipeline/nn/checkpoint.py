@@ -1,7 +1,5 @@
 """Checkpoints: written atomically, loaded with `weights_only=True`, checked before use."""
 
-from __future__ import annotations
-
 import io
 from pathlib import Path
 
@@ -13,10 +11,6 @@ from pipeline.fsio import atomic_write_bytes
 FORMAT = 2  # 2: the optimizer state of pipeline.nn.optimizer
 
 
-class CheckpointError(PipelineError):
-    pass
-
-
 def save(path: Path, state: dict) -> None:
     buffer = io.BytesIO()
     torch.save({"format": FORMAT, **state}, buffer)
@@ -24,21 +18,21 @@ def save(path: Path, state: dict) -> None:
 
 
 def load(path: Path, map_location: str | torch.device = "cpu") -> dict:
-    """The checkpoint's state; a damaged file is a `CheckpointError` naming it."""
+    """The checkpoint's state; a damaged file is a `PipelineError` naming it."""
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
-        raise CheckpointError(f"{path}: no such checkpoint") from None
+        raise PipelineError(f"{path}: no such checkpoint") from None
     except OSError as error:
-        raise CheckpointError(f"{path}: cannot read ({error.strerror})") from None
+        raise PipelineError(f"{path}: cannot read ({error.strerror})") from None
     except Exception as error:  # on damaged bytes torch.load raises nearly anything: KeyError, IndexError...
         # in a few words: its weights-only errors are paragraphs of advice
         text = str(error).rpartition("WeightsUnpickler error:")[2]
         words = next((line.strip() for line in text.splitlines() if line.strip()), "").split(". ")[0][:120]
         reason = f"{type(error).__name__}: {words}" if words else type(error).__name__
-        raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({reason})") from None
+        raise PipelineError(f"{path}: corrupt or truncated checkpoint ({reason})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: not a checkpoint of this pipeline (format {FORMAT})")
+        raise PipelineError(f"{path}: not a checkpoint of this pipeline (format {FORMAT})")
     return state
 
 

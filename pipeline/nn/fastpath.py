@@ -17,8 +17,6 @@ optimizer); otherwise the public ones, with one line on stderr. PIPELINE_FASTPAT
 public path outright (benchmarks, tests).
 """
 
-from __future__ import annotations
-
 import functools
 import os
 import sys

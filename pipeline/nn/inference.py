@@ -8,8 +8,6 @@ same operations in the same order (tests/test_inference.py holds them equal to f
 for every norm, activation and replica count, and every seed's test accuracy equal).
 """
 
-from __future__ import annotations
-
 import io
 import json
 import math
@@ -26,10 +24,6 @@ from pipeline.config.variant import VariantConfig
 WEIGHTS_FILE = "weights.npz"
 
 
-class WeightsError(PipelineError):
-    pass
-
-
 def save_weights(path: Path, config: dict, arrays: dict[str, np.ndarray]) -> None:
     """An uncompressed `.npz` that `np.load` reads; its members carry a fixed date (np.savez
     stamps the clock's), so the same weights are the same bytes."""
@@ -42,15 +36,15 @@ def save_weights(path: Path, config: dict, arrays: dict[str, np.ndarray]) -> Non
 
 
 def load_weights(path: Path) -> tuple[VariantConfig, dict[str, np.ndarray]]:
-    """(the variant's config, its arrays by state-dict name); a damaged file is a `WeightsError`."""
+    """(the variant's config, its arrays by state-dict name); a damaged file is a `PipelineError`."""
     try:
         with np.load(path, allow_pickle=False) as stored:
             arrays = {name: stored[name] for name in stored.files}
         config = VariantConfig(**json.loads(arrays.pop("config").item()))
     except FileNotFoundError:
-        raise WeightsError(f"{path}: not found; run the train stage") from None
+        raise PipelineError(f"{path}: not found; run the train stage") from None
     except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as error:
-        raise WeightsError(f"{path}: corrupt or truncated weights ({type(error).__name__}); "
+        raise PipelineError(f"{path}: corrupt or truncated weights ({type(error).__name__}); "
                            "rerun the train stage") from None
     return config, arrays
 

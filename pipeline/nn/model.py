@@ -5,8 +5,6 @@ exactly the plain `nn.Sequential` that `plain_mlp` builds, initialised from seed
 32 a step is dominated by fixed overhead, so K replicas cost little more than one.
 """
 
-from __future__ import annotations
-
 import math
 
 import torch

@@ -6,8 +6,6 @@ bookkeeping). The update, torch.optim's fused one, is element-wise: each replica
 slice alone, so one optimizer over a stack of K is exactly K independent optimizers.
 """
 
-from __future__ import annotations
-
 import torch
 
 from pipeline.nn import fastpath

@@ -6,8 +6,6 @@ permutation of epoch e is derived from (seed, e) alone, so resuming at any epoch
 needs no saved RNG state and replays exactly the batches an uninterrupted run would see.
 """
 
-from __future__ import annotations
-
 import os
 from typing import NamedTuple
 

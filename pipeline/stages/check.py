@@ -8,8 +8,6 @@ the same bytes, and DVC reruns just the stages whose own params changed. On top 
 rules it checks this machine: a CUDA device where one is asked for, and memory for the largest model.
 """
 
-from __future__ import annotations
-
 from pathlib import Path
 
 from pipeline import cli, provenance

@@ -8,8 +8,6 @@ workspace into MLflow (pipeline/tracking/workspace.py, as `make publish` does): 
 the comparison's run grouping them, the registered model.
 """
 
-from __future__ import annotations
-
 import math
 from pathlib import Path
 

@@ -6,8 +6,6 @@ sweep's and any added later included, with no edit of dvc.yaml, they read this o
 `variants` template (.dvc/plots/variants.json) colours a line per value of its `variant` column.
 """
 
-from __future__ import annotations
-
 from pathlib import Path
 
 from pipeline import cli

@@ -9,8 +9,6 @@ dir`, as DVC documents both. Not `persist: true`: it turns off the stage's run-c
 `dvc repro --pull` restores data/raw from (docs/sweeps.md); and online, a forced run does fetch again.
 """
 
-from __future__ import annotations
-
 import functools
 import gzip
 import hashlib
@@ -43,10 +41,6 @@ MNIST_SHA256 = {
 # torchvision.datasets (torch and torchvision's models with it) took 1.66 s of the stage's 2.1 s
 # here, on every run that a working `MNIST_MIRROR` serves.
 TORCHVISION_MIRRORS = "torchvision's mirrors"
-
-
-class DownloadError(PipelineError):
-    pass
 
 
 class SourceFailed(Exception):
@@ -83,16 +77,16 @@ def parse_sources(mirror_env: str | None, mirrors: list[str]) -> list[str]:
         parsed = urllib.parse.urlparse(mirror_env)
         parsed.port  # noqa: B018 -- raises ValueError for a port that is not a number in range
     except ValueError as error:
-        raise DownloadError(f"MNIST_MIRROR: {mirror_env!r} is not a valid URL ({error})") from None
+        raise PipelineError(f"MNIST_MIRROR: {mirror_env!r} is not a valid URL ({error})") from None
     if parsed.scheme in ("http", "https"):
         if not parsed.hostname:
-            raise DownloadError(f"MNIST_MIRROR: {mirror_env!r} is not a valid URL (no host)")
+            raise PipelineError(f"MNIST_MIRROR: {mirror_env!r} is not a valid URL (no host)")
         return [mirror_env.rstrip("/") + "/", *mirrors]
     if parsed.scheme not in ("", "file"):
-        raise DownloadError(f"MNIST_MIRROR: {mirror_env!r} is neither an http(s) URL nor a local folder")
+        raise PipelineError(f"MNIST_MIRROR: {mirror_env!r} is neither an http(s) URL nor a local folder")
     folder = Path(parsed.path if parsed.scheme == "file" else mirror_env)
     if not folder.is_dir():
-        raise DownloadError(f"MNIST_MIRROR: folder {str(folder)!r} does not exist")
+        raise PipelineError(f"MNIST_MIRROR: folder {str(folder)!r} does not exist")
     return [str(folder.resolve()), *mirrors]
 
 
@@ -159,7 +153,7 @@ def fetch_verified(name: str, sources: list[str], expected: str, policy: Policy)
                     failures.append(f"{source}: {failure}" + (f" after {attempt} tries" if attempt > 1 else ""))
                     break
                 time.sleep(policy.backoff_s * 2 ** (attempt - 1))
-    raise DownloadError(f"{name}.gz: every source failed: " + "; ".join(failures) + " (set MNIST_MIRROR to a "
+    raise PipelineError(f"{name}.gz: every source failed: " + "; ".join(failures) + " (set MNIST_MIRROR to a "
                         "local folder or an http(s) URL prefix holding MNIST's four .gz files)")
 
 
@@ -196,7 +190,7 @@ def download(raw_dir: Path, sources: list[str], checksums: dict[str, str] = MNIS
             body = fetch_verified(name, sources, expected, policy)
             fetched.append(name)
             how = f"fetched and verified ({len(body):,} bytes)"
-        except DownloadError:
+        except PipelineError:
             copy = cached().get(f"{name}.gz")
             body = copy and verified_file(copy, name, expected)
             if not body:
@@ -212,15 +206,15 @@ def read_checksums(path: Path) -> dict[str, str]:
     try:
         lines = path.read_text().split("\n")
     except OSError as error:
-        raise DownloadError(f"MNIST_CHECKSUMS: cannot read {path}: {error.strerror}") from None
+        raise PipelineError(f"MNIST_CHECKSUMS: cannot read {path}: {error.strerror}") from None
     checksums = {}
     for line in filter(None, (line.strip() for line in lines)):
         digest, _, name = line.partition("  ")
         if len(digest) != 64 or name.removesuffix(".gz") not in MNIST_SHA256:
-            raise DownloadError(f"MNIST_CHECKSUMS: {path}: bad line {line!r}")
+            raise PipelineError(f"MNIST_CHECKSUMS: {path}: bad line {line!r}")
         checksums[name.removesuffix(".gz")] = digest
     if checksums.keys() != MNIST_SHA256.keys():
-        raise DownloadError(f"MNIST_CHECKSUMS: {path}: must list all of {', '.join(MNIST_SHA256)}")
+        raise PipelineError(f"MNIST_CHECKSUMS: {path}: must list all of {', '.join(MNIST_SHA256)}")
     return checksums
 
 

@@ -7,8 +7,6 @@ matplotlib (pipeline/nn/inference.py, reports.confusion_plot): 0.13-0.15x the st
 variant's runs: opening MLflow here would triple this stage's time (~3 s of imports and store start-up).
 """
 
-from __future__ import annotations
-
 from pathlib import Path
 
 from threadpoolctl import threadpool_limits

@@ -4,15 +4,14 @@ Writes `<out>/{train,val,test}/` (pipeline/data.py's prepared splits) and `manif
 a content digest that MLflow records as the runs' dataset lineage.
 """
 
-from __future__ import annotations
-
 import hashlib
 from pathlib import Path
 
 import numpy as np
 
 from pipeline import cli
-from pipeline.data import DataError, read_raw_split, write_split
+from pipeline.data import read_raw_split, write_split
+from pipeline.errors import PipelineError
 from pipeline.fsio import atomic_write_json
 from pipeline.config.params import DataParams, load_params
 
@@ -21,7 +20,7 @@ def split_indices(total: int, val_size: int, seed: int) -> tuple[np.ndarray, np.
     """(train, validation) rows: `torch_randperm(total, seed)` split, the split every result so
     far was computed on (numpy's own permutation would draw another)."""
     if not 0 < val_size < total:
-        raise DataError(f"data.val_size: {val_size} must be between 0 and {total} (the number of training images)")
+        raise PipelineError(f"data.val_size: {val_size} must be between 0 and {total} (the number of training images)")
     order = torch_randperm(total, seed)
     return order[val_size:], order[:val_size]
 

@@ -9,8 +9,6 @@ view of them. A store that cannot take it costs no training: one line says the r
 compare or `make publish` completes it.
 """
 
-from __future__ import annotations
-
 import contextlib
 import shutil
 import signal
@@ -18,7 +16,7 @@ import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, Self
 
 import torch
 
@@ -49,7 +47,7 @@ class Paths(NamedTuple):
     scratch: Path  # what a killed run resumes from: no DVC path (DVC deletes outputs before a stage runs)
 
     @classmethod
-    def of(cls, root: Path, variant: str, prepared: Path, checkpoints: Path, out: Path) -> Paths:
+    def of(cls, root: Path, variant: str, prepared: Path, checkpoints: Path, out: Path) -> Self:
         return cls(prepared, checkpoints, out, root / ".dvc" / "tmp" / "train" / variant)
 
 
@@ -61,7 +59,7 @@ class Inputs(NamedTuple):
     digest: str  # provenance.inputs_digest: MLflow's tag, the resume key, in run.json
 
     @classmethod
-    def of(cls, config: VariantConfig, device: torch.device, threads: int, root: Path, prepared: Path) -> Inputs:
+    def of(cls, config: VariantConfig, device: torch.device, threads: int, root: Path, prepared: Path) -> Self:
         manifest, environment = read_manifest(prepared), provenance.read_environment(root)
         dataset = {"digest": manifest["digest"], "sizes": manifest["sizes"]}
         # The device and the thread count change the last bits of the results: part of the inputs.
@@ -147,7 +145,7 @@ def start_or_resume(run: Run, model: StackedMlp, optimizer: FusedOptimizer) -> P
     if last_path.exists():
         try:
             state = checkpoint.load(last_path)
-        except checkpoint.CheckpointError as error:
+        except PipelineError as error:
             print(f"warning: {error}; starting fresh", file=sys.stderr)
     if state is not None and state["inputs_digest"] == run.inputs.digest:
         print(f"{last_path}: resuming after epoch {state['epoch']}")

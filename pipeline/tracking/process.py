@@ -9,8 +9,6 @@ against 14.3 s; 1.23x with log_model's one-off costs paid early in that thread),
 0.98x either way (its two train stages fill both cores already).
 """
 
-from __future__ import annotations
-
 import functools
 import multiprocessing
 import os

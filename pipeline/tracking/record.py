@@ -6,8 +6,6 @@ train stage calls it each epoch with its scratch state (live curves), compare an
 (workspace.py) with the outputs on disk.
 """
 
-from __future__ import annotations
-
 import hashlib
 import json
 import logging

@@ -1,8 +1,6 @@
 """Where the tracking store is, and how a stage reaches it: a server or an SQLite file checked in
 seconds, its refusals and outages as one line, the experiment. What the runs hold: record.py."""
 
-from __future__ import annotations
-
 import base64
 import fcntl
 import json
@@ -13,6 +11,7 @@ import urllib.request
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Self
 
 from pipeline.errors import PipelineError
 
@@ -69,7 +68,7 @@ class Tracking:
         return self.uri.startswith("sqlite:")
 
     @classmethod
-    def from_environment(cls, experiment_name: str, cwd: Path | None = None) -> Tracking:
+    def from_environment(cls, experiment_name: str, cwd: Path | None = None) -> Self:
         root = project_root(cwd or Path.cwd())
         return cls(os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root / 'mlflow.db'}", root, experiment_name)
 

@@ -4,12 +4,10 @@ run, and the best variant's model in the Model Registry: one version per distinc
 (its inputs digest), so a rerun that writes the same bytes adds none and moves no alias.
 """
 
-from __future__ import annotations
-
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, Self
 
 from pipeline.config.params import Params
 from pipeline.errors import PipelineError
@@ -30,7 +28,7 @@ class Workspace:
     metrics: Path  # the comparison in a few numbers, for `dvc exp show` (pipeline/reports.py)
 
     @classmethod
-    def of(cls, root: Path) -> Workspace:
+    def of(cls, root: Path) -> Self:
         data = root / "data"
         return cls(root, data / "train", data / "checkpoints", data / "evaluate", data / "compare",
                    data / "metrics.json")
