@@ -103,7 +103,7 @@ def comparison_plots(histories: dict[str, dict], out_dir: Path, order: list[str]
     return [out_dir / f"{stem}.png" for stem in figures]
 
 
-def seed_dots_figure(test_acc: dict[str, list[float]], order: list[str]):
+def seed_dots_plot(test_acc: dict[str, list[float]], path: Path, order: list[str]) -> Path:
     """Test accuracy of every seed as a dot, per variant in `order` (their rank), with the mean as a bar."""
     from matplotlib.figure import Figure
 
@@ -121,11 +121,7 @@ def seed_dots_figure(test_acc: dict[str, list[float]], order: list[str]):
     ax.set_ylabel("test_acc")
     ax.set_title("Test accuracy per seed (bar: mean), variants by rank")
     ax.grid(alpha=0.3, axis="y")
-    return fig
-
-
-def seed_dots_plot(test_acc: dict[str, list[float]], path: Path, order: list[str]) -> Path:
-    atomic_write_bytes(path, png(seed_dots_figure(test_acc, order)))
+    atomic_write_bytes(path, png(fig))
     return path
 
 
