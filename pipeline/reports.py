@@ -188,10 +188,9 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def headline(table: dict[str, dict]) -> dict[str, dict]:
-    """The compare stage's `--metrics` file (dvc.yaml's `metrics:`) from summary.json's table: what a
-    row of `make exp` and `dvc metrics diff` need, under keys short enough for two variants and a
-    changed param to fit 120 columns: per variant `acc` and `loss` (means over seeds) and, but for
-    the reference, `diff` (in points) and `verdict` (Holm-adjusted Welch at 95%, as in summary.md)."""
+    """The compare stage's `--metrics` file (dvc.yaml's `metrics:`) from summary.json's table: what a row of
+    `make exp` and `dvc metrics diff` need, under keys short enough for two variants and a changed param to
+    fit 120 columns (means over seeds; `diff` in points; `verdict`: Holm-adjusted Welch at 95%, as in summary.md)."""
     numbers = {}
     for variant, row in table.items():
         numbers[variant] = {"acc": row["test_acc_mean"], "loss": row["test_loss_mean"]}
