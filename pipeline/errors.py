@@ -1,5 +1,4 @@
-"""The one exception type a stage raises for a user's mistake or an outside fault: the CLI turns
-it into one line on stderr and a non-zero exit; anything else is a bug and keeps its traceback."""
+"""What a stage raises for a user's mistake or an outside fault (`cli.one_line_errors` prints it as one line)."""
 
 
 class PipelineError(Exception):

@@ -103,7 +103,7 @@ def comparison_plots(histories: dict[str, dict], out_dir: Path, order: list[str]
     return [out_dir / f"{stem}.png" for stem in figures]
 
 
-def seed_dots_figure(test_acc: dict[str, list[float]], order: list[str]):
+def seed_dots_plot(test_acc: dict[str, list[float]], path: Path, order: list[str]) -> Path:
     """Test accuracy of every seed as a dot, per variant in `order` (their rank), with the mean as a bar."""
     from matplotlib.figure import Figure
 
@@ -121,11 +121,7 @@ def seed_dots_figure(test_acc: dict[str, list[float]], order: list[str]):
     ax.set_ylabel("test_acc")
     ax.set_title("Test accuracy per seed (bar: mean), variants by rank")
     ax.grid(alpha=0.3, axis="y")
-    return fig
-
-
-def seed_dots_plot(test_acc: dict[str, list[float]], path: Path, order: list[str]) -> Path:
-    atomic_write_bytes(path, png(seed_dots_figure(test_acc, order)))
+    atomic_write_bytes(path, png(fig))
     return path
 
 
@@ -192,10 +188,9 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def headline(table: dict[str, dict]) -> dict[str, dict]:
-    """The compare stage's `--metrics` file (dvc.yaml's `metrics:`) from summary.json's table: what a
-    row of `make exp` and `dvc metrics diff` need, under keys short enough for two variants and a
-    changed param to fit 120 columns: per variant `acc` and `loss` (means over seeds) and, but for
-    the reference, `diff` (in points) and `verdict` (Holm-adjusted Welch at 95%, as in summary.md)."""
+    """The compare stage's `--metrics` file (dvc.yaml's `metrics:`) from summary.json's table: what a row of
+    `make exp` and `dvc metrics diff` need, under keys short enough for two variants and a changed param to
+    fit 120 columns (means over seeds; `diff` in points; `verdict`: Holm-adjusted Welch at 95%, as in summary.md)."""
     numbers = {}
     for variant, row in table.items():
         numbers[variant] = {"acc": row["test_acc_mean"], "loss": row["test_loss_mean"]}

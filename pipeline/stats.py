@@ -1,8 +1,6 @@
-"""Statistics over seeds, one definition for every stage: means and spreads, Student-t and Welch
-intervals, Holm's adjustment, a seeded bootstrap interval, P(a seed beats another), a ranking.
-A diverged seed's non-finite losses are left out of means and spreads (the seed counted as
-diverged); its accuracies are finite (about one class in ten) and count. scipy.special gives
-the two t-distribution formulas; scipy.stats would add ~0.5 s of imports."""
+"""Statistics over seeds, one definition for every stage. A diverged seed's non-finite losses are left
+out of means and spreads (the seed counted as diverged); its accuracies are finite (about one class in
+ten) and count. scipy.special gives the two t-distribution formulas; scipy.stats would add ~0.5 s of imports."""
 
 import math
 import statistics

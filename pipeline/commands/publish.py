@@ -27,7 +27,6 @@ if __name__ == "__main__":
                 lines = missing(client, experiment, params, workspace)
                 print("\n".join(lines) or f"{tracking.uri} holds every result of this workspace already")
             else:
-                registered = mirror_workspace(client, experiment, params, workspace)
-                if registered is not None:
+                if registered := mirror_workspace(client, experiment, params, workspace):
                     print(f"registered: {registered['name']} version {registered['version']} ({registered['variant']})")
                 print(f"published to {tracking.uri}; runs: {runs_page(tracking, experiment)}")

@@ -43,8 +43,7 @@ def variant_chains(trains: list[str], stale: set[str], force: bool) -> list[tupl
 
 
 def side_by_side(dvcs: Dvcs, chains: list[tuple[str, ...]], jobs: int, options: list[str]) -> None:
-    """`dvc repro <options> -s <stages>` of each chain, `jobs` at a time, each started once the one before
-    runs its train stage. A failure stops the others (SIGINT, as Ctrl-C) and names its chain."""
+    """Step 2 above: `dvc repro <options> -s <stages>` a chain; a failure stops the others (SIGINT) and names it."""
     pending, started = list(chains), []
     while pending or any(process in dvcs.running for process in started):
         while pending and sum(process in dvcs.running for process in started) < jobs and not dvcs.starting():

@@ -110,8 +110,7 @@ def remove_output(path: Path, root: Path) -> None:
     folder = path.parent
     ignore = folder / ".gitignore"
     if ignore.exists():
-        lines = [line for line in ignore.read_text().splitlines() if line != f"/{path.name}"]
-        if lines:
+        if lines := [line for line in ignore.read_text().splitlines() if line != f"/{path.name}"]:
             ignore.write_text("".join(f"{line}\n" for line in lines))
         else:
             ignore.unlink()

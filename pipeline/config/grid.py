@@ -48,11 +48,9 @@ class _Axes(Choices):
 
 # An axis accepts exactly what a variant's key does (the same constrained type), and a key added
 # to VARIANT_CHOICES can be swept without a second list of types to keep in step.
-SweepAxes = create_model(
-    "SweepAxes", __base__=_Axes,
-    **{key: (list[constrained(key)] | None, Field(None, min_length=1, max_length=MAX_GRID_POINTS))
-       for key in VARIANT_CHOICES},
-)
+SweepAxes = create_model("SweepAxes", __base__=_Axes,
+                         **{key: (list[constrained(key)] | None, Field(None, min_length=1, max_length=MAX_GRID_POINTS))
+                            for key in VARIANT_CHOICES})
 
 
 def _number(value: float) -> str:

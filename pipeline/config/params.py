@@ -94,8 +94,7 @@ class Params(Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> Self:
-        stale = stale_grid_point(self.variants, self.sweep.grid())
-        if stale:
+        if stale := stale_grid_point(self.variants, self.sweep.grid()):
             raise ValueError(f"variants.{stale}; variants are not the expansion of sweep: "
                              "(run `python -m pipeline.commands.sweep`)")
         train_size = MNIST_TRAIN_SIZE - self.data.val_size

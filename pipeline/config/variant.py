@@ -60,10 +60,8 @@ class Choices(Strict):
 ModelChoices = create_model("ModelChoices", __base__=Choices,
                             **{key: (constrained(key) | None, None) for key in VARIANT_CHOICES})
 
-VariantConfig = create_model(
-    "VariantConfig", __base__=Strict, name=(str, ...), seeds=(list[int], ...),
-    **{key: (constrained(key), ...) for key in TrainParams.model_fields if key not in RUNTIME},
-)
+VariantConfig = create_model("VariantConfig", __base__=Strict, name=(str, ...), seeds=(list[int], ...),
+                             **{key: (constrained(key), ...) for key in TrainParams.model_fields if key not in RUNTIME})
 
 
 def layer_sizes(config: VariantConfig) -> list[tuple[int, int]]:

@@ -37,7 +37,7 @@ class Linear:
         self.bias = None if layer.bias is None else layer.bias.detach()
         replicas, fan_in, fan_out = self.weight.shape
         self.out = self.weight.new_empty(replicas, batch, fan_out)
-        self.grads = [torch.empty_like(self.weight)] + ([] if self.bias is None else [torch.empty_like(self.bias)])
+        self.grads = [torch.empty_like(p) for p in (self.weight, self.bias) if p is not None]
         self.grad_in = None if first else self.weight.new_empty(replicas, batch, fan_in)  # the images need none
         self.x = None
 
@@ -218,8 +218,7 @@ class Backprop:
         grad, grads = self.stacked_grad_logits, []
         for layer in reversed(self.layers):
             grad, own = layer.backward(grad)
-            grads += reversed(own)
-        grads.reverse()
+            grads = own + grads
         return grads
 
 

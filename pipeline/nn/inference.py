@@ -85,8 +85,7 @@ ACTIVATIONS = {"relu": lambda x: np.maximum(x, np.float32(0)), "tanh": np.tanh,
 
 
 def logits(config: VariantConfig, weights: dict[str, np.ndarray], images: np.ndarray) -> np.ndarray:
-    """[K, n, classes] for float32 images [n, 784]: Linear -> norm -> activation per hidden
-    layer, then the output Linear, at the nn.Sequential positions pipeline/nn/model.py gives them."""
+    """[K, n, classes] for float32 images [n, 784], each layer at the nn.Sequential position model.py gives it."""
     layers: dict[int, dict[str, np.ndarray]] = {}
     for name, array in weights.items():
         _, position, kind = name.split(".")

@@ -53,7 +53,6 @@ def epoch_permutations(seeds: list[int], epoch: int, size: int) -> torch.Tensor:
 
 
 def make_optimizer(model: nn.Module, config: VariantConfig, private: bool | None = None) -> FusedOptimizer:
-    """`private`: pipeline/nn/fastpath.py's path, where a benchmark or check picks it."""
     return FusedOptimizer(list(model.parameters()), config, private)
 
 

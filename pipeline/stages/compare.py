@@ -118,11 +118,10 @@ def reference_section(test_acc: dict, reference: str, others: list[str]) -> tupl
 def compare(params: Params, paths: Workspace, tracking: Tracking | None = None) -> dict:
     """`paths`: the folders dvc.yaml passes on the command line (`paths.compare`: where it writes)."""
     tracking = tracking or Tracking.from_environment(params.mlflow.experiment_name, paths.root)
-    variants = list(params.variants)
-    histories = {v: read_json(paths.train / v / "history.json") for v in variants}
-    per_seed = {v: read_json(paths.evaluate / v / "per_seed.json") for v in variants}
-    test_acc = {v: per_seed[v]["test_acc"] for v in variants}
-    test_loss = {v: per_seed[v]["test_loss"] for v in variants}
+    histories = {v: read_json(paths.train / v / "history.json") for v in params.variants}
+    per_seed = {v: read_json(paths.evaluate / v / "per_seed.json") for v in params.variants}
+    test_acc = {v: per_seed[v]["test_acc"] for v in per_seed}
+    test_loss = {v: per_seed[v]["test_loss"] for v in per_seed}
     check_store(tracking)  # in seconds, before any work: a store that cannot take the record is one line
     with RecordProcess(tracking) as record:
         opening = record.submit(opened)  # MLflow imported and the store opened while the figures are drawn

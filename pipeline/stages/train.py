@@ -125,8 +125,7 @@ def train(params: Params, variant: str, root: Path, paths: Paths, tracking: Trac
                 trained = trained_state(model, optimizer)
                 live.raise_refused()  # a refusal ends the stage; an outage only makes the record wait
                 recorded = evaluator.submit(record_epoch, run, recorded, epoch, trained, time.perf_counter() - started)
-            progress = recorded.result()
-            summary = finish(run, progress, model, optimizer)
+            summary = finish(run, recorded.result(), model, optimizer)
         live.finish(read_variant(root, paths.out, paths.checkpoints, None))
         shutil.rmtree(paths.scratch)  # the outputs are written: nothing left to resume
         return summary

@@ -135,6 +135,5 @@ class LiveRecord(RecordProcess):
 
     def close(self, status: str) -> None:
         """The runs of these inputs ended `status` (a stage that stops), if the store takes it."""
-        future = self.submit(record.close_runs, self.run["inputs_digest"], status)
-        if future is not None:
+        if future := self.submit(record.close_runs, self.run["inputs_digest"], status):
             future.exception()  # waits; whatever it met, the stage's own error is the one to say

@@ -106,9 +106,8 @@ def _oldest_or_made(client, experiment: str, found: list, outputs: VariantOutput
                                                               f"attributes.run_name = '{name}'")])
         if run.info.run_id != made.info.run_id:
             client.delete_run(made.info.run_id)
-    environment = outputs.environment
-    params = flatten("", outputs.run["config"]) | flatten("env", {"python": environment["python"],
-                                                                   **environment["packages"]})
+    env = outputs.environment
+    params = flatten("", outputs.run["config"]) | flatten("env", {"python": env["python"], **env["packages"]})
     params |= {"seed": tags[SEED_TAG]} if tags[SEED_TAG] else {"replicas": str(len(outputs.run["seeds"]))}
     client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in params.items() if k not in run.data.params])
     if not run.inputs.dataset_inputs:
