@@ -95,12 +95,8 @@ def train(params: Params, variant: str, root: Path, paths: Paths, tracking: Trac
     device = configure_runtime(params.train.threads, params.train.device)
     config = params.variant(variant)
     inputs = Inputs.of(config, device, params.train.threads, root, paths.prepared)
-    # The record: a view of the outputs, mirrored after each epoch in a second process. Whole-process
-    # wall time against the previous recorder (56cefd7: a live logger, resume and backfill),
-    # alternating, 2 cores shared with other work: the published lab (seeds [0], real MNIST) 0.88x
-    # (median of 4 pair ratios; medians 5.69 s and 5.38 s, runs spread 3.9-8.3 s); tiny data 1.29x
-    # (6 pairs; 4.95 s against 4.02 s): there the stage waits at its end for MLflow's start and
-    # log_model, and the previous recorder seeded a private map of MLflow's that this one leaves alone.
+    # The record: a view of the outputs, mirrored after each epoch in a second process (why:
+    # pipeline/tracking/process.py; what it cost this stage against the recorder before it: docs/performance.md).
     with LiveRecord(tracking, run_json(config, inputs), inputs.environment) as live:  # MLflow opens meanwhile
         train_split, val_split = load_split(paths.prepared, "train", device), load_split(paths.prepared, "val", device)
         if config.batch_size > len(train_split):
