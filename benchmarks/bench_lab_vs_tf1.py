@@ -17,8 +17,6 @@ each ratio is taken within a repeat, then its median over the repeats. `--epochs
 checks the benchmark quickly; its figures are not the lab's, and it writes no JSON unless `--out`.
 """
 
-from __future__ import annotations
-
 import argparse
 import json
 import os

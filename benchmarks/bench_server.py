@@ -16,8 +16,6 @@ as the server answers (its capacity); the `8 paced` rows give 8 clients the lab'
 measurement (about 5 minutes), for a busy machine; the default is 3 rounds of 30 s (~14 minutes).
 """
 
-from __future__ import annotations
-
 import argparse
 import importlib.util
 import itertools

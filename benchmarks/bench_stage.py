@@ -10,8 +10,6 @@ bench_step's and prints the table):
 See benchmarks/README.md for what each figure means and the targets.
 """
 
-from __future__ import annotations
-
 import os
 import resource
 import shutil

@@ -13,8 +13,6 @@ imports (`python -X importtime`). The machine's load is recorded beside them: on
 machine, compare ratios, not seconds.
 """
 
-from __future__ import annotations
-
 import argparse
 import json
 import os

@@ -15,8 +15,6 @@ bench_stage's and prints the table):
 See benchmarks/README.md for what each figure means and the targets.
 """
 
-from __future__ import annotations
-
 import gzip
 import statistics
 import tempfile

@@ -11,8 +11,6 @@ of wall time for N workers and M variants.
     python -m benchmarks.bench_sweep [--ways local,1,2] [--out sweep.json]
 """
 
-from __future__ import annotations
-
 import argparse
 import json
 import math

@@ -8,8 +8,6 @@ child process, so each has its own peak RSS; prints the table and writes every f
 See benchmarks/README.md for what each figure means and the targets.
 """
 
-from __future__ import annotations
-
 from benchmarks import bench_stage, bench_step
 from benchmarks.common import ROOT, main, write
 

@@ -11,8 +11,6 @@ replica k of a stack against the same seed trained alone as a plain module with 
 per epoch and test accuracy per variant.
 """
 
-from __future__ import annotations
-
 import argparse
 import json
 import statistics

@@ -1,8 +1,6 @@
 """What the benchmark scripts share: the lab's data and config, timing, and running each part
 in a child process of its own (so each has its own imports, allocator and peak RSS)."""
 
-from __future__ import annotations
-
 import argparse
 import datetime
 import json

@@ -1,8 +1,6 @@
 """Project copies the benchmarks time commands in: the lab's data given, a param set, and a
 command's wall and CPU seconds with each stage's share read from DVC's output."""
 
-from __future__ import annotations
-
 import contextlib
 import os
 import re

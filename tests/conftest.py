@@ -1,8 +1,6 @@
 """Fixtures that make data (tiny MNIST-format IDX files, params for tiny runs), the session's
 team stack, and the tiers: each test marked by what it starts."""
 
-from __future__ import annotations
-
 import gzip
 import hashlib
 import types

@@ -1,8 +1,6 @@
 """A real Dask cluster on loopback, as the tests start it: `dask scheduler` and `dask worker`
 processes (each worker with its nanny, one thread, a folder of its own), stopped afterwards."""
 
-from __future__ import annotations
-
 import os
 import signal
 import subprocess

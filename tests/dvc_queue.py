@@ -5,8 +5,6 @@ wait forever on a queue worker that missed its shutdown (seen in CI with one pro
 and here with two clones' queues at once).
 """
 
-from __future__ import annotations
-
 import signal
 import subprocess
 import time

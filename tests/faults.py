@@ -3,8 +3,6 @@ folder (a read-only bind mount), a command on a terminal (to signal it where a u
 what is left running afterwards. Mounting needs root (CI runs
 as root); elsewhere the tests that use these skip, saying why."""
 
-from __future__ import annotations
-
 import errno
 import fcntl
 import os

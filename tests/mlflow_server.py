@@ -1,7 +1,5 @@
 """A real `mlflow server` on a free loopback port, for the tests (started, waited for, stopped)."""
 
-from __future__ import annotations
-
 import os
 import signal
 import socket

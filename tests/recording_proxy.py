@@ -2,8 +2,6 @@
 what the pipelines sent (runs created, metric points, artifacts uploaded) and how long the server
 took to answer each request. The load test counts the record against what the server stored."""
 
-from __future__ import annotations
-
 import http.client
 import json
 import threading

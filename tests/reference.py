@@ -2,8 +2,6 @@
 torch.optim. Test support, not the product: tests/test_model.py (on the CPU) and
 benchmarks/check_cuda.py (on a GPU) compare the stack's replica k with seed k trained here."""
 
-from __future__ import annotations
-
 import torch
 import torch.nn.functional as F
 

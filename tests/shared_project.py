@@ -7,8 +7,6 @@ as a team would have it. Modules may add to it (experiments, registry versions, 
 commit) but never undo what the others rely on: the committed repro and its MLflow runs.
 """
 
-from __future__ import annotations
-
 from pathlib import Path
 
 from tests.conftest import make_project, repro_pipeline, run

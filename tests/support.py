@@ -3,8 +3,6 @@ project's commands run with, and a copy of the project (this tree's or a git rev
 fresh git + DVC repository. No pytest here: the benchmarks (`python -m benchmarks.bench_x`) import
 it too. A real `mlflow server` is tests/mlflow_server.py's, for both alike."""
 
-from __future__ import annotations
-
 import os
 import shutil
 import subprocess

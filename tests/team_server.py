@@ -8,8 +8,6 @@ logins, artifacts served by MLflow (clients need a login, no S3 keys), the crede
 Passwords are drawn per run and live in environment variables only.
 """
 
-from __future__ import annotations
-
 import glob
 import os
 import re

@@ -1,7 +1,5 @@
 """The hand-derived step is autograd's, bit for bit: every layer type, activation, K, width and depth."""
 
-from __future__ import annotations
-
 import copy
 import itertools
 

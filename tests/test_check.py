@@ -1,7 +1,5 @@
 """The check stage through real DVC: a bad params.yaml changes nothing; the environment decides reruns."""
 
-from __future__ import annotations
-
 import hashlib
 import re
 from pathlib import Path

@@ -1,7 +1,5 @@
 """Checkpoints: atomic saves, damaged files as one clear PipelineError, the best-replica merge."""
 
-from __future__ import annotations
-
 import datetime
 import io
 import random

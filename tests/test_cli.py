@@ -1,7 +1,5 @@
 """The stages' shell: one `error:` line and the error's exit code; bugs keep their traceback."""
 
-from __future__ import annotations
-
 import errno
 import os
 from pathlib import Path

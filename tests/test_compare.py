@@ -1,8 +1,6 @@
 """The compare stage: the statistics said in words, many variants ranked and Holm-adjusted;
 missing inputs refused."""
 
-from __future__ import annotations
-
 import json
 import math
 import subprocess

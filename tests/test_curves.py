@@ -1,7 +1,5 @@
 """The curves stage: every variant's curves in one file with a variant column, refused in one line."""
 
-from __future__ import annotations
-
 import subprocess
 
 import pytest

@@ -1,8 +1,6 @@
 """Prepared splits: kept as bytes, readable with and without torch, turned into the lab's float
 images exactly; a damaged split refused in one line."""
 
-from __future__ import annotations
-
 import numpy as np
 import pytest
 import torch

@@ -5,8 +5,6 @@ one from the run-cache and trains nothing. A worker killed mid-training: the swe
 same, with exactly one finished MLflow run per variant and seed, none left RUNNING: the retry
 continues the runs of the killed attempt (found by their inputs digest) and finishes them."""
 
-from __future__ import annotations
-
 import json
 import os
 import subprocess

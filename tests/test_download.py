@@ -1,7 +1,5 @@
 """The download stage against a real loopback HTTP server that misbehaves on purpose."""
 
-from __future__ import annotations
-
 import gzip
 import hashlib
 import subprocess

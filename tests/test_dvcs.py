@@ -1,8 +1,6 @@
 """The `dvc` processes `make repro` runs (pipeline/commands/dvcs.py), against real `dvc` commands;
 tests/test_repro_faults.py stops them."""
 
-from __future__ import annotations
-
 import time
 
 import pytest

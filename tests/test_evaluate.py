@@ -2,8 +2,6 @@
 model scores them; the same bytes on a rerun; no torch or matplotlib imported; one clear line
 for a missing input."""
 
-from __future__ import annotations
-
 import json
 import subprocess
 from pathlib import Path

@@ -1,8 +1,6 @@
 """torch's private calls and their public fallbacks give the same bits; the choice between them.
 (The hand-derived backward's own checks are tests/test_backprop.py.)"""
 
-from __future__ import annotations
-
 import pytest
 import torch
 from torch import nn

@@ -8,8 +8,6 @@ code, what is kept, that no process is left, and that the rerun gives the clean 
 tests that use them skip elsewhere, saying so (tests/faults.py).
 """
 
-from __future__ import annotations
-
 import os
 import re
 import shutil

@@ -2,8 +2,6 @@
 diffs its metrics and plots against HEAD, the plots page needs no network, a forced run offline
 keeps data/raw, a removed grid leaves nothing behind."""
 
-from __future__ import annotations
-
 import json
 import re
 

@@ -1,8 +1,6 @@
 """The numpy forward pass is the torch model's: logits to float rounding, the same predictions and
 losses, for every norm, activation and replica count; the weights file reads back exactly."""
 
-from __future__ import annotations
-
 import numpy as np
 import pytest
 import torch

@@ -1,7 +1,5 @@
 """The real lab on real MNIST, end to end: slow (about two minutes), needs ../shared/data/mnist."""
 
-from __future__ import annotations
-
 import json
 import shutil
 from pathlib import Path

@@ -1,7 +1,5 @@
 """The stacked model is an optimisation, not a different algorithm: replica k == seed k alone."""
 
-from __future__ import annotations
-
 import pytest
 import torch
 

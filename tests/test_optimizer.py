@@ -1,8 +1,6 @@
 """The fused optimizer is torch.optim's own fused update, without torch.optim around it, on
 either of pipeline/nn/fastpath.py's paths (private: True, public: False)."""
 
-from __future__ import annotations
-
 import pytest
 import torch
 

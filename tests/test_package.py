@@ -1,7 +1,5 @@
 """pipeline/__init__.py: the OpenBLAS kernel numpy runs, whatever the machine's environment says."""
 
-from __future__ import annotations
-
 import os
 import subprocess
 import sys

@@ -1,7 +1,5 @@
 """params.yaml validation: every bad value is one line naming its key path, before any work."""
 
-from __future__ import annotations
-
 import re
 
 import pytest

@@ -1,7 +1,5 @@
 """The whole pipeline under real DVC and real MLflow, on tiny MNIST served over loopback."""
 
-from __future__ import annotations
-
 import gzip
 import hashlib
 import json

@@ -1,8 +1,6 @@
 """Stage `prepare`: a seeded train/validation split of the raw training images, test kept whole,
 and bad params or a bad raw folder refused in one line before any data is written."""
 
-from __future__ import annotations
-
 import gzip
 import hashlib
 import subprocess

@@ -1,7 +1,5 @@
 """What the stages depend on: dvc.yaml's code deps against the imports, the environment against the lock."""
 
-from __future__ import annotations
-
 import re
 import sys
 from importlib import metadata

@@ -6,8 +6,6 @@ what they computed (their params, their inputs digest), as the record finds them
 tiny repro): each experiment changes one variant's lr, so it reruns 3 of the 7 stages.
 """
 
-from __future__ import annotations
-
 import json
 import time
 

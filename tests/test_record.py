@@ -2,8 +2,6 @@
 live while its train stage trains; a store that cannot take it costs no training, and `publish`
 completes it once the store is back."""
 
-from __future__ import annotations
-
 import contextlib
 import os
 import subprocess

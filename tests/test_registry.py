@@ -1,7 +1,5 @@
 """The compare stage registers the best variant's model; `models:/mnist-mlp@champion` serves it."""
 
-from __future__ import annotations
-
 import json
 import statistics
 

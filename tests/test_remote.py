@@ -1,8 +1,6 @@
 """Sharing results through a DVC remote: push from one clone, pull into another, nothing to rerun;
 `publish` gives any tracking store the same record from either."""
 
-from __future__ import annotations
-
 import json
 import sys
 from pathlib import Path

@@ -1,7 +1,5 @@
 """Comparison plots stay readable and byte-identical with many variants, and are matplotlib's own."""
 
-from __future__ import annotations
-
 import numpy as np
 
 from pipeline.reports import METRICS, comparison_figures, comparison_plots, png, seed_dots_plot, variant_styles

@@ -1,7 +1,5 @@
 """`make repro`'s plan (pipeline/commands/repro.py); tests/test_pipeline.py runs it on a tiny project."""
 
-from __future__ import annotations
-
 import re
 import sys
 

@@ -2,8 +2,6 @@
 processes, `make`'s death, a failed stage. Real `make`, DVC, stages and signals on tiny MNIST,
 the train stages mid-training; each time, no process it started is alive 5 s later."""
 
-from __future__ import annotations
-
 import os
 import shutil
 import signal

@@ -6,8 +6,6 @@ server's proxy), and nothing is tracked in the project. A server that is not the
 training: the stage says in one line that the record waits.
 """
 
-from __future__ import annotations
-
 from pathlib import Path
 
 import pytest

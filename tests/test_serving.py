@@ -1,7 +1,5 @@
 """Serving the champion: `mlflow models serve` answers real-format images; bad input gets a 4xx."""
 
-from __future__ import annotations
-
 import json
 import os
 import subprocess

@@ -1,7 +1,5 @@
 """Statistics over seeds agree with scipy.stats (Holm with its definition: scipy has no Holm)."""
 
-from __future__ import annotations
-
 import math
 import statistics
 

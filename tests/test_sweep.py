@@ -1,7 +1,5 @@
 """The grid in params: `sweep:` expanded into named variants, refused in one line when it is bad."""
 
-from __future__ import annotations
-
 import copy
 import json
 import re

@@ -3,8 +3,6 @@ password or a deleted user refused by every worker within the cache's TTL, a wro
 never let in, the start script's one-line refusals, and no secret in its command lines, its log
 or its state folder."""
 
-from __future__ import annotations
-
 import base64
 import configparser
 import importlib.util

@@ -3,8 +3,6 @@ or S3 gone. The stage trains and writes its outputs whatever the store does; whe
 not take the record it says so in one line, and `publish` completes it from the outputs once the
 store is back: every epoch, once, every run FINISHED."""
 
-from __future__ import annotations
-
 import subprocess
 import sys
 import time

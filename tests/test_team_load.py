@@ -3,8 +3,6 @@ two queued DVC experiments with `-j 2`), through a recording proxy. Everything t
 (runs, metric points, artifacts) is counted against what PostgreSQL and S3 hold afterwards; the
 proxy's timings give the server's throughput and latency under that load."""
 
-from __future__ import annotations
-
 import statistics
 import time
 

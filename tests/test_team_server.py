@@ -1,7 +1,5 @@
 """The pipeline against a team's server: MLflow on PostgreSQL, artifacts in S3, basic-auth logins."""
 
-from __future__ import annotations
-
 import os
 import subprocess
 import time

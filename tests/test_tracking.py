@@ -1,8 +1,6 @@
 """MLflow plumbing (pipeline/tracking/store.py): where the store is, a server checked in seconds with its
 failures as one line (a refusal or a store that is down), the experiment made once with its tags."""
 
-from __future__ import annotations
-
 import functools
 import sys
 import threading

@@ -1,7 +1,5 @@
 """The train stage: determinism, kill-and-resume, SIGTERM, stale and damaged checkpoints."""
 
-from __future__ import annotations
-
 import json
 import math
 import signal

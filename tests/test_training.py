@@ -1,7 +1,5 @@
 """The training loop over whole tensors: the batches of an epoch, a step on either path, scoring."""
 
-from __future__ import annotations
-
 import pytest
 import torch
 import torch.nn.functional as F

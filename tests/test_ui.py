@@ -4,8 +4,6 @@ Needs Debian's `chromium` and `chromium-driver` (/usr/bin/chromium, /usr/bin/chr
 skipped without them. Screenshots land in the test's tmp folder (runs.png, val_acc.png).
 """
 
-from __future__ import annotations
-
 import shutil
 from pathlib import Path
 

@@ -18,8 +18,6 @@ Welch's p against every seed of the variant in the reference files. `--table` pr
 the markdown table of everything in `--out`, each row against the reference's same seeds.
 """
 
-from __future__ import annotations
-
 import argparse
 import json
 import statistics

@@ -10,8 +10,6 @@ every per-seed figure to `--out`. `-S train.bias_before_bn=true` and the like ch
 (dotted path, YAML value), as `dvc exp run -S` would. About 45 s a variant on one core.
 """
 
-from __future__ import annotations
-
 import argparse
 import json
 import statistics

@@ -11,8 +11,6 @@ step and prints, after each saved step, the largest weight difference and both m
 accuracy: with TF1's Adam epsilon and with the port's.
 """
 
-from __future__ import annotations
-
 import argparse
 from pathlib import Path
 
