@@ -62,8 +62,8 @@ def test_this_projects_dvc_commands_send_no_analytics():
 
 @pytest.mark.parametrize("force", [[], ["--force"]])
 def test_make_repro_refuses_bad_params_in_one_line_before_dvc_runs(project, force):
-    """A mistake in params.yaml ends the command with one line and exit code 2, before it runs any
-    stage (forced, `dvc stage list` reads meanwhile and is stopped): DVC writes nothing."""
+    """A mistake in params.yaml ends the command with one line and exit code 2, forced or not, before
+    it starts any `dvc` (the forced listing included): DVC writes nothing."""
     path, env = project
     params = path / "params.yaml"
     params.write_text(re.sub(r"(?m)^(\s+epochs:) \d+$", r"\1 one", params.read_text()))
