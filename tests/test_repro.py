@@ -7,7 +7,7 @@ import pytest
 
 import yaml
 
-from pipeline.commands.repro import EVALUATE_PREFIX, TRAIN_PREFIX, UPSTREAM, variant_chains
+from pipeline.commands.repro import EVALUATE_PREFIX, TRAIN_PREFIX, UPSTREAM, stages_after_chains, variant_chains
 from tests.conftest import ROOT, run, stage_env
 
 
@@ -36,6 +36,15 @@ def test_the_stale_train_stages_run_or_all_of_them_after_the_upstream_stages_whe
     # A params.yaml edit reruns check: the stale train stage first, the others after it.
     assert variant_chains(trains, {"check", "train@c"}, force=False) == [
         (*UPSTREAM, "train@c", "evaluate@c"), ("train@a", "evaluate@a"), ("train@b", "evaluate@b")]
+
+
+def test_forced_chains_and_the_last_dvc_repro_run_every_stage_dvc_lists_once(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    listed = run(["dvc", "stage", "list", "--name-only"], ROOT, stage_env(), timeout=120).stdout.split()
+    trains = [stage for stage in listed if stage.startswith(TRAIN_PREFIX)]
+    chained = [stage for chain in variant_chains(trains, set(), force=True) for stage in chain]
+    assert stages_after_chains() == ["curves", "compare"]
+    assert sorted(chained + stages_after_chains()) == sorted(listed)
 
 
 def test_each_variant_is_evaluated_after_its_own_train_stage_and_reads_nothing_another_writes():

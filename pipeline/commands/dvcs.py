@@ -41,12 +41,12 @@ class DvcFailed(PipelineError):
 class Dvc(subprocess.Popen):
     """`dvc --wait-for-lock <args>` in a process group of its own (with the stages it runs). Its output
     is kept (`capture`), passed on to this terminal line by line but DVC's push hint, or (`hint`)
-    left as it is; its errors unsaid (`quiet`); `ready` once the stage `stage` starts its command (at
+    left as it is; `ready` once the stage `stage` starts its command (at
     once without one)."""
 
-    def __init__(self, args: tuple[str, ...], capture: bool, hint: bool, stage: str | None, quiet: bool) -> None:
+    def __init__(self, args: tuple[str, ...], capture: bool, hint: bool, stage: str | None) -> None:
         super().__init__(["dvc", "--wait-for-lock", *args], stdout=None if hint else subprocess.PIPE, text=True,
-                         stderr=subprocess.DEVNULL if quiet else None, bufsize=1, process_group=0)
+                         bufsize=1, process_group=0)
         self.name, self.ready = " ".join(args), stage is None
         self.kept: list[str] | None = [] if capture else None
         self.relay = threading.Thread(target=self.pass_on, args=(STAGE_RUNS.format(stage),), daemon=True)
@@ -90,10 +90,9 @@ class Dvcs:
             raise DvcFailed(f"{self.cause}: the dvc commands and stages it started were stopped; `make repro` "
                             "resumes where they were", exit_code=128 + self.signum)
 
-    def start(self, *args: str, capture: bool = False, hint: bool = False, ready: str | None = None,
-              quiet: bool = False) -> Dvc:
+    def start(self, *args: str, capture: bool = False, hint: bool = False, ready: str | None = None) -> Dvc:
         self.check()
-        self.running.append(Dvc(args, capture, hint, ready, quiet))
+        self.running.append(Dvc(args, capture, hint, ready))
         return self.running[-1]
 
     def starting(self) -> bool:

@@ -20,6 +20,7 @@ Each stage runs its own command on its own inputs: the outputs and dvc.lock are 
 import json
 import os
 import signal
+from pathlib import Path
 
 from pipeline import cli
 from pipeline.commands.dvcs import DvcFailed, Dvcs
@@ -40,6 +41,15 @@ def variant_chains(trains: list[str], stale: set[str], force: bool) -> list[tupl
     to_train = sorted((train for train in trains if upstream or train in stale), key=lambda train: train not in stale)
     chains = [(train, EVALUATE_PREFIX + train.removeprefix(TRAIN_PREFIX)) for train in to_train]
     return [(*upstream, *chains[0]), *chains[1:]] if chains else []
+
+
+def stages_after_chains() -> list[str]:
+    """dvc.yaml's stages that no forced chain runs (curves, compare), read from dvc.yaml itself: a
+    `dvc stage list` would read dvc.lock too, which the chains rewrite as they end."""
+    from ruamel.yaml import YAML
+
+    chained = {*UPSTREAM, TRAIN_PREFIX.removesuffix("@"), EVALUATE_PREFIX.removesuffix("@")}
+    return [stage for stage in YAML(typ="safe").load(Path("dvc.yaml").read_text())["stages"] if stage not in chained]
 
 
 def side_by_side(dvcs: Dvcs, chains: list[tuple[str, ...]], jobs: int, options: list[str]) -> None:
@@ -72,18 +82,9 @@ def repro(dvcs: Dvcs, force: bool = False, jobs: int | None = None) -> None:
     options = ["--force"] if force else []
     chains = variant_chains(trains, stale, force)
     if len(chains) > 1 and jobs > 1:  # else nothing side by side: DVC's own plan
-        # Forced, the last `dvc repro` names the stages left, listed while the chains run (no lock
-        # taken; 0.3 s off the critical path). The listing reads dvc.lock, which a chain rewrites in
-        # place: a torn read fails it (exit 255), and it is listed again once the chains are done.
-        listing = dvcs.start("stage", "list", "--name-only", capture=True, quiet=True) if force else None
         side_by_side(dvcs, chains, jobs, options)
-        if force:
-            try:
-                stages = dvcs.result(listing).split()
-            except DvcFailed:
-                stages = dvcs.output("stage", "list", "--name-only", capture=True).split()
-            done = {stage for chain in chains for stage in chain}
-            options += ["-s", *[name for name in stages if name not in done]]
+        if force:  # the last `dvc repro` runs the stages no chain ran, by name
+            options += ["-s", *stages_after_chains()]
     dvcs.output("repro", *options, hint=True)
 
 
