@@ -89,12 +89,12 @@ class LiveRecord(RecordProcess):
     mirror adds). A refusal ends the stage."""
 
     def __init__(self, tracking: Tracking, run: dict, environment: dict) -> None:
-        super().__init__(tracking)
         self.run, self.environment, self.refusal, self.waiting = run, environment, None, False
         try:
-            check_store(tracking)  # a refused login ends the stage here, in seconds
+            check_store(tracking)  # a refused login ends the stage here, in seconds, before the pool exists
         except StoreDown as error:
             self._wait(error)
+        super().__init__(tracking)
         self.opened = self.mirror({})  # the runs made (or found) while the stage loads its data
         self.submit(_warm, run["inputs_digest"])  # log_model's one-off costs paid while the stage trains
 

@@ -82,8 +82,9 @@ def variant_runs(client, experiment: str, outputs: VariantOutputs, mine: dict | 
     variant = _oldest_or_made(client, experiment, found, outputs, name, {SEED_TAG: None})
     seeds = [_oldest_or_made(client, experiment, found, outputs, f"{name}-seed{seed}",
                              {SEED_TAG: str(seed), PARENT_TAG: variant}) for seed in outputs.run["seeds"]]
-    for lost in {mine["variant"], *mine["seeds"]} - {variant, *seeds} if mine else ():
-        client.delete_run(lost)
+    if mine:
+        for lost in {mine["variant"], *mine["seeds"]} - {variant, *seeds}:
+            client.delete_run(lost)
     return {"variant": variant, "seeds": seeds}
 
 

@@ -149,7 +149,9 @@ def register(client, experiment: str, params: Params, choice: Choice, run_id: st
         else:
             settle_aliases(client, name, params.compare.alias, params.compare.challenger_alias, made.version)
     version = client.get_model_version(name, found[0].version)  # its aliases as settled
-    return {"name": name, "version": int(version.version), "alias": (version.aliases or [""])[0],
+    # A former challenger that became the champion holds both aliases: it is the champion.
+    alias = next((a for a in (params.compare.alias, params.compare.challenger_alias) if a in version.aliases), "")
+    return {"name": name, "version": int(version.version), "alias": alias,
             "variant": choice.variant, "select_by": choice.metric, "score": choice.score}
 
 
