@@ -1,5 +1,6 @@
-"""The thin shell each command runs in: `cli.parser(__doc__)` for its arguments, and around its
-work `with cli.one_line_errors():` for one clear line and an exit code on failure."""
+"""The thin shell each command runs in: `cli.arguments(__doc__, ...)` (a stage) or `cli.parser(__doc__)`
+for its arguments, and around its work `with cli.one_line_errors():` for one clear line and an exit
+code on failure."""
 
 import argparse
 import contextlib

@@ -1,5 +1,5 @@
-"""What people read: per-epoch curves (CSV for `dvc plots`), figures, Markdown tables, the
-comparison's headline numbers, and a train stage's epoch lines and progress bar.
+"""What people read: per-epoch curves (CSV for `dvc plots`), figures, Markdown tables,
+and a train stage's epoch lines and progress bar.
 
 Figures are matplotlib `Figure`s drawn by Agg without pyplot: no backend, window or figure manager
 to set up (pyplot's import is ~0.25 s of a stage's start-up).
@@ -7,7 +7,6 @@ to set up (pyplot's import is ~0.25 s of a stage's start-up).
 
 import contextlib
 import io
-import math
 import sys
 from pathlib import Path
 
@@ -185,20 +184,6 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
-
-
-def headline(table: dict[str, dict]) -> dict[str, dict]:
-    """The compare stage's `--metrics` file (dvc.yaml's `metrics:`) from summary.json's table: what a row of
-    `make exp` and `dvc metrics diff` need, under keys short enough for two variants and a changed param to
-    fit 120 columns (means over seeds; `diff` in points; `verdict`: Holm-adjusted Welch at 95%, as in summary.md)."""
-    numbers = {}
-    for variant, row in table.items():
-        numbers[variant] = {"acc": row["test_acc_mean"], "loss": row["test_loss_mean"]}
-        if "diff_vs_reference" in row:
-            verdict = "untestable" if math.isnan(row["p_holm"]) else (  # one seed: no variance to test with
-                "significant" if row["significant"] else "not significant")
-            numbers[variant] |= {"diff": 100 * row["diff_vs_reference"], "verdict": verdict}
-    return numbers
 
 
 def progress_bar(samples: int, batch_size: int, label: str):

@@ -8,8 +8,8 @@ import re
 import pytest
 import yaml
 
-from pipeline.reports import TITLES, headline
-from pipeline.stages.compare import summary_markdown
+from pipeline.reports import TITLES
+from pipeline.stages.compare import headline, summary_markdown
 from tests.conftest import ROOT, make_project, repro_pipeline, run
 
 

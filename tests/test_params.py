@@ -32,6 +32,7 @@ BAD_VALUES = [  # key path, value, what the one-line message says (after "params
     ("variants", {"a/b": {}, "no_norm": {}}, "variants: variant name 'a/b' must be letters"),
     ("variants", {"a b": {}, "no_norm": {}}, "variants: variant name 'a b' must be letters"),
     ("variants", {"..": {}, "no_norm": {}}, "variants: variant name '..' must be letters"),
+    ("variants", {"a\n": {}, "no_norm": {}}, "variants: variant name 'a\\n' must be letters"),
     ("variants", {}, "variants: Dictionary should have at least 1 item"),
     ("compare.reference", "nope", "compare.reference: 'nope' is not a variant (variants: batchnorm, no_norm)"),
     ("seeds", [0, 1, 0], "seeds: seeds must be distinct"),

@@ -11,7 +11,7 @@ from pydantic import Field, create_model, field_validator, model_validator
 
 from pipeline.config.variant import VARIANT_CHOICES, Choices, ModelChoices, Strict, constrained
 
-VARIANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")  # a folder, a DVC stage key, a run name
+VARIANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")  # a folder, a DVC stage key, a run name
 # Every grid point is a train and an evaluate stage, an MLflow run and a line in each plot.
 MAX_GRID_POINTS = 256
 GRID_PREFIX = "sweep-"  # the variants named so are the grid points of `sweep:`, and nothing else
@@ -34,7 +34,7 @@ class _Axes(Choices):
             raise ValueError(f"{math.prod(lengths)} grid points ({' x '.join(map(str, lengths))}); "
                              f"at most {MAX_GRID_POINTS}")
         longest = max(self.grid(), key=len, default="")
-        if longest and not VARIANT_NAME.match(longest):  # only its length can fail the rule
+        if longest and not VARIANT_NAME.fullmatch(longest):  # only its length can fail the rule
             raise ValueError(f"grid point {longest!r} has a name longer than 64 characters "
                              "(it names folders, stages and runs)")
         return self

@@ -84,7 +84,7 @@ class Params(Strict):
     @classmethod
     def _safe_names(cls, variants: dict[str, ModelChoices]) -> dict[str, ModelChoices]:
         for name in variants:
-            if not VARIANT_NAME.match(name):
+            if not VARIANT_NAME.fullmatch(name):
                 raise ValueError(f"variant name {name!r} must be letters, digits, '_' or '-' "
                                  "(at most 64; it names folders, stages and runs)")
         if len({name.lower() for name in variants}) != len(variants):

@@ -14,7 +14,7 @@ from pathlib import Path
 from pipeline import cli
 from pipeline.fsio import atomic_write_bytes, atomic_write_json
 from pipeline.config.params import Params, load_params
-from pipeline.reports import comparison_plots, headline, markdown_table, seed_dots_plot
+from pipeline.reports import comparison_plots, markdown_table, seed_dots_plot
 from pipeline.stats import (BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, CONFIDENCE, bootstrap_difference, diverged, finite,
                             holm, mean_interval, mean_std, ranking, superiority, welch_difference)
 from pipeline.tracking.record import read_json
@@ -113,6 +113,20 @@ def reference_section(test_acc: dict, reference: str, others: list[str]) -> tupl
     text += markdown_table(["variant", "difference", "95% CI (Welch)", "95% CI (bootstrap)",
                             f"P(beats {reference})", "Welch p", "Holm p", "verdict"], rows)
     return text + "\n" + "\n".join(sentences) + "\n", differences
+
+
+def headline(table: dict[str, dict]) -> dict[str, dict]:
+    """The compare stage's `--metrics` file (dvc.yaml's `metrics:`) from summary.json's table: what a row of
+    `make exp` and `dvc metrics diff` need, under keys short enough for two variants and a changed param to
+    fit 120 columns (means over seeds; `diff` in points; `verdict`: Holm-adjusted Welch at 95%, as in summary.md)."""
+    numbers = {}
+    for variant, row in table.items():
+        numbers[variant] = {"acc": row["test_acc_mean"], "loss": row["test_loss_mean"]}
+        if "diff_vs_reference" in row:
+            verdict = "untestable" if math.isnan(row["p_holm"]) else (  # one seed: no variance to test with
+                "significant" if row["significant"] else "not significant")
+            numbers[variant] |= {"diff": 100 * row["diff_vs_reference"], "verdict": verdict}
+    return numbers
 
 
 def compare(params: Params, paths: Workspace, tracking: Tracking | None = None) -> dict:

@@ -33,10 +33,11 @@ def evaluate(params: Params, variant: str, weights_path: Path, test_dir: Path, o
         raise PipelineError(f"{weights_path}: the weights of variant {config.name!r}, not {variant!r}")
     pixels, labels = read_split(test_dir)
     with threadpool_limits(params.train.threads, user_api="blas"):  # the same count, the same bits
-        loss, acc, confusion = inference.evaluate(config, weights, pixels, labels, params.train.eval_batch_size)
+        scored = inference.evaluate(config, weights, pixels, labels, params.train.eval_batch_size)
+    confusion = scored.confusion
     per_class = confusion.diagonal(axis1=1, axis2=2) / confusion.sum(axis=2).clip(min=1)  # [K, classes]
 
-    per_seed = {"test_loss": loss.tolist(), "test_acc": acc.tolist()}
+    per_seed = {"test_loss": scored.loss.tolist(), "test_acc": scored.acc.tolist()}
     metrics = summarize(per_seed) | {"diverged_seeds": diverged(per_seed["test_loss"])}
     atomic_write_json(out / "metrics.json", metrics)
     atomic_write_json(out / "per_seed.json", {"seeds": config.seeds, **per_seed})
