@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from pipeline.errors import PipelineError
-from pipeline.fsio import atomic_write, read_json
+from pipeline.fsio import atomic_write
 
 if TYPE_CHECKING:  # annotations only: the evaluate stage reads splits without torch
     import torch
@@ -95,7 +95,3 @@ def as_images(pixels: "torch.Tensor", out: "torch.Tensor | None" = None) -> "tor
     seed's run re-drawn, no mean moved (no_norm over 20 seeds: 95.42% ± 0.40 against 95.28% ±
     0.52; benchmarks/fidelity/README.md)."""
     return (pixels.float() if out is None else out.copy_(pixels)).div_(255)
-
-
-def read_manifest(prepared_dir: Path) -> dict:
-    return read_json(prepared_dir / "manifest.json", "rerun prepare")

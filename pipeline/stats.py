@@ -69,10 +69,6 @@ class Difference(NamedTuple):
     delta: Interval
     p_value: float
 
-    @property
-    def significant(self) -> bool:
-        return self.p_value < 1 - CONFIDENCE
-
 
 def finite_groups(values: list[float], reference: list[float]) -> tuple[np.ndarray, np.ndarray, float]:
     """Each group's finite values and mean(values) - mean(reference), NaN when a group is empty."""

@@ -89,9 +89,9 @@ BAD_FILES = {  # file content (None: no file), the one-line message after the pa
     "not-utf8": (b"train:\n  norm: \xff\n", r"cannot read: not UTF-8 text .*"),
     "missing-file": (None, r"file not found \(run from the project root\)"),
     "duplicate-top-level-key": ("seeds: [0]\nseeds: [1]\n",
-                                r"seeds: duplicate key \(lines 1 and 2\); YAML would silently keep the last"),
+                                r'malformed YAML at line 2, column 1: found duplicate key "seeds"'),
     "duplicate-nested-key": ("variants:\n  no_norm:\n    lr: 0.1\n    lr: 0.2\n",
-                             r"variants\.no_norm\.lr: duplicate key \(lines 3 and 4\).*"),
+                             r'malformed YAML at line 4, column 5: found duplicate key "lr"'),
     "yaml-1.1-boolean-word": ("train:\n  norm: no\nvariants:\n  no_norm: {}\ncompare:\n  reference: no_norm\n",
                               r"train\.norm: Input should be 'batch', 'layer' or 'none' \(got 'no'\)"),
 }

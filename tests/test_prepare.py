@@ -3,6 +3,7 @@ and bad params or a bad raw folder refused in one line before any data is writte
 
 import gzip
 import hashlib
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from pipeline.data import load_split, read_manifest
+from pipeline.data import load_split
 from pipeline.config.params import DataParams
 from pipeline.errors import PipelineError
 from pipeline.stages.prepare import prepare, split_indices, torch_randperm
@@ -72,7 +73,8 @@ def test_prepare_writes_disjoint_splits_and_their_manifest(tiny_mirror, tmp_path
     raw_dir, _ = tiny_mirror  # the mirror's four .gz files are what download leaves in data/raw
     manifest = prepare(DataParams(val_size=100, split_seed=0), raw_dir, tmp_path)
     assert manifest["sizes"] == {"train": 500, "val": 100, "test": 200}
-    assert read_manifest(tmp_path) == manifest and (manifest["val_size"], manifest["split_seed"]) == (100, 0)
+    assert json.loads((tmp_path / "manifest.json").read_text()) == manifest
+    assert (manifest["val_size"], manifest["split_seed"]) == (100, 0)
     (train_pixels, train_labels), (val_pixels, _) = (prepared_tensors(tmp_path, s) for s in ("train", "val"))
     assert train_pixels.dtype == torch.uint8 and train_labels.dtype == torch.int64
     # Noisy tiny images are all distinct, so a row in both splits would be an image used twice.

@@ -39,7 +39,7 @@ def test_mean_interval_is_students_t_interval():
 def test_welch_difference_matches_scipy_ttest():
     diff = welch_difference(BATCHNORM, NO_NORM)
     assert diff.p_value == pytest.approx(stats.ttest_ind(BATCHNORM, NO_NORM, equal_var=False).pvalue, rel=1e-9)
-    assert diff.delta.low < diff.delta.mean < diff.delta.high and diff.significant
+    assert diff.delta.low < diff.delta.mean < diff.delta.high and diff.p_value < 0.05
 
 
 def test_non_finite_values_are_left_out_and_none_left_is_nan():

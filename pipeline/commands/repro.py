@@ -1,16 +1,14 @@
 """`python -m pipeline.commands.repro [--force] [--jobs N]` (`make repro`): `dvc repro`, with the
 variants' train stages side by side.
 
-DVC runs stages one at a time, and a train stage trains on `train.threads` threads (1 by default,
-for bit-identical results): on 2 cores one idles through most of the lab. DVC's documented way to
-run independent stages in parallel is a `dvc repro --wait-for-lock` process each (DVC lets go of
-its lock while a stage's command runs; a `dvc` that finds it taken waits). So, params valid (a
-mistake: one line, before DVC runs anything):
+DVC runs stages one at a time, and a train stage trains on `train.threads` threads (1 by default, for
+bit-identical results): on 2 cores one idles through most of the lab. DVC's documented way to run
+independent stages in parallel is a `dvc repro --wait-for-lock` process each (DVC lets go of its lock
+while a stage's command runs). So, params valid (a mistake: one line, before DVC runs anything):
 
   1. `dvc status`: nothing to do, nothing more is run;
-  2. `dvc repro -s train@<variant> evaluate@<variant>` of each variant to train (variant_chains),
-     `--jobs` at a time (default: the cores this process may use over `train.threads`), each
-     started once the one before runs its train stage;
+  2. `dvc repro -s train@<variant> evaluate@<variant>` of each variant to train (variant_chains), `--jobs`
+     at a time (default: usable cores / `train.threads`), each once the one before runs its train stage;
   3. `dvc repro`: the rest (curves, compare), as DVC would; forced, the stages left by name.
 
 Each stage runs its own command on its own inputs: the outputs and dvc.lock are `dvc repro`'s

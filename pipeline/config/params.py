@@ -146,37 +146,18 @@ def parse_sweep(raw: dict, source: str = "params.yaml") -> SweepParams:
     return _validate(SweepParams, raw.get("sweep", {}), source, ("sweep",))
 
 
-def _duplicate_keys(node, path: str = ""):
-    """Each key that a mapping of the composed YAML repeats, with where."""
-    if node.tag.endswith(":map"):
-        lines = {}
-        for key, value in node.value:
-            where = f"{path}.{key.value}" if path else str(key.value)
-            if key.value in lines:
-                yield (f"{where}: duplicate key (lines {lines[key.value] + 1} and {key.start_mark.line + 1}); "
-                       "YAML would silently keep the last")
-            lines[key.value] = key.start_mark.line
-            yield from _duplicate_keys(value, where)
-    elif node.tag.endswith(":seq"):
-        for index, item in enumerate(node.value):
-            yield from _duplicate_keys(item, f"{path}.{index}")
-
-
 def parse_yaml(text: str, source: str) -> object:
     """The document as DVC reads it; a duplicate key or a syntax error is a `ParamsError`."""
     from ruamel.yaml import YAML
     from ruamel.yaml.error import MarkedYAMLError, YAMLError
 
-    yaml = YAML(typ="safe", pure=True)
     try:
-        node = yaml.compose(text)
-        if duplicate := node and next(_duplicate_keys(node), None):
-            raise ParamsError(f"{source}: {duplicate}")
-        return yaml.load(text)
-    except MarkedYAMLError as error:
+        return YAML(typ="safe", pure=True).load(text)
+    except MarkedYAMLError as error:  # a duplicate key among them: ruamel refuses it, as DVC does
         mark = error.problem_mark
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ParamsError(f"{source}: malformed YAML{where}: {error.problem or 'invalid YAML'}") from None
+        problem = (error.problem or "invalid YAML").partition(" with value")[0]  # a list's value reads "[]" there
+        raise ParamsError(f"{source}: malformed YAML{where}: {problem}") from None
     except YAMLError as error:
         raise ParamsError(f"{source}: malformed YAML: {error}") from None
 

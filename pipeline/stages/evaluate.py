@@ -36,16 +36,13 @@ def evaluate(params: Params, variant: str, weights_path: Path, test_dir: Path, o
         scored = inference.evaluate(config, weights, pixels, labels, params.train.eval_batch_size)
     confusion = scored.confusion
     per_class = confusion.diagonal(axis1=1, axis2=2) / confusion.sum(axis=2).clip(min=1)  # [K, classes]
-
     per_seed = {"test_loss": scored.loss.tolist(), "test_acc": scored.acc.tolist()}
     metrics = summarize(per_seed) | {"diverged_seeds": diverged(per_seed["test_loss"])}
     atomic_write_json(out / "metrics.json", metrics)
     atomic_write_json(out / "per_seed.json", {"seeds": config.seeds, **per_seed})
-    atomic_write_json(out / "per_class.json", {
-        "classes": list(range(confusion.shape[1])),
-        "test_acc_mean": per_class.mean(0).round(6).tolist(),
-        "test_acc_per_seed": per_class.round(6).tolist(),
-    })
+    atomic_write_json(out / "per_class.json", {"classes": list(range(confusion.shape[1])),
+                                               "test_acc_mean": per_class.mean(0).round(6).tolist(),
+                                               "test_acc_per_seed": per_class.round(6).tolist()})
     seeds = len(config.seeds)
     title = f"{variant}: test confusion (mean over {seeds} seeds)" if seeds > 1 else f"{variant}: test confusion"
     confusion_plot(confusion.sum(0) / seeds, title, out / "confusion.png")

@@ -47,22 +47,16 @@ def prepare(data_params: DataParams, raw_dir: Path, prepared_dir: Path) -> dict:
     train_images, train_labels = read_raw_split(raw_dir, "train")
     test_images, test_labels = read_raw_split(raw_dir, "test")
     train_idx, val_idx = split_indices(len(train_labels), data_params.val_size, data_params.split_seed)
-    splits = {
-        "train": (train_images[train_idx], train_labels[train_idx]),
-        "val": (train_images[val_idx], train_labels[val_idx]),
-        "test": (test_images, test_labels),
-    }
+    splits = {"train": (train_images[train_idx], train_labels[train_idx]),
+              "val": (train_images[val_idx], train_labels[val_idx]), "test": (test_images, test_labels)}
     digest = hashlib.sha256()
     for split, (images, labels) in splits.items():
         write_split(prepared_dir, split, images, labels)
         for array in (images, labels):
             digest.update(np.ascontiguousarray(array))
-    manifest = {
-        "digest": digest.hexdigest()[:16],
-        "sizes": {split: len(labels) for split, (_, labels) in splits.items()},
-        "val_size": data_params.val_size,
-        "split_seed": data_params.split_seed,
-    }
+    sizes = {split: len(labels) for split, (_, labels) in splits.items()}
+    manifest = {"digest": digest.hexdigest()[:16], "sizes": sizes, "val_size": data_params.val_size,
+                "split_seed": data_params.split_seed}
     atomic_write_json(prepared_dir / "manifest.json", manifest)
     print(f"prepared {manifest['sizes']} digest {manifest['digest']}")
     return manifest

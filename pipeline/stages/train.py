@@ -23,9 +23,9 @@ import torch
 from pipeline import cli, provenance
 from pipeline.config.params import Params, load_params
 from pipeline.config.variant import VariantConfig
-from pipeline.data import Split, load_split, read_manifest
+from pipeline.data import Split, load_split
 from pipeline.errors import PipelineError
-from pipeline.fsio import atomic_write_json
+from pipeline.fsio import atomic_write_json, read_json
 from pipeline.nn import checkpoint, inference
 from pipeline.nn.model import StackedMlp
 from pipeline.nn.optimizer import FusedOptimizer
@@ -60,8 +60,8 @@ class Inputs(NamedTuple):
 
     @classmethod
     def of(cls, config: VariantConfig, device: torch.device, threads: int, root: Path, prepared: Path) -> Self:
-        manifest, environment = read_manifest(prepared), provenance.read_environment(root)
-        dataset = {"digest": manifest["digest"], "sizes": manifest["sizes"]}
+        manifest = read_json(prepared / "manifest.json", "rerun prepare")
+        dataset, environment = {"digest": manifest["digest"], "sizes": manifest["sizes"]}, provenance.read_environment(root)
         # The device and the thread count change the last bits of the results: part of the inputs.
         computed_with = config.model_dump() | {"device": device.type, "threads": threads}
         return cls(dataset, environment,
