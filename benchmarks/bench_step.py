@@ -31,9 +31,9 @@ def part_baseline(args) -> dict:
     from torch.utils.data import DataLoader, Subset
     from torchvision import datasets, transforms
 
-    from pipeline.nn.model import plain_mlp
     from pipeline.data import read_split
     from pipeline.stages.prepare import split_indices
+    from tests.reference import plain_mlp
 
     params, config = setup(args.threads)
     with tempfile.TemporaryDirectory(prefix="bench-mnist-") as tmp:

@@ -4,11 +4,17 @@ benchmarks/check_cuda.py (on a GPU) compare the stack's replica k with seed k tr
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from pipeline.data import Split, as_images
-from pipeline.nn.model import plain_mlp
+from pipeline.nn.model import StackedMlp, unstack
 from pipeline.nn.training import epoch_metrics, epoch_permutations
 from pipeline.config.variant import VariantConfig
+
+
+def plain_mlp(config: VariantConfig, seed: int) -> nn.Sequential:
+    """The same network for one seed as an ordinary module: flattens [B, 28, 28] or [B, 784]."""
+    return unstack(StackedMlp(config.model_copy(update={"seeds": [seed]})), config, 0).train()
 
 
 def torch_optimizer(params, config: VariantConfig) -> torch.optim.Optimizer:

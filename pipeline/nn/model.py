@@ -1,7 +1,7 @@
 """The lab's MLP, as a stack of independent replicas trained as one model.
 
 Every parameter and buffer of `StackedMlp` has a leading replica dimension K; replica k is
-exactly the plain `nn.Sequential` that `plain_mlp` builds, initialised from seed k. At batch
+exactly the plain `nn.Sequential` that `unstack` makes of it, initialised from seed k. At batch
 32 a step is dominated by fixed overhead, so K replicas cost little more than one.
 """
 
@@ -111,11 +111,6 @@ class StackedMlp(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layers(x)
-
-
-def plain_mlp(config: VariantConfig, seed: int) -> nn.Sequential:
-    """The same network for one seed as an ordinary module: flattens [B, 28, 28] or [B, 784]."""
-    return unstack(StackedMlp(config.model_copy(update={"seeds": [seed]})), config, 0).train()
 
 
 def unstack(stacked: StackedMlp, config: VariantConfig, replica: int) -> nn.Sequential:
