@@ -21,10 +21,9 @@ from pipeline.tracking.store import (
     connect,
     StoreDown,
     check_sqlite,
+    one_line,
     project_root,
-    refused,
     runs_page,
-    unavailable,
 )
 from tests.conftest import project_client, run, stage_env
 from tests.mlflow_server import free_port
@@ -124,20 +123,22 @@ def test_check_sqlite_names_a_corrupted_file_and_the_way_out(tmp_path):
                                       "is lost")
 
 
-def test_refused_names_the_user_and_ignores_other_errors(tmp_path, monkeypatch):
+def test_one_line_names_the_refused_user_and_takes_other_errors_for_an_outage(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "carol")
-    denial = MlflowException("Permission denied for experiment 1.\nmore detail", error_code=PERMISSION_DENIED)
-    assert str(refused(denial)) == ("MLflow refused user 'carol': PERMISSION_DENIED "
-                                    "(Permission denied for experiment 1.)")
-    with pytest.raises(MlflowException) as missing:
-        project_client(tmp_path).get_run("0" * 32)
-    assert refused(missing.value) is None
+    with pytest.raises(TrackingError) as caught, one_line("uri"):
+        raise MlflowException("Permission denied for experiment 1.\nmore detail", error_code=PERMISSION_DENIED)
+    assert type(caught.value) is TrackingError  # a refusal, not an outage
+    assert str(caught.value) == "MLflow refused user 'carol': PERMISSION_DENIED (Permission denied for experiment 1.)"
+    with pytest.raises(StoreDown), one_line("uri"):
+        project_client(tmp_path).get_run("0" * 32)  # not a refusal
+    with pytest.raises(KeyError), one_line("uri"):
+        raise KeyError("a bug")  # as it is
 
 
-def test_unavailable_turns_an_exhausted_request_into_one_line(monkeypatch):
+def test_one_line_turns_an_exhausted_request_into_one_line(monkeypatch):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     uri = f"http://127.0.0.1:{free_port()}"
-    with pytest.raises(MlflowException) as caught:
+    with pytest.raises(StoreDown) as caught, one_line(uri):
         MlflowClient(uri).get_experiment_by_name("lab")
-    message = str(unavailable(caught.value, uri))
+    message = str(caught.value)
     assert message.startswith(f"MLflow store {uri}: API request to {uri}/api/") and "\n" not in message

@@ -1,2 +1,1 @@
-"""The commands that are not stages (`python -m pipeline.commands.<command>`, none in `dvc.yaml`):
-they edit params or drive DVC; what they share is the library in `pipeline/`."""
+"""The commands that are not stages (`python -m pipeline.commands.<command>`): they edit params or drive DVC."""

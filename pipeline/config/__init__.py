@@ -1,2 +1,1 @@
-"""Params and variants: `params.yaml` validated as one pydantic object, each variant's resolved
-config, and the sweep's grid of variants."""
+"""Params and variants: `params.yaml` as one validated pydantic object, each variant's config, the sweep's grid."""

@@ -61,7 +61,8 @@ class Inputs(NamedTuple):
     @classmethod
     def of(cls, config: VariantConfig, device: torch.device, threads: int, root: Path, prepared: Path) -> Self:
         manifest = read_json(prepared / "manifest.json", "rerun prepare")
-        dataset, environment = {"digest": manifest["digest"], "sizes": manifest["sizes"]}, provenance.read_environment(root)
+        dataset = {"digest": manifest["digest"], "sizes": manifest["sizes"]}
+        environment = provenance.read_environment(root)
         # The device and the thread count change the last bits of the results: part of the inputs.
         computed_with = config.model_dump() | {"device": device.type, "threads": threads}
         return cls(dataset, environment,

@@ -1,2 +1,1 @@
-"""The MLflow record: where the store is and how a stage reaches it, the runs of each variant,
-and the Model Registry."""
+"""The MLflow record: where the store is and how a stage reaches it, each variant's runs, the Model Registry."""

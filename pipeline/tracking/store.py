@@ -116,23 +116,11 @@ def _probe(uri: str, path: str, what: str | None, timeout_s: float) -> None:
                         f"{what} ({reason})") from None
 
 
-def refused(error: Exception) -> TrackingError | None:
-    """MLflow's refusal of an action (no permission, no login) as one line; None for other errors."""
-    code = getattr(error, "error_code", "")
-    if code not in ("PERMISSION_DENIED", "UNAUTHENTICATED"):
-        return None
-    user = os.environ.get("MLFLOW_TRACKING_USERNAME", "(no user)")
-    return TrackingError(f"MLflow refused user {user!r}: {code} ({(str(error).strip() or code).splitlines()[0][:200]})")
-
-
-def unavailable(error: Exception, uri: str) -> StoreDown:
-    """Any other failure of the store (a server down through MLflow's retries, a full disk)."""
-    return StoreDown(f"MLflow store {uri}: {(str(error).strip() or type(error).__name__).splitlines()[0][:240]}")
-
-
 @contextmanager
 def one_line(uri: str):
-    """MLflow's errors (and the I/O beneath them) as a refusal or a StoreDown; bugs as they are."""
+    """MLflow's errors (and the I/O beneath them) as one line: a refusal of an action (no permission,
+    no login), or a StoreDown for any other failure (a server down through MLflow's retries, a full
+    disk); bugs as they are."""
     try:
         yield
     except TrackingError:
@@ -142,7 +130,11 @@ def one_line(uri: str):
 
         if not isinstance(error, (MlflowException, OSError)):
             raise
-        raise refused(error) or unavailable(error, uri) from None
+        code, said = getattr(error, "error_code", ""), (str(error).strip() or type(error).__name__).splitlines()[0]
+        if code in ("PERMISSION_DENIED", "UNAUTHENTICATED"):
+            user = os.environ.get("MLFLOW_TRACKING_USERNAME", "(no user)")
+            raise TrackingError(f"MLflow refused user {user!r}: {code} ({said[:200]})") from None
+        raise StoreDown(f"MLflow store {uri}: {said[:240]}") from None
 
 
 def check_sqlite(path: Path) -> None:
