@@ -42,7 +42,7 @@ def read_raw_split(raw_dir: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     images, labels = arrays
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
         raise PipelineError(f"{raw_dir}: {split} images {tuple(images.shape)} and labels "
-                        f"{tuple(labels.shape)} do not match")
+                            f"{tuple(labels.shape)} do not match")
     return images, labels.astype(np.int64)
 
 
@@ -76,7 +76,7 @@ def read_split(folder: Path) -> tuple[np.ndarray, np.ndarray]:
         raise PipelineError(f"{folder}: unreadable ({type(error).__name__}); rerun prepare") from None
     if images.dtype != np.uint8 or labels.dtype != np.int64 or images.ndim != 3 or len(images) != len(labels):
         raise PipelineError(f"{folder}: not a prepared split (images {images.dtype} {images.shape}, "
-                        f"labels {labels.dtype} {labels.shape}); rerun prepare")
+                            f"labels {labels.dtype} {labels.shape}); rerun prepare")
     return images.reshape(len(images), -1), labels
 
 

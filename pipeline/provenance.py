@@ -120,7 +120,7 @@ def environment(lock_path: Path) -> dict:
     python = f"{sys.version_info.major}.{sys.version_info.minor}"
     if locked_python and locked_python != python:
         raise PipelineError(f"{lock_path}: compiled for Python {locked_python}, running {python}; "
-                        "recreate the environment (make env)")
+                            "recreate the environment (make env)")
     gpu_lock = lock_path.with_name(GPU_LOCK_FILE)
     optional = read_lock(gpu_lock)[1] if gpu_lock.exists() else {}
     packages = {}
@@ -129,12 +129,12 @@ def environment(lock_path: Path) -> dict:
         if name in optional:
             if optional[name] != installed:
                 raise PipelineError(f"{gpu_lock}: {name} {installed} is installed but the lock pins {optional[name]}; "
-                                "recreate the environment (make env GPU=1)")
+                                    "recreate the environment (make env GPU=1)")
             continue
         if pins.get(name) != installed:
             pinned = f"pins {pins[name]}" if name in pins else "does not pin it"
             raise PipelineError(f"{lock_path}: {name} {installed} is installed but the lock {pinned}; "
-                            "recreate the environment (make env) or update the lock (make lock)")
+                                "recreate the environment (make env) or update the lock (make lock)")
         packages[name] = installed
     return {"python": python, "packages": packages}
 

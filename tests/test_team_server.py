@@ -76,15 +76,18 @@ def test_a_read_only_user_cannot_log_or_delete(team, reproduced):
     assert client_as(uri, "alice", alice).get_run(run_id).info.lifecycle_stage == "active"
 
 
-def test_a_read_only_user_running_the_stage_gets_one_line(team, reproduced):
+@pytest.mark.parametrize("stage", [("compare",), ("train", "batchnorm")], ids=["compare", "train"])
+def test_a_read_only_user_running_the_stage_gets_one_line(team, reproduced, stage):
     uri, admin_password, _, _ = team
     path, env, _ = reproduced
-    carol = create_user(uri, admin_password, "carol")
-    result = subprocess.run(stage_command("compare"), cwd=path, capture_output=True, text=True,
-                            env=env | login("carol", carol), timeout=300)
+    carol = create_user(uri, admin_password, f"carol-{stage[0]}")
+    result = subprocess.run(stage_command(*stage), cwd=path, capture_output=True, text=True,
+                            env=env | login(f"carol-{stage[0]}", carol), timeout=300)
     assert result.returncode == 1
-    assert result.stderr.strip().splitlines()[-1].startswith("error: MLflow refused user 'carol': PERMISSION_DENIED")
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        f"error: MLflow refused user 'carol-{stage[0]}': PERMISSION_DENIED")
     assert "Traceback" not in result.stderr
+    assert "epoch" not in result.stdout  # a refused train stage trains nothing
 
 
 @pytest.mark.parametrize("credentials, message", [

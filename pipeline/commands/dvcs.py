@@ -41,8 +41,7 @@ class DvcFailed(PipelineError):
 class Dvc(subprocess.Popen):
     """`dvc --wait-for-lock <args>` in a process group of its own (with the stages it runs). Its output
     is kept (`capture`), passed on to this terminal line by line but DVC's push hint, or (`hint`)
-    left as it is; `ready` once the stage `stage` starts its command (at
-    once without one)."""
+    left as it is; `ready` once the stage `stage` starts its command (at once without one)."""
 
     def __init__(self, args: tuple[str, ...], capture: bool, hint: bool, stage: str | None) -> None:
         super().__init__(["dvc", "--wait-for-lock", *args], stdout=None if hint else subprocess.PIPE, text=True,

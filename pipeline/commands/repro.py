@@ -52,14 +52,13 @@ def stages_after_chains() -> list[str]:
 
 def side_by_side(dvcs: Dvcs, chains: list[tuple[str, ...]], jobs: int, options: list[str]) -> None:
     """Step 2 above: `dvc repro <options> -s <stages>` a chain; a failure stops the others (SIGINT) and names it."""
-    pending, started = list(chains), []
-    while pending or any(process in dvcs.running for process in started):
-        while pending and sum(process in dvcs.running for process in started) < jobs and not dvcs.starting():
+    pending = list(chains)
+    while pending or dvcs.running:  # the chains are the only dvc processes running here
+        while pending and len(dvcs.running) < jobs and not dvcs.starting():
             stages = pending.pop(0)
-            started.append(dvcs.start("repro", *options, "-s", *stages,
-                                      ready=next(s for s in stages if s.startswith(TRAIN_PREFIX))))
+            dvcs.start("repro", *options, "-s", *stages, ready=next(s for s in stages if s.startswith(TRAIN_PREFIX)))
         for process in dvcs.ended():
-            if process in started and process.returncode != 0:
+            if process.returncode != 0:
                 dvcs.stop(signal.SIGINT)
                 raise DvcFailed(f"dvc {process.name} exited with {process.returncode}; the chains beside it "
                                 "were stopped", exit_code=process.returncode)

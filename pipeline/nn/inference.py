@@ -45,7 +45,7 @@ def load_weights(path: Path) -> tuple[VariantConfig, dict[str, np.ndarray]]:
         raise PipelineError(f"{path}: not found; run the train stage") from None
     except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as error:
         raise PipelineError(f"{path}: corrupt or truncated weights ({type(error).__name__}); "
-                           "rerun the train stage") from None
+                            "rerun the train stage") from None
     return config, arrays
 
 

@@ -102,8 +102,8 @@ def reference_section(test_acc: dict, reference: str, others: list[str]) -> tupl
             f"{boot_ci} by bootstrap); a random {variant} seed beats a random {reference} seed {p_beats} of the "
             f"time; Welch's t-test p = {p_welch}, Holm-adjusted p = {p_adjusted}: {verdict}.")
         differences[variant] = {"diff_vs_reference": diff.delta.mean, "diff_ci95": [diff.delta.low, diff.delta.high],
-                           "diff_ci95_bootstrap": [boot.low, boot.high], "p_superiority": beats,
-                           "p_value": diff.p_value, "p_holm": p_holm, "significant": significant}
+                                "diff_ci95_bootstrap": [boot.low, boot.high], "p_superiority": beats,
+                                "p_value": diff.p_value, "p_holm": p_holm, "significant": significant}
     text = (f"\n## Against the reference ({reference})\n\n"
             f"Differences in test accuracy, in percentage points, with 95% intervals by Welch's t and by a "
             f"percentile bootstrap ({BOOTSTRAP_RESAMPLES:,} resamples of the seeds, numpy seed {BOOTSTRAP_SEED}). "

@@ -109,7 +109,7 @@ class LiveRecord(RecordProcess):
         error = None if future.cancelled() else future.exception()
         if isinstance(error, StoreDown):
             self._wait(error)
-        elif error is not None:
+        elif error is not None and self.refusal is None:  # the first one is the cause: later calls fail after it
             self.refusal = error
 
     def submit(self, fn, *args) -> Future | None:

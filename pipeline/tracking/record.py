@@ -82,6 +82,9 @@ def variant_runs(client, experiment: str, outputs: VariantOutputs, mine: dict | 
     variant = _oldest_or_made(client, experiment, found, outputs, name, {SEED_TAG: None})
     seeds = [_oldest_or_made(client, experiment, found, outputs, f"{name}-seed{seed}",
                              {SEED_TAG: str(seed), PARENT_TAG: variant}) for seed in outputs.run["seeds"]]
+    # Its key set again, a write even where every run exists: a user who may read but not write is
+    # refused here, by the train stage's first call, before it trains.
+    client.set_tag(variant, INPUTS_TAG, outputs.run["inputs_digest"])
     if mine:
         for lost in {mine["variant"], *mine["seeds"]} - {variant, *seeds}:
             client.delete_run(lost)
